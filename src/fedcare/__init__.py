@@ -1,0 +1,3 @@
+"""fedcare: federated learning between hospitals."""
+
+__version__ = "0.1.0"

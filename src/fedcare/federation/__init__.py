@@ -1,0 +1,1 @@
+"""The round logic shared by the simulation and the networked coordinator."""

@@ -1,0 +1,106 @@
+"""The coordinator's side of a study, independent of how bytes move.
+
+:class:`Federation` owns the global model, opens rounds, selects sites and
+applies the server optimiser when a round closes. The simulation and the
+networked coordinator both drive this one class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedcare.aggregation import make_server_optimizer
+from fedcare.federation.messages import Task, TaskHeader
+from fedcare.federation.rounds import Round, RoundError, RoundStatus
+from fedcare.study import Study
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any labels; stable across processes and machines."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    number: int
+    status: RoundStatus
+    participants: tuple[str, ...]
+    reason: str
+    mean_loss: float | None
+
+
+class Federation:
+    """Global model and round bookkeeping for one study."""
+
+    def __init__(
+        self, study: Study, sites: list[str], initial: NDArray[np.float32], round_number: int = 0
+    ) -> None:
+        if len(set(sites)) != len(sites):
+            raise ValueError("site names must be unique")
+        if len(sites) < study.rounds.min_sites:
+            raise ValueError(
+                f"the study needs at least {study.rounds.min_sites} site(s), {len(sites)} joined"
+            )
+        self.study = study
+        self.sites = sorted(sites)
+        self.params = initial.astype(np.float32)
+        self.round_number = round_number
+        self.optimizer = make_server_optimizer(study.aggregation)
+
+    @property
+    def done(self) -> bool:
+        return self.round_number >= self.study.rounds.count
+
+    def select(self, number: int) -> tuple[str, ...]:
+        """Sites for round ``number``: all of them, or a seeded random fraction."""
+        fraction = self.study.rounds.fraction
+        if fraction >= 1.0:
+            return tuple(self.sites)
+        k = max(self.study.rounds.min_sites, round(fraction * len(self.sites)))
+        rng = np.random.default_rng(derive_seed(self.study.seed, "select", number))
+        return tuple(sorted(rng.choice(self.sites, size=k, replace=False).tolist()))
+
+    def open_round(self, now: float) -> tuple[Round, Task]:
+        """Start the next round; returns it with the task every selected site receives."""
+        if self.done:
+            raise RoundError(f"the study has finished its {self.study.rounds.count} rounds")
+        number = self.round_number + 1
+        spec = self.study.rounds
+        round_ = Round(
+            study_hash=self.study.content_hash,
+            number=number,
+            selected=self.select(number),
+            min_sites=spec.min_sites,
+            deadline=now + spec.deadline_s,
+        )
+        header = TaskHeader(
+            study_hash=self.study.content_hash,
+            round=number,
+            seed=derive_seed(self.study.seed, "round", number),
+        )
+        return round_, Task(header=header, params=self.params.copy())
+
+    def finish_round(self, round_: Round, now: float) -> RoundOutcome:
+        """Close a due round and, if it aggregated, step the global model."""
+        if round_.number != self.round_number + 1:
+            raise RoundError(f"round {round_.number} is not the open round")
+        agg = self.study.aggregation
+        mean_delta = round_.close(now, agg.weighting, agg.cap)
+        if mean_delta is not None:
+            self.params = self.optimizer.step(self.params, mean_delta)
+            self.round_number = round_.number
+        elif round_.status is RoundStatus.FAILED:
+            self.round_number = round_.number
+        losses = [u.header.loss for u in round_.updates.values()]
+        return RoundOutcome(
+            number=round_.number,
+            status=round_.status,
+            participants=tuple(sorted(round_.updates)),
+            reason=round_.reason,
+            mean_loss=float(np.mean(losses)) if losses else None,
+        )

@@ -1,0 +1,118 @@
+"""The round state machine: open -> collecting -> aggregating -> closed (or failed).
+
+Pure state, no I/O and no clock of its own: callers pass ``now``. The
+simulation drives it in a loop; the coordinator drives it from HTTP handlers
+and persists it. Nothing waits forever: at the deadline a round closes with
+whoever reported, is extended, or fails with a reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedcare.aggregation import client_weights, weighted_mean
+from fedcare.federation.messages import SiteUpdate
+from fedcare.study import Weighting
+
+
+class RoundStatus(StrEnum):
+    OPEN = "open"
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+class RoundError(ValueError):
+    """An update or transition the round refuses, with the reason."""
+
+
+@dataclass
+class Round:
+    """One round of a study."""
+
+    study_hash: str
+    number: int
+    selected: tuple[str, ...]
+    min_sites: int
+    deadline: float
+    extension_s: float = 0.0
+    extensions_left: int = 0
+    status: RoundStatus = RoundStatus.OPEN
+    reason: str = ""
+    updates: dict[str, SiteUpdate] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.selected:
+            raise RoundError("a round needs at least one selected site")
+        if self.min_sites > len(self.selected):
+            raise RoundError(
+                f"min_sites {self.min_sites} exceeds the {len(self.selected)} selected site(s)"
+            )
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (RoundStatus.CLOSED, RoundStatus.FAILED)
+
+    def submit(self, update: SiteUpdate) -> bool:
+        """Accept a site's update. Returns False for an exact resubmission (idempotent)."""
+        header = update.header
+        if header.study_hash != self.study_hash:
+            raise RoundError("update is for a different study")
+        if header.round != self.number:
+            raise RoundError(f"update is for round {header.round}, this is round {self.number}")
+        if self.status not in (RoundStatus.OPEN, RoundStatus.COLLECTING):
+            raise RoundError(f"round {self.number} is {self.status}; it takes no more updates")
+        if header.site not in self.selected:
+            raise RoundError(f"site '{header.site}' was not selected for round {self.number}")
+        previous = self.updates.get(header.site)
+        if previous is not None:
+            if previous.header == header and np.array_equal(previous.delta, update.delta):
+                return False
+            raise RoundError(f"site '{header.site}' already submitted a different update")
+        self.updates[header.site] = update
+        self.status = RoundStatus.COLLECTING
+        return True
+
+    def due(self, now: float) -> bool:
+        """True when the round should be closed now: everyone reported, or the deadline passed."""
+        if self.finished:
+            return False
+        return len(self.updates) == len(self.selected) or now >= self.deadline
+
+    def close(
+        self, now: float, weighting: Weighting, cap: float | None = None
+    ) -> NDArray[np.float32] | None:
+        """Aggregate if enough sites reported; otherwise extend or fail.
+
+        Returns the weighted mean delta when the round closes, None when it was
+        extended or failed (see ``status`` and ``reason``).
+        """
+        if self.finished:
+            raise RoundError(f"round {self.number} is already {self.status}")
+        if len(self.updates) < self.min_sites:
+            if now < self.deadline:
+                raise RoundError("round is not due yet")
+            if self.extensions_left > 0:
+                self.extensions_left -= 1
+                self.deadline = now + self.extension_s
+                return None
+            self.status = RoundStatus.FAILED
+            self.reason = (
+                f"only {len(self.updates)} of {len(self.selected)} site(s) reported by the "
+                f"deadline; at least {self.min_sites} needed"
+            )
+            return None
+        self.status = RoundStatus.AGGREGATING
+        sites = sorted(self.updates)
+        weights = client_weights([self.updates[s].header.n_samples for s in sites], weighting, cap)
+        mean = weighted_mean([self.updates[s].delta for s in sites], weights)
+        self.status = RoundStatus.CLOSED
+        missing = sorted(set(self.selected) - set(sites))
+        if missing:
+            self.reason = f"closed without {', '.join(missing)} (no update by the deadline)"
+        return mean

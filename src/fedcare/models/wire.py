@@ -1,0 +1,77 @@
+"""The wire format for model parameters and updates: safetensors, checked on the way in.
+
+Nothing that crosses a trust boundary is unpickled. A payload is a safetensors
+file holding named 1-D float32 vectors plus one JSON header (a pydantic model)
+in the safetensors metadata. Decoding checks size, names, dtype, length and
+finiteness before any number is used.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ValidationError
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
+
+HEADER_KEY = "fedcare"
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+H = TypeVar("H", bound=BaseModel)
+
+
+class PayloadError(ValueError):
+    """A payload that is malformed, oversized, or does not match what was expected."""
+
+
+def encode(vectors: dict[str, NDArray[np.float32]], header: BaseModel) -> bytes:
+    """Serialise named float32 vectors with a typed header."""
+    arrays = {name: np.ascontiguousarray(v, dtype="<f4").reshape(-1) for name, v in vectors.items()}
+    return save(arrays, metadata={HEADER_KEY: header.model_dump_json()})
+
+
+def decode(
+    data: bytes,
+    header_type: type[H],
+    expected: dict[str, int],
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[H, dict[str, NDArray[np.float32]]]:
+    """Parse and check a payload: exactly the ``expected`` names and lengths, all finite."""
+    if len(data) > max_bytes:
+        raise PayloadError(f"payload is {len(data)} bytes, the limit is {max_bytes}")
+    if len(data) < 8:
+        raise PayloadError("payload is too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise PayloadError("payload header length runs past the end of the payload")
+    try:
+        raw_header = json.loads(data[8 : 8 + header_len])
+        arrays = load(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        raise PayloadError(f"payload is not a valid safetensors file: {exc}") from exc
+    metadata = raw_header.get("__metadata__") or {}
+    if HEADER_KEY not in metadata:
+        raise PayloadError(f"payload has no '{HEADER_KEY}' header")
+    try:
+        header = header_type.model_validate_json(metadata[HEADER_KEY])
+    except ValidationError as exc:
+        raise PayloadError(f"payload header is invalid: {exc}") from exc
+    if set(arrays) != set(expected):
+        raise PayloadError(
+            f"payload holds tensors {sorted(arrays)}, expected exactly {sorted(expected)}"
+        )
+    out: dict[str, NDArray[np.float32]] = {}
+    for name, length in expected.items():
+        array = arrays[name]
+        if array.dtype != np.float32:
+            raise PayloadError(f"tensor '{name}' has dtype {array.dtype}, expected float32")
+        if array.shape != (length,):
+            raise PayloadError(f"tensor '{name}' has shape {array.shape}, expected ({length},)")
+        if not np.all(np.isfinite(array)):
+            raise PayloadError(f"tensor '{name}' contains NaN or infinite values")
+        out[name] = array
+    return header, out

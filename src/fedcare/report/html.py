@@ -1,0 +1,44 @@
+"""Write a simulation's results as JSON and as a self-contained HTML page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from fedcare.report.chart import line_chart
+from fedcare.simulation.results import SimulationResult
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=PackageLoader("fedcare.report", "templates"),
+        autoescape=select_autoescape(["html"]),
+    )
+    env.filters["auroc"] = lambda v: "n/a" if v is None else f"{v:.3f}"
+    return env
+
+
+def render_html(result: SimulationResult) -> str:
+    """The report page; everything inline, no external assets."""
+    chart = line_chart(
+        {s.name: [r.metrics[s.name].auroc for r in result.rounds] for s in result.sites},
+        "federated AUROC",
+    )
+    return _environment().get_template("report.html").render(result=result, chart=chart)
+
+
+def write_results(result: SimulationResult, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``report.html`` into ``out_dir``; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    html_path = out_dir / "report.html"
+    # Write beside, then rename, so a crash never leaves a half-written result.
+    for path, text in (
+        (json_path, result.model_dump_json(indent=2)),
+        (html_path, render_html(result)),
+    ):
+        partial = path.with_suffix(path.suffix + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
+    return json_path, html_path

@@ -1,0 +1,158 @@
+"""The shared feature schema: what every site's data must look like after mapping."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedcare.schema.units import canonical_unit
+
+
+class Strict(BaseModel):
+    """Base for every configuration model: unknown keys are an error, not a silent typo."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureType(StrEnum):
+    CONTINUOUS = "continuous"
+    BINARY = "binary"
+    CATEGORICAL = "categorical"
+
+
+class MissingRule(StrEnum):
+    """What a site does with an empty cell for a feature."""
+
+    REFUSE = "refuse"
+    MEDIAN = "median"
+    MEAN = "mean"
+    MODE = "mode"
+
+
+class OutOfRange(StrEnum):
+    """What a site does with a value outside the feature's valid range."""
+
+    REFUSE = "refuse"
+    SET_MISSING = "set_missing"
+
+
+class MissingPolicy(Strict):
+    """Missing-value handling. Imputation values are fitted on the site's own training split."""
+
+    rule: MissingRule = MissingRule.REFUSE
+    indicator: bool = Field(
+        default=False,
+        description="Add a 0/1 input column that is 1 where the value was missing.",
+    )
+
+    @model_validator(mode="after")
+    def _indicator_needs_imputation(self) -> Self:
+        if self.indicator and self.rule is MissingRule.REFUSE:
+            raise ValueError("a missing-indicator needs an imputation rule, not 'refuse'")
+        return self
+
+
+class Feature(Strict):
+    """One model input, in the consortium's agreed unit."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    type: FeatureType = FeatureType.CONTINUOUS
+    unit: str | None = None
+    range: tuple[float, float] | None = None
+    categories: tuple[str, ...] | None = None
+    drop_first: bool = Field(
+        default=False, description="One-hot encode without the first category (reference level)."
+    )
+    missing: MissingPolicy = MissingPolicy()
+    out_of_range: OutOfRange = OutOfRange.REFUSE
+    reference: tuple[float, float] | None = Field(
+        default=None,
+        description="Consortium-agreed (mean, std) used when the study scales by reference.",
+    )
+    analyte: str | None = Field(
+        default=None,
+        description="The substance measured, for mass/molar unit conversion (e.g. 'creatinine').",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.unit is not None:
+            canonical_unit(self.unit)
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise ValueError(f"range must be [low, high] with low < high, got {list(self.range)}")
+        if self.type is FeatureType.CATEGORICAL:
+            if not self.categories or len(self.categories) < 2:
+                raise ValueError("a categorical feature needs at least two categories")
+            if len(set(self.categories)) != len(self.categories):
+                raise ValueError("categories must be distinct")
+        elif self.categories is not None:
+            raise ValueError(
+                f"categories are only allowed on categorical features, not {self.type}"
+            )
+        if self.type is not FeatureType.CONTINUOUS and self.range is not None:
+            raise ValueError("a range applies only to continuous features")
+        if self.reference is not None and self.reference[1] <= 0:
+            raise ValueError("reference std must be positive")
+        if self.type is FeatureType.CATEGORICAL and self.missing.rule in (
+            MissingRule.MEAN,
+            MissingRule.MEDIAN,
+        ):
+            raise ValueError("categorical features can only impute with 'mode'")
+        return self
+
+    def input_names(self) -> list[str]:
+        """Names of the model input columns this feature expands to, in order."""
+        if self.type is FeatureType.CATEGORICAL:
+            assert self.categories is not None
+            levels = self.categories[1:] if self.drop_first else self.categories
+            names = [f"{self.name}={level}" for level in levels]
+        else:
+            names = [self.name]
+        if self.missing.indicator:
+            names.append(f"{self.name}_missing")
+        return names
+
+
+class Attribute(Strict):
+    """A column carried for subgroup analysis only; never a model input."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    categories: tuple[str, ...] | None = None
+
+
+class Label(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = ""
+
+
+class FeatureSchema(Strict):
+    """Features (model inputs), attributes (for subgroups) and the binary label."""
+
+    features: tuple[Feature, ...] = Field(min_length=1)
+    label: Label
+    attributes: tuple[Attribute, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Self:
+        names = [f.name for f in self.features] + [a.name for a in self.attributes]
+        names.append(self.label.name)
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"names used more than once: {', '.join(duplicates)}")
+        return self
+
+    def input_names(self) -> list[str]:
+        """Model input columns, in the order the model sees them."""
+        return [name for feature in self.features for name in feature.input_names()]
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.input_names())
+
+    def feature(self, name: str) -> Feature:
+        for feature in self.features:
+            if feature.name == name:
+                return feature
+        raise KeyError(name)

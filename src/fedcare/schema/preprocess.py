@@ -1,0 +1,89 @@
+"""From a mapped table to the model's input matrix.
+
+Imputation values and scaling statistics are fitted on the site's own training
+split only, so nothing about the held-out data or about other sites leaks in.
+The fitted state is a small pydantic model the site keeps beside its model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
+from fedcare.schema.features import Feature, FeatureSchema, FeatureType, MissingRule, Strict
+from fedcare.study import Scaling
+
+
+class FeatureState(Strict):
+    fill: float | str | None = None
+    center: float = 0.0
+    spread: float = 1.0
+
+
+class Preprocessor(Strict):
+    """Fitted imputation and scaling for one site."""
+
+    scaling: Scaling
+    states: dict[str, FeatureState]
+
+    def transform(self, frame: pd.DataFrame, schema: FeatureSchema) -> NDArray[np.float32]:
+        """The float32 input matrix, columns in ``schema.input_names()`` order."""
+        columns: list[NDArray[np.float64]] = []
+        for feature in schema.features:
+            columns.extend(_encode(feature, frame[feature.name], self.states[feature.name]))
+        return np.column_stack(columns).astype(np.float32)
+
+
+def _fill_value(feature: Feature, values: pd.Series) -> float | str | None:
+    rule = feature.missing.rule
+    present = values.dropna()
+    if rule is MissingRule.REFUSE:
+        return None
+    if present.empty:
+        # A site that never measures a feature imputes a neutral value; the
+        # missing-indicator (when configured) carries the information instead.
+        return feature.categories[0] if feature.categories else 0.0
+    if rule is MissingRule.MEDIAN:
+        return float(present.median())
+    if rule is MissingRule.MEAN:
+        return float(present.mean())
+    mode = present.mode().iloc[0]
+    return mode if isinstance(mode, str) else float(mode)
+
+
+def fit_preprocessor(frame: pd.DataFrame, schema: FeatureSchema, scaling: Scaling) -> Preprocessor:
+    """Fit imputation and scaling on a mapped training frame."""
+    states: dict[str, FeatureState] = {}
+    for feature in schema.features:
+        values = frame[feature.name]
+        fill = _fill_value(feature, values)
+        center, spread = 0.0, 1.0
+        if feature.type is FeatureType.CONTINUOUS:
+            if scaling is Scaling.SITE:
+                filled = values.fillna(fill) if fill is not None else values
+                center = float(filled.mean()) if filled.notna().any() else 0.0
+                std = float(filled.std(ddof=0)) if filled.notna().sum() > 1 else 0.0
+                # A constant column carries no information; leave it centred, unscaled.
+                spread = std if std > 1e-12 else 1.0
+            elif scaling is Scaling.REFERENCE:
+                assert feature.reference is not None
+                center, spread = feature.reference
+        states[feature.name] = FeatureState(fill=fill, center=center, spread=spread)
+    return Preprocessor(scaling=scaling, states=states)
+
+
+def _encode(feature: Feature, values: pd.Series, state: FeatureState) -> list[NDArray[np.float64]]:
+    missing = values.isna().to_numpy()
+    filled = values.fillna(state.fill) if state.fill is not None else values
+    if feature.type is FeatureType.CATEGORICAL:
+        assert feature.categories is not None
+        levels = feature.categories[1:] if feature.drop_first else feature.categories
+        text = filled.astype("string").to_numpy()
+        out = [(text == level).astype(np.float64) for level in levels]
+    else:
+        numbers = filled.astype("float64").to_numpy()
+        out = [(numbers - state.center) / state.spread]
+    if feature.missing.indicator:
+        out.append(missing.astype(np.float64))
+    return out

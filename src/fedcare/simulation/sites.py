@@ -1,0 +1,72 @@
+"""Where a simulation's sites come from: a sites file, or the built-in cohorts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedcare.data.synthetic import generate_cohorts
+from fedcare.schema.mapping import load_mapping
+from fedcare.schema.readers import read_table
+from fedcare.site.dataset import SiteDataset, prepare_site_data
+from fedcare.study import Study
+
+
+class SitesFileError(ValueError):
+    """A sites file that cannot be read or does not validate."""
+
+
+class SiteEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    data: Path
+    mapping: Path
+    description: str = ""
+
+
+class SitesFile(BaseModel):
+    """``sites.yaml``: one entry per simulated site; paths are relative to the file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sites: list[SiteEntry] = Field(min_length=1)
+
+
+def load_sites_file(path: Path) -> SitesFile:
+    try:
+        parsed = SitesFile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except OSError as exc:
+        raise SitesFileError(f"{path}: cannot read the sites file: {exc.strerror}") from exc
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise SitesFileError(f"{path}: not a valid sites file:\n{exc}") from exc
+    names = [s.name for s in parsed.sites]
+    if len(set(names)) != len(names):
+        raise SitesFileError(f"{path}: site names must be unique")
+    return parsed
+
+
+def sites_from_file(path: Path, study: Study) -> tuple[list[SiteDataset], dict[str, str]]:
+    """Read, map and prepare every site in a sites file."""
+    parsed = load_sites_file(path)
+    base = path.parent
+    sites = []
+    for entry in parsed.sites:
+        mapping = load_mapping(base / entry.mapping)
+        if mapping.site != entry.name:
+            raise SitesFileError(
+                f"{path}: site '{entry.name}' uses a mapping written for site '{mapping.site}'"
+            )
+        sites.append(prepare_site_data(read_table(base / entry.data), mapping, study))
+    return sites, {s.name: s.description for s in parsed.sites}
+
+
+def builtin_sites(
+    study: Study, seed: int, scale: float = 1.0
+) -> tuple[list[SiteDataset], dict[str, str]]:
+    """The synthetic hospital cohorts, prepared for ``study``."""
+    cohorts = generate_cohorts(seed=seed, scale=scale)
+    sites = [prepare_site_data(c.frame, c.mapping, study) for c in cohorts]
+    return sites, {c.name: c.description for c in cohorts}

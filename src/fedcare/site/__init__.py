@@ -1,0 +1,1 @@
+"""The site agent: local data, local training, and what it sends back."""

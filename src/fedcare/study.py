@@ -1,0 +1,200 @@
+"""The study contract: parsing, strict validation and the content hash.
+
+A study is what every member of a consortium signs. Sites approve a study by its
+content hash, so the hash must depend on every setting and on nothing else:
+not on key order, comments, whitespace or how a number was spelled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from fedcare.schema.features import FeatureSchema, FeatureType, Strict
+
+
+class StudyError(ValueError):
+    """A study file that cannot be read or does not validate."""
+
+
+class ModelKind(StrEnum):
+    LOGISTIC_REGRESSION = "logistic_regression"
+    MLP = "mlp"
+
+
+class ModelSpec(Strict):
+    kind: ModelKind = ModelKind.LOGISTIC_REGRESSION
+    hidden: tuple[int, ...] = Field(default=(), description="Hidden layer widths (MLP only).")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _hidden_matches_kind(self) -> Self:
+        if self.kind is ModelKind.MLP and not self.hidden:
+            raise ValueError("an mlp needs at least one hidden layer, e.g. hidden: [32]")
+        if self.kind is ModelKind.LOGISTIC_REGRESSION and self.hidden:
+            raise ValueError("logistic_regression takes no hidden layers")
+        if any(width < 1 for width in self.hidden):
+            raise ValueError("hidden layer widths must be positive")
+        return self
+
+
+class OptimizerKind(StrEnum):
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+class TrainingSpec(Strict):
+    """Local training at each site, per round."""
+
+    epochs: int | None = Field(default=1, ge=1)
+    steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    optimizer: OptimizerKind = OptimizerKind.SGD
+    learning_rate: float = Field(default=0.05, gt=0.0)
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_replace_epochs(cls, data: Any) -> Any:
+        # Giving steps means "not epochs"; giving both is ambiguous.
+        if isinstance(data, dict) and data.get("steps") is not None:
+            if data.get("epochs") is not None:
+                raise ValueError("give either epochs or steps, not both")
+            return {**data, "epochs": None}
+        return data
+
+
+class Weighting(StrEnum):
+    SAMPLES = "samples"
+    EQUAL = "equal"
+    SQRT = "sqrt"
+    CAPPED = "capped"
+
+
+class Strategy(StrEnum):
+    FEDAVG = "fedavg"
+
+
+class AggregationSpec(Strict):
+    strategy: Strategy = Strategy.FEDAVG
+    weighting: Weighting = Weighting.SAMPLES
+    cap: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Largest share of total weight any site may get."
+    )
+    server_learning_rate: float = Field(default=1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _cap_with_capped(self) -> Self:
+        if self.weighting is Weighting.CAPPED and self.cap is None:
+            raise ValueError("weighting 'capped' needs a cap, e.g. cap: 0.4")
+        if self.weighting is not Weighting.CAPPED and self.cap is not None:
+            raise ValueError("cap is only used with weighting 'capped'")
+        return self
+
+
+class Scaling(StrEnum):
+    SITE = "site"
+    REFERENCE = "reference"
+    NONE = "none"
+
+
+class PreprocessingSpec(Strict):
+    scaling: Scaling = Field(
+        default=Scaling.SITE,
+        description="site: z-score with the site's own training split; "
+        "reference: each feature's agreed (mean, std); none: raw units.",
+    )
+    holdout_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+
+
+class RoundSpec(Strict):
+    count: int = Field(default=20, ge=1, le=10_000)
+    min_sites: int = Field(default=1, ge=1)
+    fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="Share of sites per round.")
+    deadline_s: float = Field(default=600.0, gt=0.0)
+
+
+class Study(Strict):
+    """A federated study, as declared in ``study.yaml``."""
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str = ""
+    feature_schema: FeatureSchema = Field(alias="schema")
+    model: ModelSpec = ModelSpec()
+    training: TrainingSpec = TrainingSpec()
+    aggregation: AggregationSpec = AggregationSpec()
+    preprocessing: PreprocessingSpec = PreprocessingSpec()
+    rounds: RoundSpec = RoundSpec()
+    seed: int = Field(default=0, ge=0, lt=2**32)
+
+    @model_validator(mode="after")
+    def _reference_scaling_complete(self) -> Self:
+        if self.preprocessing.scaling is Scaling.REFERENCE:
+            missing = [
+                f.name
+                for f in self.feature_schema.features
+                if f.type is FeatureType.CONTINUOUS and f.reference is None
+            ]
+            if missing:
+                raise ValueError(
+                    "scaling 'reference' needs reference: [mean, std] on " + ", ".join(missing)
+                )
+        return self
+
+    def canonical(self) -> dict[str, Any]:
+        """The fully resolved settings, defaults included, as plain JSON types."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 over the canonical JSON form: stable under formatting, sensitive to settings."""
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def replace(self, **changes: Any) -> Study:
+        """A copy with top-level sections replaced, validated like a fresh file."""
+        data = self.canonical()
+        for key, value in changes.items():
+            data[key] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+        return Study.model_validate(data)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: the study does not validate:"]
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; unknown keys are never ignored)"
+        lines.append(f"  {path}: {message}")
+    return "\n".join(lines)
+
+
+def parse_study(text: str, source: str = "<study>") -> Study:
+    """Parse and validate a study from YAML text."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise StudyError(f"{source}: a study is a mapping of settings, got {type(data).__name__}")
+    try:
+        return Study.model_validate(data)
+    except ValidationError as exc:
+        raise StudyError(_format_errors(exc, source)) from exc
+
+
+def load_study(path: Path) -> Study:
+    """Read and validate ``study.yaml``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise StudyError(f"{path}: cannot read the study file: {exc.strerror}") from exc
+    return parse_study(text, str(path))

@@ -1,0 +1,103 @@
+"""The local training loop: start from the global model, train on the site's rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+from fedcare.models.builders import build_model
+from fedcare.models.params import get_flat, set_flat
+from fedcare.study import ModelSpec, OptimizerKind, TrainingSpec
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What local training produced; ``params`` are the site's new parameters."""
+
+    params: NDArray[np.float32]
+    n_samples: int
+    steps: int
+    loss: float
+
+
+def _optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
+    if spec.optimizer is OptimizerKind.ADAM:
+        return torch.optim.Adam(
+            model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=spec.learning_rate,
+        momentum=spec.momentum,
+        weight_decay=spec.weight_decay,
+    )
+
+
+def _batches(n: int, spec: TrainingSpec, generator: torch.Generator) -> list[torch.Tensor]:
+    """Index batches for one call: whole shuffled epochs, or exactly ``steps`` batches."""
+    batches: list[torch.Tensor] = []
+    wanted = spec.steps
+    epochs = spec.epochs or 0
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for batch in torch.split(order, spec.batch_size):
+            batches.append(batch)
+            if wanted is not None and len(batches) == wanted:
+                return batches
+        epochs -= 1
+        if wanted is None and epochs <= 0:
+            return batches
+
+
+def train_local(
+    model_spec: ModelSpec,
+    training: TrainingSpec,
+    start: NDArray[np.float32],
+    features: NDArray[np.float32],
+    labels: NDArray[np.float32],
+    seed: int,
+) -> LocalResult:
+    """Train from ``start`` on one site's data; deterministic for a seed."""
+    n = features.shape[0]
+    if n == 0:
+        raise ValueError("cannot train on zero rows")
+    if labels.shape != (n,):
+        raise ValueError(f"labels have shape {labels.shape}, expected ({n},)")
+    model = build_model(model_spec, features.shape[1])
+    set_flat(model, start)
+    model.train()
+    optimizer = _optimizer(model, training)
+    loss_fn = nn.BCEWithLogitsLoss()
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
+    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(n, training, generator)
+    total = 0.0
+    for index in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x[index]).squeeze(-1), y[index])
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+    params = get_flat(model)
+    if not np.all(np.isfinite(params)):
+        raise FloatingPointError(
+            "local training diverged (non-finite parameters); lower the learning rate"
+        )
+    return LocalResult(params=params, n_samples=n, steps=len(batches), loss=total / len(batches))
+
+
+def predict_proba(
+    model_spec: ModelSpec, params: NDArray[np.float32], features: NDArray[np.float32]
+) -> NDArray[np.float64]:
+    """Predicted probability of the positive class for each row."""
+    model = build_model(model_spec, features.shape[1])
+    set_flat(model, params)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
+    return torch.sigmoid(logits.squeeze(-1)).to(torch.float64).numpy()

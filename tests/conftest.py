@@ -1,0 +1,61 @@
+"""Shared fixtures: small studies and site data sets built in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedcare.schema.mapping import SiteMapping
+from fedcare.site.dataset import SiteDataset, prepare_site_data
+from fedcare.study import Study, parse_study
+
+TOY_STUDY = """
+name: toy
+schema:
+  label: {name: y}
+  features:
+    - {name: a}
+    - {name: b}
+    - {name: c, missing: {rule: median, indicator: true}}
+training: {epochs: 1, batch_size: 16, learning_rate: 0.1}
+rounds: {count: 4, min_sites: 2}
+seed: 11
+"""
+
+
+def toy_frame(seed: int, n: int, shift: float = 0.0) -> pd.DataFrame:
+    """A linearly separable-ish table with the site's own column names."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3)) + shift
+    logit = 1.5 * x[:, 0] - 1.0 * x[:, 1] + 0.5 * x[:, 2] - shift
+    y = (logit + rng.logistic(size=n) > 0).astype(int)
+    c = x[:, 2].copy()
+    c[rng.random(n) < 0.2] = np.nan
+    return pd.DataFrame({"A": x[:, 0], "B": x[:, 1], "C": c, "Y": y})
+
+
+def toy_mapping(site: str) -> SiteMapping:
+    return SiteMapping(site=site, features={"a": "A", "b": "B", "c": "C"}, label="Y")
+
+
+@pytest.fixture
+def toy_study() -> Study:
+    return parse_study(TOY_STUDY)
+
+
+@pytest.fixture
+def toy_sites(toy_study: Study) -> list[SiteDataset]:
+    sizes = {"alpha": 400, "beta": 200, "gamma": 80}
+    return [
+        prepare_site_data(toy_frame(i, n, shift=0.3 * i), toy_mapping(name), toy_study)
+        for i, (name, n) in enumerate(sizes.items())
+    ]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """As the CLI does: small models train faster on one thread."""
+    import torch
+
+    torch.set_num_threads(1)

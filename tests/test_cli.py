@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedcare.cli import app
+from fedcare.data import demo_study_path
+
+from .conftest import toy_frame
+
+runner = CliRunner()
+
+
+def test_demo_writes_results_and_report(tmp_path: Path) -> None:
+    """The real console script, in its own process, on small built-in hospitals."""
+    out = tmp_path / "demo"
+    fedcare = Path(sys.executable).with_name("fedcare")
+    done = subprocess.run(
+        [str(fedcare), "demo", "--out", str(out), "--scale", "0.3", "--rounds", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "160"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema_version"] == 1
+    assert len(results["sites"]) >= 5
+    assert len(results["rounds"]) == 3
+    assert {"federated", "pooled"} <= set(results["matrix"])
+    html = (out / "report.html").read_text()
+    assert "<svg" in html
+    for site in results["sites"]:
+        assert site["name"] in done.stdout
+        assert site["name"] in html
+    assert "federated→others" in done.stdout
+
+
+def test_simulate_from_sites_file(tmp_path: Path) -> None:
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: cli-toy\nschema:\n  label: {name: y}\n  features: [{name: a}, {name: b}]\n"
+        "rounds: {count: 2, min_sites: 2}\n"
+    )
+    entries = []
+    for i, name in enumerate(["one", "two"]):
+        frame = toy_frame(i, 120)[["A", "B", "Y"]]
+        data = tmp_path / f"{name}.parquet" if i else tmp_path / f"{name}.csv"
+        if i:
+            frame.to_parquet(data)
+        else:
+            frame.to_csv(data, index=False)
+        (tmp_path / f"{name}.mapping.yaml").write_text(
+            f"site: {name}\nfeatures: {{a: A, b: B}}\nlabel: Y\n"
+        )
+        entries.append(f"  - {{name: {name}, data: {data.name}, mapping: {name}.mapping.yaml}}")
+    sites = tmp_path / "sites.yaml"
+    sites.write_text("sites:\n" + "\n".join(entries) + "\n")
+    result = runner.invoke(
+        app,
+        [
+            "simulate",
+            "--study",
+            str(study),
+            "--sites",
+            str(sites),
+            "--out",
+            str(tmp_path / "o"),
+            "--weighting",
+            "equal",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert saved["weighting"] == "equal"
+    assert [s["name"] for s in saved["sites"]] == ["one", "two"]
+
+
+def test_bad_study_exits_2_with_field_path(tmp_path: Path) -> None:
+    bad = tmp_path / "study.yaml"
+    bad.write_text(demo_study_path().read_text().replace("batch_size: 64", "batch_size: -1"))
+    result = runner.invoke(app, ["study", "check", str(bad)])
+    assert result.exit_code == 2
+    assert "training.batch_size" in result.output
+
+
+def test_study_check_prints_hash() -> None:
+    from fedcare.data import demo_study
+
+    result = runner.invoke(app, ["study", "check", str(demo_study_path())])
+    assert result.exit_code == 0
+    assert demo_study().content_hash in result.output
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_data_check_refuses_bad_rows_naming_column_rule_and_count(tmp_path: Path, fmt: str) -> None:
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: t\nschema:\n  label: {name: y}\n"
+        "  features: [{name: temperature, unit: degC, range: [30, 44]}]\n"
+    )
+    mapping = tmp_path / "m.yaml"
+    mapping.write_text("site: s\nfeatures: {temperature: {column: temp_f, unit: degF}}\nlabel: Y\n")
+    import pandas as pd
+
+    frame = pd.DataFrame({"temp_f": [98.6, 101.2, 150.0, 151.0, 99.0], "Y": [0, 1, 0, 1, 0]})
+    data = tmp_path / f"d.{fmt}"
+    if fmt == "csv":
+        frame.to_csv(data, index=False)
+    else:
+        frame.to_parquet(data)
+    args = ["data", "check", str(data), "--study", str(study), "--mapping", str(mapping)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "temp_f" in result.output
+    assert "outside the valid range [30, 44] degC" in result.output
+    assert "(2 rows)" in result.output
+    assert "nothing was trained or sent" in result.output
+
+    frame.loc[frame.temp_f > 140, "temp_f"] = 100.0
+    frame.to_csv(data, index=False) if fmt == "csv" else frame.to_parquet(data)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "5 rows fit" in result.output

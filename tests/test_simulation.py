@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedcare.federation.engine import derive_seed
+from fedcare.models.builders import initial_parameters
+from fedcare.simulation.runner import (
+    FEDERATED,
+    POOLED,
+    SimulationOptions,
+    run_simulation,
+)
+from fedcare.simulation.transport import InProcessTransport
+from fedcare.site.dataset import SiteDataset
+from fedcare.site.worker import SiteWorker
+from fedcare.study import Study
+from fedcare.training import train_local
+from fedcare.validation.metrics import binary_metrics
+
+
+def test_seeded_simulation_is_deterministic(toy_study: Study, toy_sites: list[SiteDataset]) -> None:
+    first = run_simulation(toy_study, toy_sites)
+    second = run_simulation(toy_study, toy_sites)
+    assert first.model_dump(exclude={"wall_s"}) == second.model_dump(exclude={"wall_s"})
+
+
+def test_other_seed_gives_another_model(toy_study: Study, toy_sites: list[SiteDataset]) -> None:
+    first = run_simulation(toy_study, toy_sites, SimulationOptions(baselines=False))
+    other = run_simulation(
+        toy_study.replace(seed=12), toy_sites, SimulationOptions(baselines=False)
+    )
+    assert first.matrix[FEDERATED] != other.matrix[FEDERATED]
+
+
+def test_one_round_equals_hand_computed_fedavg(
+    toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    """One round of the federation equals local training at each site, sample-weighted."""
+    study = toy_study.replace(rounds={"count": 1, "min_sites": 2})
+    n_inputs = study.feature_schema.n_inputs
+    start = initial_parameters(study.model, n_inputs, study.seed)
+    round_seed = derive_seed(study.seed, "round", 1)
+    local = [
+        train_local(
+            study.model,
+            study.training,
+            start,
+            s.x_train,
+            s.y_train,
+            seed=derive_seed(round_seed, s.name),
+        )
+        for s in toy_sites
+    ]
+    n = np.array([r.n_samples for r in local], dtype=np.float64)
+    expected = (n / n.sum()) @ np.stack([r.params for r in local]).astype(np.float64)
+
+    captured: dict[str, np.ndarray] = {}
+    from fedcare.simulation import runner
+
+    def capture(study_: Study, params: np.ndarray, sites: list[SiteDataset]) -> dict:
+        captured["params"] = params.copy()
+        return {
+            s.name: binary_metrics(s.y_test, runner.predict_proba(study_.model, params, s.x_test))
+            for s in sites
+        }
+
+    original = runner.evaluate
+    runner.evaluate = capture  # type: ignore[assignment]
+    try:
+        runner.run_simulation(study, toy_sites, SimulationOptions(baselines=False))
+    finally:
+        runner.evaluate = original
+    np.testing.assert_allclose(captured["params"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_offline_site_round_closes_with_the_others(
+    toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    n_params = toy_study.feature_schema.n_inputs + 1
+    workers = {s.name: SiteWorker(toy_study, s, n_params) for s in toy_sites}
+    transport = InProcessTransport(workers, offline=frozenset({"gamma"}))
+    result = run_simulation(
+        toy_study, toy_sites, SimulationOptions(baselines=False), transport=transport
+    )
+    assert all(r.status == "closed" for r in result.rounds)
+    assert all(r.participants == ["alpha", "beta"] for r in result.rounds)
+    assert "gamma" in result.rounds[0].reason
+
+
+def test_too_few_sites_fail_rounds_cleanly(toy_study: Study, toy_sites: list[SiteDataset]) -> None:
+    n_params = toy_study.feature_schema.n_inputs + 1
+    workers = {s.name: SiteWorker(toy_study, s, n_params) for s in toy_sites}
+    transport = InProcessTransport(workers, offline=frozenset({"beta", "gamma"}))
+    result = run_simulation(
+        toy_study, toy_sites, SimulationOptions(baselines=False), transport=transport
+    )
+    assert [r.status for r in result.rounds] == ["failed"] * toy_study.rounds.count
+    assert "at least 2 needed" in result.rounds[0].reason
+    # The model never moved from its zero start: every prediction is 0.5.
+    assert result.matrix[FEDERATED]["alpha"].brier == pytest.approx(0.25)
+
+
+def test_baselines_and_comparison(toy_study: Study, toy_sites: list[SiteDataset]) -> None:
+    result = run_simulation(toy_study, toy_sites)
+    assert set(result.matrix) == {FEDERATED, POOLED, "local:alpha", "local:beta", "local:gamma"}
+    assert [row.site for row in result.comparison] == ["alpha", "beta", "gamma"]
+    row = result.comparison[0]
+    assert row.local == result.matrix["local:alpha"]["alpha"].auroc
+    others = [result.matrix["local:alpha"][s].auroc for s in ("beta", "gamma")]
+    assert row.local_on_other_sites == pytest.approx(np.mean(others))
+    assert len(result.rounds) == toy_study.rounds.count
+    assert all(set(r.metrics) == {"alpha", "beta", "gamma"} for r in result.rounds)
+    # The toy task is learnable: the federated model beats chance everywhere.
+    assert all((m.auroc or 0) > 0.7 for m in result.matrix[FEDERATED].values())
+
+
+def test_site_refuses_a_task_for_another_study(
+    toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    from fedcare.federation.engine import Federation
+    from fedcare.federation.messages import encode_task
+    from fedcare.federation.rounds import RoundError
+
+    other = toy_study.replace(seed=99)
+    n_params = toy_study.feature_schema.n_inputs + 1
+    federation = Federation(other, [s.name for s in toy_sites], np.zeros(n_params, np.float32))
+    _, task = federation.open_round(now=0.0)
+    worker = SiteWorker(toy_study, toy_sites[0], n_params)
+    with pytest.raises(RoundError, match="refuses a task for study"):
+        worker.handle(encode_task(task))
