@@ -129,19 +129,28 @@ def print_comparison(result: SimulationResult) -> None:
 
 def _override(
     study: Study,
-    rounds: int | None,
-    strategy: Strategy | None,
-    weighting: Weighting | None,
-    cap: float | None,
-    seed: int | None,
+    rounds: int | None = None,
+    strategy: Strategy | None = None,
+    weighting: Weighting | None = None,
+    cap: float | None = None,
+    seed: int | None = None,
+    server_lr: float | None = None,
+    proximal_mu: float | None = None,
 ) -> Study:
+    """The study with command-line overrides applied (its hash changes accordingly)."""
     aggregation = study.canonical()["aggregation"]
-    if strategy is not None:
+    if strategy is not None and strategy is not study.aggregation.strategy:
         aggregation["strategy"] = strategy.value
+        # A learning rate chosen for another strategy is meaningless for this one.
+        aggregation["server_learning_rate"] = None
+    if server_lr is not None:
+        aggregation["server_learning_rate"] = server_lr
     if weighting is not None:
         aggregation["weighting"] = weighting.value
         aggregation["cap"] = cap if weighting is Weighting.CAPPED else None
     changes: dict[str, object] = {"aggregation": aggregation}
+    if proximal_mu is not None:
+        changes["training"] = {**study.canonical()["training"], "proximal_mu": proximal_mu}
     if rounds is not None:
         changes["rounds"] = {**study.canonical()["rounds"], "count": rounds}
     if seed is not None:
@@ -198,7 +207,7 @@ def demo(
     from fedcare.data import demo_study
 
     def run() -> SimulationResult:
-        study = _override(demo_study(), rounds, None, None, None, None)
+        study = _override(demo_study(), rounds=rounds)
         return _simulate(study, None, out, baselines=True, scale=scale, data_seed=seed)
 
     result = guarded(run)
@@ -233,6 +242,12 @@ def simulate(
         int | None, typer.Option(min=1, help="Override the number of rounds.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Override the study seed.")] = None,
+    server_lr: Annotated[
+        float | None, typer.Option(min=0.0, help="Override the server learning rate.")
+    ] = None,
+    proximal_mu: Annotated[
+        float | None, typer.Option(min=0.0, help="FedProx proximal term mu (0 = off).")
+    ] = None,
     data_seed: Annotated[int, typer.Option(help="Seed for the built-in hospitals.")] = 2026,
     scale: Annotated[float, typer.Option(min=0.01, max=10.0, help="Built-in size factor.")] = 1.0,
 ) -> None:
@@ -242,7 +257,16 @@ def simulate(
         from fedcare.data import demo_study
 
         base = load_study(study_file) if study_file else demo_study()
-        study = _override(base, rounds, strategy, weighting, cap, seed)
+        study = _override(
+            base,
+            rounds,
+            strategy,
+            weighting,
+            cap,
+            seed,
+            server_lr=server_lr,
+            proximal_mu=proximal_mu,
+        )
         return _simulate(study, sites_file, out, baselines, scale, data_seed)
 
     result = guarded(run)

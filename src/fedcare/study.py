@@ -59,6 +59,11 @@ class TrainingSpec(Strict):
     learning_rate: float = Field(default=0.05, gt=0.0)
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
+    proximal_mu: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="FedProx: adds mu/2 * ||w - w_global||^2 to the local loss (0 = off).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -79,7 +84,25 @@ class Weighting(StrEnum):
 
 
 class Strategy(StrEnum):
+    """Server optimisers over the averaged update (Reddi et al. 2021, "Adaptive Federated
+    Optimization"). FedProx is not a server strategy: it is ``training.proximal_mu``."""
+
     FEDAVG = "fedavg"
+    FEDAVGM = "fedavgm"
+    FEDADAGRAD = "fedadagrad"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+
+
+# Server learning rates that work without tuning on the built-in cohorts and the
+# heart-disease benchmark; docs/strategies.md gives the evidence.
+DEFAULT_SERVER_LEARNING_RATE: dict[Strategy, float] = {
+    Strategy.FEDAVG: 1.0,
+    Strategy.FEDAVGM: 1.0,
+    Strategy.FEDADAGRAD: 0.1,
+    Strategy.FEDADAM: 0.05,
+    Strategy.FEDYOGI: 0.05,
+}
 
 
 class AggregationSpec(Strict):
@@ -88,7 +111,20 @@ class AggregationSpec(Strict):
     cap: float | None = Field(
         default=None, gt=0.0, le=1.0, description="Largest share of total weight any site may get."
     )
-    server_learning_rate: float = Field(default=1.0, gt=0.0)
+    server_learning_rate: float | None = Field(
+        default=None, gt=0.0, description="Default depends on the strategy."
+    )
+    server_momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="FedAvgM's beta.")
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="Adaptive first moment.")
+    beta2: float = Field(default=0.99, ge=0.0, lt=1.0, description="Adam/Yogi second moment.")
+    tau: float = Field(default=1e-3, gt=0.0, description="Adaptivity floor (epsilon).")
+
+    @property
+    def effective_learning_rate(self) -> float:
+        """The server learning rate in force: the study's, or the strategy's default."""
+        if self.server_learning_rate is not None:
+            return self.server_learning_rate
+        return DEFAULT_SERVER_LEARNING_RATE[self.strategy]
 
     @model_validator(mode="after")
     def _cap_with_capped(self) -> Self:
@@ -112,6 +148,9 @@ class PreprocessingSpec(Strict):
         "reference: each feature's agreed (mean, std); none: raw units.",
     )
     holdout_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+    split_seed: int | None = Field(
+        default=None, ge=0, lt=2**32, description="Seed of the held-out split (default: seed)."
+    )
 
 
 class RoundSpec(Strict):

@@ -57,7 +57,9 @@ def prepare_site_data(frame: pd.DataFrame, mapping: SiteMapping, study: Study) -
     train, test = train_test_split(
         mapped,
         test_size=study.preprocessing.holdout_fraction,
-        random_state=study.seed % 2**32,
+        random_state=(
+            study.seed if study.preprocessing.split_seed is None else study.preprocessing.split_seed
+        ),
         stratify=labels,
     )
     preprocessor = fit_preprocessor(train, schema, study.preprocessing.scaling)

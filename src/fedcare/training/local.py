@@ -22,6 +22,7 @@ class LocalResult:
     n_samples: int
     steps: int
     loss: float
+    """Mean task loss over the batches, without the proximal term."""
 
 
 def _optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
@@ -76,13 +77,21 @@ def train_local(
     y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
     generator = torch.Generator().manual_seed(seed)
     batches = _batches(n, training, generator)
+    mu = training.proximal_mu
+    anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
     total = 0.0
     for index in batches:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x[index]).squeeze(-1), y[index])
+        total += float(loss.detach())
+        if mu > 0:
+            # FedProx (Li et al. 2020): keep local parameters near the global model.
+            drift = sum(
+                ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+            )
+            loss = loss + 0.5 * mu * drift
         loss.backward()
         optimizer.step()
-        total += float(loss.detach())
     params = get_flat(model)
     if not np.all(np.isfinite(params)):
         raise FloatingPointError(
