@@ -73,6 +73,8 @@ class TrainingSpec(Strict):
             if data.get("epochs") is not None:
                 raise ValueError("give either epochs or steps, not both")
             return {**data, "epochs": None}
+        if isinstance(data, dict) and "epochs" in data and data["epochs"] is None:
+            raise ValueError("give epochs or steps")
         return data
 
 
@@ -172,6 +174,17 @@ class Study(Strict):
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     rounds: RoundSpec = RoundSpec()
     seed: int = Field(default=0, ge=0, lt=2**32)
+
+    @model_validator(mode="after")
+    def _cap_reachable(self) -> Self:
+        cap = self.aggregation.cap
+        if cap is not None and cap * self.rounds.min_sites < 1.0 - 1e-12:
+            # With only min_sites reporters, shares of at most `cap` could not sum to one.
+            raise ValueError(
+                f"aggregation.cap {cap} is below 1/rounds.min_sites "
+                f"(1/{self.rounds.min_sites}); raise the cap or min_sites"
+            )
+        return self
 
     @model_validator(mode="after")
     def _reference_scaling_complete(self) -> Self:

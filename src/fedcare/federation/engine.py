@@ -8,6 +8,7 @@ networked coordinator both drive this one class.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +62,7 @@ class Federation:
         fraction = self.study.rounds.fraction
         if fraction >= 1.0:
             return tuple(self.sites)
-        k = max(self.study.rounds.min_sites, round(fraction * len(self.sites)))
+        k = max(self.study.rounds.min_sites, math.ceil(fraction * len(self.sites)))
         rng = np.random.default_rng(derive_seed(self.study.seed, "select", number))
         return tuple(sorted(rng.choice(self.sites, size=k, replace=False).tolist()))
 

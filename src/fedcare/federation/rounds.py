@@ -94,9 +94,12 @@ class Round:
         """
         if self.finished:
             raise RoundError(f"round {self.number} is already {self.status}")
+        if not self.due(now):
+            raise RoundError(
+                f"round {self.number} is not due: {len(self.updates)} of "
+                f"{len(self.selected)} site(s) reported and the deadline has not passed"
+            )
         if len(self.updates) < self.min_sites:
-            if now < self.deadline:
-                raise RoundError("round is not due yet")
             if self.extensions_left > 0:
                 self.extensions_left -= 1
                 self.deadline = now + self.extension_s
@@ -107,9 +110,15 @@ class Round:
                 f"deadline; at least {self.min_sites} needed"
             )
             return None
-        self.status = RoundStatus.AGGREGATING
         sites = sorted(self.updates)
-        weights = client_weights([self.updates[s].header.n_samples for s in sites], weighting, cap)
+        counts = [self.updates[s].header.n_samples for s in sites]
+        try:
+            weights = client_weights(counts, weighting, cap)
+        except ValueError as exc:
+            self.status = RoundStatus.FAILED
+            self.reason = f"cannot weight the {len(sites)} update(s): {exc}"
+            return None
+        self.status = RoundStatus.AGGREGATING
         mean = weighted_mean([self.updates[s].delta for s in sites], weights)
         self.status = RoundStatus.CLOSED
         missing = sorted(set(self.selected) - set(sites))

@@ -93,6 +93,8 @@ class Feature(Strict):
             )
         if self.type is not FeatureType.CONTINUOUS and self.range is not None:
             raise ValueError("a range applies only to continuous features")
+        if self.out_of_range is OutOfRange.SET_MISSING and self.missing.rule is MissingRule.REFUSE:
+            raise ValueError("out_of_range 'set_missing' needs a missing rule that imputes")
         if self.reference is not None and self.reference[1] <= 0:
             raise ValueError("reference std must be positive")
         if self.type is FeatureType.CATEGORICAL and self.missing.rule in (

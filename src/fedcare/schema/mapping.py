@@ -204,7 +204,8 @@ def _map_feature(
                 else:
                     out = out.where(~outside)
     if feature.missing.rule is MissingRule.REFUSE:
-        empty = int(out.isna().sum())
+        # Count cells that were empty in the extract, not values refused above.
+        empty = int(raw.isna().sum())
         if empty:
             violations.append(
                 Violation(column, f"missing value, and '{feature.name}' may not be missing", empty)
@@ -260,9 +261,9 @@ def apply_mapping(frame: pd.DataFrame, mapping: SiteMapping, schema: FeatureSche
     raw_label = source(label_entry)
     if raw_label is not None:
         label = _numeric(label_entry.column, _recode(raw_label, label_entry.values), violations)
-        if label.isna().any():
+        if raw_label.isna().any():
             violations.append(
-                Violation(label_entry.column, "label is missing", int(label.isna().sum()))
+                Violation(label_entry.column, "label is missing", int(raw_label.isna().sum()))
             )
         bad = label.notna() & ~label.isin([0.0, 1.0])
         if bad.any():

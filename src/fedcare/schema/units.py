@@ -59,15 +59,16 @@ def _converter(source: str, target: str, analyte: str | None) -> Callable[[Float
         return lambda x: (x - 32.0) * 5.0 / 9.0
     if (source, target) == ("degC", "degF"):
         return lambda x: x * 9.0 / 5.0 + 32.0
+    molar = {"mmol/L": 1.0, "umol/L": 1000.0}
+    if source in molar and target in molar:
+        # Molar to molar is a power of ten whatever the substance.
+        return _scale(molar[target] / molar[source])
     if analyte is not None and analyte in _MOLAR_MASS:
         mmol_per_mgdl = 10.0 / _MOLAR_MASS[analyte]
-        molar = {"mmol/L": 1.0, "umol/L": 1000.0}
         if source == "mg/dL" and target in molar:
             return _scale(mmol_per_mgdl * molar[target])
         if target == "mg/dL" and source in molar:
             return _scale(1.0 / (mmol_per_mgdl * molar[source]))
-        if source in molar and target in molar:
-            return _scale(molar[target] / molar[source])
     what = f" for {analyte}" if analyte else ""
     raise UnitError(f"cannot convert {source} to {target}{what}")
 

@@ -68,6 +68,22 @@ def train_local(
         raise ValueError("cannot train on zero rows")
     if labels.shape != (n,):
         raise ValueError(f"labels have shape {labels.shape}, expected ({n},)")
+    # Dropout draws from torch's global generator: fork it so a seed fixes everything
+    # and the caller's random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train(model_spec, training, start, features, labels, seed)
+
+
+def _train(
+    model_spec: ModelSpec,
+    training: TrainingSpec,
+    start: NDArray[np.float32],
+    features: NDArray[np.float32],
+    labels: NDArray[np.float32],
+    seed: int,
+) -> LocalResult:
+    n = features.shape[0]
     model = build_model(model_spec, features.shape[1])
     set_flat(model, start)
     model.train()
