@@ -160,6 +160,13 @@ class RoundSpec(Strict):
     min_sites: int = Field(default=1, ge=1)
     fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="Share of sites per round.")
     deadline_s: float = Field(default=600.0, gt=0.0)
+    extensions: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="How often a round short of min_sites at its deadline gets another "
+        "deadline_s before it fails.",
+    )
 
 
 class Study(Strict):

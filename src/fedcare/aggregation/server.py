@@ -26,6 +26,8 @@ Vector = NDArray[np.float32]
 class ServerOptimizer(Protocol):
     """One step of the global model from the round's averaged delta."""
 
+    state_names: tuple[str, ...]
+
     def step(self, params: Vector, mean_delta: Vector) -> Vector: ...
 
     def state(self) -> dict[str, Vector]:
@@ -41,6 +43,8 @@ def _f32(x: NDArray[np.float64]) -> Vector:
 
 class FedAvg:
     """x <- x + eta * delta."""
+
+    state_names: tuple[str, ...] = ()
 
     def __init__(self, learning_rate: float = 1.0) -> None:
         self.learning_rate = learning_rate
@@ -59,7 +63,7 @@ class FedAvg:
 class _Stateful:
     """Shared state handling: named moment vectors, created at the first step."""
 
-    names: tuple[str, ...] = ()
+    state_names: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self._state: dict[str, NDArray[np.float64]] = {}
@@ -68,15 +72,15 @@ class _Stateful:
         return {name: _f32(value) for name, value in self._state.items()}
 
     def load_state(self, state: dict[str, Vector]) -> None:
-        if state and set(state) != set(self.names):
-            raise ValueError(f"expected state {sorted(self.names)}, got {sorted(state)}")
+        if state and set(state) != set(self.state_names):
+            raise ValueError(f"expected state {sorted(self.state_names)}, got {sorted(state)}")
         self._state = {name: np.asarray(v, dtype=np.float64) for name, v in state.items()}
 
 
 class FedAvgM(_Stateful):
     """Server momentum: m <- beta m + delta; x <- x + eta m."""
 
-    names = ("momentum",)
+    state_names: tuple[str, ...] = ("momentum",)
 
     def __init__(self, learning_rate: float, momentum: float) -> None:
         super().__init__()
@@ -93,7 +97,7 @@ class FedAvgM(_Stateful):
 class _Adaptive(_Stateful, ABC):
     """m <- b1 m + (1 - b1) delta;  v <- rule(v, delta);  x <- x + eta m / (sqrt(v) + tau)."""
 
-    names = ("m", "v")
+    state_names: tuple[str, ...] = ("m", "v")
 
     def __init__(self, learning_rate: float, beta1: float, beta2: float, tau: float) -> None:
         super().__init__()

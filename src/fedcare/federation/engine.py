@@ -78,6 +78,8 @@ class Federation:
             selected=self.select(number),
             min_sites=spec.min_sites,
             deadline=now + spec.deadline_s,
+            extension_s=spec.deadline_s,
+            extensions_left=spec.extensions,
         )
         header = TaskHeader(
             study_hash=self.study.content_hash,
