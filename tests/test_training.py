@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedcare.models import build_model, get_flat, initial_parameters, set_flat
-from fedcare.models.params import parameter_count
+from fedcare.models.builders import build_model, initial_parameters
+from fedcare.models.params import get_flat, parameter_count, set_flat
 from fedcare.study import ModelKind, ModelSpec, OptimizerKind, TrainingSpec
 from fedcare.training import predict_proba, train_local
 

@@ -1,6 +1,5 @@
-"""Model builders and the flat-parameter view that travels between parties."""
+"""Model builders (PyTorch), the flat-parameter view, and the wire format.
 
-from fedcare.models.builders import build_model, initial_parameters
-from fedcare.models.params import get_flat, set_flat
-
-__all__ = ["build_model", "get_flat", "initial_parameters", "set_flat"]
+Submodules are imported directly, so that code that only moves payloads
+(``fedcare.models.wire``) does not load PyTorch.
+"""

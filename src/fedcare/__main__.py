@@ -1,0 +1,5 @@
+"""``python -m fedcare``: the same as the ``fedcare`` command."""
+
+from fedcare.cli import app
+
+app()

@@ -1,0 +1,122 @@
+"""Deployment configuration files for the coordinator and the site agents.
+
+Relative paths in a config file are resolved against the file's own folder, so
+a provisioned folder can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Self, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, model_validator
+
+from fedcare.federation.messages import SITE_NAME
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be read or does not validate."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+C = TypeVar("C", bound=_Config)
+
+
+class TlsFiles(_Config):
+    """This party's certificate and key, and the consortium CA that vouches for its peers."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+class StudyMembership(_Config):
+    """A study the coordinator runs, and the sites that take part."""
+
+    file: Path
+    sites: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _site_names(self) -> Self:
+        bad = [s for s in self.sites if not re.fullmatch(SITE_NAME, s)]
+        if bad:
+            raise ValueError(f"invalid site name(s): {', '.join(bad)}")
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError("site names must be unique")
+        return self
+
+
+class CoordinatorConfig(_Config):
+    """``coordinator.yaml``."""
+
+    consortium: str
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    tls: TlsFiles
+    database: str = Field(
+        default="sqlite:///coordinator.db",
+        description="SQLAlchemy URL; a relative SQLite path is relative to this file.",
+    )
+    storage: Path = Field(default=Path("models"), description="Folder for model files.")
+    studies: list[StudyMembership] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    poll_wait_s: float = Field(default=20.0, gt=0, le=60, description="Longest long-poll.")
+
+
+class SiteConfig(_Config):
+    """``site-NAME.yaml``: everything a site agent needs; kept at the site."""
+
+    site: str = Field(pattern=SITE_NAME)
+    coordinator: HttpUrl
+    tls: TlsFiles
+    study: Path | None = Field(default=None, description="The study file this site runs.")
+    data: Path | None = Field(default=None, description="CSV or Parquet file of local data.")
+    mapping: Path | None = Field(default=None, description="The site's column mapping.")
+    state_dir: Path = Path("state")
+    retry_max_s: float = Field(
+        default=600.0, gt=0, description="Give up after the coordinator is unreachable this long."
+    )
+
+
+def _resolve(value: object, base: Path) -> object:
+    if isinstance(value, Path) and not value.is_absolute():
+        return base / value
+    if isinstance(value, BaseModel):
+        return type(value).model_validate(
+            {k: _resolve(getattr(value, k), base) for k in type(value).model_fields}
+        )
+    if isinstance(value, list):
+        return [_resolve(v, base) for v in value]
+    return value
+
+
+def load_config(path: Path, kind: type[C]) -> C:
+    """Read a YAML config and resolve its relative paths against its folder."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        parsed = kind.model_validate(data)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from exc
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"{path}: not a valid {kind.__name__}:\n{exc}") from exc
+    resolved = _resolve(parsed, path.resolve().parent)
+    assert isinstance(resolved, kind)
+    database = getattr(resolved, "database", None)
+    if isinstance(database, str) and database.startswith("sqlite:///"):
+        db_path = Path(database.removeprefix("sqlite:///"))
+        if not db_path.is_absolute():
+            db_url = f"sqlite:///{path.resolve().parent / db_path}"
+            return resolved.model_copy(update={"database": db_url})
+    return resolved
+
+
+def write_config(config: _Config, path: Path) -> None:
+    """Write a config as YAML (paths as given: keep them relative for portability)."""
+    path.write_text(
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+    )

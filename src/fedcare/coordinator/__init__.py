@@ -1,0 +1,1 @@
+"""The coordinator: HTTP service, durable round state, model storage."""

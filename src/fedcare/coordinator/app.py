@@ -1,0 +1,214 @@
+"""The coordinator's HTTP API (FastAPI), served over mutual TLS.
+
+Sites only ever call in (hospital firewalls allow outbound HTTPS): they
+long-poll for a task, post an update, and fetch the model. A site's identity is
+its client certificate's subject, read from the TLS connection, never from
+anything it sends. Bad input gets a 4xx with a reason, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from fedcare.coordinator.service import (
+    ForbiddenError,
+    StudyCoordinator,
+    StudyStatus,
+    TaskState,
+)
+from fedcare.coordinator.store import StoreError
+from fedcare.coordinator.tls import PEER_KEY
+from fedcare.federation.messages import SHA256_HEX
+from fedcare.federation.rounds import RoundError
+from fedcare.models.wire import PayloadError
+
+log = logging.getLogger("fedcare.coordinator")
+
+PAYLOAD = "application/octet-stream"
+StudyHash = Annotated[str, Path(pattern=SHA256_HEX, description="The study's content hash.")]
+RoundNumber = Annotated[int, Path(ge=1, le=100_000)]
+
+
+class SubmitReply(BaseModel):
+    accepted: bool
+    duplicate: bool
+    round: int
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+def _identity(request: Request) -> str:
+    site = getattr(request.state, PEER_KEY, None)
+    if not site:
+        raise HTTPException(401, "no verified client certificate on this connection")
+    return str(site)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPException(400, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    coordinators: dict[str, StudyCoordinator],
+    max_body_bytes: int = 64 * 1024 * 1024,
+    poll_wait_s: float = 20.0,
+    tick_s: float = 0.25,
+) -> FastAPI:
+    """The ASGI app for a set of studies, keyed by content hash."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async def ticker() -> None:
+            # Deadlines are enforced here, so no round waits for a site forever.
+            while True:
+                for coordinator in coordinators.values():
+                    try:
+                        await run_in_threadpool(coordinator.tick)
+                    except Exception:
+                        log.exception("closing a round of %s failed", coordinator.hash[:12])
+                await asyncio.sleep(tick_s)
+
+        task = asyncio.create_task(ticker())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(
+        title="fedcare coordinator",
+        version="1",
+        lifespan=lifespan,
+        responses={
+            400: {"model": Problem},
+            403: {"model": Problem},
+            404: {"model": Problem},
+            409: {"model": Problem},
+            413: {"model": Problem},
+        },
+    )
+
+    def study_for(study_hash: str, site: str) -> StudyCoordinator:
+        coordinator = coordinators.get(study_hash)
+        if coordinator is None or site not in coordinator.federation.sites:
+            # The same answer for "no such study" and "not yours": no probing.
+            raise HTTPException(404, f"no study {study_hash[:12]} for site '{site}'")
+        return coordinator
+
+    @app.exception_handler(ForbiddenError)
+    async def _forbidden(_: Request, exc: ForbiddenError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=403)
+
+    @app.exception_handler(RoundError)
+    async def _conflict(_: Request, exc: RoundError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(PayloadError)
+    async def _bad_payload(_: Request, exc: PayloadError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(StoreError)
+    async def _store(_: Request, exc: StoreError) -> JSONResponse:
+        log.error("storage problem: %s", exc)
+        return JSONResponse({"detail": "coordinator storage unavailable"}, status_code=503)
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/whoami")
+    async def whoami(request: Request) -> dict[str, str]:
+        """The site identity this connection's certificate proves."""
+        return {"site": _identity(request)}
+
+    @app.get("/v1/studies")
+    async def studies(request: Request) -> list[StudyStatus]:
+        site = _identity(request)
+        return [
+            await run_in_threadpool(c.status)
+            for c in coordinators.values()
+            if site in c.federation.sites
+        ]
+
+    @app.get("/v1/studies/{study_hash}")
+    async def study_status(request: Request, study_hash: StudyHash) -> StudyStatus:
+        coordinator = study_for(study_hash, _identity(request))
+        return await run_in_threadpool(coordinator.status)
+
+    @app.get(
+        "/v1/studies/{study_hash}/task",
+        responses={200: {"content": {PAYLOAD: {}}}, 204: {}, 410: {"model": Problem}},
+    )
+    async def task(
+        request: Request,
+        study_hash: StudyHash,
+        wait: Annotated[float, Query(ge=0, le=60)] = 0.0,
+    ) -> Response:
+        """The current round's task for this site (long-polls up to ``wait`` seconds)."""
+        site = _identity(request)
+        coordinator = study_for(study_hash, site)
+        until = time.monotonic() + min(wait, poll_wait_s)
+        while True:
+            reply = coordinator.task_for(site)
+            if reply.state is TaskState.READY:
+                return Response(
+                    reply.payload, media_type=PAYLOAD, headers={"X-Fedcare-Round": str(reply.round)}
+                )
+            if reply.state is TaskState.FINISHED:
+                return JSONResponse(
+                    {"detail": f"study finished after round {reply.round}"}, status_code=410
+                )
+            if time.monotonic() >= until:
+                return Response(status_code=204, headers={"Retry-After": "1"})
+            await asyncio.sleep(0.1)
+
+    @app.post(
+        "/v1/studies/{study_hash}/rounds/{round_number}/update",
+        status_code=201,
+        response_model=SubmitReply,
+        responses={200: {"model": SubmitReply, "description": "Duplicate of an accepted upload"}},
+        openapi_extra={"requestBody": {"content": {PAYLOAD: {}}, "required": True}},
+    )
+    async def submit(
+        request: Request, study_hash: StudyHash, round_number: RoundNumber
+    ) -> Response:
+        """Upload this site's update for a round. Retrying the same upload is harmless."""
+        site = _identity(request)
+        coordinator = study_for(study_hash, site)
+        body = await _read_body(request, max_body_bytes)
+        accepted = await run_in_threadpool(coordinator.submit, site, round_number, body)
+        reply = SubmitReply(accepted=accepted, duplicate=not accepted, round=round_number)
+        return JSONResponse(reply.model_dump(), status_code=201 if accepted else 200)
+
+    @app.get("/v1/studies/{study_hash}/model", responses={200: {"content": {PAYLOAD: {}}}})
+    async def model(request: Request, study_hash: StudyHash) -> Response:
+        """The current global model as a checked safetensors payload."""
+        coordinator = study_for(study_hash, _identity(request))
+        return Response(await run_in_threadpool(coordinator.model_bytes), media_type=PAYLOAD)
+
+    return app

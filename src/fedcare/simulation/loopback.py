@@ -1,0 +1,332 @@
+"""A whole deployment on loopback: a coordinator process and one process per site.
+
+``fedcare demo --network`` provisions a consortium, writes each built-in
+hospital's data and config into its own folder, starts ``fedcare coordinator
+serve`` and one ``fedcare site run`` per hospital as separate processes talking
+HTTPS with mutual TLS over 127.0.0.1, and checks the final model against the
+in-process simulation of the same study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydantic import BaseModel
+
+from fedcare.config import CoordinatorConfig, SiteConfig, StudyMembership, TlsFiles, write_config
+from fedcare.coordinator.service import decode_model
+from fedcare.coordinator.store import SqlStore
+from fedcare.data.synthetic import HospitalCohort, generate_cohorts
+from fedcare.provision import provision
+from fedcare.simulation.runner import Progress, run_federation
+from fedcare.simulation.transport import InProcessTransport
+from fedcare.site.client import CoordinatorClient, RetryableError
+from fedcare.site.dataset import prepare_site_data
+from fedcare.site.worker import SiteWorker
+from fedcare.study import Study
+
+
+class LoopbackError(RuntimeError):
+    """A process of the loopback deployment failed; its log is named."""
+
+
+class ProcessStats(BaseModel):
+    name: str
+    peak_rss_mb: float
+    exit_code: int | None
+
+
+class NetworkDemoResult(BaseModel):
+    study_hash: str
+    sites: list[str]
+    rounds: int
+    network_wall_s: float
+    in_process_wall_s: float
+    max_abs_diff: float
+    round_durations_s: list[float]
+    coordinator_overhead_s: list[float]
+    processes: list[ProcessStats]
+    folder: str
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    peak_mb: float = 0.0
+
+    def sample(self) -> None:
+        self.peak_mb = max(self.peak_mb, _rss_mb(self.popen.pid))
+
+
+@dataclass
+class _Deployment:
+    folder: Path
+    study_file: Path
+    coordinator_config: Path
+    site_configs: dict[str, Path]
+    url: str
+    procs: list[_Proc] = field(default_factory=list)
+
+
+def _write_study(study: Study, path: Path) -> None:
+    path.write_text(yaml.safe_dump(study.canonical(), sort_keys=False), encoding="utf-8")
+
+
+def prepare_deployment(
+    folder: Path, study: Study, cohorts: list[HospitalCohort], port: int
+) -> _Deployment:
+    """Provision the consortium and write every party's files, as operators would."""
+    names = [c.name for c in cohorts]
+    provision("fedcare-demo", names, folder, port=port, force=True)
+    study_file = folder / "study.yaml"
+    _write_study(study, study_file)
+    coordinator_config = folder / "coordinator.yaml"
+    write_config(
+        CoordinatorConfig(
+            consortium="fedcare-demo",
+            port=port,
+            tls=TlsFiles(
+                cert=Path("coordinator.crt"), key=Path("coordinator.key"), ca=Path("ca.crt")
+            ),
+            studies=[StudyMembership(file=Path("study.yaml"), sites=names)],
+        ),
+        coordinator_config,
+    )
+    site_configs: dict[str, Path] = {}
+    url = f"https://127.0.0.1:{port}"
+    for cohort in cohorts:
+        site_dir = folder / "sites" / cohort.name
+        cohort.frame.to_csv(site_dir / "data.csv", index=False)
+        (site_dir / "mapping.yaml").write_text(
+            yaml.safe_dump(cohort.mapping.model_dump(mode="json"), sort_keys=False)
+        )
+        _write_study(study, site_dir / "study.yaml")
+        config_path = site_dir / "site.yaml"
+        write_config(
+            SiteConfig.model_validate(
+                {
+                    "site": cohort.name,
+                    "coordinator": url,
+                    "tls": {
+                        "cert": f"{cohort.name}.crt",
+                        "key": f"{cohort.name}.key",
+                        "ca": "ca.crt",
+                    },
+                    "study": "study.yaml",
+                    "data": "data.csv",
+                    "mapping": "mapping.yaml",
+                    "state_dir": "state",
+                    "retry_max_s": 120,
+                }
+            ),
+            config_path,
+        )
+        site_configs[cohort.name] = config_path
+    return _Deployment(folder, study_file, coordinator_config, site_configs, url)
+
+
+def _start(name: str, args: list[str], log: Path) -> _Proc:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as handle:
+        # The child keeps its own copy of the descriptor; ours can close.
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "fedcare", *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    return _Proc(name, popen, log)
+
+
+def start_coordinator(deployment: _Deployment) -> _Proc:
+    proc = _start(
+        "coordinator",
+        ["coordinator", "serve", "--config", str(deployment.coordinator_config)],
+        deployment.folder / "coordinator.log",
+    )
+    deployment.procs.append(proc)
+    return proc
+
+
+def start_site(deployment: _Deployment, site: str) -> _Proc:
+    config = deployment.site_configs[site]
+    proc = _start(site, ["site", "run", "--config", str(config)], config.parent / "site.log")
+    deployment.procs.append(proc)
+    return proc
+
+
+def wait_until_serving(deployment: _Deployment, site: str, timeout_s: float = 120.0) -> None:
+    """Block until the coordinator answers a site over mutual TLS."""
+    site_dir = deployment.site_configs[site].parent
+    tls = TlsFiles(
+        cert=site_dir / f"{site}.crt", key=site_dir / f"{site}.key", ca=site_dir / "ca.crt"
+    )
+    client = CoordinatorClient(deployment.url, tls)
+    until = time.monotonic() + timeout_s
+    try:
+        while True:
+            coordinator = next(p for p in deployment.procs if p.name == "coordinator")
+            if coordinator.popen.poll() is not None:
+                raise LoopbackError(f"the coordinator exited; see {coordinator.log}")
+            try:
+                client.whoami()
+                return
+            except RetryableError:
+                if time.monotonic() > until:
+                    raise LoopbackError(
+                        f"the coordinator did not answer within {timeout_s:.0f} s; "
+                        f"see {coordinator.log}"
+                    ) from None
+                time.sleep(0.2)
+    finally:
+        client.close()
+
+
+def stop(proc: _Proc, timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL: nothing is left running."""
+    if proc.popen.poll() is None:
+        os.killpg(proc.popen.pid, signal.SIGTERM)
+        try:
+            proc.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+            proc.popen.wait()
+
+
+def _round_times(folder: Path, study_hash: str) -> list[tuple[float, float]]:
+    """(opened, closed) wall-clock times of every finished round, from the coordinator's store."""
+    store = SqlStore(f"sqlite:///{folder / 'coordinator.db'}", folder / "models")
+    try:
+        history = store.round_history(study_hash)
+    finally:
+        store.close()
+    return [
+        (float(str(r["opened_at"])), float(str(r["closed_at"])))
+        for r in history
+        if r["closed_at"] is not None
+    ]
+
+
+def _train_times(site_dirs: list[Path]) -> dict[int, float]:
+    """The slowest site's training seconds per round, from the sites' own logs."""
+    slowest: dict[int, float] = {}
+    for site_dir in site_dirs:
+        for line in (site_dir / "state" / "rounds.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            slowest[entry["round"]] = max(slowest.get(entry["round"], 0.0), entry["train_s"])
+    return slowest
+
+
+def run_network_demo(
+    folder: Path,
+    study: Study,
+    data_seed: int,
+    scale: float,
+    progress: Progress,
+    timeout_s: float = 1800.0,
+    on_started: Callable[[str], None] = lambda _: None,
+) -> NetworkDemoResult:
+    """Run the study through real processes on loopback, then the same study in-process."""
+    cohorts = generate_cohorts(seed=data_seed, scale=scale)
+    port = free_port()
+    deployment = prepare_deployment(folder, study, cohorts, port)
+    names = [c.name for c in cohorts]
+    started = time.perf_counter()
+    coordinator = start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, names[0])
+        on_started(deployment.url)
+        sites = [start_site(deployment, name) for name in names]
+        until = time.monotonic() + timeout_s
+        while any(p.popen.poll() is None for p in sites):
+            for proc in deployment.procs:
+                proc.sample()
+            progress("sites finished", sum(p.popen.poll() is not None for p in sites), len(sites))
+            if coordinator.popen.poll() is not None:
+                raise LoopbackError(f"the coordinator exited early; see {coordinator.log}")
+            if time.monotonic() > until:
+                raise LoopbackError(f"the study did not finish within {timeout_s:.0f} s")
+            time.sleep(0.2)
+        progress("sites finished", len(sites), len(sites))
+        network_wall = time.perf_counter() - started
+        failed = [p for p in sites if p.popen.returncode != 0]
+        if failed:
+            raise LoopbackError(
+                "site(s) failed: " + ", ".join(f"{p.name} (see {p.log})" for p in failed)
+            )
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+
+    models = []
+    for name in names:
+        model_file = (
+            deployment.site_configs[name].parent
+            / "state"
+            / (f"model-{study.content_hash[:16]}.safetensors")
+        )
+        _, params, _ = decode_model(model_file.read_bytes(), _n_params(study), ())
+        models.append(params)
+
+    reference_started = time.perf_counter()
+    prepared = [prepare_site_data(c.frame, c.mapping, study) for c in cohorts]
+    workers = {s.name: SiteWorker(study, s, _n_params(study)) for s in prepared}
+    reference, _ = run_federation(study, prepared, InProcessTransport(workers))
+    in_process_wall = time.perf_counter() - reference_started
+
+    times = _round_times(folder, study.content_hash)
+    slowest = _train_times([deployment.site_configs[n].parent for n in names])
+    durations = [closed - opened for opened, closed in times]
+    overhead = [d - slowest.get(i + 1, 0.0) for i, d in enumerate(durations)]
+    return NetworkDemoResult(
+        study_hash=study.content_hash,
+        sites=names,
+        rounds=len(times),
+        network_wall_s=network_wall,
+        in_process_wall_s=in_process_wall,
+        max_abs_diff=float(max(np.max(np.abs(m - reference)) for m in models)),
+        round_durations_s=durations,
+        coordinator_overhead_s=overhead,
+        processes=[
+            ProcessStats(name=p.name, peak_rss_mb=p.peak_mb, exit_code=p.popen.returncode)
+            for p in deployment.procs
+        ],
+        folder=str(folder),
+    )
+
+
+def _n_params(study: Study) -> int:
+    from fedcare.models.builders import initial_parameters
+
+    return int(initial_parameters(study.model, study.feature_schema.n_inputs, study.seed).shape[0])

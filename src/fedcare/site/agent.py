@@ -1,0 +1,162 @@
+"""The site agent: poll the coordinator, train on local data, send the update, repeat.
+
+Outbound connections only. Every network failure is retried with capped
+exponential backoff until ``retry_max_s`` has passed without success. The
+agent keeps no round state of its own: after a restart it asks for the current
+task again, and because local training is deterministic for a round's seed, a
+retrained update is byte-identical and the coordinator treats it as a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+from fedcare.config import SiteConfig
+from fedcare.coordinator.service import decode_model
+from fedcare.coordinator.store import write_file_atomically
+from fedcare.federation.rounds import RoundError
+from fedcare.models.builders import initial_parameters
+from fedcare.schema.mapping import load_mapping
+from fedcare.schema.readers import read_table
+from fedcare.site.client import (
+    CoordinatorClient,
+    CoordinatorError,
+    RetryableError,
+    TaskKind,
+)
+from fedcare.site.dataset import prepare_site_data
+from fedcare.site.worker import SiteWorker
+from fedcare.study import load_study
+
+log = logging.getLogger("fedcare.site")
+T = TypeVar("T")
+
+
+class SiteAgentError(RuntimeError):
+    """The agent cannot go on: misconfiguration, refusal, or the coordinator gone too long."""
+
+
+@dataclass(frozen=True)
+class SiteRunSummary:
+    site: str
+    study_hash: str
+    rounds_trained: int
+    final_round: int
+    model_path: str
+
+
+def with_retry(
+    call: Callable[[], T],
+    retry_max_s: float,
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run ``call``, retrying :class:`RetryableError` failures with capped, jittered backoff."""
+    first_failure: float | None = None
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except RetryableError as exc:
+            now = time.monotonic()
+            first_failure = first_failure or now
+            if now - first_failure > retry_max_s:
+                raise SiteAgentError(
+                    f"gave up on {what} after {retry_max_s:.0f} s of failures: {exc}"
+                ) from exc
+            delay = min(10.0, 0.25 * 2**attempt) * (0.5 + random.random() / 2)
+            attempt += 1
+            log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+            sleep(delay)
+
+
+def _append_jsonl(path: Path, entry: dict[str, object]) -> None:
+    """The site's own record of the rounds it trained (for its operators and benchmarks)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def run_site(config: SiteConfig) -> SiteRunSummary:
+    """Take part in the configured study until it finishes."""
+    if config.study is None or config.data is None or config.mapping is None:
+        raise SiteAgentError("the site config needs study, data and mapping files")
+    study = load_study(config.study)
+    mapping = load_mapping(config.mapping)
+    if mapping.site != config.site:
+        raise SiteAgentError(
+            f"the mapping is for site '{mapping.site}' but this agent is '{config.site}'"
+        )
+    data = prepare_site_data(read_table(config.data), mapping, study)
+    n_params = int(
+        initial_parameters(study.model, study.feature_schema.n_inputs, study.seed).shape[0]
+    )
+    worker = SiteWorker(study, data, n_params)
+    study_hash = study.content_hash
+    client = CoordinatorClient(str(config.coordinator), config.tls)
+    retry_max = config.retry_max_s
+    trained = 0
+    try:
+        identity = with_retry(client.whoami, retry_max, "connecting to the coordinator")
+        if identity != config.site:
+            raise SiteAgentError(
+                f"this site's certificate identifies '{identity}', not '{config.site}'"
+            )
+        try:
+            with_retry(lambda: client.status(study_hash), retry_max, "fetching the study")
+        except CoordinatorError as exc:
+            raise SiteAgentError(
+                f"the coordinator does not run study {study_hash[:12]} for '{config.site}' "
+                f"(if the study file changed, its hash changed too): {exc.detail}"
+            ) from exc
+        log.info("site %s joined study %s (%s)", config.site, study.name, study_hash[:12])
+        while True:
+            reply = with_retry(lambda: client.task(study_hash), retry_max, "polling for a task")
+            if reply.kind is TaskKind.FINISHED:
+                break
+            if reply.kind is TaskKind.WAIT:
+                continue
+            train_started = time.perf_counter()
+            update = worker.handle(reply.payload)
+            train_s = time.perf_counter() - train_started
+            try:
+                accepted = with_retry(
+                    partial(client.submit, study_hash, reply.round, update),
+                    retry_max,
+                    f"uploading round {reply.round}",
+                )
+            except CoordinatorError as exc:
+                if exc.status == 409:
+                    # The round closed while we trained (deadline): wait for the next one.
+                    log.warning("round %d: update not taken: %s", reply.round, exc.detail)
+                    continue
+                raise
+            trained += 1
+            _append_jsonl(
+                config.state_dir / "rounds.jsonl",
+                {"round": reply.round, "train_s": train_s, "accepted": accepted},
+            )
+            log.info(
+                "round %d: trained on %d rows, update %s",
+                reply.round,
+                data.n_train,
+                "accepted" if accepted else "already recorded",
+            )
+        payload = with_retry(lambda: client.model(study_hash), retry_max, "fetching the model")
+        header, _, _ = decode_model(payload, n_params, ())
+        if header.study_hash != study_hash:
+            raise RoundError("the coordinator returned a model for another study")
+        path = config.state_dir / f"model-{study_hash[:16]}.safetensors"
+        write_file_atomically(path, payload)
+        log.info("study finished after round %d; model saved to %s", header.round, path)
+        return SiteRunSummary(config.site, study_hash, trained, header.round, str(path))
+    finally:
+        client.close()

@@ -1,0 +1,128 @@
+"""The site's HTTPS client for the coordinator: mutual TLS, outbound only."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import httpx
+
+from fedcare.config import TlsFiles
+
+PAYLOAD = "application/octet-stream"
+
+
+class CoordinatorError(RuntimeError):
+    """The coordinator refused a request (4xx) and said why."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        self.status = status
+        self.detail = detail
+        super().__init__(f"coordinator answered {status}: {detail}")
+
+
+class RetryableError(Exception):
+    """A failure worth retrying: the network, or the coordinator temporarily unavailable."""
+
+
+def tls_context(tls: TlsFiles) -> ssl.SSLContext:
+    """Trust only the consortium CA; present this site's certificate."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class TaskKind(StrEnum):
+    READY = "ready"
+    WAIT = "wait"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TaskResponse:
+    kind: TaskKind
+    payload: bytes = b""
+    round: int = 0
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500]
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    return str(detail)[:2000]
+
+
+class CoordinatorClient:
+    """Thin, typed calls to the coordinator API."""
+
+    def __init__(self, base_url: str, tls: TlsFiles, poll_wait_s: float = 20.0) -> None:
+        self.poll_wait_s = poll_wait_s
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            verify=tls_context(tls),
+            timeout=httpx.Timeout(30.0, read=poll_wait_s + 30.0),
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 500 or response.status_code == 429:
+            raise RetryableError(
+                f"coordinator answered {response.status_code}: {_detail(response)}"
+            )
+        return response
+
+    def whoami(self) -> str:
+        response = self._call("GET", "/v1/whoami")
+        if response.status_code != 200:
+            raise CoordinatorError(response.status_code, _detail(response))
+        return str(response.json()["site"])
+
+    def status(self, study_hash: str) -> dict[str, Any]:
+        response = self._call("GET", f"/v1/studies/{study_hash}")
+        if response.status_code != 200:
+            raise CoordinatorError(response.status_code, _detail(response))
+        body: dict[str, Any] = response.json()
+        return body
+
+    def task(self, study_hash: str) -> TaskResponse:
+        response = self._call(
+            "GET", f"/v1/studies/{study_hash}/task", params={"wait": self.poll_wait_s}
+        )
+        if response.status_code == 200:
+            return TaskResponse(
+                TaskKind.READY, response.content, int(response.headers["X-Fedcare-Round"])
+            )
+        if response.status_code == 204:
+            return TaskResponse(TaskKind.WAIT)
+        if response.status_code == 410:
+            return TaskResponse(TaskKind.FINISHED)
+        raise CoordinatorError(response.status_code, _detail(response))
+
+    def submit(self, study_hash: str, round_number: int, payload: bytes) -> bool:
+        """Upload an update; True if newly accepted, False if it was a duplicate."""
+        response = self._call(
+            "POST",
+            f"/v1/studies/{study_hash}/rounds/{round_number}/update",
+            content=payload,
+            headers={"Content-Type": PAYLOAD},
+        )
+        if response.status_code not in (200, 201):
+            raise CoordinatorError(response.status_code, _detail(response))
+        return bool(response.json()["accepted"])
+
+    def model(self, study_hash: str) -> bytes:
+        response = self._call("GET", f"/v1/studies/{study_hash}/model")
+        if response.status_code != 200:
+            raise CoordinatorError(response.status_code, _detail(response))
+        return response.content

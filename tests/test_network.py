@@ -1,0 +1,389 @@
+"""The coordinator and site agents as real processes, over real sockets with mutual TLS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fedcare.config import TlsFiles
+from fedcare.coordinator.service import decode_model
+from fedcare.data.synthetic import HospitalCohort
+from fedcare.federation.messages import SiteUpdate, UpdateHeader, decode_task, encode_update
+from fedcare.provision import provision
+from fedcare.simulation.loopback import (
+    _Deployment,
+    free_port,
+    prepare_deployment,
+    start_coordinator,
+    start_site,
+    stop,
+    wait_until_serving,
+)
+from fedcare.simulation.runner import run_federation
+from fedcare.simulation.transport import InProcessTransport
+from fedcare.site.client import CoordinatorClient, CoordinatorError, TaskKind, tls_context
+from fedcare.site.dataset import prepare_site_data
+from fedcare.site.worker import SiteWorker
+from fedcare.study import Study, parse_study
+
+from .conftest import toy_frame, toy_mapping
+
+SITES = ("alpha", "beta", "gamma")
+N_PARAMS = 5  # 3 features + 1 missing indicator + bias
+
+pytestmark = pytest.mark.slow
+
+
+def network_study(rounds: int, min_sites: int, deadline_s: float) -> Study:
+    return parse_study(f"""
+name: network-toy
+schema:
+  label: {{name: y}}
+  features:
+    - {{name: a}}
+    - {{name: b}}
+    - {{name: c, missing: {{rule: median, indicator: true}}}}
+training: {{epochs: 1, batch_size: 16, learning_rate: 0.1}}
+rounds: {{count: {rounds}, min_sites: {min_sites}, deadline_s: {deadline_s}}}
+seed: 5
+""")
+
+
+def cohorts() -> list[HospitalCohort]:
+    return [
+        HospitalCohort(name, "toy", toy_frame(i, 160 + 40 * i, 0.2 * i), toy_mapping(name))
+        for i, name in enumerate(SITES)
+    ]
+
+
+def deploy(folder: Path, study: Study) -> _Deployment:
+    return prepare_deployment(folder, study, cohorts(), free_port())
+
+
+def site_tls(deployment: _Deployment, site: str) -> TlsFiles:
+    folder = deployment.site_configs[site].parent
+    return TlsFiles(cert=folder / f"{site}.crt", key=folder / f"{site}.key", ca=folder / "ca.crt")
+
+
+def client_for(deployment: _Deployment, site: str) -> CoordinatorClient:
+    return CoordinatorClient(deployment.url, site_tls(deployment, site), poll_wait_s=2.0)
+
+
+def workers(study: Study) -> dict[str, SiteWorker]:
+    return {
+        c.name: SiteWorker(study, prepare_site_data(c.frame, c.mapping, study), N_PARAMS)
+        for c in cohorts()
+    }
+
+
+def reference_model(study: Study) -> np.ndarray:
+    prepared = [prepare_site_data(c.frame, c.mapping, study) for c in cohorts()]
+    params, _ = run_federation(study, prepared, InProcessTransport(workers(study)))
+    return params
+
+
+def play_round(deployment: _Deployment, study: Study, sites: tuple[str, ...]) -> int:
+    """Act as ``sites`` for the open round, in this process; returns the round number."""
+    local = workers(study)
+    number = 0
+    for site in sites:
+        client = client_for(deployment, site)
+        try:
+            task = client.task(study.content_hash)
+            assert task.kind is TaskKind.READY, f"{site} got {task.kind}"
+            number = task.round
+            assert client.submit(study.content_hash, task.round, local[site].handle(task.payload))
+        finally:
+            client.close()
+    return number
+
+
+def check_in(deployment: _Deployment, study: Study) -> None:
+    """Every site asks for work once: the first round opens when min_sites have."""
+    for site in SITES:
+        client = client_for(deployment, site)
+        try:
+            client.task(study.content_hash)
+        finally:
+            client.close()
+
+
+def wait_for_round(deployment: _Deployment, study: Study, last_round: int, timeout: float = 60):
+    client = client_for(deployment, SITES[0])
+    try:
+        until = time.monotonic() + timeout
+        while True:
+            status = client.status(study.content_hash)
+            if status["last_round"] >= last_round:
+                return status
+            assert time.monotonic() < until, f"round {last_round} did not finish: {status}"
+            time.sleep(0.2)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[_Deployment, Study]]:
+    """One coordinator for the input and identity checks; its rounds never close by deadline."""
+    study = network_study(rounds=50, min_sites=3, deadline_s=3600)
+    deployment = deploy(tmp_path_factory.mktemp("live"), study)
+    coordinator = start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, SITES[0])
+        check_in(deployment, study)
+        yield deployment, study
+    finally:
+        stop(coordinator)
+
+
+def raw_client(deployment: _Deployment, site: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=deployment.url, verify=tls_context(site_tls(deployment, site)), timeout=30
+    )
+
+
+def test_site_without_certificate_is_refused_in_the_handshake(live) -> None:
+    deployment, _ = live
+    context = ssl.create_default_context(cafile=str(deployment.folder / "ca.crt"))
+    with (
+        httpx.Client(base_url=deployment.url, verify=context) as client,
+        pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)),
+    ):
+        client.get("/v1/health")
+
+
+def test_certificate_from_another_ca_is_refused_in_the_handshake(live, tmp_path: Path) -> None:
+    deployment, _ = live
+    other = tmp_path / "other"
+    provision("rogue", ["alpha"], other, port=9)
+    rogue = ssl.create_default_context(cafile=str(deployment.folder / "ca.crt"))
+    site = other / "sites" / "alpha"
+    rogue.load_cert_chain(str(site / "alpha.crt"), str(site / "alpha.key"))
+    with (
+        httpx.Client(base_url=deployment.url, verify=rogue) as client,
+        pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)),
+    ):
+        client.get("/v1/health")
+
+
+def test_identity_comes_from_the_certificate(live) -> None:
+    deployment, _ = live
+    for site in SITES:
+        client = client_for(deployment, site)
+        try:
+            assert client.whoami() == site
+        finally:
+            client.close()
+
+
+def test_site_a_cannot_submit_as_site_b(live) -> None:
+    deployment, study = live
+    alpha = client_for(deployment, "alpha")
+    try:
+        task = alpha.task(study.content_hash)
+        assert task.kind is TaskKind.READY
+        forged = workers(study)["beta"].handle(task.payload)  # beta's update, sent by alpha
+        with pytest.raises(CoordinatorError) as refused:
+            alpha.submit(study.content_hash, task.round, forged)
+        assert refused.value.status == 403
+        assert "identifies site 'alpha'" in refused.value.detail
+        assert "'beta'" in refused.value.detail
+        status = alpha.status(study.content_hash)
+        assert status["open_round"]["reported"] == []
+    finally:
+        alpha.close()
+
+
+def _update(study: Study, task_payload: bytes, site: str, delta: np.ndarray, **header) -> bytes:
+    task = decode_task(task_payload, N_PARAMS)
+    fields = {
+        "study_hash": study.content_hash,
+        "round": task.header.round,
+        "site": site,
+        "n_samples": 10,
+        "loss": 0.5,
+        **header,
+    }
+    return encode_update(SiteUpdate(UpdateHeader(**fields), delta.astype(np.float32)))
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        (b"not a safetensors file at all", 400, "payload"),
+        (b"", 400, "too short"),
+        ("nan", 400, "NaN or infinite"),
+        ("wrong-length", 400, "expected (5,)"),
+        ("oversized", 413, "exceeds the limit"),
+        ("wrong-round", 409, "update says round"),
+    ],
+)
+def test_bad_payloads_get_a_clear_4xx(live, body, status: int, reason: str) -> None:
+    deployment, study = live
+    alpha = client_for(deployment, "alpha")
+    try:
+        task = alpha.task(study.content_hash)
+        assert task.kind is TaskKind.READY
+        if body == "nan":
+            body = _update(study, task.payload, "alpha", np.array([0, np.nan, 0, 0, 0]))
+        elif body == "wrong-length":
+            body = _update(study, task.payload, "alpha", np.zeros(7))
+        elif body == "oversized":
+            body = b"\0" * (64 * 1024 * 1024 + 1)
+        elif body == "wrong-round":
+            body = _update(study, task.payload, "alpha", np.zeros(5), round=task.round + 1)
+        with pytest.raises(CoordinatorError) as refused:
+            alpha.submit(study.content_hash, task.round, body)
+        assert refused.value.status == status
+        assert reason in refused.value.detail
+        assert alpha.status(study.content_hash)["open_round"]["reported"] == []
+    finally:
+        alpha.close()
+
+
+def test_unknown_study_and_bad_identifiers(live) -> None:
+    deployment, study = live
+    with raw_client(deployment, "alpha") as client:
+        assert client.get(f"/v1/studies/{'0' * 64}").status_code == 404
+        bad_hash = client.get("/v1/studies/not-a-hash/task")
+        assert bad_hash.status_code == 422
+        assert (
+            client.post(
+                f"/v1/studies/{study.content_hash}/rounds/0/update", content=b"x"
+            ).status_code
+            == 422
+        )
+        assert client.get("/openapi.json").status_code == 200
+
+
+def test_duplicate_upload_is_not_counted_twice_and_replays_are_refused(live) -> None:
+    deployment, study = live
+    local = workers(study)
+    first_round = 0
+    for site in SITES:
+        client = client_for(deployment, site)
+        try:
+            task = client.task(study.content_hash)
+            first_round = task.round
+            update = local[site].handle(task.payload)
+            assert client.submit(study.content_hash, task.round, update) is True
+            if site == "alpha":
+                # A retried upload (the site never saw the reply) is harmless.
+                assert client.submit(study.content_hash, task.round, update) is False
+        finally:
+            client.close()
+    status = wait_for_round(deployment, study, first_round)
+    history = {r["number"]: r for r in status["history"]}
+    assert history[first_round]["reported"] == sorted(SITES)
+    # Replaying the old round's update is refused now that the round is closed.
+    alpha = client_for(deployment, "alpha")
+    try:
+        task = alpha.task(study.content_hash)
+        replay = _update(study, task.payload, "alpha", np.zeros(5), round=first_round)
+        with pytest.raises(CoordinatorError) as refused:
+            alpha.submit(study.content_hash, first_round, replay)
+        assert refused.value.status == 409
+        assert "not open" in refused.value.detail
+    finally:
+        alpha.close()
+
+
+def test_full_study_over_mutual_tls_matches_the_simulation(tmp_path: Path) -> None:
+    study = network_study(rounds=3, min_sites=3, deadline_s=120)
+    deployment = deploy(tmp_path, study)
+    start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, SITES[0])
+        sites = [start_site(deployment, name) for name in SITES]
+        for proc in sites:
+            assert proc.popen.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+    expected = reference_model(study)
+    for name in SITES:
+        model_file = deployment.site_configs[name].parent / "state"
+        (path,) = model_file.glob("model-*.safetensors")
+        header, params, _ = decode_model(path.read_bytes(), N_PARAMS, ())
+        assert header.round == 3
+        np.testing.assert_allclose(params, expected, atol=1e-6)
+
+
+def test_coordinator_killed_mid_round_resumes_without_loss_or_double_counting(
+    tmp_path: Path,
+) -> None:
+    study = network_study(rounds=3, min_sites=3, deadline_s=3600)
+    deployment = deploy(tmp_path, study)
+    coordinator = start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, SITES[0])
+        check_in(deployment, study)
+        assert play_round(deployment, study, SITES) == 1
+        wait_for_round(deployment, study, 1)
+        # Round 2: one site reports, then the coordinator dies without warning.
+        assert play_round(deployment, study, ("alpha",)) == 2
+        os.killpg(coordinator.popen.pid, signal.SIGKILL)
+        coordinator.popen.wait()
+        deployment.procs.remove(coordinator)
+        coordinator = start_coordinator(deployment)
+        wait_until_serving(deployment, SITES[0])
+        alpha = client_for(deployment, "alpha")
+        try:
+            status = alpha.status(study.content_hash)
+            assert status["last_round"] == 1
+            assert status["open_round"]["number"] == 2
+            assert status["open_round"]["reported"] == ["alpha"]
+            # alpha already reported round 2: it gets no task until round 3.
+            assert alpha.task(study.content_hash).kind is TaskKind.WAIT
+        finally:
+            alpha.close()
+        assert play_round(deployment, study, ("beta", "gamma")) == 2
+        wait_for_round(deployment, study, 2)
+        assert play_round(deployment, study, SITES) == 3
+        wait_for_round(deployment, study, 3)
+        gamma = client_for(deployment, "gamma")
+        try:
+            assert gamma.task(study.content_hash).kind is TaskKind.FINISHED
+            header, params, _ = decode_model(gamma.model(study.content_hash), N_PARAMS, ())
+        finally:
+            gamma.close()
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+    assert header.round == 3
+    np.testing.assert_allclose(params, reference_model(study), atol=1e-6)
+
+
+def test_site_killed_mid_study_round_closes_at_deadline_and_site_resumes(tmp_path: Path) -> None:
+    study = network_study(rounds=4, min_sites=2, deadline_s=10)
+    deployment = deploy(tmp_path, study)
+    start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, SITES[0])
+        sites = {name: start_site(deployment, name) for name in SITES}
+        wait_for_round(deployment, study, 1, timeout=120)
+        gamma = sites["gamma"]
+        os.killpg(gamma.popen.pid, signal.SIGKILL)
+        gamma.popen.wait()
+        status = wait_for_round(deployment, study, 3, timeout=120)
+        without_gamma = [r for r in status["history"] if "gamma" not in r["reported"]]
+        assert without_gamma, status["history"]
+        assert all(r["status"] == "closed" for r in without_gamma if r["number"] <= 3), status[
+            "history"
+        ]
+        assert any("closed without gamma" in r["reason"] for r in without_gamma)
+        # gamma comes back and finishes the study with the others.
+        restarted = start_site(deployment, "gamma")
+        for proc in (sites["alpha"], sites["beta"], restarted):
+            assert proc.popen.wait(timeout=180) == 0, proc.log.read_text()[-3000:]
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
