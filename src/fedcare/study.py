@@ -169,6 +169,32 @@ class RoundSpec(Strict):
     )
 
 
+class Artefact(StrEnum):
+    """Kinds of information a study sends out of a site."""
+
+    MODEL_UPDATES = "model_updates"
+    METRICS = "metrics"
+    COUNTS = "counts"
+
+
+class DisclosureSpec(Strict):
+    """What leaves each site, so a site's policy can judge the study before it runs."""
+
+    artefacts: tuple[Artefact, ...] = Field(
+        default=(Artefact.MODEL_UPDATES,), description="What each site sends out."
+    )
+    min_cohort_size: int = Field(
+        default=10,
+        ge=1,
+        description="Smallest group of patients behind any released count or metric.",
+    )
+    coordinator_region: str | None = Field(
+        default=None,
+        pattern=r"^[A-Z]{2}$",
+        description="Where the coordinator runs (ISO 3166 country code, or EU).",
+    )
+
+
 class Study(Strict):
     """A federated study, as declared in ``study.yaml``."""
 
@@ -180,6 +206,7 @@ class Study(Strict):
     aggregation: AggregationSpec = AggregationSpec()
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     rounds: RoundSpec = RoundSpec()
+    disclosure: DisclosureSpec = DisclosureSpec()
     seed: int = Field(default=0, ge=0, lt=2**32)
 
     @model_validator(mode="after")
