@@ -387,3 +387,29 @@ def test_site_killed_mid_study_round_closes_at_deadline_and_site_resumes(tmp_pat
     finally:
         for proc in reversed(deployment.procs):
             stop(proc)
+
+
+def test_mutated_uploads_never_cause_a_server_error(live) -> None:
+    """Every byte-level corruption of a valid upload gets a 4xx, never a 5xx."""
+    deployment, study = live
+    rng = np.random.default_rng(0)
+    with raw_client(deployment, "beta") as client:
+        url = f"/v1/studies/{study.content_hash}/task"
+        task = client.get(url)
+        assert task.status_code == 200
+        round_number = int(task.headers["X-Fedcare-Round"])
+        valid = workers(study)["beta"].handle(task.content)
+        submit = f"/v1/studies/{study.content_hash}/rounds/{round_number}/update"
+        for trial in range(40):
+            body = bytearray(valid)
+            if trial % 3 == 0:
+                body = body[: rng.integers(0, len(body))]
+            else:
+                for _ in range(rng.integers(1, 6)):
+                    body[rng.integers(0, len(body))] = rng.integers(0, 256)
+            response = client.post(submit, content=bytes(body))
+            if response.status_code in (200, 201):
+                # A flip inside the float data can still be a valid update; stop there.
+                break
+            assert 400 <= response.status_code < 500, (trial, response.status_code, response.text)
+            assert response.json()["detail"]
