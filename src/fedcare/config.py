@@ -63,6 +63,9 @@ class CoordinatorConfig(_Config):
         description="SQLAlchemy URL; a relative SQLite path is relative to this file.",
     )
     storage: Path = Field(default=Path("models"), description="Folder for model files.")
+    audit_log: Path = Field(
+        default=Path("audit.jsonl"), description="The coordinator's hash-chained audit trail."
+    )
     studies: list[StudyMembership] = Field(default_factory=list)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     poll_wait_s: float = Field(default=20.0, gt=0, le=60, description="Longest long-poll.")
@@ -77,6 +80,10 @@ class SiteConfig(_Config):
     study: Path | None = Field(default=None, description="The study file this site runs.")
     data: Path | None = Field(default=None, description="CSV or Parquet file of local data.")
     mapping: Path | None = Field(default=None, description="The site's column mapping.")
+    policy: Path | None = Field(
+        default=None,
+        description="The site's policy.yaml; the agent runs only studies it approves.",
+    )
     state_dir: Path = Path("state")
     retry_max_s: float = Field(
         default=600.0, gt=0, description="Give up after the coordinator is unreachable this long."

@@ -7,6 +7,7 @@ import ssl
 
 import uvicorn
 
+from fedcare.audit import AuditLog
 from fedcare.config import CoordinatorConfig
 from fedcare.coordinator.app import create_app
 from fedcare.coordinator.service import StudyCoordinator
@@ -17,11 +18,12 @@ from fedcare.study import load_study
 
 def build_coordinators(config: CoordinatorConfig, store: SqlStore) -> dict[str, StudyCoordinator]:
     """One durable coordinator per configured study, resumed from the store."""
+    audit = AuditLog(config.audit_log, "coordinator")
     coordinators: dict[str, StudyCoordinator] = {}
     for membership in config.studies:
         study = load_study(membership.file)
         coordinators[study.content_hash] = StudyCoordinator(
-            study, membership.sites, store, max_update_bytes=config.max_body_bytes
+            study, membership.sites, store, max_update_bytes=config.max_body_bytes, audit=audit
         )
     return coordinators
 

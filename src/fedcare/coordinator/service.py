@@ -18,7 +18,8 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedcare.coordinator.store import SqlStore, StoredRound
+from fedcare.audit import AuditLog, JsonInput
+from fedcare.coordinator.store import SqlStore, StoredRound, sha256_hex
 from fedcare.federation.engine import Federation
 from fedcare.federation.messages import (
     SHA256_HEX,
@@ -114,6 +115,7 @@ class StudyCoordinator:
         store: SqlStore,
         clock: Callable[[], float] = time.time,
         max_update_bytes: int = 64 * 1024 * 1024,
+        audit: AuditLog | None = None,
     ) -> None:
         self.study = study
         self.hash = study.content_hash
@@ -121,9 +123,11 @@ class StudyCoordinator:
         self.clock = clock
         self.max_update_bytes = max_update_bytes
         self._lock = threading.Lock()
+        self.audit = audit
         initial = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
         self.n_params = int(initial.shape[0])
-        store.register_study(self.hash, study.name, study.model_dump_json(by_alias=True), sites)
+        if store.register_study(self.hash, study.name, study.model_dump_json(by_alias=True), sites):
+            self._audit("study.registered", name=study.name, sites=sorted(sites))
         _, last_round = store.study_progress(self.hash)
         params = initial
         state: dict[str, NDArray[np.float32]] = {}
@@ -171,6 +175,11 @@ class StudyCoordinator:
             self.round.submit(decode_update(payload, self.n_params))
         self._task_bytes = encode_task(self._task)
 
+    def _audit(self, event: str, **details: JsonInput) -> None:
+        """Record an event that has been committed (so the trail never claims more)."""
+        if self.audit is not None:
+            self.audit.append(event, study=self.hash, **details)
+
     def _open_next(self) -> None:
         self.round, self._task = self.federation.open_round(now=self.clock())
         self.store.save_opened_round(
@@ -182,6 +191,12 @@ class StudyCoordinator:
             self.round.extensions_left,
         )
         self._task_bytes = encode_task(self._task)
+        self._audit(
+            "round.opened",
+            round=self.round.number,
+            selected=list(self.round.selected),
+            deadline=self.round.deadline,
+        )
 
     def task_for(self, site: str) -> TaskReply:
         """The current task if ``site`` is selected and has not yet reported."""
@@ -241,6 +256,14 @@ class StudyCoordinator:
                     # Not durable means not accepted: the site will retry.
                     del round_.updates[identity]
                     raise
+                self._audit(
+                    "update.received",
+                    round=round_.number,
+                    site=identity,
+                    bytes=len(body),
+                    sha256=sha256_hex(body),
+                    n_samples=header.n_samples,
+                )
             self._advance(self.clock())
             return accepted
 
@@ -258,6 +281,7 @@ class StudyCoordinator:
             self.store.save_extended(
                 self.hash, round_.number, round_.deadline, round_.extensions_left
             )
+            self._audit("round.extended", round=round_.number, deadline=round_.deadline)
             return
         model = None
         if outcome.status is RoundStatus.CLOSED:
@@ -275,6 +299,14 @@ class StudyCoordinator:
             model,
             study_finished=self.federation.done,
         )
+        self._audit(
+            f"round.{outcome.status.value}",
+            round=round_.number,
+            participants=list(outcome.participants),
+            reason=outcome.reason,
+        )
+        if self.federation.done:
+            self._audit("study.finished", rounds=self.federation.round_number)
         self.round = None
         if not self.federation.done:
             self._open_next()

@@ -152,8 +152,8 @@ class SqlStore:
     def close(self) -> None:
         self.engine.dispose()
 
-    def register_study(self, study_hash: str, name: str, spec_json: str, sites: list[str]) -> None:
-        """Record a study the first time; refuse a different site list for the same hash."""
+    def register_study(self, study_hash: str, name: str, spec_json: str, sites: list[str]) -> bool:
+        """Record a study the first time (returns True then); refuse a changed site list."""
         with Session(self.engine) as session, session.begin():
             row = session.get(StudyRow, study_hash)
             if row is None:
@@ -168,11 +168,13 @@ class SqlStore:
                         created_at=time.time(),
                     )
                 )
-            elif json.loads(row.sites_json) != sorted(sites):
+                return True
+            if json.loads(row.sites_json) != sorted(sites):
                 raise StoreError(
                     f"study {study_hash[:12]} was started with sites {json.loads(row.sites_json)}; "
                     f"the config now lists {sorted(sites)}"
                 )
+            return False
 
     def study_progress(self, study_hash: str) -> tuple[str, int]:
         """(status, last finished round)."""

@@ -28,6 +28,7 @@ from fedcare.config import CoordinatorConfig, SiteConfig, StudyMembership, TlsFi
 from fedcare.coordinator.service import decode_model
 from fedcare.coordinator.store import SqlStore
 from fedcare.data.synthetic import HospitalCohort, generate_cohorts
+from fedcare.policy import SitePolicy, approve, save_policy
 from fedcare.provision import provision
 from fedcare.simulation.runner import Progress, run_federation
 from fedcare.simulation.transport import InProcessTransport
@@ -130,6 +131,22 @@ def prepare_deployment(
             yaml.safe_dump(cohort.mapping.model_dump(mode="json"), sort_keys=False)
         )
         _write_study(study, site_dir / "study.yaml")
+        # The site's privacy officer writes the policy and approves this exact study.
+        policy_path = site_dir / "policy.yaml"
+        save_policy(
+            SitePolicy.model_validate(
+                {
+                    "site": cohort.name,
+                    "jurisdiction": "hipaa",
+                    "region": "US",
+                    "min_cohort_size": 11,
+                    "coordinators": [url],
+                    "allowed_artefacts": ["model_updates"],
+                }
+            ),
+            policy_path,
+        )
+        approve(policy_path, study, by="demo privacy officer", note="fedcare demo --network")
         config_path = site_dir / "site.yaml"
         write_config(
             SiteConfig.model_validate(
@@ -144,6 +161,7 @@ def prepare_deployment(
                     "study": "study.yaml",
                     "data": "data.csv",
                     "mapping": "mapping.yaml",
+                    "policy": "policy.yaml",
                     "state_dir": "state",
                     "retry_max_s": 120,
                 }

@@ -9,6 +9,7 @@ retrained update is byte-identical and the coordinator treats it as a duplicate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -19,11 +20,13 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from fedcare.audit import AuditLog
 from fedcare.config import SiteConfig
 from fedcare.coordinator.service import decode_model
 from fedcare.coordinator.store import write_file_atomically
 from fedcare.federation.rounds import RoundError
 from fedcare.models.builders import initial_parameters
+from fedcare.policy.approval import site_audit_path
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
 from fedcare.site.client import (
@@ -33,6 +36,7 @@ from fedcare.site.client import (
     TaskKind,
 )
 from fedcare.site.dataset import prepare_site_data
+from fedcare.site.gate import admit_study
 from fedcare.site.worker import SiteWorker
 from fedcare.study import load_study
 
@@ -96,6 +100,10 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
             f"the mapping is for site '{mapping.site}' but this agent is '{config.site}'"
         )
     data = prepare_site_data(read_table(config.data), mapping, study)
+    for finding in admit_study(config, study, data):
+        log.warning("policy: %s [%s]", finding.message, finding.rule_id)
+    assert config.policy is not None  # admit_study refuses a site without a policy
+    audit = AuditLog(site_audit_path(config.policy), config.site)
     n_params = int(
         initial_parameters(study.model, study.feature_schema.n_inputs, study.seed).shape[0]
     )
@@ -127,6 +135,15 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
             train_started = time.perf_counter()
             update = worker.handle(reply.payload)
             train_s = time.perf_counter() - train_started
+            # Recorded before the first byte leaves: a crash can only over-report.
+            audit.append(
+                "update.sent",
+                study=study_hash,
+                round=reply.round,
+                to=str(config.coordinator),
+                bytes=len(update),
+                sha256=hashlib.sha256(update).hexdigest(),
+            )
             try:
                 accepted = with_retry(
                     partial(client.submit, study_hash, reply.round, update),
@@ -156,6 +173,12 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
             raise RoundError("the coordinator returned a model for another study")
         path = config.state_dir / f"model-{study_hash[:16]}.safetensors"
         write_file_atomically(path, payload)
+        audit.append(
+            "model.received",
+            study=study_hash,
+            round=header.round,
+            sha256=hashlib.sha256(payload).hexdigest(),
+        )
         log.info("study finished after round %d; model saved to %s", header.round, path)
         return SiteRunSummary(config.site, study_hash, trained, header.round, str(path))
     finally:
