@@ -100,8 +100,8 @@ class Strategy(StrEnum):
 # heart-disease benchmark; docs/strategies.md gives the evidence.
 DEFAULT_SERVER_LEARNING_RATE: dict[Strategy, float] = {
     Strategy.FEDAVG: 1.0,
-    Strategy.FEDAVGM: 1.0,
-    Strategy.FEDADAGRAD: 0.1,
+    Strategy.FEDAVGM: 0.1,
+    Strategy.FEDADAGRAD: 0.3,
     Strategy.FEDADAM: 0.05,
     Strategy.FEDYOGI: 0.05,
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -48,7 +49,7 @@ METHODS: tuple[str, ...] = (
 )
 """Federated methods: the server strategies, plus FedProx (FedAvg + a proximal term)."""
 
-DEFAULT_PROXIMAL_MU = 1.0
+DEFAULT_PROXIMAL_MU = 0.1
 """FedProx's mu in this benchmark (docs/strategies.md, sweep)."""
 
 Progress = Callable[[str, int, int], None]
@@ -174,14 +175,23 @@ def accuracies(
     return {name: m.accuracy for name, m in evaluate(study, params, sites).items()}
 
 
+@dataclass(frozen=True)
+class FederatedRun:
+    """The final global model, its test accuracy per site, and the per-round records."""
+
+    params: NDArray[np.float32]
+    accuracy: dict[str, float]
+    records: list[RoundRecord]
+
+
 def federate(
     study: Study, sites: Sequence[SiteDataset], progress: Progress = _quiet
-) -> tuple[dict[str, float], list[RoundRecord]]:
-    """One federated run, exactly as the simulation runs it; final accuracies and round records."""
+) -> FederatedRun:
+    """One federated run, exactly as ``fedcare simulate`` runs it."""
     n_params = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed).shape[0]
     transport = InProcessTransport({s.name: SiteWorker(study, s, n_params) for s in sites})
     params, records = run_federation(study, sites, transport, progress)
-    return accuracies(study, params, sites), records
+    return FederatedRun(params, accuracies(study, params, sites), records)
 
 
 def summarise(per_seed: Sequence[Mapping[str, float]], centers: Sequence[str]) -> Scores:
@@ -288,8 +298,7 @@ def run_benchmark(
         for i, seed in enumerate(seeds):
             seeded = method_study(base.replace(seed=seed), method, proximal_mu=proximal_mu)
             report = _rounds_progress(progress, method, i * rounds, n_seeds * rounds)
-            final, _ = federate(seeded, sites, report)
-            runs[method].append(final)
+            runs[method].append(federate(seeded, sites, report).accuracy)
     measured = {name: summarise(per_seed, centers) for name, per_seed in runs.items()}
     return BenchmarkResult(
         measured=measured,
