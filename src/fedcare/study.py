@@ -13,10 +13,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from fedcare.schema.features import FeatureSchema, FeatureType, Strict
+from fedcare.yamlfile import parse_yaml_model
 
 
 class StudyError(ValueError):
@@ -252,29 +252,9 @@ class Study(Strict):
         return Study.model_validate(data)
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: the study does not validate:"]
-    for error in exc.errors():
-        path = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; unknown keys are never ignored)"
-        lines.append(f"  {path}: {message}")
-    return "\n".join(lines)
-
-
 def parse_study(text: str, source: str = "<study>") -> Study:
     """Parse and validate a study from YAML text."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise StudyError(f"{source}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise StudyError(f"{source}: a study is a mapping of settings, got {type(data).__name__}")
-    try:
-        return Study.model_validate(data)
-    except ValidationError as exc:
-        raise StudyError(_format_errors(exc, source)) from exc
+    return parse_yaml_model(text, Study, source, "study", StudyError)
 
 
 def load_study(path: Path) -> Study:

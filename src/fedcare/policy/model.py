@@ -25,7 +25,6 @@ from pydantic import (
     AwareDatetime,
     Field,
     HttpUrl,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -34,6 +33,7 @@ from fedcare.config import ConfigError
 from fedcare.federation.messages import SHA256_HEX, SITE_NAME
 from fedcare.schema.features import Strict
 from fedcare.study import Artefact
+from fedcare.yamlfile import parse_yaml_model
 
 # ISO 3166-1 alpha-2, plus "EU" (the study's coordinator_region allows it too).
 Region = Annotated[str, Field(pattern=r"^[A-Z]{2}$")]
@@ -206,31 +206,9 @@ def normalise_url(url: str) -> str:
     return f"{parsed.scheme}://{host}{':' if port else ''}{port}{path}"
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: the site policy does not validate:"]
-    for error in exc.errors():
-        path = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; unknown keys are never ignored)"
-        lines.append(f"  {path}: {message}")
-    return "\n".join(lines)
-
-
 def parse_policy(text: str, source: str = "<policy>") -> SitePolicy:
     """Parse and validate a site policy from YAML text."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise PolicyError(
-            f"{source}: a site policy is a mapping of settings, got {type(data).__name__}"
-        )
-    try:
-        return SitePolicy.model_validate(data)
-    except ValidationError as exc:
-        raise PolicyError(_format_errors(exc, source)) from exc
+    return parse_yaml_model(text, SitePolicy, source, "site policy", PolicyError)
 
 
 def load_policy(path: Path) -> SitePolicy:

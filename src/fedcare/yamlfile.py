@@ -1,0 +1,42 @@
+"""Strict YAML files read into pydantic models, with errors that name the field's path.
+
+Studies, site policies and other hand-written files share one reading so that
+every one of them reports a typo or a wrong type the same way.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def format_validation_errors(exc: ValidationError, source: str, what: str) -> str:
+    """One line per problem, each starting with the dotted path of the field."""
+    lines = [f"{source}: the {what} does not validate:"]
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; unknown keys are never ignored)"
+        lines.append(f"  {path}: {message}")
+    return "\n".join(lines)
+
+
+def parse_yaml_model(
+    text: str, model: type[M], source: str, what: str, error: type[Exception]
+) -> M:
+    """Parse ``text`` as a YAML mapping and validate it as ``model``; raise ``error`` if not."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise error(f"{source}: a {what} is a mapping of settings, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise error(format_validation_errors(exc, source, what)) from exc
