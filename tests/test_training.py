@@ -34,14 +34,16 @@ def bce(spec: ModelSpec, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> fl
 @pytest.fixture
 def count_sgd_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts real optimizer.step() calls, independently of what train_local reports."""
+    from fedcare.training.sgd import SGD
+
     calls: list[int] = []
-    original = torch.optim.SGD.step
+    original = SGD.step
 
-    def counting(self: torch.optim.SGD, *args: object, **kwargs: object) -> object:
+    def counting(self: SGD) -> None:
         calls.append(1)
-        return original(self, *args, **kwargs)
+        original(self)
 
-    monkeypatch.setattr(torch.optim.SGD, "step", counting)
+    monkeypatch.setattr(SGD, "step", counting)
     return calls
 
 
@@ -317,3 +319,31 @@ def test_predict_proba_is_a_probability_and_ignores_dropout() -> None:
     assert np.all((p >= 0) & (p <= 1))
     assert np.all(np.isfinite(p))
     np.testing.assert_array_equal(p, predict_proba(spec, params, x * 10))  # eval mode
+
+
+@pytest.mark.parametrize(
+    ("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.0, 0.01), (0.5, 0.001)]
+)
+def test_fedcare_sgd_matches_torch_optim_sgd_bit_for_bit(
+    momentum: float, weight_decay: float
+) -> None:
+    from fedcare.training.sgd import SGD
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    y = (torch.rand(64) > 0.5).float()
+    ours = build_model(ModelSpec(kind=ModelKind.MLP, hidden=(8,)), 5)
+    theirs = build_model(ModelSpec(kind=ModelKind.MLP, hidden=(8,)), 5)
+    theirs.load_state_dict(ours.state_dict())
+    opt_ours = SGD(ours.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    opt_theirs = torch.optim.SGD(
+        theirs.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay, foreach=False
+    )
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for step in range(5):
+        batch = slice(step * 12, step * 12 + 12)
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            loss_fn(model(x[batch]).squeeze(-1), y[batch]).backward()
+            opt.step()
+    assert np.array_equal(get_flat(ours), get_flat(theirs))

@@ -12,6 +12,7 @@ from torch import nn
 from fedcare.models.builders import build_model
 from fedcare.models.params import get_flat, set_flat
 from fedcare.study import ModelSpec, OptimizerKind, TrainingSpec
+from fedcare.training.sgd import SGD
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,12 @@ class LocalResult:
     """Mean task loss over the batches, without the proximal term."""
 
 
-def _optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer | SGD:
     if spec.optimizer is OptimizerKind.ADAM:
         return torch.optim.Adam(
             model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay
         )
-    return torch.optim.SGD(
+    return SGD(
         model.parameters(),
         lr=spec.learning_rate,
         momentum=spec.momentum,
