@@ -13,10 +13,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from fedcare.schema.features import FeatureSchema, FeatureType, Strict
-from fedcare.yamlfile import parse_yaml_model
+from fedcare.yamlfile import format_validation_errors, parse_yaml_model
 
 
 class StudyError(ValueError):
@@ -249,7 +249,10 @@ class Study(Strict):
         data = self.canonical()
         for key, value in changes.items():
             data[key] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
-        return Study.model_validate(data)
+        try:
+            return Study.model_validate(data)
+        except ValidationError as exc:
+            raise StudyError(format_validation_errors(exc, "the changed study", "study")) from exc
 
 
 def parse_study(text: str, source: str = "<study>") -> Study:
