@@ -1,0 +1,81 @@
+"""Shared pieces of the command line: consoles, error handling, progress bars."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+console = Console()
+errors = Console(stderr=True)
+
+T = TypeVar("T")
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can fix: shown as one clear message, exit status 2, no traceback.
+
+    Imported here rather than at the top so that ``fedcare --help`` stays quick.
+    """
+    from fedcare.config import ConfigError
+    from fedcare.coordinator.store import StoreError
+    from fedcare.schema.mapping import DataValidationError, MappingError
+    from fedcare.schema.readers import DataFileError
+    from fedcare.simulation.sites import SitesFileError
+    from fedcare.site.agent import SiteAgentError
+    from fedcare.site.client import CoordinatorError
+    from fedcare.site.dataset import SiteDataError
+    from fedcare.study import StudyError
+
+    return (
+        StudyError,
+        MappingError,
+        DataValidationError,
+        DataFileError,
+        SiteDataError,
+        SitesFileError,
+        ConfigError,
+        SiteAgentError,
+        CoordinatorError,
+        StoreError,
+        FileNotFoundError,
+    )
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Run ``fn``; a user error becomes a message and exit status 2."""
+    try:
+        return fn()
+    except user_errors() as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+
+
+@contextmanager
+def progress_bar() -> Iterator[Callable[[str, int, int], None]]:
+    columns = (
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=errors, transient=False) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update

@@ -1,0 +1,499 @@
+"""A site's validation report: discrimination, threshold metrics and calibration,
+overall and per subgroup, each with a bootstrap confidence interval.
+
+The report is what a site may send about a model release, so it obeys the site's
+minimum cohort size: a subgroup with fewer than ``min_cohort`` patients appears
+only as ``{"group": ..., "suppressed": true}``, without even its size. The rule is
+on the number of patients ``n`` in the cell, the same rule the policy applies to
+any released number (``PolicyFile.min_cohort_size``).
+
+Known limit of cell suppression alone: counts of a cell can sometimes be recovered
+by difference (overall ``n`` minus the other levels of the same attribute). The
+counts are kept because the gates need them; complementary suppression is a job
+for the release step, not for this pure computation.
+
+Point estimates come from scikit-learn. The bootstrap re-computes the same
+quantities with numpy over a matrix of resamples (one row per resample), because
+calling scikit-learn 200 times per cell would dominate the run time; the test
+suite checks that both agree.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Annotated, Literal
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike, NDArray
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.special import expit, logit
+from scipy.stats import rankdata
+from sklearn.calibration import calibration_curve
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    roc_auc_score,
+)
+
+OVERALL = "all"
+"""The group name of the cell that holds every patient."""
+
+ECE_BINS = 10
+CONFIDENCE = 0.95
+
+# The calibration model is the unpenalised logistic fit of the label on
+# logit(score); C = 1e6 keeps scikit-learn's L2 term negligible while still
+# giving a finite answer when a sample is perfectly separated.
+CALIBRATION_C = 1e6
+
+# A score of exactly 0 or 1 has an infinite logit; clipping to this margin keeps
+# the calibration fit finite and changes no realistic score.
+LOGIT_EPS = 1e-7
+
+# Bootstrap matrices are processed in chunks of at most this many elements so
+# that a large cell does not allocate gigabytes at once.
+_CHUNK_ELEMENTS = 2_000_000
+
+# Newton iterations for the bootstrap calibration fits; from the start point
+# (intercept 0, slope 1) a well-posed fit converges in well under ten.
+_NEWTON_MAX_ITER = 50
+_NEWTON_TOL = 1e-8
+
+AGE_BANDS: tuple[tuple[float, str], ...] = (
+    (40.0, "<40"),
+    (65.0, "40-64"),
+    (80.0, "65-79"),
+    (math.inf, "80+"),
+)
+"""Upper bound (exclusive) and label of each band ``age_band`` is derived with."""
+
+MISSING_LEVEL = "missing"
+"""The level given to patients whose attribute is unknown, so counts still add up."""
+
+
+class Metric(StrEnum):
+    """Every metric a report cell carries (besides its counts)."""
+
+    AUROC = "auroc"
+    AUPRC = "auprc"
+    SENSITIVITY = "sensitivity"
+    SPECIFICITY = "specificity"
+    PPV = "ppv"
+    ECE = "ece"
+    CALIBRATION_SLOPE = "calibration_slope"
+    CALIBRATION_INTERCEPT = "calibration_intercept"
+    BRIER = "brier"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Estimate(_Frozen):
+    """A point estimate and its percentile bootstrap interval.
+
+    ``value`` is None when the metric is undefined in the cell (for example AUROC
+    with one class, PPV with no predicted positives); the interval is None when
+    the value is, or when no resample had the metric defined.
+    """
+
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+
+class CellReport(_Frozen):
+    """The metrics of one group of patients at least ``min_cohort`` strong."""
+
+    group: str
+    suppressed: Literal[False] = False
+    n: int
+    positives: int
+    auroc: Estimate
+    auprc: Estimate
+    sensitivity: Estimate
+    specificity: Estimate
+    ppv: Estimate
+    ece: Estimate
+    calibration_slope: Estimate
+    calibration_intercept: Estimate
+    brier: Estimate
+
+    def estimate(self, metric: Metric) -> Estimate:
+        """The estimate of ``metric`` in this cell."""
+        value = getattr(self, metric.value)
+        assert isinstance(value, Estimate)  # every Metric member names an Estimate field
+        return value
+
+
+class SuppressedCell(_Frozen):
+    """A group below the minimum cohort size: its name and nothing else."""
+
+    group: str
+    suppressed: Literal[True] = True
+
+
+Cell = Annotated[CellReport | SuppressedCell, Field(discriminator="suppressed")]
+
+
+class ValidationReport(_Frozen):
+    """One model evaluated on one site's held-out data."""
+
+    threshold: float = Field(description="Scores at or above it are predicted positive.")
+    min_cohort: int = Field(description="Cells with fewer patients are suppressed.")
+    confidence: float = CONFIDENCE
+    n_bootstrap: int
+    seed: int
+    overall: Cell
+    subgroups: dict[str, list[Cell]] = Field(
+        description="Attribute -> one cell per level, named 'attribute=level'."
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Point estimates (scikit-learn)
+# --------------------------------------------------------------------------- #
+
+
+def expected_calibration_error(y: NDArray[np.int64], p: NDArray[np.float64]) -> float:
+    """ECE over ``ECE_BINS`` equal-width bins: sum of |observed - predicted| rate
+    in each bin, weighted by the bin's share of patients.
+
+    The bins are scikit-learn's ``calibration_curve`` bins (right-closed, the
+    first one also holding 0), so this and the bootstrap use the same edges.
+    """
+    prob_true, prob_pred = calibration_curve(
+        y, p, n_bins=ECE_BINS, strategy="uniform", pos_label=1
+    )
+    counts = np.bincount(_ece_bin(p), minlength=ECE_BINS)
+    weights = counts[counts > 0] / y.size
+    return float(np.sum(weights * np.abs(prob_true - prob_pred)))
+
+
+def calibration_fit(y: NDArray[np.int64], p: NDArray[np.float64]) -> tuple[float, float] | None:
+    """(intercept, slope) of the logistic regression of the label on logit(score).
+
+    A slope below 1 means over-confident scores (too extreme), above 1 under-
+    confident; the intercept is the calibration-in-the-large offset. None with
+    one class, where the fit is undefined.
+    """
+    if not 0 < int(y.sum()) < y.size:
+        return None
+    x = _logit(p).reshape(-1, 1)
+    fit = LogisticRegression(C=CALIBRATION_C, tol=1e-10, max_iter=1000).fit(x, y)
+    return float(fit.intercept_[0]), float(fit.coef_[0, 0])
+
+
+def _point_estimates(
+    y: NDArray[np.int64], p: NDArray[np.float64], threshold: float
+) -> dict[Metric, float | None]:
+    both = 0 < int(y.sum()) < y.size
+    predicted = (p >= threshold).astype(np.int64)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, predicted, labels=[0, 1]).ravel())
+    calibration = calibration_fit(y, p)
+    return {
+        Metric.AUROC: float(roc_auc_score(y, p)) if both else None,
+        Metric.AUPRC: float(average_precision_score(y, p)) if both else None,
+        Metric.SENSITIVITY: tp / (tp + fn) if tp + fn else None,
+        Metric.SPECIFICITY: tn / (tn + fp) if tn + fp else None,
+        Metric.PPV: tp / (tp + fp) if tp + fp else None,
+        Metric.ECE: expected_calibration_error(y, p),
+        Metric.CALIBRATION_SLOPE: calibration[1] if calibration else None,
+        Metric.CALIBRATION_INTERCEPT: calibration[0] if calibration else None,
+        Metric.BRIER: float(brier_score_loss(y, p, pos_label=1)),
+    }
+
+
+# --------------------------------------------------------------------------- #
+# The same metrics over a batch of resamples (numpy)
+# --------------------------------------------------------------------------- #
+
+
+def batch_metrics(
+    y: NDArray[np.int64], p: NDArray[np.float64], threshold: float
+) -> dict[Metric, NDArray[np.float64]]:
+    """Every metric for each row of ``y`` and ``p`` (shape: resamples x patients).
+
+    A metric that is undefined in a row is NaN there (the caller drops it);
+    this is internal to the bootstrap, the report itself never holds NaN.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        yf = y.astype(np.float64)
+        positives = yf.sum(axis=1)
+        negatives = y.shape[1] - positives
+        predicted = p >= threshold
+        tp = np.sum(predicted & (y == 1), axis=1).astype(np.float64)
+        fp = np.sum(predicted & (y == 0), axis=1).astype(np.float64)
+        tn = negatives - fp
+        intercept, slope = _batch_calibration(y, p)
+        return {
+            Metric.AUROC: _batch_auroc(yf, p, positives, negatives),
+            Metric.AUPRC: _batch_average_precision(yf, p, positives),
+            Metric.SENSITIVITY: tp / positives,
+            Metric.SPECIFICITY: tn / negatives,
+            Metric.PPV: tp / (tp + fp),
+            Metric.ECE: _batch_ece(yf, p),
+            Metric.CALIBRATION_SLOPE: slope,
+            Metric.CALIBRATION_INTERCEPT: intercept,
+            Metric.BRIER: np.mean((p - yf) ** 2, axis=1),
+        }
+
+
+def _batch_auroc(
+    y: NDArray[np.float64],
+    p: NDArray[np.float64],
+    positives: NDArray[np.float64],
+    negatives: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    # Mann-Whitney U with mid-ranks for ties: exactly roc_auc_score.
+    ranks = rankdata(p, axis=1)
+    u = np.sum(ranks * y, axis=1) - positives * (positives + 1) / 2
+    auroc: NDArray[np.float64] = u / (positives * negatives)
+    return np.where((positives > 0) & (negatives > 0), auroc, np.nan)
+
+
+def _batch_average_precision(
+    y: NDArray[np.float64], p: NDArray[np.float64], positives: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    # average_precision_score = sum over distinct thresholds of
+    # (recall gain) x (precision at that threshold). Each positive adds 1/P of
+    # recall at the threshold equal to its own score, so AP is the mean, over
+    # positives, of the precision at the end of the block of tied scores it is in.
+    rows, n = y.shape
+    order = np.argsort(-p, axis=1, kind="stable")
+    ps = np.take_along_axis(p, order, axis=1)
+    ys = np.take_along_axis(y, order, axis=1)
+    precision = np.cumsum(ys, axis=1) / np.arange(1, n + 1)
+    block_end = np.ones((rows, n), dtype=bool)
+    block_end[:, :-1] = ps[:, :-1] != ps[:, 1:]
+    position = np.broadcast_to(np.arange(n), (rows, n))
+    end_index = np.minimum.accumulate(np.where(block_end, position, n)[:, ::-1], axis=1)[:, ::-1]
+    at_end = np.take_along_axis(precision, end_index, axis=1)
+    ap: NDArray[np.float64] = np.sum(ys * at_end, axis=1) / positives
+    return np.where((positives > 0) & (positives < n), ap, np.nan)
+
+
+def _ece_bin(p: NDArray[np.float64]) -> NDArray[np.intp]:
+    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
+    bins: NDArray[np.intp] = np.searchsorted(edges[1:-1], p)
+    return bins
+
+
+def _batch_ece(y: NDArray[np.float64], p: NDArray[np.float64]) -> NDArray[np.float64]:
+    # Per bin, n_b/n * |mean(y) - mean(p)| = |sum(y - p)| / n, so one weighted
+    # bincount over (row, bin) gives every row's ECE at once.
+    rows, n = y.shape
+    flat = (np.arange(rows)[:, None] * ECE_BINS + _ece_bin(p)).ravel()
+    sums = np.bincount(flat, weights=(y - p).ravel(), minlength=rows * ECE_BINS)
+    ece: NDArray[np.float64] = np.abs(sums.reshape(rows, ECE_BINS)).sum(axis=1) / n
+    return ece
+
+
+def _logit(p: NDArray[np.float64]) -> NDArray[np.float64]:
+    clipped: NDArray[np.float64] = logit(np.clip(p, LOGIT_EPS, 1.0 - LOGIT_EPS))
+    return clipped
+
+
+def _batch_calibration(
+    y: NDArray[np.int64], p: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Newton-Raphson for (intercept, slope) in every row at once.
+
+    It maximises the same objective as :func:`calibration_fit` (log-likelihood
+    minus slope^2 / 2C; scikit-learn leaves the intercept unpenalised). Rows
+    with one class, or that do not converge (near-separated resamples, whose
+    slope is effectively unbounded), are NaN and so left out of the interval.
+    """
+    x = _logit(p)
+    yf = y.astype(np.float64)
+    rows = y.shape[0]
+    intercept = np.zeros(rows)
+    slope = np.ones(rows)
+    converged = np.zeros(rows, dtype=bool)
+    penalty = 1.0 / CALIBRATION_C
+    with np.errstate(all="ignore"):
+        for _ in range(_NEWTON_MAX_ITER):
+            mu = expit(intercept[:, None] + slope[:, None] * x)
+            w = mu * (1.0 - mu)
+            residual = yf - mu
+            g_a = residual.sum(axis=1)
+            g_b = (residual * x).sum(axis=1) - penalty * slope
+            h_aa = w.sum(axis=1)
+            h_ab = (w * x).sum(axis=1)
+            h_bb = (w * x * x).sum(axis=1) + penalty
+            det = h_aa * h_bb - h_ab**2
+            step_a = (h_bb * g_a - h_ab * g_b) / det
+            step_b = (h_aa * g_b - h_ab * g_a) / det
+            # Freeze rows that have converged so later iterations cannot move them.
+            step_a = np.where(converged, 0.0, step_a)
+            step_b = np.where(converged, 0.0, step_b)
+            intercept = intercept + step_a
+            slope = slope + step_b
+            converged |= np.maximum(np.abs(step_a), np.abs(step_b)) < _NEWTON_TOL
+            if converged.all():
+                break
+    positives = yf.sum(axis=1)
+    valid = converged & (positives > 0) & (positives < y.shape[1])
+    valid &= np.isfinite(intercept) & np.isfinite(slope)
+    return np.where(valid, intercept, np.nan), np.where(valid, slope, np.nan)
+
+
+# --------------------------------------------------------------------------- #
+# Cells and the report
+# --------------------------------------------------------------------------- #
+
+
+def _cell_rng(seed: int, group: str) -> np.random.Generator:
+    # One stream per (seed, group): a cell's interval does not depend on which
+    # other subgroups were requested or in what order.
+    return np.random.default_rng([seed, zlib.crc32(group.encode())])
+
+
+def _bootstrap(
+    y: NDArray[np.int64],
+    p: NDArray[np.float64],
+    threshold: float,
+    n_bootstrap: int,
+    rng: np.random.Generator,
+) -> dict[Metric, NDArray[np.float64]]:
+    n = y.size
+    chunk = max(1, _CHUNK_ELEMENTS // n)
+    parts: dict[Metric, list[NDArray[np.float64]]] = {metric: [] for metric in Metric}
+    for start in range(0, n_bootstrap, chunk):
+        rows = min(chunk, n_bootstrap - start)
+        index = rng.integers(0, n, size=(rows, n))
+        for metric, values in batch_metrics(y[index], p[index], threshold).items():
+            parts[metric].append(values)
+    return {
+        metric: np.concatenate(values) if values else np.empty(0)
+        for metric, values in parts.items()
+    }
+
+
+def _interval(
+    value: float | None, resampled: NDArray[np.float64]
+) -> tuple[float | None, float | None]:
+    if value is None:
+        return None, None
+    defined = resampled[np.isfinite(resampled)]
+    if defined.size == 0:
+        return None, None
+    alpha = (1.0 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(defined, [alpha, 100.0 - alpha])
+    return float(low), float(high)
+
+
+def _cell(
+    group: str,
+    y: NDArray[np.int64],
+    p: NDArray[np.float64],
+    threshold: float,
+    min_cohort: int,
+    n_bootstrap: int,
+    seed: int,
+) -> CellReport | SuppressedCell:
+    if y.size < min_cohort:
+        return SuppressedCell(group=group)
+    points = _point_estimates(y, p, threshold)
+    resampled = _bootstrap(y, p, threshold, n_bootstrap, _cell_rng(seed, group))
+    estimates: dict[str, Estimate] = {}
+    for metric, value in points.items():
+        low, high = _interval(value, resampled[metric])
+        estimates[metric.value] = Estimate(value=value, ci_low=low, ci_high=high)
+    return CellReport(group=group, n=int(y.size), positives=int(y.sum()), **estimates)
+
+
+def age_band(age: pd.Series) -> pd.Series:
+    """Bands of ``AGE_BANDS`` (<40, 40-64, 65-79, 80+); unknown age is ``missing``."""
+    values = pd.to_numeric(age, errors="coerce").to_numpy(dtype=np.float64)
+    bounds = np.array([upper for upper, _ in AGE_BANDS])
+    labels = np.array([label for _, label in AGE_BANDS], dtype=object)
+    banded = labels[np.searchsorted(bounds, np.nan_to_num(values), side="right")]
+    return pd.Series(np.where(np.isnan(values), MISSING_LEVEL, banded), index=age.index)
+
+
+def _levels(attributes: pd.DataFrame, name: str) -> NDArray[np.str_]:
+    if name in attributes.columns:
+        column = attributes[name]
+    elif name == "age_band" and "age" in attributes.columns:
+        column = age_band(attributes["age"])
+    else:
+        derivable = " (or 'age' to derive it from)" if name == "age_band" else ""
+        raise ValueError(f"subgroup attribute '{name}' is not a column{derivable}")
+    levels: NDArray[np.str_] = (
+        column.astype(object).where(column.notna(), MISSING_LEVEL).astype(str).to_numpy()
+    )
+    return levels
+
+
+def _check_inputs(
+    y: NDArray[np.int64],
+    p: NDArray[np.float64],
+    attributes: pd.DataFrame,
+    threshold: float,
+    min_cohort: int,
+    n_bootstrap: int,
+) -> None:
+    if y.ndim != 1 or y.shape != p.shape or y.size == 0:
+        raise ValueError(f"labels {y.shape} and scores {p.shape} must be equal-length vectors")
+    if len(attributes) != y.size:
+        raise ValueError(f"attributes have {len(attributes)} rows, labels have {y.size}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    if not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
+        raise ValueError("scores must be finite probabilities in [0, 1]")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold {threshold} is not in [0, 1]")
+    if min_cohort < 1:
+        raise ValueError("min_cohort must be at least 1")
+    if n_bootstrap < 0:
+        raise ValueError("n_bootstrap cannot be negative")
+
+
+def validate(
+    y_true: ArrayLike,
+    scores: ArrayLike,
+    attributes: pd.DataFrame,
+    threshold: float,
+    min_cohort: int,
+    subgroups: Sequence[str] = ("sex", "age_band", "ethnicity"),
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> ValidationReport:
+    """Evaluate scores against labels overall and in every level of each subgroup.
+
+    Rows of ``attributes`` are matched to labels by position, not index. Every
+    cell (overall included) with fewer than ``min_cohort`` patients is
+    suppressed. ``age_band`` is read as a column when present, otherwise derived
+    from ``age``; any other requested attribute must be a column (a silently
+    skipped subgroup would look like a checked one). Missing attribute values
+    form their own ``missing`` level.
+    """
+    y = np.asarray(y_true).astype(np.int64)
+    p = np.asarray(scores, dtype=np.float64)
+    _check_inputs(y, p, attributes, threshold, min_cohort, n_bootstrap)
+
+    def cell(group: str, mask: NDArray[np.bool_] | None = None) -> CellReport | SuppressedCell:
+        ys, ps = (y, p) if mask is None else (y[mask], p[mask])
+        return _cell(group, ys, ps, threshold, min_cohort, n_bootstrap, seed)
+
+    cells: dict[str, list[CellReport | SuppressedCell]] = {}
+    for name in subgroups:
+        levels = _levels(attributes, name)
+        cells[name] = [
+            cell(f"{name}={level}", levels == level) for level in sorted(set(levels.tolist()))
+        ]
+    return ValidationReport(
+        threshold=threshold,
+        min_cohort=min_cohort,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        overall=cell(OVERALL),
+        subgroups=dict(cells),
+    )
