@@ -17,7 +17,13 @@ from fedcare.audit import read_entries, verify
 from fedcare.config import TlsFiles
 from fedcare.coordinator.service import decode_model
 from fedcare.data.synthetic import HospitalCohort
-from fedcare.federation.messages import SiteUpdate, UpdateHeader, decode_task, encode_update
+from fedcare.federation.messages import (
+    SiteUpdate,
+    TaskState,
+    UpdateHeader,
+    decode_task,
+    encode_update,
+)
 from fedcare.provision import provision
 from fedcare.simulation.loopback import (
     _Deployment,
@@ -30,7 +36,7 @@ from fedcare.simulation.loopback import (
 )
 from fedcare.simulation.runner import run_federation
 from fedcare.simulation.transport import InProcessTransport
-from fedcare.site.client import CoordinatorClient, CoordinatorError, TaskKind, tls_context
+from fedcare.site.client import CoordinatorClient, CoordinatorError, tls_context
 from fedcare.site.dataset import prepare_site_data
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, parse_study
@@ -100,7 +106,7 @@ def play_round(deployment: _Deployment, study: Study, sites: tuple[str, ...]) ->
         client = client_for(deployment, site)
         try:
             task = client.task(study.content_hash)
-            assert task.kind is TaskKind.READY, f"{site} got {task.kind}"
+            assert task.state is TaskState.READY, f"{site} got {task.state}"
             number = task.round
             assert client.submit(study.content_hash, task.round, local[site].handle(task.payload))
         finally:
@@ -191,7 +197,7 @@ def test_site_a_cannot_submit_as_site_b(live) -> None:
     alpha = client_for(deployment, "alpha")
     try:
         task = alpha.task(study.content_hash)
-        assert task.kind is TaskKind.READY
+        assert task.state is TaskState.READY
         forged = workers(study)["beta"].handle(task.payload)  # beta's update, sent by alpha
         with pytest.raises(CoordinatorError) as refused:
             alpha.submit(study.content_hash, task.round, forged)
@@ -233,7 +239,7 @@ def test_bad_payloads_get_a_clear_4xx(live, body, status: int, reason: str) -> N
     alpha = client_for(deployment, "alpha")
     try:
         task = alpha.task(study.content_hash)
-        assert task.kind is TaskKind.READY
+        assert task.state is TaskState.READY
         if body == "nan":
             body = _update(study, task.payload, "alpha", np.array([0, np.nan, 0, 0, 0]))
         elif body == "wrong-length":
@@ -368,7 +374,7 @@ def test_coordinator_killed_mid_round_resumes_without_loss_or_double_counting(
             assert status["open_round"]["number"] == 2
             assert status["open_round"]["reported"] == ["alpha"]
             # alpha already reported round 2: it gets no task until round 3.
-            assert alpha.task(study.content_hash).kind is TaskKind.WAIT
+            assert alpha.task(study.content_hash).state is TaskState.WAIT
         finally:
             alpha.close()
         assert play_round(deployment, study, ("beta", "gamma")) == 2
@@ -377,7 +383,7 @@ def test_coordinator_killed_mid_round_resumes_without_loss_or_double_counting(
         wait_for_round(deployment, study, 3)
         gamma = client_for(deployment, "gamma")
         try:
-            assert gamma.task(study.content_hash).kind is TaskKind.FINISHED
+            assert gamma.task(study.content_hash).state is TaskState.FINISHED
             header, params, _ = decode_model(gamma.model(study.content_hash), N_PARAMS, ())
         finally:
             gamma.close()

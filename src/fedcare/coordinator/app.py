@@ -24,11 +24,10 @@ from fedcare.coordinator.service import (
     ForbiddenError,
     StudyCoordinator,
     StudyStatus,
-    TaskState,
 )
 from fedcare.coordinator.store import StoreError
 from fedcare.coordinator.tls import PEER_KEY
-from fedcare.federation.messages import SHA256_HEX
+from fedcare.federation.messages import SHA256_HEX, TaskState
 from fedcare.federation.rounds import RoundError
 from fedcare.models.wire import PayloadError
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 from numpy.typing import NDArray
@@ -25,6 +23,8 @@ from fedcare.federation.messages import (
     SHA256_HEX,
     SiteUpdate,
     Task,
+    TaskReply,
+    TaskState,
     decode_update,
     encode_task,
 )
@@ -49,19 +49,6 @@ class ModelHeader(BaseModel):
 
     study_hash: str = Field(pattern=SHA256_HEX)
     round: int = Field(ge=0)
-
-
-class TaskState(StrEnum):
-    READY = "ready"
-    WAIT = "wait"
-    FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class TaskReply:
-    state: TaskState
-    payload: bytes = b""
-    round: int = 0
 
 
 class OpenRoundView(BaseModel):

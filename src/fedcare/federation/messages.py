@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,6 +35,23 @@ class UpdateHeader(BaseModel):
     site: str = Field(pattern=SITE_NAME)
     n_samples: int = Field(ge=1)
     loss: float = Field(allow_inf_nan=False)
+
+
+class TaskState(StrEnum):
+    """What a site gets when it asks for work."""
+
+    READY = "ready"
+    WAIT = "wait"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TaskReply:
+    """The answer to "is there work for me?": the encoded task when ``READY``."""
+
+    state: TaskState
+    payload: bytes = b""
+    round: int = 0
 
 
 @dataclass(frozen=True)

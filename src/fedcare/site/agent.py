@@ -24,17 +24,13 @@ from fedcare.audit import AuditLog
 from fedcare.config import SiteConfig
 from fedcare.coordinator.service import decode_model
 from fedcare.coordinator.store import write_file_atomically
+from fedcare.federation.messages import TaskState
 from fedcare.federation.rounds import RoundError
 from fedcare.models.builders import initial_parameters
 from fedcare.policy.approval import site_audit_path
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
-from fedcare.site.client import (
-    CoordinatorClient,
-    CoordinatorError,
-    RetryableError,
-    TaskKind,
-)
+from fedcare.site.client import CoordinatorClient, CoordinatorError, RetryableError
 from fedcare.site.dataset import prepare_site_data
 from fedcare.site.gate import admit_study
 from fedcare.site.worker import SiteWorker
@@ -128,9 +124,9 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
         log.info("site %s joined study %s (%s)", config.site, study.name, study_hash[:12])
         while True:
             reply = with_retry(lambda: client.task(study_hash), retry_max, "polling for a task")
-            if reply.kind is TaskKind.FINISHED:
+            if reply.state is TaskState.FINISHED:
                 break
-            if reply.kind is TaskKind.WAIT:
+            if reply.state is TaskState.WAIT:
                 continue
             train_started = time.perf_counter()
             update = worker.handle(reply.payload)

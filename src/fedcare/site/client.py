@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import httpx
 
 from fedcare.config import TlsFiles
+from fedcare.federation.messages import TaskReply, TaskState
 
 PAYLOAD = "application/octet-stream"
 
@@ -33,19 +32,6 @@ def tls_context(tls: TlsFiles) -> ssl.SSLContext:
     context.load_cert_chain(str(tls.cert), str(tls.key))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
-
-
-class TaskKind(StrEnum):
-    READY = "ready"
-    WAIT = "wait"
-    FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class TaskResponse:
-    kind: TaskKind
-    payload: bytes = b""
-    round: int = 0
 
 
 def _detail(response: httpx.Response) -> str:
@@ -95,18 +81,18 @@ class CoordinatorClient:
         body: dict[str, Any] = response.json()
         return body
 
-    def task(self, study_hash: str) -> TaskResponse:
+    def task(self, study_hash: str) -> TaskReply:
         response = self._call(
             "GET", f"/v1/studies/{study_hash}/task", params={"wait": self.poll_wait_s}
         )
         if response.status_code == 200:
-            return TaskResponse(
-                TaskKind.READY, response.content, int(response.headers["X-Fedcare-Round"])
+            return TaskReply(
+                TaskState.READY, response.content, int(response.headers["X-Fedcare-Round"])
             )
         if response.status_code == 204:
-            return TaskResponse(TaskKind.WAIT)
+            return TaskReply(TaskState.WAIT)
         if response.status_code == 410:
-            return TaskResponse(TaskKind.FINISHED)
+            return TaskReply(TaskState.FINISHED)
         raise CoordinatorError(response.status_code, _detail(response))
 
     def submit(self, study_hash: str, round_number: int, payload: bytes) -> bool:

@@ -73,42 +73,29 @@ def train_local(
     # and the caller's random state is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _train(model_spec, training, start, features, labels, seed)
-
-
-def _train(
-    model_spec: ModelSpec,
-    training: TrainingSpec,
-    start: NDArray[np.float32],
-    features: NDArray[np.float32],
-    labels: NDArray[np.float32],
-    seed: int,
-) -> LocalResult:
-    n = features.shape[0]
-    model = build_model(model_spec, features.shape[1])
-    set_flat(model, start)
-    model.train()
-    optimizer = _optimizer(model, training)
-    loss_fn = nn.BCEWithLogitsLoss()
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
-    generator = torch.Generator().manual_seed(seed)
-    batches = _batches(n, training, generator)
-    mu = training.proximal_mu
-    anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
-    total = 0.0
-    for index in batches:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[index]).squeeze(-1), y[index])
-        total += float(loss.detach())
-        if mu > 0:
-            # FedProx (Li et al. 2020): keep local parameters near the global model.
-            drift = sum(
-                ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
-            )
-            loss = loss + 0.5 * mu * drift
-        loss.backward()
-        optimizer.step()
+        model = build_model(model_spec, features.shape[1])
+        set_flat(model, start)
+        model.train()
+        optimizer = _optimizer(model, training)
+        loss_fn = nn.BCEWithLogitsLoss()
+        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
+        batches = _batches(n, training, torch.Generator().manual_seed(seed))
+        mu = training.proximal_mu
+        anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
+        total = 0.0
+        for index in batches:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x[index]).squeeze(-1), y[index])
+            total += float(loss.detach())
+            if mu > 0:
+                # FedProx (Li et al. 2020): keep local parameters near the global model.
+                drift = sum(
+                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+                )
+                loss = loss + 0.5 * mu * drift
+            loss.backward()
+            optimizer.step()
     params = get_flat(model)
     if not np.all(np.isfinite(params)):
         raise FloatingPointError(

@@ -168,9 +168,7 @@ def expected_calibration_error(y: NDArray[np.int64], p: NDArray[np.float64]) -> 
     The bins are scikit-learn's ``calibration_curve`` bins (right-closed, the
     first one also holding 0), so this and the bootstrap use the same edges.
     """
-    prob_true, prob_pred = calibration_curve(
-        y, p, n_bins=ECE_BINS, strategy="uniform", pos_label=1
-    )
+    prob_true, prob_pred = calibration_curve(y, p, n_bins=ECE_BINS, strategy="uniform", pos_label=1)
     counts = np.bincount(_ece_bin(p), minlength=ECE_BINS)
     weights = counts[counts > 0] / y.size
     return float(np.sum(weights * np.abs(prob_true - prob_pred)))
@@ -419,6 +417,7 @@ def age_band(age: pd.Series) -> pd.Series:
 
 
 def _levels(attributes: pd.DataFrame, name: str) -> NDArray[np.str_]:
+    """The level of attribute ``name`` for each row, as text."""
     if name in attributes.columns:
         column = attributes[name]
     elif name == "age_band" and "age" in attributes.columns:
@@ -426,10 +425,9 @@ def _levels(attributes: pd.DataFrame, name: str) -> NDArray[np.str_]:
     else:
         derivable = " (or 'age' to derive it from)" if name == "age_band" else ""
         raise ValueError(f"subgroup attribute '{name}' is not a column{derivable}")
-    levels: NDArray[np.str_] = (
-        column.astype(object).where(column.notna(), MISSING_LEVEL).astype(str).to_numpy()
-    )
-    return levels
+    # Compare levels as text so 1 and "1" (or a category dtype) are one level.
+    labelled = column.astype(object).where(column.notna(), MISSING_LEVEL).astype(str)
+    return labelled.to_numpy(dtype=np.str_)
 
 
 def _check_inputs(
