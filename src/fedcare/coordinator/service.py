@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedcare.aggregation import make_server_optimizer
 from fedcare.audit import AuditLog, JsonInput
 from fedcare.coordinator.store import SqlStore, StoredRound, sha256_hex
 from fedcare.federation.engine import Federation
@@ -82,12 +83,13 @@ def encode_model(
 def decode_model(
     data: bytes, n_params: int, state_names: tuple[str, ...]
 ) -> tuple[ModelHeader, NDArray[np.float32], dict[str, NDArray[np.float32]]]:
-    """Parse a model file; accepts it with or without the optimiser's state."""
-    try:
-        expected = {"params": n_params, **{f"opt.{k}": n_params for k in state_names}}
-        header, vectors = decode(data, ModelHeader, expected, max_bytes=len(data))
-    except ValueError:
-        header, vectors = decode(data, ModelHeader, {"params": n_params}, max_bytes=len(data))
+    """Parse a model payload holding the parameters and exactly ``state_names`` of state.
+
+    Stored model files carry the server optimiser's state (written after it has
+    stepped at least once); models served to sites carry parameters only (``()``).
+    """
+    expected = {"params": n_params, **{f"opt.{k}": n_params for k in state_names}}
+    header, vectors = decode(data, ModelHeader, expected, max_bytes=len(data))
     state = {k.removeprefix("opt."): v for k, v in vectors.items() if k.startswith("opt.")}
     return header, vectors["params"], state
 
@@ -123,7 +125,7 @@ class StudyCoordinator:
             _, params, state = decode_model(
                 store.read_model(stored),
                 self.n_params,
-                Federation(study, sites, initial).optimizer.state_names,
+                make_server_optimizer(study.aggregation).state_names,
             )
         self.federation = Federation(study, sites, params, round_number=last_round)
         self.federation.optimizer.load_state(state)

@@ -6,6 +6,7 @@ profile, and a site runs only a study whose exact content hash is approved.
 See docs/governance.md.
 """
 
+from fedcare.models.size import count_parameters
 from fedcare.policy.approval import StudyRefusedError, approve, ensure_allowed, is_approved
 from fedcare.policy.checks import check_study, declares_differential_privacy
 from fedcare.policy.findings import Finding, Severity, refusals
@@ -25,7 +26,7 @@ from fedcare.policy.model import (
     save_policy,
 )
 from fedcare.policy.profiles import Basis, JurisdictionProfile, load_profile, parse_profile
-from fedcare.policy.review import StudyReview, count_parameters, review_study
+from fedcare.policy.review import StudyReview, review_study
 
 __all__ = [
     "ApprovedStudy",

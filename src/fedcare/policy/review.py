@@ -8,11 +8,11 @@ no I/O except reading the shipped jurisdiction profile.
 
 from __future__ import annotations
 
-from itertools import pairwise
 from typing import Literal
 
 from pydantic import Field
 
+from fedcare.models.size import count_parameters
 from fedcare.policy.checks import check_study, declares_differential_privacy
 from fedcare.policy.findings import Finding, Severity, refusals
 from fedcare.policy.model import ApprovedStudy, DatasetBudget, Jurisdiction, SitePolicy
@@ -23,7 +23,6 @@ from fedcare.study import (
     AggregationSpec,
     Artefact,
     ModelKind,
-    ModelSpec,
     RoundSpec,
     Study,
     TrainingSpec,
@@ -31,12 +30,6 @@ from fedcare.study import (
 
 # Parameters travel as little-endian float32 (models/wire.py).
 BYTES_PER_PARAMETER = 4
-
-
-def count_parameters(spec: ModelSpec, n_inputs: int) -> int:
-    """Weights and biases of the model ``models/builders.py`` builds, without building it."""
-    widths = [n_inputs, *spec.hidden, 1]
-    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in pairwise(widths))
 
 
 class ModelReview(Strict):

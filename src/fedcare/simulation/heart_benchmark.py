@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, Field
 
 from fedcare.data.heart_disease import CENTER_NAMES, heart_disease_study
-from fedcare.models.builders import initial_parameters
+from fedcare.models.size import study_parameter_count
 from fedcare.simulation.results import RoundRecord
 from fedcare.simulation.runner import (
     POOLED,
@@ -188,7 +188,7 @@ def federate(
     study: Study, sites: Sequence[SiteDataset], progress: Progress = _quiet
 ) -> FederatedRun:
     """One federated run, exactly as ``fedcare simulate`` runs it."""
-    n_params = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed).shape[0]
+    n_params = study_parameter_count(study)
     transport = InProcessTransport({s.name: SiteWorker(study, s, n_params) for s in sites})
     params, records = run_federation(study, sites, transport, progress)
     return FederatedRun(params, accuracies(study, params, sites), records)

@@ -28,6 +28,7 @@ from fedcare.config import CoordinatorConfig, SiteConfig, StudyMembership, TlsFi
 from fedcare.coordinator.service import decode_model
 from fedcare.coordinator.store import SqlStore
 from fedcare.data.synthetic import HospitalCohort, generate_cohorts
+from fedcare.models.size import study_parameter_count
 from fedcare.policy import SitePolicy, approve, save_policy
 from fedcare.provision import provision
 from fedcare.simulation.runner import Progress, run_federation
@@ -314,12 +315,12 @@ def run_network_demo(
             / "state"
             / (f"model-{study.content_hash[:16]}.safetensors")
         )
-        _, params, _ = decode_model(model_file.read_bytes(), _n_params(study), ())
+        _, params, _ = decode_model(model_file.read_bytes(), study_parameter_count(study), ())
         models.append(params)
 
     reference_started = time.perf_counter()
     prepared = [prepare_site_data(c.frame, c.mapping, study) for c in cohorts]
-    workers = {s.name: SiteWorker(study, s, _n_params(study)) for s in prepared}
+    workers = {s.name: SiteWorker(study, s, study_parameter_count(study)) for s in prepared}
     reference, _ = run_federation(study, prepared, InProcessTransport(workers))
     in_process_wall = time.perf_counter() - reference_started
 
@@ -342,9 +343,3 @@ def run_network_demo(
         ],
         folder=str(folder),
     )
-
-
-def _n_params(study: Study) -> int:
-    from fedcare.models.builders import initial_parameters
-
-    return int(initial_parameters(study.model, study.feature_schema.n_inputs, study.seed).shape[0])

@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 from fedcare.federation.engine import Federation
 from fedcare.federation.messages import decode_update, encode_task
 from fedcare.models.builders import initial_parameters
+from fedcare.models.size import study_parameter_count
 from fedcare.simulation.results import (
     RoundRecord,
     SimulationResult,
@@ -171,7 +172,7 @@ def run_simulation(
 ) -> SimulationResult:
     """The federation plus (optionally) its baselines, scored on every site's held-out data."""
     started = time.perf_counter()
-    n_params = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed).shape[0]
+    n_params = study_parameter_count(study)
     if transport is None:
         transport = InProcessTransport({s.name: SiteWorker(study, s, n_params) for s in sites})
     final, records = run_federation(study, sites, transport, progress)

@@ -26,7 +26,7 @@ from fedcare.coordinator.service import decode_model
 from fedcare.coordinator.store import write_file_atomically
 from fedcare.federation.messages import TaskState
 from fedcare.federation.rounds import RoundError
-from fedcare.models.builders import initial_parameters
+from fedcare.models.size import study_parameter_count
 from fedcare.policy.approval import site_audit_path
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
@@ -100,9 +100,7 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
         log.warning("policy: %s [%s]", finding.message, finding.rule_id)
     assert config.policy is not None  # admit_study refuses a site without a policy
     audit = AuditLog(site_audit_path(config.policy), config.site)
-    n_params = int(
-        initial_parameters(study.model, study.feature_schema.n_inputs, study.seed).shape[0]
-    )
+    n_params = study_parameter_count(study)
     worker = SiteWorker(study, data, n_params)
     study_hash = study.content_hash
     client = CoordinatorClient(str(config.coordinator), config.tls)
