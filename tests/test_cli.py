@@ -129,3 +129,24 @@ def test_data_check_refuses_bad_rows_naming_column_rule_and_count(tmp_path: Path
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "5 rows fit" in result.output
+
+
+def test_error_messages_quote_user_text_literally(tmp_path: Path) -> None:
+    """A column name that looks like Rich markup is shown as written, not styled away."""
+    study = tmp_path / "study.yaml"
+    study.write_text("name: t\nschema:\n  label: {name: y}\n  features: [{name: a}]\n")
+    mapping = tmp_path / "m.yaml"
+    mapping.write_text("site: s\nfeatures: {a: '[bold]A'}\nlabel: Y\n")
+    data = tmp_path / "d.csv"
+    data.write_text("B,Y\n1,0\n2,1\n")
+    args = ["data", "check", str(data), "--study", str(study), "--mapping", str(mapping)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "column '[bold]A': column not found in the data" in result.output
+
+
+def test_missing_file_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["audit", "verify", str(tmp_path / "absent.jsonl")])
+    assert result.exit_code == 2
+    assert "absent.jsonl" in result.output
+    assert "Traceback" not in result.output

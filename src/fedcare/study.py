@@ -16,7 +16,7 @@ from typing import Any, Self
 from pydantic import Field, ValidationError, model_validator
 
 from fedcare.schema.features import FeatureSchema, FeatureType, Strict
-from fedcare.yamlfile import format_validation_errors, parse_yaml_model
+from fedcare.yamlfile import format_validation_errors, parse_yaml_model, read_yaml_model
 
 
 class StudyError(ValueError):
@@ -262,8 +262,4 @@ def parse_study(text: str, source: str = "<study>") -> Study:
 
 def load_study(path: Path) -> Study:
     """Read and validate ``study.yaml``."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise StudyError(f"{path}: cannot read the study file: {exc.strerror}") from exc
-    return parse_study(text, str(path))
+    return read_yaml_model(path, Study, "study file", StudyError)

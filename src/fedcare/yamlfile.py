@@ -6,6 +6,7 @@ every one of them reports a typo or a wrong type the same way.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TypeVar
 
 import yaml
@@ -24,6 +25,15 @@ def format_validation_errors(exc: ValidationError, source: str, what: str) -> st
             message = "unknown key (check the spelling; unknown keys are never ignored)"
         lines.append(f"  {path}: {message}")
     return "\n".join(lines)
+
+
+def read_yaml_model(path: Path, model: type[M], what: str, error: type[Exception]) -> M:
+    """Read ``path`` and validate it as ``model``; an unreadable file raises ``error`` too."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what}: {exc.strerror}") from exc
+    return parse_yaml_model(text, model, str(path), what, error)
 
 
 def parse_yaml_model(

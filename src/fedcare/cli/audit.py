@@ -2,39 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from fedcare.cli.common import T, console, errors
+from fedcare.cli.common import console, guarded, say
 
 audit_app = typer.Typer(
     help="Verify, export, sign and show hash-chained audit logs.", no_args_is_help=True
 )
-
-
-def _audit_guarded(fn: Callable[[], T]) -> T:
-    """Run ``fn``; an audit, key or file error becomes one message and exit status 2."""
-    from rich.markup import escape
-
-    from fedcare.audit import AuditError
-
-    try:
-        return fn()
-    except AuditError as exc:
-        message = str(exc)
-    except OSError as exc:
-        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
-    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-def _audit_say(text: str) -> None:
-    # Log contents are untrusted: never let them be read as Rich markup.
-    console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 @audit_app.command("verify")
@@ -74,8 +52,8 @@ def audit_verify(
         key = certificate_key(cert, party=trusted.party, ca_path=ca)
         return verify(log, trusted, key, allow_partial=partial)
 
-    report = _audit_guarded(run)
-    _audit_say(report.summary())
+    report = guarded(run)
+    say(report.summary())
     if not report.ok:
         raise typer.Exit(code=1)
 
@@ -91,13 +69,11 @@ def audit_export(
     """Copy a verified log (or its entries from --since on) for an external reviewer."""
     from fedcare.audit import export_jsonl
 
-    result = _audit_guarded(lambda: export_jsonl(log, out, since=since))
+    result = guarded(lambda: export_jsonl(log, out, since=since))
     span = f"seq {result.first_seq}..{result.last_seq}, " if result.n_entries else ""
-    _audit_say(f"wrote {result.n_entries} entries ({span}head {result.head}) to {result.out}")
+    say(f"wrote {result.n_entries} entries ({span}head {result.head}) to {result.out}")
     if result.partial:
-        _audit_say(
-            f"it starts after entry 1: check it with 'fedcare audit verify {result.out} --partial'"
-        )
+        say(f"it starts after entry 1: check it with 'fedcare audit verify {result.out} --partial'")
 
 
 @audit_app.command("sign-head")
@@ -127,8 +103,8 @@ def audit_sign_head(
         write_head(signed, out)
         return signed
 
-    signed = _audit_guarded(run)
-    _audit_say(
+    signed = guarded(run)
+    say(
         f"signed {signed.party}'s head: seq {signed.seq}, hash {signed.hash} ({signed.algorithm}) "
         f"-> {out}"
     )
@@ -152,7 +128,7 @@ def audit_show(
 
     from fedcare.audit import read_verified
 
-    entries, report = _audit_guarded(lambda: read_verified(log, allow_partial=partial))
+    entries, report = guarded(lambda: read_verified(log, allow_partial=partial))
     shown = entries[-last:] if last else entries
     table = Table(title=Text(f"{log} ({report.party or 'empty'})"))
     for header in ("seq", "time (UTC)", "event", "details", "hash"):
@@ -167,7 +143,7 @@ def audit_show(
             Text(entry.hash[:12]),
         )
     console.print(table)
-    _audit_say(report.summary())
+    say(report.summary())
     if not report.ok:
         raise typer.Exit(code=1)
 
@@ -182,12 +158,10 @@ def audit_recover(
     """
     from fedcare.audit import recover_torn_tail
 
-    torn = _audit_guarded(lambda: recover_torn_tail(log))
+    torn = guarded(lambda: recover_torn_tail(log))
     if torn is None:
-        _audit_say(f"{log} ends with a complete line: nothing to recover")
+        say(f"{log} ends with a complete line: nothing to recover")
         return
-    _audit_say(
-        f"moved a torn last line ({torn.n_bytes} bytes, sha256 {torn.sha256}) to {torn.saved_to}"
-    )
+    say(f"moved a torn last line ({torn.n_bytes} bytes, sha256 {torn.sha256}) to {torn.saved_to}")
     if torn.logged is not None:
-        _audit_say(f"logged as entry {torn.logged.seq} ({torn.logged.event})")
+        say(f"logged as entry {torn.logged.seq} ({torn.logged.event})")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,8 +29,10 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     Imported here rather than at the top so that ``fedcare --help`` stays quick.
     """
+    from fedcare.audit import AuditError
     from fedcare.config import ConfigError
     from fedcare.coordinator.store import StoreError
+    from fedcare.provision import ProvisionError
     from fedcare.schema.mapping import DataValidationError, MappingError
     from fedcare.schema.readers import DataFileError
     from fedcare.simulation.sites import SitesFileError
@@ -49,8 +52,22 @@ def user_errors() -> tuple[type[Exception], ...]:
         SiteAgentError,
         CoordinatorError,
         StoreError,
-        FileNotFoundError,
+        AuditError,
+        ProvisionError,
+        OSError,
     )
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one error line and exit. The text is never read as Rich markup: it quotes
+    user data (column names, file contents, log entries)."""
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=code)
+
+
+def say(text: str) -> None:
+    """Print plain text to standard output, never interpreted as markup."""
+    console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 def guarded(fn: Callable[[], T]) -> T:
@@ -58,8 +75,9 @@ def guarded(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except user_errors() as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+        if isinstance(exc, OSError) and exc.filename:
+            fail(f"{exc.filename}: {exc.strerror}")
+        fail(str(exc))
 
 
 @contextmanager

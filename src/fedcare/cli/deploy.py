@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedcare.cli.common import console, errors, guarded
+from fedcare.cli.common import console, guarded, say
 
 coordinator_app = typer.Typer(help="Run the consortium's coordinator.", no_args_is_help=True)
 
@@ -59,9 +59,6 @@ def provision(
 ) -> None:
     """Create a consortium CA, coordinator and site certificates for mutual TLS, and configs."""
     import os
-    from typing import NoReturn
-
-    from rich.markup import escape
 
     from fedcare.provision import ProvisionError, ProvisionResult, split_names
     from fedcare.provision import provision as write_consortium
@@ -82,35 +79,21 @@ def provision(
             ca_passphrase=passphrase,
         )
 
-    def fail(reason: str) -> NoReturn:
-        errors.print(
-            f"[bold red]error:[/] {escape(reason)}", highlight=False, soft_wrap=True, emoji=False
-        )
-        raise typer.Exit(code=2) from None
+    result = guarded(run)
 
-    try:
-        result = run()
-    except ProvisionError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"cannot write {exc.filename}: {exc.strerror}")
-
-    def show(text: str) -> None:
-        console.print(text, markup=False, emoji=False, highlight=False, soft_wrap=True)
-
-    show(f"provisioned consortium {result.consortium!r} in {result.out}")
+    say(f"provisioned consortium {result.consortium!r} in {result.out}")
     for cert in result.certificates:
         protection = "encrypted" if cert.key_encrypted else "unencrypted"
-        show(f"{cert.role}: {cert.cert_path}")
-        show(f"  subject      {cert.subject}")
-        show(f"  sha256       {cert.fingerprint}")
-        show(f"  valid until  {cert.not_after:%Y-%m-%d}")
-        show(f"  private key  {cert.key_path} (mode 0600, {protection})")
-    show(f"CA copies: {', '.join(str(p) for p in result.ca_copies)}")
-    show(f"configs: {', '.join(str(p) for p in result.configs)}")
-    show(f"sites connect to {result.coordinator_url}")
+        say(f"{cert.role}: {cert.cert_path}")
+        say(f"  subject      {cert.subject}")
+        say(f"  sha256       {cert.fingerprint}")
+        say(f"  valid until  {cert.not_after:%Y-%m-%d}")
+        say(f"  private key  {cert.key_path} (mode 0600, {protection})")
+    say(f"CA copies: {', '.join(str(p) for p in result.ca_copies)}")
+    say(f"configs: {', '.join(str(p) for p in result.configs)}")
+    say(f"sites connect to {result.coordinator_url}")
     for folder in result.stale_sites:
-        show(f"warning: {folder} is left from an earlier run; its certificate is from the old CA")
+        say(f"warning: {folder} is left from an earlier run; its certificate is from the old CA")
     console.print(
         "next: move ca.key offline; ship each sites/<name>/ folder to its site over a trusted "
         "channel; compare fingerprints out of band (see docs/deployment.md).",

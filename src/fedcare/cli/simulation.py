@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedcare.cli.common import console, errors, guarded, progress_bar
+from fedcare.cli.common import console, errors, fail, guarded, progress_bar
 from fedcare.simulation.results import SimulationResult
 from fedcare.study import Strategy, Study, Weighting, load_study
 
@@ -157,8 +157,7 @@ def _network_demo(study: Study, folder: Path, seed: int, scale: float) -> None:
                 )
             )
         except LoopbackError as exc:
-            errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=1) from None
+            fail(str(exc), code=1)
     table = Table(title="Network demo")
     table.add_column("process")
     table.add_column("peak RSS (MB)", justify="right")

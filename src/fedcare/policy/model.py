@@ -33,7 +33,7 @@ from fedcare.config import ConfigError
 from fedcare.federation.messages import SHA256_HEX, SITE_NAME
 from fedcare.schema.features import Strict
 from fedcare.study import Artefact
-from fedcare.yamlfile import parse_yaml_model
+from fedcare.yamlfile import parse_yaml_model, read_yaml_model
 
 # ISO 3166-1 alpha-2, plus "EU" (the study's coordinator_region allows it too).
 Region = Annotated[str, Field(pattern=r"^[A-Z]{2}$")]
@@ -213,11 +213,7 @@ def parse_policy(text: str, source: str = "<policy>") -> SitePolicy:
 
 def load_policy(path: Path) -> SitePolicy:
     """Read and validate ``policy.yaml``."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read the site policy: {exc.strerror}") from exc
-    return parse_policy(text, str(path))
+    return read_yaml_model(path, SitePolicy, "site policy", PolicyError)
 
 
 _HEADER = (
