@@ -130,10 +130,21 @@ def write_policy(tmp_path: Path, jurisdiction: str = "hipaa", **changes: Any) ->
             "approved_studies.0.approved_at",
         ),
         (
-            {"extra_gates": [{"metric": "auroc", "op": ">=", "threshold": 0.7, "level": 1}]},
-            "extra_gates.0.level",
+            {
+                "validation_gates": [
+                    {"kind": "overall", "metric": "auroc", "op": ">=", "threshold": 0.7, "level": 1}
+                ]
+            },
+            "validation_gates.0.level",
         ),
-        ({"extra_gates": [{"metric": "brier", "op": ">=", "threshold": 0.2}]}, "extra_gates.0"),
+        (
+            {
+                "validation_gates": [
+                    {"kind": "overall", "metric": "brier", "op": ">=", "threshold": 0.2}
+                ]
+            },
+            "validation_gates.0",
+        ),
         (
             {"transfer_safeguard": {"mechanism": "handshake", "regions": ["US"], "reference": "x"}},
             "transfer_safeguard.mechanism",
@@ -156,7 +167,15 @@ def test_unknown_key_is_refused_not_ignored() -> None:
 
 def test_policy_round_trips_and_saves_atomically(tmp_path: Path) -> None:
     policy = make_policy(
-        extra_gates=[{"metric": "auroc", "op": ">=", "threshold": 0.7, "subgroup": "ethnicity"}],
+        validation_gates=[
+            {
+                "kind": "every_subgroup",
+                "metric": "auroc",
+                "op": ">=",
+                "threshold": 0.7,
+                "attribute": "ethnicity",
+            }
+        ],
         transfer_safeguard={
             "mechanism": "standard_contractual_clauses",
             "regions": ["US"],
@@ -592,7 +611,7 @@ def test_governance_example_policy_validates() -> None:
     example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     policy = parse_policy(example, "docs/governance.md")
     assert policy.transfer_safeguard is not None
-    assert len(policy.extra_gates) == 3
+    assert len(policy.validation_gates) == 3
 
 
 def test_governance_lists_every_rule() -> None:

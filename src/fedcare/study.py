@@ -16,6 +16,7 @@ from typing import Any, Self
 from pydantic import Field, ValidationError, model_validator
 
 from fedcare.schema.features import FeatureSchema, FeatureType, Strict
+from fedcare.validation.spec import AGE_BAND, ValidationSpec
 from fedcare.yamlfile import format_validation_errors, parse_yaml_model, read_yaml_model
 
 
@@ -207,6 +208,7 @@ class Study(Strict):
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     rounds: RoundSpec = RoundSpec()
     disclosure: DisclosureSpec = DisclosureSpec()
+    validation: ValidationSpec = ValidationSpec()
     seed: int = Field(default=0, ge=0, lt=2**32)
 
     @model_validator(mode="after")
@@ -231,6 +233,30 @@ class Study(Strict):
             if missing:
                 raise ValueError(
                     "scaling 'reference' needs reference: [mean, std] on " + ", ".join(missing)
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _subgroups_exist(self) -> Self:
+        schema = self.feature_schema
+        allowed = {a.name for a in schema.attributes} | {
+            f.name for f in schema.features if f.type is not FeatureType.CONTINUOUS
+        }
+        if "age" in {f.name for f in schema.features} | {a.name for a in schema.attributes}:
+            allowed.add(AGE_BAND)
+        spec = self.validation
+        unknown = [name for name in spec.subgroups if name not in allowed]
+        if unknown:
+            raise ValueError(
+                f"validation.subgroups: {', '.join(unknown)} is not an attribute, a binary or "
+                f"categorical feature, or age_band (with an 'age' feature); "
+                f"choose from {', '.join(sorted(allowed)) or 'none'}"
+            )
+        for gate in spec.gates:
+            if gate.attribute is not None and gate.attribute not in spec.subgroups:
+                raise ValueError(
+                    f"validation.gates: attribute '{gate.attribute}' is not in "
+                    "validation.subgroups, so no site would report it"
                 )
         return self
 

@@ -13,8 +13,6 @@ from fedcare.policy.findings import Finding, Severity, refusals
 from fedcare.policy.model import (
     ApprovedStudy,
     DatasetBudget,
-    Gate,
-    GateMetric,
     Jurisdiction,
     PolicyError,
     SafeguardMechanism,
@@ -33,8 +31,6 @@ __all__ = [
     "Basis",
     "DatasetBudget",
     "Finding",
-    "Gate",
-    "GateMetric",
     "Jurisdiction",
     "JurisdictionProfile",
     "PolicyError",

@@ -18,7 +18,7 @@ import tempfile
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated
 
 import yaml
 from pydantic import (
@@ -26,13 +26,13 @@ from pydantic import (
     Field,
     HttpUrl,
     field_validator,
-    model_validator,
 )
 
 from fedcare.config import ConfigError
 from fedcare.federation.messages import SHA256_HEX, SITE_NAME
 from fedcare.schema.features import Strict
 from fedcare.study import Artefact
+from fedcare.validation.spec import GateSpec
 from fedcare.yamlfile import parse_yaml_model, read_yaml_model
 
 # ISO 3166-1 alpha-2, plus "EU" (the study's coordinator_region allows it too).
@@ -83,42 +83,6 @@ class DatasetBudget(Strict):
     delta: float = Field(gt=0.0, lt=1.0)
 
 
-class GateMetric(StrEnum):
-    """Metrics a validation gate can test (those :mod:`fedcare.validation.metrics` computes)."""
-
-    AUROC = "auroc"
-    AUPRC = "auprc"
-    ACCURACY = "accuracy"
-    BRIER = "brier"
-
-
-# Which way is better for each metric, so a gate cannot be written backwards.
-_LOWER_IS_BETTER = frozenset({GateMetric.BRIER})
-
-
-class Gate(Strict):
-    """A site's own threshold a model release must pass on its data (used by validation)."""
-
-    metric: GateMetric
-    op: Literal[">=", "<="]
-    threshold: float = Field(ge=0.0, le=1.0)
-    subgroup: str | None = Field(
-        default=None,
-        pattern=r"^[a-z][a-z0-9_]*(=.+)?$",
-        description="An attribute (every level) or attribute=level; none means all patients.",
-    )
-
-    @model_validator(mode="after")
-    def _direction(self) -> Self:
-        wanted = "<=" if self.metric in _LOWER_IS_BETTER else ">="
-        if self.op != wanted:
-            better = "lower" if wanted == "<=" else "higher"
-            raise ValueError(
-                f"{self.metric.value} is {better}-is-better: a gate on it uses op '{wanted}'"
-            )
-        return self
-
-
 class SafeguardMechanism(StrEnum):
     """Legal mechanisms that allow a transfer to a coordinator abroad."""
 
@@ -157,7 +121,10 @@ class SitePolicy(Strict):
         default_factory=dict, description="Per data set, the total (epsilon, delta) allowed."
     )
     transfer_safeguard: TransferSafeguard | None = None
-    extra_gates: tuple[Gate, ...] = ()
+    validation_gates: tuple[GateSpec, ...] = Field(
+        default=(),
+        description="This site's own release gates, checked with the study's on its data.",
+    )
     # Last, because fedcare appends to it and the file reads best with it at the end.
     approved_studies: tuple[ApprovedStudy, ...] = ()
 

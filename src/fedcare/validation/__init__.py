@@ -1,5 +1,5 @@
-"""Validation: metrics on held-out data."""
+"""Validation: metrics on held-out data, subgroup reports, release gates and decisions.
 
-from fedcare.validation.metrics import BinaryMetrics, binary_metrics
-
-__all__ = ["BinaryMetrics", "binary_metrics"]
+The package imports nothing heavy itself, so the study contract can use
+:mod:`fedcare.validation.spec` without loading scikit-learn.
+"""

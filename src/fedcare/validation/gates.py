@@ -26,90 +26,18 @@ What cannot be checked:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import StrEnum
-from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict
 
-from fedcare.validation.report import (
-    CellReport,
+from fedcare.validation.report import CellReport, SuppressedCell, ValidationReport
+from fedcare.validation.spec import (
+    HIGHER_IS_BETTER,
+    IDEAL,
+    LOWER_IS_BETTER,
+    GateKind,
+    GateSpec,
     Metric,
-    SuppressedCell,
-    ValidationReport,
 )
-
-
-class GateKind(StrEnum):
-    OVERALL = "overall"
-    EVERY_SUBGROUP = "every_subgroup"
-    SUBGROUP_GAP = "subgroup_gap"
-    NO_DROP = "no_drop"
-
-
-_HIGHER_IS_BETTER = frozenset(
-    {Metric.AUROC, Metric.AUPRC, Metric.SENSITIVITY, Metric.SPECIFICITY, Metric.PPV}
-)
-_LOWER_IS_BETTER = frozenset({Metric.ECE, Metric.BRIER})
-# Calibration slope (ideal 1) and intercept (ideal 0) are better when closer to
-# their ideal, so a threshold on them may go either way (slope >= 0.8 and
-# slope <= 1.2 are both sensible), and a "drop" is moving away from the ideal.
-_IDEAL = {Metric.CALIBRATION_SLOPE: 1.0, Metric.CALIBRATION_INTERCEPT: 0.0}
-
-
-class GateSpec(BaseModel):
-    """One gate. Which optional fields are needed depends on ``kind``:
-
-    ============== ============ ========== =============== ========= ===========
-    kind           op           threshold  attribute       positives tolerance
-    ============== ============ ========== =============== ========= ===========
-    overall        required     required   --              --        --
-    every_subgroup required     required   optional (all)  optional  --
-    subgroup_gap   '<=' (dflt)  required   required        optional  --
-    no_drop        --           --         --              --        required
-    ============== ============ ========== =============== ========= ===========
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: GateKind
-    metric: Metric
-    op: Literal[">=", "<="] | None = None
-    threshold: float | None = None
-    attribute: str | None = Field(default=None, description="A subgroup attribute, e.g. 'sex'.")
-    min_positives: int = Field(
-        default=0, ge=0, description="Subgroup cells with fewer positives are not checked."
-    )
-    tolerance: float | None = Field(default=None, ge=0.0)
-
-    @model_validator(mode="after")
-    def _fields_match_kind(self) -> Self:
-        kind = self.kind
-        if kind is GateKind.SUBGROUP_GAP:
-            if self.op not in (None, "<="):
-                raise ValueError("a subgroup_gap gate bounds the gap from above: op '<='")
-            if self.attribute is None:
-                raise ValueError("a subgroup_gap gate needs the attribute whose levels it compares")
-        elif kind is GateKind.NO_DROP:
-            if self.tolerance is None:
-                raise ValueError("a no_drop gate needs a tolerance, e.g. tolerance: 0.02")
-            if self.op is not None or self.threshold is not None:
-                raise ValueError("a no_drop gate takes a tolerance, not op/threshold")
-        elif self.op is None:
-            raise ValueError(f"an {kind.value} gate needs op '>=' or '<='")
-        if kind is not GateKind.NO_DROP and self.threshold is None:
-            raise ValueError(f"a {kind.value} gate needs a threshold")
-        if kind is not GateKind.NO_DROP and self.tolerance is not None:
-            raise ValueError("only a no_drop gate takes a tolerance")
-        on_all = kind in (GateKind.OVERALL, GateKind.NO_DROP)
-        if on_all and (self.attribute is not None or self.min_positives):
-            raise ValueError(f"a {kind.value} gate is on all patients: no attribute")
-        if kind in (GateKind.OVERALL, GateKind.EVERY_SUBGROUP):
-            # Refuse a gate written backwards (AUROC <= 0.8 passes a useless model).
-            if self.metric in _HIGHER_IS_BETTER and self.op != ">=":
-                raise ValueError(f"{self.metric.value} is higher-is-better: use op '>='")
-            if self.metric in _LOWER_IS_BETTER and self.op != "<=":
-                raise ValueError(f"{self.metric.value} is lower-is-better: use op '<='")
-        return self
 
 
 class Verdict(BaseModel):
@@ -269,11 +197,11 @@ def _check_gap(gate: GateSpec, report: ValidationReport, site: str) -> tuple[lis
 
 def _worsening(metric: Metric, before: float, after: float) -> float:
     """How much worse ``after`` is than ``before``; negative when it improved."""
-    if metric in _HIGHER_IS_BETTER:
+    if metric in HIGHER_IS_BETTER:
         return before - after
-    if metric in _LOWER_IS_BETTER:
+    if metric in LOWER_IS_BETTER:
         return after - before
-    ideal = _IDEAL[metric]
+    ideal = IDEAL[metric]
     return abs(after - ideal) - abs(before - ideal)
 
 

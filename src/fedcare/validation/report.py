@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from enum import StrEnum
 from typing import Annotated, Literal
 
 import numpy as np
@@ -40,6 +39,8 @@ from sklearn.metrics import (
     confusion_matrix,
     roc_auc_score,
 )
+
+from fedcare.validation.spec import AGE_BAND, Metric
 
 OVERALL = "all"
 """The group name of the cell that holds every patient."""
@@ -77,22 +78,9 @@ MISSING_LEVEL = "missing"
 """The level given to patients whose attribute is unknown, so counts still add up."""
 
 
-class Metric(StrEnum):
-    """Every metric a report cell carries (besides its counts)."""
-
-    AUROC = "auroc"
-    AUPRC = "auprc"
-    SENSITIVITY = "sensitivity"
-    SPECIFICITY = "specificity"
-    PPV = "ppv"
-    ECE = "ece"
-    CALIBRATION_SLOPE = "calibration_slope"
-    CALIBRATION_INTERCEPT = "calibration_intercept"
-    BRIER = "brier"
-
-
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Reports arrive from sites over the network: no NaN or infinity may hide in one.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Estimate(_Frozen):
@@ -420,10 +408,10 @@ def _levels(attributes: pd.DataFrame, name: str) -> NDArray[np.str_]:
     """The level of attribute ``name`` for each row, as text."""
     if name in attributes.columns:
         column = attributes[name]
-    elif name == "age_band" and "age" in attributes.columns:
+    elif name == AGE_BAND and "age" in attributes.columns:
         column = age_band(attributes["age"])
     else:
-        derivable = " (or 'age' to derive it from)" if name == "age_band" else ""
+        derivable = " (or 'age' to derive it from)" if name == AGE_BAND else ""
         raise ValueError(f"subgroup attribute '{name}' is not a column{derivable}")
     # Compare levels as text so 1 and "1" (or a category dtype) are one level.
     labelled = column.astype(object).where(column.notna(), MISSING_LEVEL).astype(str)
