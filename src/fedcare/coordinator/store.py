@@ -107,7 +107,9 @@ class StoredModel:
     sha256: str
 
 
-def _sqlite_pragmas(engine: Engine) -> None:
+def sqlite_pragmas(engine: Engine) -> None:
+    """WAL, synchronous=FULL and foreign keys on every new SQLite connection."""
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
         # WAL: readers never block the writer; synchronous=FULL: a committed
@@ -145,7 +147,7 @@ class SqlStore:
     def __init__(self, url: str, storage: Path) -> None:
         self.engine = create_engine(url)
         if url.startswith("sqlite"):
-            _sqlite_pragmas(self.engine)
+            sqlite_pragmas(self.engine)
         Base.metadata.create_all(self.engine)
         self.storage = storage
 

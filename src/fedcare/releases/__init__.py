@@ -1,0 +1,1 @@
+"""Model releases: the registry at the coordinator, the validation round trip, model cards."""
