@@ -40,6 +40,25 @@ def print_comparison(result: SimulationResult) -> None:
     )
 
 
+def print_releases(result: SimulationResult) -> None:
+    """The candidate releases and how each was settled, with the reasons."""
+    if not result.releases:
+        return
+    table = Table(title="Releases (every site validates each candidate on its own patients)")
+    for header in ("release", "round", "parent", "state", "why"):
+        table.add_column(header, overflow="fold")
+    for release in result.releases:
+        table.add_row(
+            str(release.id),
+            str(release.round),
+            "-" if release.parent is None else str(release.parent),
+            release.state,
+            release.reason,
+            style="green" if release.state == "promoted" else "red",
+        )
+    console.print(table)
+
+
 def _override(
     study: Study,
     rounds: int | None = None,
@@ -81,22 +100,33 @@ def _simulate(
 ) -> SimulationResult:
     from fedcare.report import write_results
     from fedcare.simulation.runner import SimulationOptions, run_simulation
-    from fedcare.simulation.sites import builtin_sites, sites_from_file
+    from fedcare.simulation.sites import (
+        builtin_rules,
+        builtin_sites,
+        rules_from_file,
+        sites_from_file,
+    )
 
     started = time.perf_counter()
     if sites_file is None:
         sites, descriptions = builtin_sites(study, seed=data_seed, scale=scale)
+        rules = builtin_rules([s.name for s in sites])
     else:
         sites, descriptions = sites_from_file(sites_file, study)
+        rules = rules_from_file(sites_file)
     errors.print(
         f"study [bold]{study.name}[/] ({study.content_hash[:12]}), {len(sites)} sites, "
         f"{sum(s.n_train for s in sites)} training rows, {study.rounds.count} rounds",
         highlight=False,
     )
     with progress_bar() as progress:
-        result = run_simulation(
-            study, sites, SimulationOptions(baselines, descriptions), progress=progress
+        options = SimulationOptions(
+            baselines,
+            descriptions,
+            site_rules=rules,
+            registry_dir=None if out is None else out / "registry",
         )
+        result = run_simulation(study, sites, options, progress=progress)
     result = result.model_copy(update={"wall_s": time.perf_counter() - started})
     if out is not None:
         json_path, html_path = write_results(result, out)
@@ -133,6 +163,7 @@ def demo(
 
     result = guarded(run)
     print_comparison(result)
+    print_releases(result)
     console.print(f"done in {result.wall_s:.1f} s; open {out / 'report.html'}")
 
 
@@ -230,3 +261,4 @@ def simulate(
 
     result = guarded(run)
     print_comparison(result)
+    print_releases(result)

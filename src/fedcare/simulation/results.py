@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from fedcare.releases.registry import Release
 from fedcare.validation.metrics import BinaryMetrics
 
-RESULTS_SCHEMA_VERSION = 1
+RESULTS_SCHEMA_VERSION = 2
 
 
 class SiteSummary(BaseModel):
@@ -37,6 +38,39 @@ class SiteComparison(BaseModel):
     federated_on_other_sites: float | None
 
 
+class SiteVerdictRecord(BaseModel):
+    passed: bool
+    reasons: list[str]
+    notes: list[str]
+
+
+class ReleaseRecord(BaseModel):
+    """One candidate release and how it was settled."""
+
+    id: int
+    round: int
+    parent: int | None
+    state: str
+    reason: str
+    verdicts: dict[str, SiteVerdictRecord]
+
+    @classmethod
+    def from_release(cls, release: Release) -> ReleaseRecord:
+        return cls(
+            id=release.id,
+            round=release.round,
+            parent=release.parent,
+            state=release.state.value,
+            reason=release.reason,
+            verdicts={
+                v.site: SiteVerdictRecord(
+                    passed=v.verdict.passed, reasons=v.verdict.reasons, notes=v.verdict.notes
+                )
+                for v in release.verdicts
+            },
+        )
+
+
 class SimulationResult(BaseModel):
     schema_version: int = RESULTS_SCHEMA_VERSION
     study_name: str
@@ -49,4 +83,5 @@ class SimulationResult(BaseModel):
     rounds: list[RoundRecord]
     matrix: dict[str, dict[str, BinaryMetrics]]
     comparison: list[SiteComparison]
+    releases: list[ReleaseRecord] = []
     wall_s: float

@@ -10,18 +10,24 @@ steps) as the federation spends in total.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedcare.federation.engine import Federation
 from fedcare.federation.messages import decode_update, encode_task
+from fedcare.federation.rounds import RoundStatus
 from fedcare.models.builders import initial_parameters
 from fedcare.models.size import study_parameter_count
+from fedcare.releases.desk import ReleaseDesk
+from fedcare.releases.registry import ReleaseRegistry
 from fedcare.simulation.results import (
+    ReleaseRecord,
     RoundRecord,
     SimulationResult,
     SiteComparison,
@@ -33,6 +39,7 @@ from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, TrainingSpec
 from fedcare.training import predict_proba, train_local
 from fedcare.validation.metrics import BinaryMetrics, binary_metrics
+from fedcare.validation.spec import GateSpec
 
 FEDERATED = "federated"
 POOLED = "pooled"
@@ -50,9 +57,21 @@ def local_model_name(site: str) -> str:
 
 
 @dataclass(frozen=True)
+class SiteRules:
+    """What a site's policy says about validation: its own gates and minimum cohort."""
+
+    gates: tuple[GateSpec, ...] = ()
+    min_cohort: int = 1
+
+
+@dataclass(frozen=True)
 class SimulationOptions:
     baselines: bool = True
     descriptions: dict[str, str] | None = None
+    site_rules: dict[str, SiteRules] = field(default_factory=dict)
+    registry_dir: Path | None = None
+    """Where the release registry is kept (``registry.db`` and model files); a
+    temporary folder when not given."""
 
 
 def evaluate(
@@ -65,13 +84,34 @@ def evaluate(
     }
 
 
+def validate_release(
+    desk: ReleaseDesk, transport: Transport, round_number: int, params: NDArray[np.float32]
+) -> None:
+    """Make the model a candidate release, have every site validate it, and settle it."""
+    release = desk.open_candidate(round_number, params, now=time.time())
+    for site in desk.sites:
+        task = desk.task_for(site)
+        if task is None:
+            continue
+        reply = transport.validate(site, task[1])
+        if reply is not None:
+            desk.receive(site, task[0], reply, now=time.time())
+    # In one process every answer is in; sites that did not answer are past the deadline.
+    desk.settle(now=max(time.time(), release.deadline))
+
+
 def run_federation(
     study: Study,
     sites: Sequence[SiteDataset],
     transport: Transport,
     progress: Progress = _quiet,
+    desk: ReleaseDesk | None = None,
 ) -> tuple[NDArray[np.float32], list[RoundRecord]]:
-    """Drive every round of the study through ``transport``; returns the final model."""
+    """Drive every round of the study through ``transport``; returns the final model.
+
+    With a ``desk``, the model after each candidate round is validated by every
+    site and settled as a release (see docs/validation.md).
+    """
     n_inputs = study.feature_schema.n_inputs
     initial = initial_parameters(study.model, n_inputs, study.seed)
     federation = Federation(study, [s.name for s in sites], initial)
@@ -87,6 +127,12 @@ def run_federation(
         # In one process every answer is in once the loop ends; sites that did
         # not answer are treated as past the deadline.
         outcome = federation.finish_round(round_, now=max(time.monotonic(), round_.deadline))
+        if (
+            desk is not None
+            and outcome.status is RoundStatus.CLOSED
+            and desk.is_candidate_round(outcome.number)
+        ):
+            validate_release(desk, transport, outcome.number, federation.params)
         records.append(
             RoundRecord(
                 number=outcome.number,
@@ -174,8 +220,23 @@ def run_simulation(
     started = time.perf_counter()
     n_params = study_parameter_count(study)
     if transport is None:
-        transport = InProcessTransport({s.name: SiteWorker(study, s, n_params) for s in sites})
-    final, records = run_federation(study, sites, transport, progress)
+        workers = {}
+        for s in sites:
+            rules = options.site_rules.get(s.name, SiteRules())
+            workers[s.name] = SiteWorker(study, s, n_params, rules.gates, rules.min_cohort)
+        transport = InProcessTransport(workers)
+    with tempfile.TemporaryDirectory(prefix="fedcare-registry-") as scratch:
+        folder = options.registry_dir or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        registry = ReleaseRegistry.open(f"sqlite:///{folder / 'registry.db'}", folder)
+        try:
+            desk = ReleaseDesk(study, [s.name for s in sites], registry)
+            final, records = run_federation(study, sites, transport, progress, desk)
+            releases = [
+                ReleaseRecord.from_release(r) for r in registry.releases(study.content_hash)
+            ]
+        finally:
+            registry.close()
     models = {FEDERATED: final}
     if options.baselines:
         models.update(train_baselines(study, sites, progress))
@@ -201,5 +262,6 @@ def run_simulation(
         rounds=records,
         matrix=matrix,
         comparison=compare(matrix, [s.name for s in sites]),
+        releases=releases,
         wall_s=time.perf_counter() - started,
     )

@@ -2,16 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedcare.data.synthetic import generate_cohorts
+from fedcare.policy.model import load_policy
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
+from fedcare.simulation.runner import SiteRules
 from fedcare.site.dataset import SiteDataset, prepare_site_data
 from fedcare.study import Study
+from fedcare.validation.spec import GateKind, GateSpec, Metric
+
+BUILTIN_MIN_COHORT = 11
+"""The built-in hospitals' minimum cohort size (their policies follow HIPAA's small-cell rule)."""
+
+BUILTIN_SITE_GATES: dict[str, tuple[GateSpec, ...]] = {
+    # The renal unit's clinicians accept a model only if it catches at least 70 %
+    # of their deteriorating patients at the study's threshold.
+    "kestrel-renal": (
+        GateSpec(kind=GateKind.OVERALL, metric=Metric.SENSITIVITY, op=">=", threshold=0.70),
+    ),
+    # riverside checks that women are not missed more often than it tolerates.
+    "riverside": (
+        GateSpec(
+            kind=GateKind.EVERY_SUBGROUP,
+            metric=Metric.SENSITIVITY,
+            op=">=",
+            threshold=0.60,
+            attribute="sex_female",
+            min_positives=20,
+        ),
+    ),
+}
+"""The validation gates in the built-in hospitals' own policies (the demo's)."""
 
 
 class SitesFileError(ValueError):
@@ -25,6 +52,9 @@ class SiteEntry(BaseModel):
     data: Path
     mapping: Path
     description: str = ""
+    policy: Path | None = Field(
+        default=None, description="The site's policy.yaml: its own gates and minimum cohort."
+    )
 
 
 class SitesFile(BaseModel):
@@ -46,6 +76,22 @@ def load_sites_file(path: Path) -> SitesFile:
     if len(set(names)) != len(names):
         raise SitesFileError(f"{path}: site names must be unique")
     return parsed
+
+
+def rules_from_file(path: Path) -> dict[str, SiteRules]:
+    """Each listed site's validation rules, from the policy file it names."""
+    parsed = load_sites_file(path)
+    rules = {}
+    for entry in parsed.sites:
+        if entry.policy is not None:
+            policy = load_policy(path.parent / entry.policy)
+            rules[entry.name] = SiteRules(policy.validation_gates, policy.min_cohort_size)
+    return rules
+
+
+def builtin_rules(names: Sequence[str]) -> dict[str, SiteRules]:
+    """The built-in hospitals' validation rules."""
+    return {name: SiteRules(BUILTIN_SITE_GATES.get(name, ()), BUILTIN_MIN_COHORT) for name in names}
 
 
 def sites_from_file(path: Path, study: Study) -> tuple[list[SiteDataset], dict[str, str]]:

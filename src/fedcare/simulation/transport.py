@@ -16,6 +16,10 @@ class Transport(Protocol):
         """Deliver ``task`` to ``site``; its encoded update, or None if it did not answer."""
         ...
 
+    def validate(self, site: str, task: bytes) -> bytes | None:
+        """Deliver a validation task; the site's encoded reply, or None if it did not answer."""
+        ...
+
 
 class InProcessTransport:
     """Calls each site's worker directly. ``offline`` sites never answer."""
@@ -28,3 +32,8 @@ class InProcessTransport:
         if site in self.offline:
             return None
         return self.workers[site].handle(task)
+
+    def validate(self, site: str, task: bytes) -> bytes | None:
+        if site in self.offline:
+            return None
+        return self.workers[site].validate(task)

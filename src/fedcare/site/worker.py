@@ -1,6 +1,12 @@
-"""A site's handling of one round: decode the task, train locally, encode the update."""
+"""A site's handling of one round: decode the task, train locally, encode the update.
+
+It also validates candidate releases: decode the model, report on held-out data,
+check the study's and the site's own gates, encode the reply.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from fedcare.federation.engine import derive_seed
 from fedcare.federation.messages import (
@@ -13,24 +19,39 @@ from fedcare.federation.rounds import RoundError
 from fedcare.site.dataset import SiteDataset
 from fedcare.study import Study
 from fedcare.training import train_local
+from fedcare.validation.local import validate_candidate
+from fedcare.validation.messages import decode_validation_task, encode_validation_reply
+from fedcare.validation.spec import GateSpec
 
 
 class SiteWorker:
     """Turns a task payload into an update payload for one site and one study."""
 
-    def __init__(self, study: Study, data: SiteDataset, n_params: int) -> None:
+    def __init__(
+        self,
+        study: Study,
+        data: SiteDataset,
+        n_params: int,
+        site_gates: Sequence[GateSpec] = (),
+        min_cohort: int = 1,
+    ) -> None:
         self.study = study
         self.data = data
         self.n_params = n_params
+        self.site_gates = tuple(site_gates)
+        self.min_cohort = min_cohort
+
+    def _check_study(self, study_hash: str) -> None:
+        if study_hash != self.study.content_hash:
+            raise RoundError(
+                f"site '{self.data.name}' refuses a task for study {study_hash[:12]}; "
+                f"it runs study {self.study.content_hash[:12]}"
+            )
 
     def handle(self, task_bytes: bytes) -> bytes:
         """Train on local data from the task's global model; return the encoded delta."""
         task = decode_task(task_bytes, self.n_params)
-        if task.header.study_hash != self.study.content_hash:
-            raise RoundError(
-                f"site '{self.data.name}' refuses a task for study {task.header.study_hash[:12]}; "
-                f"it runs study {self.study.content_hash[:12]}"
-            )
+        self._check_study(task.header.study_hash)
         result = train_local(
             self.study.model,
             self.study.training,
@@ -50,3 +71,12 @@ class SiteWorker:
             delta=result.params - task.params,
         )
         return encode_update(update)
+
+    def validate(self, task_bytes: bytes) -> bytes:
+        """Validate a candidate release on held-out data; return the encoded report and verdict."""
+        header, params = decode_validation_task(task_bytes, self.n_params)
+        self._check_study(header.study_hash)
+        reply = validate_candidate(
+            self.study, self.data, header, params, self.site_gates, self.min_cohort
+        )
+        return encode_validation_reply(reply)
