@@ -31,9 +31,15 @@ def test_demo_writes_results_and_report(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["schema_version"] == 1
+    assert results["schema_version"] == 2
     assert len(results["sites"]) >= 5
     assert len(results["rounds"]) == 3
+    # The last round always makes a candidate release, settled by every site.
+    (release,) = results["releases"]
+    assert release["round"] == 3
+    assert release["state"] in {"promoted", "rejected"}
+    assert set(release["verdicts"]) == {site["name"] for site in results["sites"]}
+    assert (out / "registry" / "registry.db").exists()
     assert {"federated", "pooled"} <= set(results["matrix"])
     html = (out / "report.html").read_text()
     assert "<svg" in html

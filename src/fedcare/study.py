@@ -260,6 +260,12 @@ class Study(Strict):
                 )
         return self
 
+    @property
+    def validates_releases(self) -> bool:
+        """Whether sites validate candidate releases: their reports are metrics, so only
+        a study that declares metrics among what leaves a site asks for them."""
+        return Artefact.METRICS in self.disclosure.artefacts
+
     def canonical(self) -> dict[str, Any]:
         """The fully resolved settings, defaults included, as plain JSON types."""
         return self.model_dump(mode="json", by_alias=True)

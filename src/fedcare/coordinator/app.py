@@ -30,12 +30,16 @@ from fedcare.coordinator.tls import PEER_KEY
 from fedcare.federation.messages import SHA256_HEX, TaskState
 from fedcare.federation.rounds import RoundError
 from fedcare.models.wire import PayloadError
+from fedcare.releases.desk import NotYoursError, ValidationRefusedError
+from fedcare.releases.registry import RegistryError
+from fedcare.validation.messages import MAX_REPLY_BYTES
 
 log = logging.getLogger("fedcare.coordinator")
 
 PAYLOAD = "application/octet-stream"
 StudyHash = Annotated[str, Path(pattern=SHA256_HEX, description="The study's content hash.")]
 RoundNumber = Annotated[int, Path(ge=1, le=100_000)]
+ReleaseId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 class SubmitReply(BaseModel):
@@ -46,6 +50,24 @@ class SubmitReply(BaseModel):
 
 class Problem(BaseModel):
     detail: str
+
+
+class VerdictReply(BaseModel):
+    """What the coordinator recorded for a site's validation of a release."""
+
+    recorded: bool
+    duplicate: bool
+    release: int
+    passed: bool
+    reasons: list[str]
+
+
+class ReleaseSummary(BaseModel):
+    id: int
+    round: int
+    parent: int | None
+    state: str
+    reason: str
 
 
 def _identity(request: Request) -> str:
@@ -127,6 +149,18 @@ def create_app(
     async def _conflict(_: Request, exc: RoundError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
+    @app.exception_handler(NotYoursError)
+    async def _not_yours(_: Request, exc: NotYoursError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=403)
+
+    @app.exception_handler(ValidationRefusedError)
+    async def _refused(_: Request, exc: ValidationRefusedError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(RegistryError)
+    async def _registry(_: Request, exc: RegistryError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
     @app.exception_handler(PayloadError)
     async def _bad_payload(_: Request, exc: PayloadError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
@@ -203,6 +237,59 @@ def create_app(
         accepted = await run_in_threadpool(coordinator.submit, site, round_number, body)
         reply = SubmitReply(accepted=accepted, duplicate=not accepted, round=round_number)
         return JSONResponse(reply.model_dump(), status_code=201 if accepted else 200)
+
+    @app.get(
+        "/v1/studies/{study_hash}/validation",
+        responses={200: {"content": {PAYLOAD: {}}}, 204: {}},
+    )
+    async def validation_task(request: Request, study_hash: StudyHash) -> Response:
+        """The candidate release this site has still to validate, if any."""
+        site = _identity(request)
+        coordinator = study_for(study_hash, site)
+        task = await run_in_threadpool(coordinator.validation_task_for, site)
+        if task is None:
+            return Response(status_code=204)
+        release, payload = task
+        return Response(payload, media_type=PAYLOAD, headers={"X-Fedcare-Release": str(release)})
+
+    @app.post(
+        "/v1/studies/{study_hash}/releases/{release_id}/verdict",
+        status_code=201,
+        response_model=VerdictReply,
+        responses={200: {"model": VerdictReply, "description": "Duplicate of a recorded reply"}},
+        openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
+    )
+    async def verdict(request: Request, study_hash: StudyHash, release_id: ReleaseId) -> Response:
+        """This site's validation report and verdict on a candidate release."""
+        site = _identity(request)
+        coordinator = study_for(study_hash, site)
+        body = await _read_body(request, MAX_REPLY_BYTES)
+        recorded, stored = await run_in_threadpool(
+            coordinator.receive_verdict, site, release_id, body
+        )
+        reply = VerdictReply(
+            recorded=recorded,
+            duplicate=not recorded,
+            release=release_id,
+            passed=stored.passed,
+            reasons=stored.reasons,
+        )
+        return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
+
+    @app.get("/v1/studies/{study_hash}/releases")
+    async def releases(request: Request, study_hash: StudyHash) -> list[ReleaseSummary]:
+        """Every release of the study and how it was settled (no reports)."""
+        coordinator = study_for(study_hash, _identity(request))
+        desk = coordinator.releases
+        if desk is None:
+            return []
+        history = await run_in_threadpool(desk.registry.releases, study_hash)
+        return [
+            ReleaseSummary(
+                id=r.id, round=r.round, parent=r.parent, state=r.state.value, reason=r.reason
+            )
+            for r in history
+        ]
 
     @app.get("/v1/studies/{study_hash}/model", responses={200: {"content": {PAYLOAD: {}}}})
     async def model(request: Request, study_hash: StudyHash) -> Response:

@@ -32,7 +32,10 @@ from fedcare.federation.messages import (
 from fedcare.federation.rounds import Round, RoundError, RoundStatus
 from fedcare.models.builders import initial_parameters
 from fedcare.models.wire import decode, encode
+from fedcare.releases.desk import ReleaseDesk
+from fedcare.releases.registry import ReleaseRegistry
 from fedcare.study import Study
+from fedcare.validation.gates import Verdict
 
 
 class ForbiddenError(PermissionError):
@@ -129,6 +132,14 @@ class StudyCoordinator:
             )
         self.federation = Federation(study, sites, params, round_number=last_round)
         self.federation.optimizer.load_state(state)
+        self.releases: ReleaseDesk | None = None
+        if study.validates_releases:
+            registry = ReleaseRegistry(store.engine, store.storage / "releases")
+            self.releases = ReleaseDesk(study, sites, registry, audit=self._audit)
+            if stored is not None and self.releases.is_candidate_round(stored.round):
+                # Idempotent: recreates the candidate only if a crash came between
+                # committing the round and recording its release.
+                self.releases.open_candidate(stored.round, params, self.clock())
         self.round: Round | None = None
         self._task: Task | None = None
         self._task_bytes = b""
@@ -257,9 +268,27 @@ class StudyCoordinator:
             return accepted
 
     def tick(self) -> None:
-        """Close the open round if it is due, and open the next one."""
+        """Close the open round if it is due, open the next one, settle due releases."""
         with self._lock:
             self._advance(self.clock())
+            if self.releases is not None:
+                self.releases.settle(self.clock())
+
+    def validation_task_for(self, site: str) -> tuple[int, bytes] | None:
+        """(release id, validation task) this site still owes, or None."""
+        self._check_member(site)
+        if self.releases is None:
+            return None
+        with self._lock:
+            return self.releases.task_for(site)
+
+    def receive_verdict(self, identity: str, release_id: int, body: bytes) -> tuple[bool, Verdict]:
+        """Check and store a site's validation reply (see :class:`ReleaseDesk`)."""
+        self._check_member(identity)
+        if self.releases is None:
+            raise ConflictError(f"study {self.hash[:12]} does not validate releases")
+        with self._lock:
+            return self.releases.receive(identity, release_id, body, self.clock())
 
     def _advance(self, now: float) -> None:
         round_ = self.round
@@ -294,6 +323,12 @@ class StudyCoordinator:
             participants=list(outcome.participants),
             reason=outcome.reason,
         )
+        if (
+            model is not None
+            and self.releases is not None
+            and self.releases.is_candidate_round(round_.number)
+        ):
+            self.releases.open_candidate(round_.number, self.federation.params, now)
         if self.federation.done:
             self._audit("study.finished", rounds=self.federation.round_number)
         self.round = None

@@ -32,6 +32,7 @@ from fedcare.models.size import study_parameter_count
 from fedcare.policy import SitePolicy, approve, save_policy
 from fedcare.provision import provision
 from fedcare.simulation.runner import Progress, run_federation
+from fedcare.simulation.sites import BUILTIN_SITE_GATES
 from fedcare.simulation.transport import InProcessTransport
 from fedcare.site.client import CoordinatorClient, RetryableError
 from fedcare.site.dataset import prepare_site_data
@@ -142,7 +143,11 @@ def prepare_deployment(
                     "region": "US",
                     "min_cohort_size": 11,
                     "coordinators": [url],
-                    "allowed_artefacts": ["model_updates"],
+                    "allowed_artefacts": ["model_updates", "metrics", "counts"],
+                    "validation_gates": [
+                        g.model_dump(mode="json", exclude_none=True)
+                        for g in BUILTIN_SITE_GATES.get(cohort.name, ())
+                    ],
                 }
             ),
             policy_path,

@@ -230,7 +230,11 @@ def run_simulation(
         folder.mkdir(parents=True, exist_ok=True)
         registry = ReleaseRegistry.open(f"sqlite:///{folder / 'registry.db'}", folder)
         try:
-            desk = ReleaseDesk(study, [s.name for s in sites], registry)
+            desk = (
+                ReleaseDesk(study, [s.name for s in sites], registry)
+                if study.validates_releases
+                else None
+            )
             final, records = run_federation(study, sites, transport, progress, desk)
             releases = [
                 ReleaseRecord.from_release(r) for r in registry.releases(study.content_hash)

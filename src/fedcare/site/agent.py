@@ -28,6 +28,7 @@ from fedcare.federation.messages import TaskState
 from fedcare.federation.rounds import RoundError
 from fedcare.models.size import study_parameter_count
 from fedcare.policy.approval import site_audit_path
+from fedcare.policy.model import load_policy
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
 from fedcare.site.client import CoordinatorClient, CoordinatorError, RetryableError
@@ -85,6 +86,54 @@ def _append_jsonl(path: Path, entry: dict[str, object]) -> None:
         handle.write(json.dumps(entry) + "\n")
 
 
+@dataclass
+class _Validator:
+    """Validates the candidate releases this site owes, once each per process."""
+
+    client: CoordinatorClient
+    worker: SiteWorker
+    audit: AuditLog
+    study_hash: str
+    retry_max_s: float
+    attempted: set[int]
+
+    def run(self) -> None:
+        while True:
+            task = with_retry(
+                lambda: self.client.validation_task(self.study_hash),
+                self.retry_max_s,
+                "asking for validation work",
+            )
+            if task is None or task[0] in self.attempted:
+                return
+            release, payload = task
+            self.attempted.add(release)
+            reply = self.worker.validate(payload)
+            # Recorded before the first byte leaves, like every update.
+            self.audit.append(
+                "validation.sent",
+                study=self.study_hash,
+                release=release,
+                bytes=len(reply),
+                sha256=hashlib.sha256(reply).hexdigest(),
+            )
+            try:
+                stored = with_retry(
+                    partial(self.client.send_verdict, self.study_hash, release, reply),
+                    self.retry_max_s,
+                    f"sending the validation of release {release}",
+                )
+            except CoordinatorError as exc:
+                log.warning("release %d: validation not taken: %s", release, exc.detail)
+                continue
+            log.info(
+                "release %d: validated, %s%s",
+                release,
+                "passed" if stored["passed"] else "failed",
+                "" if stored["passed"] else ": " + "; ".join(stored["reasons"]),
+            )
+
+
 def run_site(config: SiteConfig) -> SiteRunSummary:
     """Take part in the configured study until it finishes."""
     if config.study is None or config.data is None or config.mapping is None:
@@ -100,8 +149,9 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
         log.warning("policy: %s [%s]", finding.message, finding.rule_id)
     assert config.policy is not None  # admit_study refuses a site without a policy
     audit = AuditLog(site_audit_path(config.policy), config.site)
+    policy = load_policy(config.policy)
     n_params = study_parameter_count(study)
-    worker = SiteWorker(study, data, n_params)
+    worker = SiteWorker(study, data, n_params, policy.validation_gates, policy.min_cohort_size)
     study_hash = study.content_hash
     client = CoordinatorClient(str(config.coordinator), config.tls)
     retry_max = config.retry_max_s
@@ -120,7 +170,10 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
                 f"(if the study file changed, its hash changed too): {exc.detail}"
             ) from exc
         log.info("site %s joined study %s (%s)", config.site, study.name, study_hash[:12])
+        validator = _Validator(client, worker, audit, study_hash, retry_max, set())
         while True:
+            if study.validates_releases:
+                validator.run()
             reply = with_retry(lambda: client.task(study_hash), retry_max, "polling for a task")
             if reply.state is TaskState.FINISHED:
                 break
@@ -161,6 +214,8 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
                 data.n_train,
                 "accepted" if accepted else "already recorded",
             )
+        if study.validates_releases:
+            validator.run()
         payload = with_retry(lambda: client.model(study_hash), retry_max, "fetching the model")
         header, _, _ = decode_model(payload, n_params, ())
         if header.study_hash != study_hash:

@@ -107,6 +107,28 @@ class CoordinatorClient:
             raise CoordinatorError(response.status_code, _detail(response))
         return bool(response.json()["accepted"])
 
+    def validation_task(self, study_hash: str) -> tuple[int, bytes] | None:
+        """(release id, validation task) this site still owes, or None."""
+        response = self._call("GET", f"/v1/studies/{study_hash}/validation")
+        if response.status_code == 204:
+            return None
+        if response.status_code != 200:
+            raise CoordinatorError(response.status_code, _detail(response))
+        return int(response.headers["X-Fedcare-Release"]), response.content
+
+    def send_verdict(self, study_hash: str, release: int, payload: bytes) -> dict[str, Any]:
+        """Post a validation reply; the coordinator's record of it (passed, reasons)."""
+        response = self._call(
+            "POST",
+            f"/v1/studies/{study_hash}/releases/{release}/verdict",
+            content=payload,
+            headers={"Content-Type": "application/json"},
+        )
+        if response.status_code not in (200, 201):
+            raise CoordinatorError(response.status_code, _detail(response))
+        body: dict[str, Any] = response.json()
+        return body
+
     def model(self, study_hash: str) -> bytes:
         response = self._call("GET", f"/v1/studies/{study_hash}/model")
         if response.status_code != 200:
