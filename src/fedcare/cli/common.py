@@ -33,6 +33,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedcare.config import ConfigError
     from fedcare.coordinator.store import StoreError
     from fedcare.provision import ProvisionError
+    from fedcare.releases.registry import RegistryError
     from fedcare.schema.mapping import DataValidationError, MappingError
     from fedcare.schema.readers import DataFileError
     from fedcare.simulation.sites import SitesFileError
@@ -54,6 +55,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         StoreError,
         AuditError,
         ProvisionError,
+        RegistryError,
         OSError,
     )
 

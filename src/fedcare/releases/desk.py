@@ -98,8 +98,7 @@ class ReleaseDesk:
         """Record the model after ``round_number`` as a candidate (idempotent per round)."""
         before = {r.id for r in self.registry.releases(self.hash)}
         release = self.registry.add_candidate(
-            self.hash,
-            self.study.name,
+            self.study,
             round_number,
             params,
             self.sites,

@@ -19,11 +19,13 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, create_engine, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedcare.coordinator.store import sha256_hex, sqlite_pragmas, write_file_atomically
 from fedcare.federation.messages import SHA256_HEX
 from fedcare.models.wire import decode, encode
+from fedcare.study import Study
 from fedcare.validation.gates import Verdict
 from fedcare.validation.release import ReleaseState
 from fedcare.validation.report import ValidationReport
@@ -43,6 +45,7 @@ class ReleaseRow(_Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_hash: Mapped[str] = mapped_column(String(64), index=True)
     study_name: Mapped[str] = mapped_column(String(200))
+    study_json: Mapped[str] = mapped_column(Text)
     round: Mapped[int] = mapped_column(Integer)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("releases.id"), nullable=True)
     state: Mapped[str] = mapped_column(String(20))
@@ -152,7 +155,17 @@ class ReleaseRegistry:
     def __init__(self, engine: Engine, storage: Path) -> None:
         self.engine = engine
         self.storage = storage
-        _Base.metadata.create_all(engine)
+        try:
+            _Base.metadata.create_all(engine)
+            with Session(engine) as session:
+                session.scalars(select(ReleaseRow).limit(1)).first()
+                session.scalars(select(VerdictRow).limit(1)).first()
+        except SQLAlchemyError as exc:
+            cause = getattr(exc, "orig", None) or exc
+            raise RegistryError(
+                f"{engine.url}: not a fedcare release registry this version can read "
+                f"({type(cause).__name__}: {cause})"
+            ) from exc
 
     @classmethod
     def open(cls, url: str, storage: Path) -> ReleaseRegistry:
@@ -176,8 +189,7 @@ class ReleaseRegistry:
 
     def add_candidate(
         self,
-        study_hash: str,
-        study_name: str,
+        study: Study,
         round_number: int,
         params: NDArray[np.float32],
         required: list[str],
@@ -190,6 +202,7 @@ class ReleaseRegistry:
         twice (a coordinator that restarted between the round and this call)
         returns the existing candidate.
         """
+        study_hash = study.content_hash
         payload = encode(
             {"params": params}, ReleaseModelHeader(study_hash=study_hash, round=round_number)
         )
@@ -212,7 +225,8 @@ class ReleaseRegistry:
             parent = self._last_promoted_row(session, study_hash)
             row = ReleaseRow(
                 study_hash=study_hash,
-                study_name=study_name,
+                study_name=study.name,
+                study_json=study.model_dump_json(by_alias=True),
                 round=round_number,
                 parent_id=None if parent is None else parent.id,
                 state=ReleaseState.CANDIDATE.value,
@@ -289,6 +303,12 @@ class ReleaseRegistry:
             row.override_by = by
             row.override_reason = reason
             return _view(row, self._verdicts(session, release_id))
+
+    def study_of(self, release: Release) -> Study:
+        """The study the release was trained under, as it was then."""
+        with Session(self.engine) as session:
+            text = self._load(session, release.id).study_json
+        return Study.model_validate_json(text)
 
     def get(self, release_id: int) -> Release:
         with Session(self.engine) as session:
