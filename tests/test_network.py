@@ -24,7 +24,9 @@ from fedcare.federation.messages import (
     decode_task,
     encode_update,
 )
+from fedcare.policy import load_policy, save_policy
 from fedcare.provision import provision
+from fedcare.releases.registry import ReleaseRegistry
 from fedcare.simulation.loopback import (
     _Deployment,
     free_port,
@@ -40,6 +42,7 @@ from fedcare.site.client import CoordinatorClient, CoordinatorError, tls_context
 from fedcare.site.dataset import prepare_site_data
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, parse_study
+from fedcare.validation.spec import GateKind, GateSpec, Metric
 
 from .conftest import toy_frame, toy_mapping
 
@@ -49,7 +52,7 @@ N_PARAMS = 5  # 3 features + 1 missing indicator + bias
 pytestmark = pytest.mark.slow
 
 
-def network_study(rounds: int, min_sites: int, deadline_s: float) -> Study:
+def network_study(rounds: int, min_sites: int, deadline_s: float, extra: str = "") -> Study:
     return parse_study(f"""
 name: network-toy
 schema:
@@ -62,7 +65,7 @@ training: {{epochs: 1, batch_size: 16, learning_rate: 0.1}}
 rounds: {{count: {rounds}, min_sites: {min_sites}, deadline_s: {deadline_s}}}
 disclosure: {{min_cohort_size: 11, coordinator_region: US}}
 seed: 5
-""")
+{extra}""")
 
 
 def cohorts() -> list[HospitalCohort]:
@@ -446,3 +449,73 @@ def test_mutated_uploads_never_cause_a_server_error(live) -> None:
                 break
             assert 400 <= response.status_code < 500, (trial, response.status_code, response.text)
             assert response.json()["detail"]
+
+
+VALIDATED = """
+validation:
+  every: 2
+  n_bootstrap: 20
+  gates: [{kind: overall, metric: auroc, op: ">=", threshold: 0.5}]
+"""
+
+
+def test_sites_validate_releases_and_the_registry_survives_a_restart(tmp_path: Path) -> None:
+    study = network_study(rounds=3, min_sites=3, deadline_s=120, extra=VALIDATED)
+    # Validation reports are metrics: the study must say so, and the sites' policies allow it.
+    study = study.replace(
+        disclosure={**study.canonical()["disclosure"], "artefacts": ["model_updates", "metrics"]}
+    )
+    deployment = deploy(tmp_path, study)
+    # gamma's own policy demands more than the consortium does: it fails every release.
+    policy_path = deployment.site_configs["gamma"].parent / "policy.yaml"
+    strict = GateSpec(kind=GateKind.OVERALL, metric=Metric.AUROC, op=">=", threshold=0.999)
+    save_policy(
+        load_policy(policy_path).model_copy(update={"validation_gates": (strict,)}), policy_path
+    )
+    start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, SITES[0])
+        sites = [start_site(deployment, name) for name in SITES]
+        for proc in sites:
+            assert proc.popen.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
+        # Restart the coordinator: the releases, verdicts and reports are all still there.
+        coordinator = next(p for p in deployment.procs if p.name == "coordinator")
+        stop(coordinator)
+        deployment.procs.remove(coordinator)
+        start_coordinator(deployment)
+        wait_until_serving(deployment, SITES[0])
+        alpha = client_for(deployment, "alpha")
+        try:
+            listed = alpha.http.get(f"/v1/studies/{study.content_hash}/releases").json()
+            assert alpha.validation_task(study.content_hash) is None
+        finally:
+            alpha.close()
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+    assert [(r["round"], r["state"]) for r in listed] == [(2, "rejected"), (3, "rejected")]
+    for release in listed:
+        assert "site gamma: auroc" in release["reason"]
+        assert "below 0.999 (site policy)" in release["reason"]
+        assert "site alpha" not in release["reason"]
+    database = f"sqlite:///{deployment.folder / 'coordinator.db'}"
+    registry = ReleaseRegistry.open(database, deployment.folder / "models" / "releases")
+    try:
+        (first, second) = registry.releases(study.content_hash)
+        assert {v.site for v in second.verdicts} == set(SITES)
+        assert second.verdict_of("alpha").verdict.passed  # type: ignore[union-attr]
+        assert not second.verdict_of("gamma").verdict.passed  # type: ignore[union-attr]
+        assert second.parent is None  # nothing was promoted before it
+        registry.model(first)  # the model file is intact and matches its checksum
+    finally:
+        registry.close()
+    events = [e.event for e in read_entries(deployment.folder / "audit.jsonl")]
+    assert events.count("release.candidate") == 2
+    assert events.count("release.verdict") == 6
+    assert events.count("release.rejected") == 2
+    for name in SITES:
+        site_events = [
+            e.event for e in read_entries(deployment.site_configs[name].parent / "audit.jsonl")
+        ]
+        assert site_events.count("validation.sent") == 2
+        assert site_events[-1] == "model.received"
