@@ -47,6 +47,8 @@ def test_demo_writes_results_and_report(tmp_path: Path) -> None:
         assert site["name"] in done.stdout
         assert site["name"] in html
     assert "federated→others" in done.stdout
+    assert "<h2>Releases</h2>" in html
+    assert "Releases" in done.stdout
 
 
 def test_simulate_from_sites_file(tmp_path: Path) -> None:
