@@ -487,7 +487,11 @@ def test_review_lists_columns_outflows_and_privacy(study: Study) -> None:
     assert by_name["creatinine"].unit == "umol/L"
     assert by_name["creatinine"].range == (10, 2500)
 
-    (updates,) = review.outflows
+    updates, metrics, counts = review.outflows
+    assert metrics.artefact.value == "metrics"
+    assert "one validation report per candidate release (4 in all)" in metrics.description
+    assert "by sex_female, age_band, ethnicity" in metrics.description
+    assert counts.artefact.value == "counts"
     assert updates.bytes_per_round == 4 * review.model.n_params
     assert updates.total_bytes == 4 * review.model.n_params * study.rounds.count
     assert COORDINATOR in updates.description

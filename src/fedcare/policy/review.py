@@ -196,11 +196,17 @@ def _outflows(study: Study, n_params: int, url: str | None) -> tuple[list[Outflo
         )
     ]
     if Artefact.METRICS in declared:
+        spec = study.validation
+        releases = sum(spec.is_candidate_round(n, rounds.count) for n in range(1, rounds.count + 1))
+        by = f", overall and by {', '.join(spec.subgroups)}" if spec.subgroups else ""
         outflows.append(
             Outflow(
                 artefact=Artefact.METRICS,
-                description=f"to {where}: model metrics on the site's held-out patients "
-                f"(AUROC, AUPRC, accuracy, Brier), only for groups of at least {minimum}",
+                description=f"to {where}: one validation report per candidate release "
+                f"({releases} in all): AUROC, AUPRC, sensitivity, specificity, PPV, "
+                f"calibration and Brier score on the site's held-out patients{by}, with "
+                "bootstrap intervals and the verdict on the study's and this site's gates; "
+                f"groups of fewer than {minimum} patients are suppressed",
             )
         )
     if Artefact.COUNTS in declared:
