@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from fedcare.cli.common import console, errors, fail, guarded, progress_bar
-from fedcare.simulation.results import SimulationResult
+from fedcare.simulation.results import ReleaseRecord, SimulationResult
 from fedcare.study import Strategy, Study, Weighting, load_study
 
 
@@ -40,14 +40,14 @@ def print_comparison(result: SimulationResult) -> None:
     )
 
 
-def print_releases(result: SimulationResult) -> None:
+def print_releases(releases: list[ReleaseRecord]) -> None:
     """The candidate releases and how each was settled, with the reasons."""
-    if not result.releases:
+    if not releases:
         return
     table = Table(title="Releases (every site validates each candidate on its own patients)")
     for header in ("release", "round", "parent", "state", "why"):
         table.add_column(header, overflow="fold")
-    for release in result.releases:
+    for release in releases:
         table.add_row(
             str(release.id),
             str(release.round),
@@ -163,7 +163,7 @@ def demo(
 
     result = guarded(run)
     print_comparison(result)
-    print_releases(result)
+    print_releases(result.releases)
     console.print(f"done in {result.wall_s:.1f} s; open {out / 'report.html'}")
 
 
@@ -204,6 +204,20 @@ def _network_demo(study: Study, folder: Path, seed: int, scale: float) -> None:
         f"largest parameter difference from the in-process simulation: {result.max_abs_diff:.2e}"
     )
     (folder / "network-result.json").write_text(result.model_dump_json(indent=2))
+    print_releases(_coordinator_releases(folder, study))
+
+
+def _coordinator_releases(folder: Path, study: Study) -> list[ReleaseRecord]:
+    """The release history the demo's coordinator recorded."""
+    from fedcare.config import CoordinatorConfig, load_config
+    from fedcare.releases.registry import ReleaseRegistry
+
+    settings = load_config(folder / "coordinator.yaml", CoordinatorConfig)
+    registry = ReleaseRegistry.open(settings.database, settings.storage / "releases")
+    try:
+        return [ReleaseRecord.from_release(r) for r in registry.releases(study.content_hash)]
+    finally:
+        registry.close()
 
 
 def simulate(
@@ -261,4 +275,4 @@ def simulate(
 
     result = guarded(run)
     print_comparison(result)
-    print_releases(result)
+    print_releases(result.releases)

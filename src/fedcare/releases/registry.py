@@ -324,8 +324,17 @@ class ReleaseRegistry:
             return [_view(row, self._verdicts(session, row.id)) for row in session.scalars(query)]
 
     def candidates(self, study_hash: str) -> list[Release]:
-        """Releases of the study still waiting for their decision."""
-        return [r for r in self.releases(study_hash) if r.state is ReleaseState.CANDIDATE]
+        """Releases of the study still waiting for their decision, oldest first."""
+        with Session(self.engine) as session:
+            query = (
+                select(ReleaseRow)
+                .where(
+                    ReleaseRow.study_hash == study_hash,
+                    ReleaseRow.state == ReleaseState.CANDIDATE.value,
+                )
+                .order_by(ReleaseRow.id)
+            )
+            return [_view(row, self._verdicts(session, row.id)) for row in session.scalars(query)]
 
     def _last_promoted_row(self, session: Session, study_hash: str) -> ReleaseRow | None:
         return session.scalars(
