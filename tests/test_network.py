@@ -12,8 +12,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from fedcare.audit import read_entries, verify
+from fedcare.cli import app
 from fedcare.config import TlsFiles
 from fedcare.coordinator.service import decode_model
 from fedcare.data.synthetic import HospitalCohort
@@ -509,6 +511,18 @@ def test_sites_validate_releases_and_the_registry_survives_a_restart(tmp_path: P
         registry.model(first)  # the model file is intact and matches its checksum
     finally:
         registry.close()
+    # The operator overrides on the coordinator's own database; the trail records it.
+    config = str(deployment.folder / "coordinator.yaml")
+    reason = "gamma's threshold is under review"
+    done = CliRunner().invoke(
+        app, ["release", "promote", "--config", config, "2", "--by", "Ops", "--reason", reason]
+    )
+    assert done.exit_code == 0, done.output
+    assert verify(deployment.folder / "audit.jsonl").ok
+    override = read_entries(deployment.folder / "audit.jsonl")[-1]
+    assert override.event == "release.override"
+    assert override.details["by"] == "Ops"
+    assert override.details["reason"] == reason
     events = [e.event for e in read_entries(deployment.folder / "audit.jsonl")]
     assert events.count("release.candidate") == 2
     assert events.count("release.verdict") == 6
