@@ -363,3 +363,33 @@ def test_release_commands(simulated: Path, tmp_path: Path) -> None:
     missing = runner.invoke(app, ["release", "show", "--registry", db, "9"])
     assert missing.exit_code == 2
     assert "there is no release 9" in missing.output
+
+
+def test_no_drop_compares_with_each_sites_report_on_the_parent_release(
+    study: Study, tmp_path: Path
+) -> None:
+    sites = [
+        prepare_site_data(_frame(i, n, hidden_positives=False), _mapping(name), study)
+        for i, (name, n) in enumerate(SITES.items())
+    ]
+    validation = study.canonical()["validation"]
+    validation["gates"].append({"kind": "no_drop", "metric": "auroc", "tolerance": 0.0})
+    strict = study.replace(validation=validation)
+    first, second = _simulate(strict, sites, tmp_path, {})
+    assert first["state"] == "promoted"
+    assert second["parent"] == first["id"]
+    for site in SITES:
+        first_notes = first["verdicts"][site]["notes"]
+        assert f"site {site}: auroc drop not checked (no previous value to compare)" in first_notes
+        # The second candidate was compared with the first, site by site.
+        assert not any("drop not checked" in note for note in second["verdicts"][site]["notes"])
+    registry = ReleaseRegistry.open(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path)
+    try:
+        old, new = registry.releases()
+        for site in SITES:
+            before = old.verdict_of(site).report.overall.auroc.value  # type: ignore[union-attr]
+            after = new.verdict_of(site).report.overall.auroc.value  # type: ignore[union-attr]
+            dropped = any("auroc worsened" in r for r in second["verdicts"][site]["reasons"])
+            assert dropped == (after < before)
+    finally:
+        registry.close()
