@@ -5,6 +5,7 @@ from __future__ import annotations
 from fedcare.federation.engine import derive_seed
 from fedcare.federation.messages import (
     SiteUpdate,
+    Task,
     UpdateHeader,
     decode_task,
     encode_update,
@@ -25,6 +26,10 @@ class SiteWorker:
 
     def handle(self, task_bytes: bytes) -> bytes:
         """Train on local data from the task's global model; return the encoded delta."""
+        return encode_update(self.train(task_bytes)[1])
+
+    def train(self, task_bytes: bytes) -> tuple[Task, SiteUpdate]:
+        """The decoded task and this site's update for it (kept local under secure aggregation)."""
         task = decode_task(task_bytes, self.n_params)
         if task.header.study_hash != self.study.content_hash:
             raise RoundError(
@@ -49,4 +54,4 @@ class SiteWorker:
             ),
             delta=result.params - task.params,
         )
-        return encode_update(update)
+        return task, update
