@@ -124,6 +124,8 @@ class Round:
         """True when the round should be closed now: everyone reported, or the deadline passed."""
         if self.finished:
             return False
+        if self.summed is not None:
+            return True
         return len(self.reporters) == len(self.selected) or now >= self.deadline
 
     def close(
@@ -142,7 +144,8 @@ class Round:
                 f"{len(self.selected)} site(s) reported and the deadline has not passed"
             )
         if len(self.reporters) < self.min_sites:
-            if self.extensions_left > 0:
+            # A secure sum is final: waiting longer cannot add sites to it.
+            if self.extensions_left > 0 and self.summed is None:
                 self.extensions_left -= 1
                 self.deadline = now + self.extension_s
                 return None

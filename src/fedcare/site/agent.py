@@ -28,11 +28,13 @@ from fedcare.federation.messages import TaskState
 from fedcare.federation.rounds import RoundError
 from fedcare.models.size import study_parameter_count
 from fedcare.policy.approval import site_audit_path
+from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
 from fedcare.site.client import CoordinatorClient, CoordinatorError, RetryableError
 from fedcare.site.dataset import prepare_site_data
 from fedcare.site.gate import admit_study
+from fedcare.site.secure import secure_site, take_part
 from fedcare.site.worker import SiteWorker
 from fedcare.study import load_study
 
@@ -102,6 +104,10 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
     audit = AuditLog(site_audit_path(config.policy), config.site)
     n_params = study_parameter_count(study)
     worker = SiteWorker(study, data, n_params)
+    try:
+        secure = secure_site(config, worker) if study.secure_aggregation.enabled else None
+    except SecAggError as exc:
+        raise SiteAgentError(f"cannot take part in secure aggregation: {exc}") from exc
     study_hash = study.content_hash
     client = CoordinatorClient(str(config.coordinator), config.tls)
     retry_max = config.retry_max_s
@@ -120,11 +126,27 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
                 f"(if the study file changed, its hash changed too): {exc.detail}"
             ) from exc
         log.info("site %s joined study %s (%s)", config.site, study.name, study_hash[:12])
+
+        def retry(call: Callable[[], T], what: str) -> T:
+            return with_retry(call, retry_max, what)
+
         while True:
             reply = with_retry(lambda: client.task(study_hash), retry_max, "polling for a task")
             if reply.state is TaskState.FINISHED:
                 break
             if reply.state is TaskState.WAIT:
+                continue
+            if secure is not None:
+                if take_part(client, secure, reply, n_params, retry, audit):
+                    trained += 1
+                    _append_jsonl(
+                        config.state_dir / "rounds.jsonl",
+                        {
+                            "round": reply.round,
+                            "train_s": secure.train_s,
+                            "accepted": True,
+                        },
+                    )
                 continue
             train_started = time.perf_counter()
             update = worker.handle(reply.payload)

@@ -190,6 +190,11 @@ class SecAggServer:
     def request(self) -> UnmaskRequest | None:
         return self._request
 
+    @property
+    def answered(self) -> set[str]:
+        """Survivors whose unmasking shares have arrived."""
+        return set(self._replies)
+
     def receive_unmask(self, reply: UnmaskReply) -> None:
         self._expect(ServerStage.UNMASKING, "take unmasking shares")
         self._check(reply.study_hash, reply.round, reply.site)

@@ -6,6 +6,7 @@ quantised and masked here, and only the masked vector is sent.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,9 +44,12 @@ class SecureSite:
         self.certificate_pem = certificate_pem
         self.verifier = verifier
         self.plan = quantization_for(worker.study)
+        # Refuse at once, not in the middle of a round, if this site's weight cannot fit.
+        site_weight(worker.study, worker.data.n_train)
         self._client: SecAggClient | None = None
         self._update: SiteUpdate | None = None
         self._seed = 0
+        self.train_s = 0.0
 
     @property
     def name(self) -> str:
@@ -55,7 +59,9 @@ class SecureSite:
         """Train on the task, keep the update here, and advertise this round's keys."""
         if setup.study_hash != self.worker.study.content_hash:
             raise SecAggError("the secure round is for another study")
+        started = time.perf_counter()
         task, update = self.worker.train(task_bytes)
+        self.train_s = time.perf_counter() - started
         if task.header.round != setup.round:
             raise SecAggError(f"the task is for round {task.header.round}, not {setup.round}")
         self._update = update
