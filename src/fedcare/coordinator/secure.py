@@ -99,24 +99,28 @@ class SecureRelay:
         if server.stage is ServerStage.FAILED:
             raise SecureRelayError(f"secure aggregation failed: {server.reason}")
         try:
+            # A site waiting on a stage it has not joined (the coordinator restarted, or
+            # it was too late) is told at once, so it can start the round again.
             if stage == "keys":
+                if site not in server.advertised:
+                    raise SecureRelayError(f"'{site}' has no key advertisement in this round")
                 if server.stage is ServerStage.ADVERTISING:
                     return None
-                if site not in server.advertised:
-                    raise SecureRelayError(f"'{site}' advertised no keys in time for this round")
                 return _ADVERTS.dump_json(server.advertisements_for(site))
             if stage == "shares":
-                if server.stage in (ServerStage.ADVERTISING, ServerStage.SHARING):
+                if site not in server.shared:
+                    raise SecureRelayError(f"'{site}' has sent no shares in this round")
+                if server.stage is ServerStage.SHARING:
                     return None
                 if server.stage is not ServerStage.MASKING:
                     raise SecureRelayError("the masking stage of this round has closed")
                 return _SHARES.dump_json(server.shares_for(site))
             if stage == "unmask":
+                if site not in server.submitted:
+                    raise SecureRelayError(f"'{site}' has no masked input in this round")
                 request = server.request
                 if request is None:
                     return None
-                if site not in request.survivors:
-                    raise SecureRelayError(f"'{site}' submitted no masked input in time")
                 return request.model_dump_json().encode()
         except SecAggError as exc:
             raise SecureRelayError(str(exc)) from exc
