@@ -285,3 +285,30 @@ def test_overflowing_configurations_are_refused():
     ok = plan_quantization(32, 4.0, 100)
     assert ok.worst_case_sum() <= 2**31 - 1
     assert math.log2(ok.scale).is_integer()
+
+
+def test_sixty_four_bit_ring_sums_exactly_within_the_bound():
+    n, d = 4, 30
+    plan = plan_quantization(64, 3.0, n)
+    setup = round_setup(
+        STUDY, 1, SITES[:n], degree=None, threshold_fraction=0.6, seed=1, bits=64, length=d + 1
+    )
+    rng = np.random.default_rng(9)
+    deltas = {s: rng.normal(size=d).astype(np.float32) for s in SITES[:n]}
+    weights = {s: float(rng.uniform(0.01, 1)) for s in SITES[:n]}
+    encoded = {s: encode(deltas[s], weights[s], plan, rng) for s in SITES[:n]}
+    assert encoded[SITES[0]].dtype == np.uint64
+    total, survivors = run_local_round(
+        setup, encoded, identities(), {SITES[1]: DropAt.MASKED_INPUT}
+    )
+    got, wsum = decode_sum(total, plan)
+    want, want_w = _expected(plan, deltas, weights, survivors)
+    assert np.max(np.abs(got - want)) <= plan.error_bound(len(survivors)) + 1e-12
+    assert wsum == pytest.approx(want_w, abs=1e-12)
+
+
+def test_scales_beyond_exact_floats_are_refused():
+    from fedcare.privacy.secagg.quantize import QuantizationError
+
+    with pytest.raises(QuantizationError, match="2\\^52"):
+        plan_quantization(64, 1.0, 4, fraction_bits=55)

@@ -22,6 +22,8 @@ from fedcare.privacy.secagg.prg import dtype_for
 MIN_LEVELS = 1024
 """Fewest quantisation steps across [0, clip_norm] accepted for one site's value."""
 MAX_WEIGHT_BITS = 30
+EXACT_FLOAT = 2**52
+"""Largest scaled value used: float64 still rounds integers exactly below it."""
 
 
 class QuantizationError(ValueError):
@@ -43,8 +45,11 @@ class Quantization:
         return (1 << (self.bits - 1)) - 1
 
     def worst_case_sum(self) -> int:
-        """The largest absolute integer a sum of ``max_sites`` encoded elements can reach."""
-        value = math.floor(self.clip_norm * self.scale) + 1
+        """The largest absolute integer a sum of ``max_sites`` encoded elements can reach.
+
+        One step for stochastic rounding, and one more for a clipped coordinate that
+        floating point leaves a hair above ``clip_norm``."""
+        value = math.floor(self.clip_norm * self.scale) + 2
         return self.max_sites * max(value, self.weight_scale)
 
     def error_bound(self, n_sites: int) -> float:
@@ -69,7 +74,7 @@ def plan_quantization(
     per_site = limit // max_sites
     weight_bits = min(MAX_WEIGHT_BITS, per_site.bit_length() - 1)
     if fraction_bits is None:
-        room = (per_site - 1) / clip_norm
+        room = min(per_site - 2, EXACT_FLOAT) / clip_norm
         if room < 1:
             raise QuantizationError(
                 f"{max_sites} sites with clip_norm {clip_norm} do not fit in {bits} bits"
@@ -82,6 +87,11 @@ def plan_quantization(
             f"a sum over {max_sites} sites could reach {worst} > 2^{bits - 1} - 1 with "
             f"clip_norm {clip_norm} and {fraction_bits} fraction bits: use bits: 64, "
             "fewer fraction bits, a smaller clip_norm or fewer sites"
+        )
+    if clip_norm * plan.scale > EXACT_FLOAT:
+        raise QuantizationError(
+            f"{fraction_bits} fraction bits with clip_norm {clip_norm} exceed float64's exact "
+            "integers (2^52); use fewer fraction bits"
         )
     if clip_norm * plan.scale < MIN_LEVELS:
         raise QuantizationError(
