@@ -76,7 +76,9 @@ class SecureRelay:
                 self._identity(bundle.sender, site)
                 self.server.receive_shares(bundle)
             elif stage == "masked":
-                header, masked = decode_masked(body, self.setup.length, self.setup.bits)
+                header, masked = decode_masked(
+                    body, self.setup.length, self.setup.bits, self.max_bytes
+                )
                 self._identity(header.site, site)
                 if header.study_hash != self.setup.study_hash or header.round != self.setup.round:
                     raise SecureRelayError("the masked input is for another study or round")
