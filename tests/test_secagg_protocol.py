@@ -312,3 +312,15 @@ def test_scales_beyond_exact_floats_are_refused():
 
     with pytest.raises(QuantizationError, match="2\\^52"):
         plan_quantization(64, 1.0, 4, fraction_bits=55)
+
+
+def test_unmask_replies_carry_only_well_formed_shares():
+    from pydantic import ValidationError
+
+    from fedcare.privacy.secagg.messages import UnmaskReply
+
+    fields = {"study_hash": STUDY, "round": 1, "site": "site0", "key_shares": {}}
+    assert UnmaskReply(**fields, seed_shares={"site1": "ab" * 33}).seed_shares
+    for bad in ({"site1": "not hex"}, {"site1": "a" * 67}, {"../x": "ab"}):
+        with pytest.raises(ValidationError):
+            UnmaskReply(**fields, seed_shares=bad)

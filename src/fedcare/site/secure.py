@@ -13,7 +13,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol, TypeVar
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from fedcare import pki
 from fedcare.audit import AuditLog
@@ -65,7 +65,8 @@ def take_part(
             raise
         log.warning("round %d: secure round not completed: %s", reply.round, exc.detail)
         return False
-    except SecAggError as exc:
+    except (SecAggError, ValidationError) as exc:
+        # Includes malformed relays from the coordinator: the site sits the round out.
         log.error("round %d: refused in secure aggregation: %s", reply.round, exc)
         study_hash = site.worker.study.content_hash
         audit.append("secagg.refused", study=study_hash, round=reply.round, reason=str(exc))

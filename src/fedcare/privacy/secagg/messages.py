@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedcare.federation.messages import SHA256_HEX, SITE_NAME
 
-SHARE_HEX = r"^[0-9a-f]{1,132}$"
+SHARE_HEX = r"^[0-9a-f]{1,66}$"
+Site = Annotated[str, Field(pattern=SITE_NAME)]
+ShareHex = Annotated[str, Field(pattern=SHARE_HEX)]
 
 
 class SecAggMessage(BaseModel):
@@ -51,13 +55,13 @@ class ShareBundle(SecAggMessage):
 class UnmaskRequest(SecAggMessage):
     """The coordinator's request: which sites submitted and which dropped out."""
 
-    survivors: tuple[str, ...]
-    dropped: tuple[str, ...]
+    survivors: tuple[Site, ...]
+    dropped: tuple[Site, ...]
 
 
 class UnmaskReply(SecAggMessage):
     """A survivor's shares: self-mask seeds of survivors, mask keys of dropped sites (hex)."""
 
     site: str = Field(pattern=SITE_NAME)
-    seed_shares: dict[str, str]
-    key_shares: dict[str, str]
+    seed_shares: dict[Site, ShareHex]
+    key_shares: dict[Site, ShareHex]

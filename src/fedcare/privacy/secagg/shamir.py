@@ -1,6 +1,7 @@
-"""Shamir secret sharing over the prime field of the Mersenne prime 2^521 - 1.
+"""Shamir secret sharing over the prime field of p = 2^256 + 297, the smallest prime
+above 2^256, so every 32-byte secret is a field element and a share is 33 bytes.
 
-A secret of up to 64 bytes is the constant term of a random polynomial of
+A secret of up to 32 bytes is the constant term of a random polynomial of
 degree ``threshold - 1``; share ``x`` is its value at ``x`` (x >= 1). Any
 ``threshold`` shares give the secret back by Lagrange interpolation at zero;
 fewer reveal nothing about it.
@@ -12,9 +13,9 @@ import secrets
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
-PRIME = 2**521 - 1
-SHARE_BYTES = 66
-MAX_SECRET_BYTES = 64
+PRIME = 2**256 + 297
+SHARE_BYTES = 33
+MAX_SECRET_BYTES = 32
 
 
 def split(secret: bytes, xs: Sequence[int], threshold: int) -> dict[int, int]:
