@@ -36,7 +36,15 @@ from fedcare.simulation.loopback import start_coordinator, stop, wait_until_serv
 from fedcare.site.agent import run_site
 from fedcare.study import Study
 
-from .test_network import N_PARAMS, SITES, client_for, deploy, network_study, workers
+from .test_network import (
+    N_PARAMS,
+    SITES,
+    client_for,
+    deploy,
+    network_study,
+    reference_model,
+    workers,
+)
 
 pytestmark = pytest.mark.slow
 ROUNDS = 2
@@ -150,6 +158,11 @@ def test_coordinator_never_holds_an_individual_update(
 
     folder = deployment.folder
     needles, updates = _needles(study, folder / "models")
+    # The network's secure rounds give exactly the simulation's model.
+    (last,) = (folder / "models").rglob(f"round-{ROUNDS:05d}.safetensors")
+    state_names = make_server_optimizer(study.aggregation).state_names
+    _, final, _ = decode_model(last.read_bytes(), N_PARAMS, state_names)
+    np.testing.assert_array_equal(final, reference_model(study))
     # The search works: a plain upload of any of these updates would be found.
     assert all(_found(encode_update(u), needles) for u in updates)
     assert len(bodies) > 10
