@@ -11,7 +11,7 @@ import hashlib
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -170,6 +170,68 @@ class RoundSpec(Strict):
     )
 
 
+class SecAggGraph(StrEnum):
+    COMPLETE = "complete"
+    SPARSE = "sparse"
+
+
+class SecureAggregationSpec(Strict):
+    """SecAgg+ (docs/secure_aggregation.md): the coordinator learns only the weighted sum."""
+
+    enabled: bool = False
+    threshold: float = Field(
+        default=0.6,
+        gt=0.5,
+        le=1.0,
+        description="Share of a site's neighbourhood (itself included) whose shares rebuild "
+        "its secrets; above one half, so two disjoint groups can never both rebuild them.",
+    )
+    graph: SecAggGraph = SecAggGraph.COMPLETE
+    degree: int | None = Field(
+        default=None,
+        ge=2,
+        description="sparse only: neighbours per site, even (default ~3 log2 n).",
+    )
+    bits: Literal[32, 64] = 32
+    clip_norm: float | None = Field(
+        default=None, gt=0.0, description="L2 bound each site clips its update delta to."
+    )
+    max_sites: int = Field(
+        default=100, ge=2, description="Most sites in a round; sums of this many cannot wrap."
+    )
+    max_records: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most training records a site may weight by; weights are shares of it.",
+    )
+    fraction_bits: int | None = Field(
+        default=None,
+        ge=0,
+        le=62,
+        description="Fixed-point scale 2^fraction_bits (default: finest).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if not self.enabled:
+            return self
+        if self.clip_norm is None:
+            raise ValueError("secure aggregation needs clip_norm, the L2 bound of each update")
+        if self.graph is SecAggGraph.COMPLETE and self.degree is not None:
+            raise ValueError("degree is only used with graph 'sparse'")
+        if self.degree is not None and self.degree % 2:
+            raise ValueError(f"a sparse graph needs an even degree, not {self.degree}")
+        # Local import: the quantiser pulls in numpy and cryptography, which the
+        # study contract itself does not need.
+        from fedcare.privacy.secagg.quantize import QuantizationError, plan_quantization
+
+        try:
+            plan_quantization(self.bits, self.clip_norm, self.max_sites, self.fraction_bits)
+        except QuantizationError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+
 class Artefact(StrEnum):
     """Kinds of information a study sends out of a site."""
 
@@ -209,6 +271,7 @@ class Study(Strict):
     rounds: RoundSpec = RoundSpec()
     disclosure: DisclosureSpec = DisclosureSpec()
     validation: ValidationSpec = ValidationSpec()
+    secure_aggregation: SecureAggregationSpec = SecureAggregationSpec()
     seed: int = Field(default=0, ge=0, lt=2**32)
 
     @model_validator(mode="after")
@@ -219,6 +282,25 @@ class Study(Strict):
             raise ValueError(
                 f"aggregation.cap {cap} is below 1/rounds.min_sites "
                 f"(1/{self.rounds.min_sites}); raise the cap or min_sites"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> Self:
+        secure = self.secure_aggregation
+        if not secure.enabled:
+            return self
+        if self.aggregation.weighting is Weighting.CAPPED:
+            raise ValueError(
+                "secure aggregation cannot use weighting 'capped': capping needs every site's "
+                "count, which the coordinator no longer sees; use samples, sqrt or equal"
+            )
+        if self.rounds.min_sites < 2:
+            raise ValueError("secure aggregation needs rounds.min_sites of at least 2")
+        if secure.max_sites < self.rounds.min_sites:
+            raise ValueError(
+                f"secure_aggregation.max_sites {secure.max_sites} is below rounds.min_sites "
+                f"{self.rounds.min_sites}"
             )
         return self
 

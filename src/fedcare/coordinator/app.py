@@ -40,6 +40,9 @@ PAYLOAD = "application/octet-stream"
 StudyHash = Annotated[str, Path(pattern=SHA256_HEX, description="The study's content hash.")]
 RoundNumber = Annotated[int, Path(ge=1, le=100_000)]
 ReleaseId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+SecureStage = Annotated[
+    str, Path(pattern="^(advertise|keys|shares|masked|unmask)$", description="SecAgg+ stage.")
+]
 
 
 class SubmitReply(BaseModel):
@@ -233,6 +236,7 @@ def create_app(
         """Upload this site's update for a round. Retrying the same upload is harmless."""
         site = _identity(request)
         coordinator = study_for(study_hash, site)
+        coordinator.refuse_plain_updates()
         body = await _read_body(request, max_body_bytes)
         accepted = await run_in_threadpool(coordinator.submit, site, round_number, body)
         reply = SubmitReply(accepted=accepted, duplicate=not accepted, round=round_number)
@@ -290,6 +294,40 @@ def create_app(
             )
             for r in history
         ]
+
+    @app.post("/v1/studies/{study_hash}/rounds/{round_number}/secagg/{stage}", status_code=204)
+    async def secure_post(
+        request: Request, study_hash: StudyHash, round_number: RoundNumber, stage: SecureStage
+    ) -> Response:
+        """A secure-aggregation message: signed keys, sealed shares, masked input, shares."""
+        site = _identity(request)
+        coordinator = study_for(study_hash, site)
+        body = await _read_body(request, max_body_bytes)
+        await run_in_threadpool(coordinator.secure_post, site, round_number, stage, body)
+        return Response(status_code=204)
+
+    @app.get(
+        "/v1/studies/{study_hash}/rounds/{round_number}/secagg/{stage}",
+        responses={200: {"content": {"application/json": {}}}, 204: {}},
+    )
+    async def secure_fetch(
+        request: Request,
+        study_hash: StudyHash,
+        round_number: RoundNumber,
+        stage: SecureStage,
+        wait: Annotated[float, Query(ge=0, le=60)] = 0.0,
+    ) -> Response:
+        """What this site needs for its next secure step (long-polls up to ``wait`` seconds)."""
+        site = _identity(request)
+        coordinator = study_for(study_hash, site)
+        until = time.monotonic() + min(wait, poll_wait_s)
+        while True:
+            data = await run_in_threadpool(coordinator.secure_fetch, site, round_number, stage)
+            if data is not None:
+                return Response(data, media_type="application/json")
+            if time.monotonic() >= until:
+                return Response(status_code=204, headers={"Retry-After": "1"})
+            await asyncio.sleep(0.1)
 
     @app.get("/v1/studies/{study_hash}/model", responses={200: {"content": {PAYLOAD: {}}}})
     async def model(request: Request, study_hash: StudyHash) -> Response:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedcare.aggregation import make_server_optimizer
 from fedcare.audit import AuditLog, JsonInput
+from fedcare.coordinator.secure import SecureRelay
 from fedcare.coordinator.store import SqlStore, StoredRound, sha256_hex
 from fedcare.federation.engine import Federation
 from fedcare.federation.messages import (
@@ -141,6 +142,7 @@ class StudyCoordinator:
                 # committing the round and recording its release.
                 self.releases.open_candidate(stored.round, params, self.clock())
         self.round: Round | None = None
+        self.secure: SecureRelay | None = None
         self._task: Task | None = None
         self._task_bytes = b""
         # The first round opens once min_sites sites have asked for work, so a
@@ -174,6 +176,15 @@ class StudyCoordinator:
         for payload in stored.submissions.values():
             self.round.submit(decode_update(payload, self.n_params))
         self._task_bytes = encode_task(self._task)
+        self._start_secure()
+
+    def _start_secure(self) -> None:
+        """A fresh SecAgg+ relay for the open round when the study aggregates securely."""
+        self.secure = None
+        if self.study.secure_aggregation.enabled and self.round is not None:
+            self.secure = SecureRelay(
+                self.study, self.round, self.n_params, self.clock(), self.max_update_bytes
+            )
 
     def _audit(self, event: str, **details: JsonInput) -> None:
         """Record an event that has been committed (so the trail never claims more)."""
@@ -191,6 +202,7 @@ class StudyCoordinator:
             self.round.extensions_left,
         )
         self._task_bytes = encode_task(self._task)
+        self._start_secure()
         self._audit(
             "round.opened",
             round=self.round.number,
@@ -210,6 +222,8 @@ class StudyCoordinator:
             round_ = self.round
             if round_ is None or site not in round_.selected or site in round_.updates:
                 return TaskReply(TaskState.WAIT)
+            if self.secure is not None and not self.secure.wants_task(site):
+                return TaskReply(TaskState.WAIT)
             return TaskReply(TaskState.READY, self._task_bytes, round_.number)
 
     def _check_member(self, site: str) -> None:
@@ -223,6 +237,7 @@ class StudyCoordinator:
         update that claims any other site is refused.
         """
         self._check_member(identity)
+        self.refuse_plain_updates()
         update: SiteUpdate = decode_update(body, self.n_params, self.max_update_bytes)
         header = update.header
         if header.site != identity:
@@ -267,6 +282,36 @@ class StudyCoordinator:
             self._advance(self.clock())
             return accepted
 
+    def refuse_plain_updates(self) -> None:
+        """Under secure aggregation an individual update is refused before it is read."""
+        if self.study.secure_aggregation.enabled:
+            raise ForbiddenError(
+                f"study {self.hash[:12]} uses secure aggregation: individual updates are "
+                "refused; sites send masked inputs to the secagg endpoints"
+            )
+
+    def _secure_round(self, identity: str, round_number: int) -> SecureRelay:
+        self._check_member(identity)
+        round_ = self.round
+        if self.secure is None or round_ is None or round_.number != round_number:
+            current = "none" if round_ is None else str(round_.number)
+            raise ConflictError(
+                f"no secure aggregation for round {round_number} (the open round is {current})"
+            )
+        return self.secure
+
+    def secure_post(self, identity: str, round_number: int, stage: str, body: bytes) -> None:
+        """A SecAgg+ message from ``identity`` (its certificate's site) for the open round."""
+        with self._lock:
+            self._secure_round(identity, round_number).post(identity, stage, body)
+            self._advance(self.clock())
+
+    def secure_fetch(self, identity: str, round_number: int, stage: str) -> bytes | None:
+        """What ``identity`` needs for its next SecAgg+ step; None until that stage opens."""
+        with self._lock:
+            self._advance(self.clock())
+            return self._secure_round(identity, round_number).fetch(identity, stage)
+
     def tick(self) -> None:
         """Close the open round if it is due, open the next one, settle due releases."""
         with self._lock:
@@ -292,7 +337,13 @@ class StudyCoordinator:
 
     def _advance(self, now: float) -> None:
         round_ = self.round
-        if round_ is None or not round_.due(now):
+        if round_ is None:
+            return
+        secure = self.secure
+        running = secure is not None and not round_.finished and round_.summed is None
+        if running and secure is not None and not secure.advance(now, round_):
+            return
+        if not (round_.finished or round_.due(now)):
             return
         outcome = self.federation.finish_round(round_, now)
         if outcome.status in (RoundStatus.OPEN, RoundStatus.COLLECTING):
@@ -332,6 +383,7 @@ class StudyCoordinator:
         if self.federation.done:
             self._audit("study.finished", rounds=self.federation.round_number)
         self.round = None
+        self.secure = None
         if not self.federation.done:
             self._open_next()
 
@@ -365,7 +417,9 @@ class StudyCoordinator:
                     number=round_.number,
                     status=round_.status.value,
                     selected=list(round_.selected),
-                    reported=sorted(round_.updates),
+                    reported=sorted(round_.updates)
+                    if self.secure is None
+                    else list(self.secure.server.submitted),
                     deadline=round_.deadline,
                 ),
                 history=self.store.round_history(self.hash),

@@ -47,6 +47,12 @@ class Federation:
             raise ValueError(
                 f"the study needs at least {study.rounds.min_sites} site(s), {len(sites)} joined"
             )
+        secure = study.secure_aggregation
+        if secure.enabled and len(sites) > secure.max_sites:
+            raise ValueError(
+                f"{len(sites)} sites joined but secure_aggregation.max_sites is "
+                f"{secure.max_sites}: their sum could overflow; raise max_sites"
+            )
         self.study = study
         self.sites = sorted(sites)
         self.params = initial.astype(np.float32)
@@ -93,17 +99,20 @@ class Federation:
         if round_.number != self.round_number + 1:
             raise RoundError(f"round {round_.number} is not the open round")
         agg = self.study.aggregation
-        mean_delta = round_.close(now, agg.weighting, agg.cap)
+        mean_delta = None if round_.finished else round_.close(now, agg.weighting, agg.cap)
         if mean_delta is not None:
             self.params = self.optimizer.step(self.params, mean_delta)
             self.round_number = round_.number
         elif round_.status is RoundStatus.FAILED:
             self.round_number = round_.number
         losses = [u.header.loss for u in round_.updates.values()]
+        mean_loss = float(np.mean(losses)) if losses else None
+        if round_.summed is not None:
+            mean_loss = round_.summed.mean_loss
         return RoundOutcome(
             number=round_.number,
             status=round_.status,
-            participants=tuple(sorted(round_.updates)),
+            participants=round_.reporters,
             reason=round_.reason,
-            mean_loss=float(np.mean(losses)) if losses else None,
+            mean_loss=mean_loss,
         )

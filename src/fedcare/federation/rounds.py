@@ -8,6 +8,7 @@ whoever reported, is extended, or fails with a reason.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -31,6 +32,17 @@ class RoundError(ValueError):
     """An update or transition the round refuses, with the reason."""
 
 
+@dataclass(frozen=True)
+class SummedUpdate:
+    """What a securely aggregated round yields instead of individual updates: the sum of
+    the participants' weighted deltas and the sum of their weights."""
+
+    participants: tuple[str, ...]
+    weighted_sum: NDArray[np.float64]
+    weight_sum: float
+    mean_loss: float | None = None
+
+
 @dataclass
 class Round:
     """One round of a study."""
@@ -45,6 +57,7 @@ class Round:
     status: RoundStatus = RoundStatus.OPEN
     reason: str = ""
     updates: dict[str, SiteUpdate] = field(default_factory=dict)
+    summed: SummedUpdate | None = None
 
     def __post_init__(self) -> None:
         if not self.selected:
@@ -58,8 +71,37 @@ class Round:
     def finished(self) -> bool:
         return self.status in (RoundStatus.CLOSED, RoundStatus.FAILED)
 
+    @property
+    def reporters(self) -> tuple[str, ...]:
+        """The sites whose updates count: those that submitted, or the secure sum's."""
+        if self.summed is not None:
+            return self.summed.participants
+        return tuple(sorted(self.updates))
+
+    def submit_sum(self, summed: SummedUpdate) -> None:
+        """Accept the result of secure aggregation in place of individual updates."""
+        if self.status not in (RoundStatus.OPEN, RoundStatus.COLLECTING) or self.summed:
+            raise RoundError(f"round {self.number} is {self.status}; it takes no secure sum")
+        if self.updates:
+            raise RoundError(f"round {self.number} already holds individual updates")
+        if not set(summed.participants) <= set(self.selected) or not summed.participants:
+            raise RoundError("a secure sum must come from sites selected for the round")
+        if not summed.weight_sum > 0:
+            raise RoundError("a secure sum needs a positive weight sum")
+        self.summed = summed
+        self.status = RoundStatus.COLLECTING
+
+    def fail(self, reason: str) -> None:
+        """End the round without aggregating, e.g. when secure aggregation could not finish."""
+        if self.finished:
+            raise RoundError(f"round {self.number} is already {self.status}")
+        self.status = RoundStatus.FAILED
+        self.reason = reason
+
     def submit(self, update: SiteUpdate) -> bool:
         """Accept a site's update. Returns False for an exact resubmission (idempotent)."""
+        if self.summed is not None:
+            raise RoundError(f"round {self.number} is securely aggregated; no individual updates")
         header = update.header
         if header.study_hash != self.study_hash:
             raise RoundError("update is for a different study")
@@ -82,7 +124,9 @@ class Round:
         """True when the round should be closed now: everyone reported, or the deadline passed."""
         if self.finished:
             return False
-        return len(self.updates) == len(self.selected) or now >= self.deadline
+        if self.summed is not None:
+            return True
+        return len(self.reporters) == len(self.selected) or now >= self.deadline
 
     def close(
         self, now: float, weighting: Weighting, cap: float | None = None
@@ -99,17 +143,22 @@ class Round:
                 f"round {self.number} is not due: {len(self.updates)} of "
                 f"{len(self.selected)} site(s) reported and the deadline has not passed"
             )
-        if len(self.updates) < self.min_sites:
-            if self.extensions_left > 0:
+        if len(self.reporters) < self.min_sites:
+            # A secure sum is final: waiting longer cannot add sites to it.
+            if self.extensions_left > 0 and self.summed is None:
                 self.extensions_left -= 1
                 self.deadline = now + self.extension_s
                 return None
             self.status = RoundStatus.FAILED
             self.reason = (
-                f"only {len(self.updates)} of {len(self.selected)} site(s) reported by the "
+                f"only {len(self.reporters)} of {len(self.selected)} site(s) reported by the "
                 f"deadline; at least {self.min_sites} needed"
             )
             return None
+        if self.summed is not None:
+            self.status = RoundStatus.AGGREGATING
+            mean = (self.summed.weighted_sum / self.summed.weight_sum).astype(np.float32)
+            return self._closed(mean, self.summed.participants)
         sites = sorted(self.updates)
         counts = [self.updates[s].header.n_samples for s in sites]
         try:
@@ -120,6 +169,9 @@ class Round:
             return None
         self.status = RoundStatus.AGGREGATING
         mean = weighted_mean([self.updates[s].delta for s in sites], weights)
+        return self._closed(mean, sites)
+
+    def _closed(self, mean: NDArray[np.float32], sites: Sequence[str]) -> NDArray[np.float32]:
         self.status = RoundStatus.CLOSED
         missing = sorted(set(self.selected) - set(sites))
         if missing:

@@ -33,6 +33,7 @@ from fedcare.simulation.results import (
     SiteComparison,
     SiteSummary,
 )
+from fedcare.simulation.secure import run_secure_round, secure_sites
 from fedcare.simulation.transport import InProcessTransport, Transport
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
@@ -117,13 +118,23 @@ def run_federation(
     federation = Federation(study, [s.name for s in sites], initial)
     records: list[RoundRecord] = []
     total = study.rounds.count
+    secure = None
+    if study.secure_aggregation.enabled:
+        if not isinstance(transport, InProcessTransport):
+            raise ValueError("secure aggregation in one process needs the in-process transport")
+        secure = secure_sites(transport.workers)
     while not federation.done:
         round_, task = federation.open_round(now=time.monotonic())
         payload = encode_task(task)
-        for site in round_.selected:
-            reply = transport.exchange(site, payload)
-            if reply is not None:
-                round_.submit(decode_update(reply, initial.shape[0]))
+        if secure is None:
+            for site in round_.selected:
+                reply = transport.exchange(site, payload)
+                if reply is not None:
+                    round_.submit(decode_update(reply, initial.shape[0]))
+        else:
+            # The coordinator gets only the sum; individual updates stay at the sites.
+            assert isinstance(transport, InProcessTransport)
+            run_secure_round(study, round_, payload, secure, initial.shape[0], transport.offline)
         # In one process every answer is in once the loop ends; sites that did
         # not answer are treated as past the deadline.
         outcome = federation.finish_round(round_, now=max(time.monotonic(), round_.deadline))

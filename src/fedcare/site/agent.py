@@ -29,11 +29,13 @@ from fedcare.federation.rounds import RoundError
 from fedcare.models.size import study_parameter_count
 from fedcare.policy.approval import site_audit_path
 from fedcare.policy.model import load_policy
+from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
 from fedcare.site.client import CoordinatorClient, CoordinatorError, RetryableError
 from fedcare.site.dataset import prepare_site_data
 from fedcare.site.gate import admit_study
+from fedcare.site.secure import secure_site, take_part
 from fedcare.site.worker import SiteWorker
 from fedcare.study import load_study
 
@@ -152,6 +154,10 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
     policy = load_policy(config.policy)
     n_params = study_parameter_count(study)
     worker = SiteWorker(study, data, n_params, policy.validation_gates, policy.min_cohort_size)
+    try:
+        secure = secure_site(config, worker) if study.secure_aggregation.enabled else None
+    except SecAggError as exc:
+        raise SiteAgentError(f"cannot take part in secure aggregation: {exc}") from exc
     study_hash = study.content_hash
     client = CoordinatorClient(str(config.coordinator), config.tls)
     retry_max = config.retry_max_s
@@ -171,6 +177,10 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
             ) from exc
         log.info("site %s joined study %s (%s)", config.site, study.name, study_hash[:12])
         validator = _Validator(client, worker, audit, study_hash, retry_max, set())
+
+        def retry(call: Callable[[], T], what: str) -> T:
+            return with_retry(call, retry_max, what)
+
         while True:
             if study.validates_releases:
                 validator.run()
@@ -178,6 +188,18 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
             if reply.state is TaskState.FINISHED:
                 break
             if reply.state is TaskState.WAIT:
+                continue
+            if secure is not None:
+                if take_part(client, secure, reply, n_params, retry, audit):
+                    trained += 1
+                    _append_jsonl(
+                        config.state_dir / "rounds.jsonl",
+                        {
+                            "round": reply.round,
+                            "train_s": secure.train_s,
+                            "accepted": True,
+                        },
+                    )
                 continue
             train_started = time.perf_counter()
             update = worker.handle(reply.payload)

@@ -129,6 +129,32 @@ class CoordinatorClient:
         body: dict[str, Any] = response.json()
         return body
 
+    def secure_post(
+        self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
+    ) -> None:
+        """Send one secure-aggregation message for a round."""
+        response = self._call(
+            "POST",
+            f"/v1/studies/{study_hash}/rounds/{round_number}/secagg/{stage}",
+            content=body,
+            headers={"Content-Type": content_type},
+        )
+        if response.status_code != 204:
+            raise CoordinatorError(response.status_code, _detail(response))
+
+    def secure_fetch(self, study_hash: str, round_number: int, stage: str) -> bytes | None:
+        """The coordinator's relay for a secure stage, or None if it is not ready yet."""
+        response = self._call(
+            "GET",
+            f"/v1/studies/{study_hash}/rounds/{round_number}/secagg/{stage}",
+            params={"wait": self.poll_wait_s},
+        )
+        if response.status_code == 204:
+            return None
+        if response.status_code != 200:
+            raise CoordinatorError(response.status_code, _detail(response))
+        return response.content
+
     def model(self, study_hash: str) -> bytes:
         response = self._call("GET", f"/v1/studies/{study_hash}/model")
         if response.status_code != 200:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from fedcare.federation.engine import derive_seed
 from fedcare.federation.messages import (
     SiteUpdate,
+    Task,
     UpdateHeader,
     decode_task,
     encode_update,
@@ -50,6 +51,10 @@ class SiteWorker:
 
     def handle(self, task_bytes: bytes) -> bytes:
         """Train on local data from the task's global model; return the encoded delta."""
+        return encode_update(self.train(task_bytes)[1])
+
+    def train(self, task_bytes: bytes) -> tuple[Task, SiteUpdate]:
+        """The decoded task and this site's update for it (kept local under secure aggregation)."""
         task = decode_task(task_bytes, self.n_params)
         self._check_study(task.header.study_hash)
         result = train_local(
@@ -70,7 +75,7 @@ class SiteWorker:
             ),
             delta=result.params - task.params,
         )
-        return encode_update(update)
+        return task, update
 
     def validate(self, task_bytes: bytes) -> bytes:
         """Validate a candidate release on held-out data; return the encoded report and verdict."""

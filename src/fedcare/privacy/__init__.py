@@ -1,0 +1,1 @@
+"""Privacy mechanisms that protect what leaves a site."""

@@ -1,0 +1,124 @@
+"""Key agreement, key derivation and identity signatures for secure aggregation.
+
+Every pairwise secret is an X25519 agreement run through HKDF-SHA256 with a
+label naming its purpose, so the key that encrypts shares is never the key that
+expands masks. Key advertisements are signed with the site's identity key (the
+ECDSA P-256 key of its consortium certificate), and checked against a
+certificate the consortium CA issued to that site, so the coordinator that
+relays them cannot substitute its own keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+KEY_BYTES = 32
+
+
+class SecAggError(ValueError):
+    """A secure-aggregation message or request that an honest party refuses."""
+
+
+def new_exchange_key() -> X25519PrivateKey:
+    """A fresh X25519 key pair, used for one round only."""
+    return X25519PrivateKey.generate()
+
+
+def public_bytes(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def public_of(private: bytes) -> bytes:
+    """The raw X25519 public key of a raw private key."""
+    return public_bytes(X25519PrivateKey.from_private_bytes(private))
+
+
+def private_bytes(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def agree(private: X25519PrivateKey | bytes, peer_public: bytes, label: bytes) -> bytes:
+    """A 256-bit key shared by two parties: X25519, then HKDF-SHA256 bound to ``label``.
+
+    ``label`` names the purpose, study and round, so no key serves twice.
+    """
+    if isinstance(private, bytes):
+        private = X25519PrivateKey.from_private_bytes(private)
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as exc:
+        raise SecAggError(f"key agreement failed: {exc}") from exc
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=label).derive(shared)
+
+
+class IdentitySigner(Protocol):
+    def sign(self, data: bytes) -> bytes:
+        """Sign ``data`` with this site's identity key."""
+        ...
+
+
+class EcdsaSigner:
+    """Signs with a site's ECDSA P-256 certificate key."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> None:
+        self.key = key
+        self.certificate_pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+    def sign(self, data: bytes) -> bytes:
+        return self.key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+
+class IdentityVerifier:
+    """Checks a site's signature against a certificate the consortium CA issued to that site."""
+
+    def __init__(self, ca: x509.Certificate, now: datetime | None = None) -> None:
+        self.ca = ca
+        self.now = now
+        self._known: dict[str, ec.EllipticCurvePublicKey] = {}
+
+    def _site_key(self, site: str, certificate_pem: str) -> ec.EllipticCurvePublicKey:
+        try:
+            cert = x509.load_pem_x509_certificate(certificate_pem.encode())
+            cert.verify_directly_issued_by(self.ca)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise SecAggError(
+                f"site '{site}' presented a certificate not issued by the CA"
+            ) from exc
+        names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        if len(names) != 1 or names[0].value != site:
+            raise SecAggError(f"the certificate presented for '{site}' names another site")
+        now = self.now or datetime.now(UTC)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise SecAggError(f"the certificate presented for '{site}' is not valid now")
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise SecAggError(f"the certificate presented for '{site}' has no ECDSA key")
+        return key
+
+    def verify(self, site: str, certificate_pem: str, data: bytes, signature: bytes) -> None:
+        """Raise :class:`SecAggError` unless ``site`` signed ``data``."""
+        key = self._known.get(site) or self._site_key(site, certificate_pem)
+        try:
+            key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature as exc:
+            raise SecAggError(f"the key advertisement of '{site}' has a bad signature") from exc
+        self._known[site] = key
+
+
+def pinned_verifier(ca: x509.Certificate, certificates: Mapping[str, str]) -> IdentityVerifier:
+    """A verifier that already trusts the given sites' certificates (after checking them)."""
+    verifier = IdentityVerifier(ca)
+    for site, pem in certificates.items():
+        verifier._known[site] = verifier._site_key(site, pem)
+    return verifier

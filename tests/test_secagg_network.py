@@ -1,0 +1,194 @@
+"""Secure aggregation between real processes: the coordinator never sees an update.
+
+The coordinator runs as its own process; the three site agents run in this
+process (in threads) so that every request body they send, which is everything
+the coordinator receives, can be recorded. Afterwards the coordinator's
+database, files, log and those bodies are searched for each site's update in
+every form it takes before masking.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fedcare.aggregation import make_server_optimizer
+from fedcare.audit import read_entries
+from fedcare.config import SiteConfig, load_config
+from fedcare.coordinator.service import decode_model
+from fedcare.federation.engine import derive_seed
+from fedcare.federation.messages import (
+    SiteUpdate,
+    Task,
+    TaskHeader,
+    encode_task,
+    encode_update,
+)
+from fedcare.models.builders import initial_parameters
+from fedcare.privacy.secagg.quantize import clip_l2, encode, quantize_weight
+from fedcare.privacy.secagg.study import quantization_for, site_weight
+from fedcare.simulation.loopback import start_coordinator, stop, wait_until_serving
+from fedcare.site.agent import run_site
+from fedcare.study import Study
+
+from .test_network import (
+    N_PARAMS,
+    SITES,
+    client_for,
+    deploy,
+    network_study,
+    reference_model,
+    workers,
+)
+
+pytestmark = pytest.mark.slow
+ROUNDS = 2
+
+
+def secure_study() -> Study:
+    secure = {"enabled": True, "clip_norm": 10.0, "max_sites": 10, "max_records": 1000}
+    return network_study(rounds=ROUNDS, min_sites=3, deadline_s=120).replace(
+        secure_aggregation=secure
+    )
+
+
+def _windows(data: bytes, width: int = 8) -> set[bytes]:
+    return {data[i : i + width] for i in range(0, len(data) - width + 1, 4)}
+
+
+def _needles(study: Study, deployment_models: Path) -> tuple[dict[str, set[bytes]], list]:
+    """Every site's update of every round, as raw float32/float64, quantised, and as text."""
+    state_names = make_server_optimizer(study.aggregation).state_names
+    params = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
+    local = workers(study)
+    plan = quantization_for(study)
+    needles: dict[str, set[bytes]] = {}
+    updates: list[SiteUpdate] = []
+    for number in range(1, ROUNDS + 1):
+        header = TaskHeader(
+            study_hash=study.content_hash,
+            round=number,
+            seed=derive_seed(study.seed, "round", number),
+        )
+        task = encode_task(Task(header=header, params=params))
+        weighted = np.zeros(N_PARAMS)
+        weight_sum = 0.0
+        for site in SITES:
+            _, update = local[site].train(task)
+            updates.append(update)
+            delta = update.delta
+            weight = site_weight(study, update.header.n_samples)
+            rng = np.random.default_rng(derive_seed(header.seed, site, "secagg-rounding"))
+            quantised = encode(delta, weight, plan, rng)
+            forms = (
+                _windows(delta.astype("<f4").tobytes())
+                | _windows(delta.astype("<f8").tobytes())
+                | _windows(quantised[:-1].tobytes())
+                | {f"{v:.6g}".encode() for v in delta.tolist() if abs(v) > 1e-4}
+            )
+            needles[f"{site} round {number}"] = forms
+            w = quantize_weight(weight, plan) / plan.weight_scale
+            weighted += w * clip_l2(delta, plan.clip_norm)
+            weight_sum += w
+        (model_file,) = deployment_models.rglob(f"round-{number:05d}.safetensors")
+        _, after, _ = decode_model(model_file.read_bytes(), N_PARAMS, state_names)
+        # These are the updates the sites really sent: FedAvg moved the model by their mean.
+        np.testing.assert_allclose(after - params, weighted / weight_sum, atol=1e-5)
+        params = after
+    return needles, updates
+
+
+def _found(haystack: bytes, needles: dict[str, set[bytes]]) -> list[str]:
+    return [name for name, forms in needles.items() if any(f in haystack for f in forms)]
+
+
+def test_coordinator_never_holds_an_individual_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = secure_study()
+    deployment = deploy(tmp_path, study)
+    bodies: list[bytes] = []
+    lock = threading.Lock()
+    original = httpx.Client
+
+    def record(request: httpx.Request) -> None:
+        with lock:
+            bodies.append(request.url.raw_path + b"\n" + request.read())
+
+    class RecordingClient(original):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs["event_hooks"] = {"request": [record]}
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(httpx, "Client", RecordingClient)
+    coordinator = start_coordinator(deployment)
+    errors: list[BaseException] = []
+
+    def run(site: str) -> None:
+        try:
+            run_site(load_config(deployment.site_configs[site], SiteConfig))
+        except BaseException as exc:  # reported below, with the coordinator's log
+            errors.append(exc)
+
+    try:
+        wait_until_serving(deployment, SITES[0])
+        threads = [threading.Thread(target=run, args=(s,)) for s in SITES]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=240)
+        assert not errors, f"{errors}\n{coordinator.log.read_text()[-3000:]}"
+        # A plain upload is refused before it is read, even now.
+        alpha = client_for(deployment, "alpha")
+        try:
+            response = alpha.http.post(
+                f"/v1/studies/{study.content_hash}/rounds/1/update", content=b"x" * 64
+            )
+            assert response.status_code == 403
+            assert "secure aggregation" in response.json()["detail"]
+        finally:
+            alpha.close()
+    finally:
+        stop(coordinator)
+
+    folder = deployment.folder
+    needles, updates = _needles(study, folder / "models")
+    # The network's secure rounds give exactly the simulation's model.
+    (last,) = (folder / "models").rglob(f"round-{ROUNDS:05d}.safetensors")
+    state_names = make_server_optimizer(study.aggregation).state_names
+    _, final, _ = decode_model(last.read_bytes(), N_PARAMS, state_names)
+    np.testing.assert_array_equal(final, reference_model(study))
+    # The search works: a plain upload of any of these updates would be found.
+    assert all(_found(encode_update(u), needles) for u in updates)
+    assert len(bodies) > 10
+    assert any(b"/secagg/masked" in b for b in bodies)
+    for body in bodies:
+        assert _found(body, needles) == [], body[:200]
+    coordinator_files = [
+        p for p in folder.rglob("*") if p.is_file() and "sites" not in p.relative_to(folder).parts
+    ]
+    assert folder / "coordinator.db" in coordinator_files
+    assert folder / "coordinator.log" in coordinator_files
+    for path in coordinator_files:
+        assert _found(path.read_bytes(), needles) == [], path
+    with sqlite3.connect(folder / "coordinator.db") as db:
+        assert db.execute("select count(*) from submissions").fetchone() == (0,)
+        statuses = db.execute("select status from rounds order by number").fetchall()
+    assert statuses == [("closed",)] * ROUNDS
+    events = [e.event for e in read_entries(folder / "audit.jsonl")]
+    assert "update.received" not in events
+    assert events.count("round.closed") == ROUNDS
+    # Each site's own trail records what it sent: masked inputs only.
+    for site in SITES:
+        sent = [
+            e
+            for e in read_entries(deployment.site_configs[site].parent / "audit.jsonl")
+            if e.event == "update.sent"
+        ]
+        assert len(sent) == ROUNDS
+        assert all("masked" in e.details["to"] for e in sent)

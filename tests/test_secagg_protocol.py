@@ -1,0 +1,326 @@
+"""SecAgg+: the unmasked sum is the plain weighted sum, and honest parties refuse attacks."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedcare import pki
+from fedcare.privacy.secagg.client import SecAggClient
+from fedcare.privacy.secagg.keys import EcdsaSigner, IdentityVerifier, SecAggError
+from fedcare.privacy.secagg.local import DropAt, Identities, make_identities, run_local_round
+from fedcare.privacy.secagg.messages import UnmaskRequest
+from fedcare.privacy.secagg.quantize import decode_sum, encode, plan_quantization, quantize_weight
+from fedcare.privacy.secagg.server import SecAggFailedError, SecAggServer, ServerStage
+from fedcare.privacy.secagg.session import RoundSetup, round_setup
+
+STUDY = "ab" * 32
+SITES = tuple(f"site{i}" for i in range(8))
+
+
+@lru_cache(maxsize=1)
+def identities() -> Identities:
+    return make_identities(SITES)
+
+
+def setup_for(n: int, d: int, degree: int | None = None, fraction: float = 0.6) -> RoundSetup:
+    return round_setup(
+        STUDY,
+        1,
+        SITES[:n],
+        degree=degree,
+        threshold_fraction=fraction,
+        seed=5,
+        bits=32,
+        length=d + 1,
+    )
+
+
+def _inputs(n: int, d: int, seed: int, plan_sites: int = 8) -> tuple:
+    plan = plan_quantization(32, 1.0, plan_sites)
+    rng = np.random.default_rng(seed)
+    deltas = {s: (rng.normal(size=d) * rng.uniform(0.01, 2)).astype(np.float32) for s in SITES[:n]}
+    weights = {s: float(rng.uniform(0.001, 1.0)) for s in SITES[:n]}
+    encoded = {s: encode(deltas[s], weights[s], plan, rng) for s in SITES[:n]}
+    return plan, deltas, weights, encoded
+
+
+def _expected(plan, deltas, weights, sites):
+    from fedcare.privacy.secagg.quantize import clip_l2
+
+    total = np.zeros(next(iter(deltas.values())).shape[0])
+    wsum = 0.0
+    for s in sites:
+        w = quantize_weight(weights[s], plan) / plan.weight_scale
+        total += w * clip_l2(deltas[s], plan.clip_norm)
+        wsum += w
+    return total, wsum
+
+
+drop_choice = st.sampled_from([None, DropAt.SHARE_KEYS, DropAt.MASKED_INPUT, DropAt.UNMASK])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(2, 8),
+    d=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    pattern=st.lists(drop_choice, min_size=8, max_size=8),
+)
+def test_sum_equals_weighted_sum_complete_graph(n, d, seed, pattern):
+    plan, deltas, weights, encoded = _inputs(n, d, seed)
+    setup = setup_for(n, d)
+    drops = {s: p for s, p in zip(SITES[:n], pattern, strict=False) if p is not None}
+    shared = [s for s in SITES[:n] if drops.get(s) is not DropAt.SHARE_KEYS]
+    submitted = [s for s in shared if drops.get(s) is not DropAt.MASKED_INPUT]
+    answering = [s for s in submitted if drops.get(s) is not DropAt.UNMASK]
+    if min(len(shared), len(submitted), len(answering)) < setup.threshold:
+        with pytest.raises(SecAggError):
+            run_local_round(setup, encoded, identities(), drops)
+        return
+    total, survivors = run_local_round(setup, encoded, identities(), drops)
+    assert survivors == tuple(submitted)
+    got, wsum = decode_sum(total, plan)
+    want, want_w = _expected(plan, deltas, weights, submitted)
+    assert np.max(np.abs(got - want)) <= plan.error_bound(len(submitted)) + 1e-9
+    assert wsum == pytest.approx(want_w, abs=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(5, 8),
+    seed=st.integers(0, 2**16),
+    dropped=st.lists(st.sampled_from(SITES), max_size=2, unique=True),
+)
+def test_sparse_graph_sum_or_clean_failure(n, seed, dropped):
+    d = 17
+    plan, deltas, weights, encoded = _inputs(n, d, seed)
+    setup = setup_for(n, d, degree=4, fraction=0.6)
+    assert all(len(v) == 4 for v in setup.neighbours.values())
+    drops = {s: DropAt.MASKED_INPUT for s in dropped if s in encoded}
+    try:
+        total, survivors = run_local_round(setup, encoded, identities(), drops)
+    except SecAggError:
+        assert drops, "a round without dropouts must succeed"
+        return
+    got, _ = decode_sum(total, plan)
+    want, _ = _expected(plan, deltas, weights, survivors)
+    assert set(survivors) == set(encoded) - set(drops)
+    assert np.max(np.abs(got - want)) <= plan.error_bound(len(survivors)) + 1e-9
+
+
+def _through_masking(n: int = 4, d: int = 6):
+    """A server and clients that have all submitted masked inputs."""
+    encoded = _inputs(n, d, 1)[3]
+    setup = setup_for(n, d)
+    ids = identities()
+    server = SecAggServer(setup)
+    clients = {
+        s: SecAggClient(setup, s, ids.signers[s], ids.signers[s].certificate_pem, ids.verifier)
+        for s in setup.sites
+    }
+    for c in clients.values():
+        server.receive_advertisement(c.advertise())
+    server.close_advertising()
+    for s, c in clients.items():
+        server.receive_shares(c.share_keys(server.advertisements_for(s)))
+    server.close_sharing()
+    return setup, server, clients, encoded
+
+
+def test_site_refuses_to_unmask_a_site_that_submitted():
+    setup, server, clients, encoded = _through_masking()
+    for s, c in clients.items():
+        server.receive_masked(s, c.masked_input(server.shares_for(s), encoded[s]))
+    sites = setup.sites
+
+    def request(survivors, dropped):
+        return UnmaskRequest(study_hash=STUDY, round=1, survivors=survivors, dropped=dropped)
+
+    # Asked to treat itself as dropped: it knows it submitted.
+    with pytest.raises(SecAggError, match="submitted"):
+        clients[sites[0]].unmask(request(sites[1:], sites[:1]))
+    # A peer listed both as submitted and as dropped.
+    with pytest.raises(SecAggError, match="both"):
+        clients[sites[0]].unmask(request(sites, sites[1:2]))
+    # Having revealed a seed share of sites[1], a second request for its key share is refused.
+    reply = clients[sites[0]].unmask(request(sites, ()))
+    assert sites[1] in reply.seed_shares
+    assert not reply.key_shares
+    with pytest.raises(SecAggError, match="both kinds"):
+        clients[sites[0]].unmask(request((sites[0], sites[2], sites[3]), (sites[1],)))
+
+
+def test_tampered_redirected_and_replayed_shares_are_rejected():
+    setup, server, clients, encoded = _through_masking()
+    site = setup.sites[0]
+    shares = list(server.shares_for(site))
+    bad = bytearray(shares[0].ciphertext)
+    bad[20] ^= 1
+    tampered = [shares[0].model_copy(update={"ciphertext": bytes(bad)}), *shares[1:]]
+    with pytest.raises(SecAggError, match="authentication"):
+        clients[site].masked_input(tampered, encoded[site])
+    # A share meant for another site, relabelled for this one, does not open.
+    other = server.shares_for(setup.sites[1])
+    stolen = next(s for s in other if s.sender != site)
+    redirected = [s for s in shares if s.sender != stolen.sender]
+    redirected.append(stolen.model_copy(update={"recipient": site}))
+    with pytest.raises(SecAggError, match="authentication"):
+        clients[site].masked_input(redirected, encoded[site])
+    with pytest.raises(SecAggError, match="replayed"):
+        clients[site].masked_input([*shares, shares[0]], encoded[site])
+    # A share from this round replayed into the next round: new keys, new context.
+    setup2 = RoundSetup(**{**setup.__dict__, "round": 2})
+    ids = identities()
+    later = {
+        s: SecAggClient(setup2, s, ids.signers[s], ids.signers[s].certificate_pem, ids.verifier)
+        for s in setup2.sites
+    }
+    server2 = SecAggServer(setup2)
+    for c in later.values():
+        server2.receive_advertisement(c.advertise())
+    server2.close_advertising()
+    for s, c in later.items():
+        server2.receive_shares(c.share_keys(server2.advertisements_for(s)))
+    server2.close_sharing()
+    fresh = list(server2.shares_for(site))
+    replayed = [
+        shares[0].model_copy(update={"round": 2}) if f.sender == shares[0].sender else f
+        for f in fresh
+    ]
+    with pytest.raises(SecAggError, match="authentication"):
+        later[site].masked_input(replayed, encoded[site])
+    # The honest shares still work.
+    assert later[site].masked_input(fresh, encoded[site]).shape == encoded[site].shape
+
+
+def test_substituted_or_forged_keys_are_refused():
+    setup = setup_for(3, 4)
+    ids = identities()
+    clients = {
+        s: SecAggClient(setup, s, ids.signers[s], ids.signers[s].certificate_pem, ids.verifier)
+        for s in setup.sites
+    }
+    adverts = {s: c.advertise() for s, c in clients.items()}
+    victim, peer, third = setup.sites
+    # The coordinator swaps in its own mask key under the site's signature.
+    swapped = adverts[peer].model_copy(update={"mask_key": bytes(32)})
+    with pytest.raises(SecAggError, match="bad signature"):
+        clients[victim].share_keys([swapped, adverts[third]])
+    # A key pair and certificate from a CA that is not the consortium's.
+    rogue_ca = pki.make_ca("rogue")
+    rogue = pki.issue_client_cert(rogue_ca, "rogue", peer)
+    forger = EcdsaSigner(rogue.key, rogue.cert)
+    forged = swapped.model_copy(update={"certificate": forger.certificate_pem})
+    forged = forged.model_copy(update={"signature": forger.sign(forged.signed_bytes())})
+    with pytest.raises(SecAggError, match="not issued by the CA"):
+        IdentityVerifier(ids.verifier.ca).verify(
+            peer, forged.certificate, forged.signed_bytes(), forged.signature
+        )
+    # A genuine consortium certificate of another site, used to sign for this one.
+    impostor = ids.signers[third]
+    posing = swapped.model_copy(update={"certificate": impostor.certificate_pem})
+    posing = posing.model_copy(update={"signature": impostor.sign(posing.signed_bytes())})
+    with pytest.raises(SecAggError, match="names another site"):
+        IdentityVerifier(ids.verifier.ca).verify(
+            peer, posing.certificate, posing.signed_bytes(), posing.signature
+        )
+
+
+def test_below_threshold_round_fails_and_reveals_nothing():
+    setup, server, clients, encoded = _through_masking(n=5)
+    assert setup.threshold == 3
+    first, second = setup.sites[:2]
+    for s in (first, second):
+        server.receive_masked(s, clients[s].masked_input(server.shares_for(s), encoded[s]))
+    with pytest.raises(SecAggFailedError, match="only 2 site"):
+        server.close_masking()
+    assert server.stage is ServerStage.FAILED
+    with pytest.raises(SecAggError):
+        server.finish()
+    # A survivor asked anyway refuses to hand out any share.
+    request = UnmaskRequest(
+        study_hash=STUDY, round=1, survivors=(first, second), dropped=setup.sites[2:]
+    )
+    with pytest.raises(SecAggError, match="fewer than the threshold"):
+        clients[first].unmask(request)
+
+
+def test_masked_input_hides_the_input():
+    setup, server, clients, encoded = _through_masking()
+    site = setup.sites[0]
+    masked = clients[site].masked_input(server.shares_for(site), encoded[site])
+    # About half of all bits differ from the input, as for a uniformly random mask.
+    flipped = np.unpackbits((masked ^ encoded[site]).view(np.uint8)).mean()
+    assert 0.3 < flipped < 0.7
+
+
+def test_largest_values_from_every_site_do_not_wrap():
+    n, d = 8, 5
+    plan = plan_quantization(32, 2.5, n)
+    extreme = np.zeros(d, dtype=np.float32)
+    extreme[0] = 2.5
+    rng = np.random.default_rng(0)
+    for sign in (1, -1):
+        total = sum(encode(sign * extreme, 1.0, plan, rng).astype(np.uint64) for _ in range(n))
+        got, wsum = decode_sum((total % 2**32).astype(np.uint32), plan)
+        assert got[0] == pytest.approx(sign * n * 2.5, abs=plan.error_bound(n))
+        assert wsum == pytest.approx(n)
+    assert plan.worst_case_sum() <= 2**31 - 1
+
+
+def test_overflowing_configurations_are_refused():
+    from fedcare.privacy.secagg.quantize import QuantizationError
+
+    with pytest.raises(QuantizationError, match="could reach"):
+        plan_quantization(32, 1.0, 100, fraction_bits=30)
+    with pytest.raises(QuantizationError, match="steps per site"):
+        plan_quantization(32, 1.0, 10_000_000)
+    assert plan_quantization(64, 1.0, 10_000_000).scale >= 2**30
+    ok = plan_quantization(32, 4.0, 100)
+    assert ok.worst_case_sum() <= 2**31 - 1
+    assert math.log2(ok.scale).is_integer()
+
+
+def test_sixty_four_bit_ring_sums_exactly_within_the_bound():
+    n, d = 4, 30
+    plan = plan_quantization(64, 3.0, n)
+    setup = round_setup(
+        STUDY, 1, SITES[:n], degree=None, threshold_fraction=0.6, seed=1, bits=64, length=d + 1
+    )
+    rng = np.random.default_rng(9)
+    deltas = {s: rng.normal(size=d).astype(np.float32) for s in SITES[:n]}
+    weights = {s: float(rng.uniform(0.01, 1)) for s in SITES[:n]}
+    encoded = {s: encode(deltas[s], weights[s], plan, rng) for s in SITES[:n]}
+    assert encoded[SITES[0]].dtype == np.uint64
+    total, survivors = run_local_round(
+        setup, encoded, identities(), {SITES[1]: DropAt.MASKED_INPUT}
+    )
+    got, wsum = decode_sum(total, plan)
+    want, want_w = _expected(plan, deltas, weights, survivors)
+    assert np.max(np.abs(got - want)) <= plan.error_bound(len(survivors)) + 1e-12
+    assert wsum == pytest.approx(want_w, abs=1e-12)
+
+
+def test_scales_beyond_exact_floats_are_refused():
+    from fedcare.privacy.secagg.quantize import QuantizationError
+
+    with pytest.raises(QuantizationError, match="2\\^52"):
+        plan_quantization(64, 1.0, 4, fraction_bits=55)
+
+
+def test_unmask_replies_carry_only_well_formed_shares():
+    from pydantic import ValidationError
+
+    from fedcare.privacy.secagg.messages import UnmaskReply
+
+    fields = {"study_hash": STUDY, "round": 1, "site": "site0", "key_shares": {}}
+    assert UnmaskReply(**fields, seed_shares={"site1": "ab" * 33}).seed_shares
+    for bad in ({"site1": "not hex"}, {"site1": "a" * 67}, {"../x": "ab"}):
+        with pytest.raises(ValidationError):
+            UnmaskReply(**fields, seed_shares=bad)

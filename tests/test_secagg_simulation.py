@@ -1,0 +1,107 @@
+"""Secure aggregation in the study contract and in the simulation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedcare.federation.engine import Federation
+from fedcare.federation.rounds import RoundError, SummedUpdate
+from fedcare.simulation.runner import SimulationOptions, run_federation, run_simulation
+from fedcare.simulation.transport import InProcessTransport
+from fedcare.site.dataset import SiteDataset
+from fedcare.site.worker import SiteWorker
+from fedcare.study import Study, StudyError
+
+SECURE = {"enabled": True, "clip_norm": 10.0, "max_sites": 10, "max_records": 1000}
+
+
+def _secure(study: Study, **changes: object) -> Study:
+    return study.replace(secure_aggregation={**SECURE, **changes})
+
+
+def _run(study: Study, sites: list[SiteDataset], offline: frozenset[str] = frozenset()):
+    n_params = study.feature_schema.n_inputs + 1
+    workers = {s.name: SiteWorker(study, s, n_params) for s in sites}
+    return run_federation(study, sites, InProcessTransport(workers, offline))
+
+
+def test_secure_federation_matches_plain_within_quantisation(
+    toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    plain, _ = _run(toy_study, toy_sites)
+    secure_study = _secure(toy_study)
+    secure, records = _run(secure_study, toy_sites)
+    assert all(r.status == "closed" for r in records)
+    assert all(r.participants == ["alpha", "beta", "gamma"] for r in records)
+    assert records[0].mean_train_loss is not None
+    # Four rounds of stochastic rounding at 2^-24 (clip_norm 10, 10 sites) and weights at 2^-27.
+    np.testing.assert_allclose(secure, plain, atol=1e-5)
+    assert not np.array_equal(secure, plain)
+    sparse, _ = _run(_secure(toy_study, graph="sparse", degree=2), toy_sites)
+    np.testing.assert_allclose(sparse, plain, atol=1e-5)
+
+
+def test_secure_round_survives_an_offline_site_and_fails_below_threshold(
+    toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    study = _secure(toy_study)
+    _, records = _run(study, toy_sites, frozenset({"gamma"}))
+    assert all(r.participants == ["alpha", "beta"] for r in records)
+    assert all(r.status == "closed" for r in records)
+    params, records = _run(study, toy_sites, frozenset({"beta", "gamma"}))
+    assert all(r.status == "failed" for r in records)
+    assert "secure aggregation failed" in records[0].reason
+    assert "threshold" in records[0].reason
+    assert not params.any()
+
+
+def test_secure_simulation_end_to_end(toy_study: Study, toy_sites: list[SiteDataset]) -> None:
+    result = run_simulation(_secure(toy_study), toy_sites, SimulationOptions(baselines=False))
+    assert all((m.auroc or 0) > 0.7 for m in result.matrix["federated"].values())
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"enabled": True}, "needs clip_norm"),
+        ({**SECURE, "graph": "sparse", "degree": 3}, "even degree"),
+        ({**SECURE, "degree": 4}, "only used with graph 'sparse'"),
+        ({**SECURE, "max_sites": 1000, "fraction_bits": 24}, "could reach"),
+        ({**SECURE, "max_sites": 5_000_000}, "steps per site"),
+        ({**SECURE, "threshold": 0.5}, "greater than 0.5"),
+        ({**SECURE, "bits": 16}, "bits"),
+    ],
+)
+def test_bad_secure_aggregation_settings_are_refused(
+    toy_study: Study, section: dict[str, object], message: str
+) -> None:
+    with pytest.raises(StudyError, match=message):
+        toy_study.replace(secure_aggregation=section)
+
+
+def test_secure_aggregation_refuses_capped_weighting(toy_study: Study) -> None:
+    capped = toy_study.replace(aggregation={"weighting": "capped", "cap": 0.6})
+    with pytest.raises(StudyError, match="capped"):
+        capped.replace(secure_aggregation=SECURE)
+
+
+def test_more_sites_than_max_sites_are_refused(toy_study: Study) -> None:
+    study = _secure(toy_study, max_sites=2)
+    with pytest.raises(ValueError, match="max_sites"):
+        Federation(study, ["a", "b", "c"], np.zeros(4, np.float32))
+
+
+def test_round_takes_either_a_secure_sum_or_updates(toy_study: Study) -> None:
+    federation = Federation(_secure(toy_study), ["a", "b", "c"], np.zeros(3, np.float32))
+    round_, _ = federation.open_round(now=0.0)
+    summed = SummedUpdate(("a", "b"), np.array([2.0, 4.0, 6.0]), 2.0, 0.5)
+    with pytest.raises(RoundError, match="selected"):
+        round_.submit_sum(SummedUpdate(("a", "zz"), np.zeros(3), 1.0))
+    round_.submit_sum(summed)
+    with pytest.raises(RoundError, match="no secure sum"):
+        round_.submit_sum(summed)
+    outcome = federation.finish_round(round_, now=round_.deadline)
+    assert outcome.participants == ("a", "b")
+    assert outcome.mean_loss == 0.5
+    np.testing.assert_allclose(federation.params, [1.0, 2.0, 3.0])
