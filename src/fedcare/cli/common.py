@@ -32,6 +32,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedcare.audit import AuditError
     from fedcare.config import ConfigError
     from fedcare.coordinator.store import StoreError
+    from fedcare.privacy.dp.accountant import AccountingError
     from fedcare.provision import ProvisionError
     from fedcare.schema.mapping import DataValidationError, MappingError
     from fedcare.schema.readers import DataFileError
@@ -54,6 +55,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         StoreError,
         AuditError,
         ProvisionError,
+        AccountingError,
         OSError,
     )
 

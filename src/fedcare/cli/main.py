@@ -10,6 +10,7 @@ from fedcare.cli.audit import audit_app
 from fedcare.cli.benchmark import benchmark_app
 from fedcare.cli.checks import data_app, study_app
 from fedcare.cli.deploy import coordinator_app, provision
+from fedcare.cli.privacy import privacy_app
 from fedcare.cli.simulation import demo, simulate
 from fedcare.cli.site import site_app
 
@@ -43,3 +44,4 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(site_app, name="site")
 app.add_typer(audit_app, name="audit")
 app.add_typer(benchmark_app, name="benchmark")
+app.add_typer(privacy_app, name="privacy")
