@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 from fedcare.federation.engine import derive_seed
 from fedcare.federation.messages import (
     SiteUpdate,
@@ -10,18 +12,32 @@ from fedcare.federation.messages import (
     encode_update,
 )
 from fedcare.federation.rounds import RoundError
+from fedcare.privacy.dp.guard import PrivacyGuard, dp_settings
+from fedcare.privacy.dp.plan import SitePlan, plan_site
 from fedcare.site.dataset import SiteDataset
 from fedcare.study import Study
 from fedcare.training import train_local
+from fedcare.training.dp_sgd import DpSgdSettings
 
 
 class SiteWorker:
     """Turns a task payload into an update payload for one site and one study."""
 
-    def __init__(self, study: Study, data: SiteDataset, n_params: int) -> None:
+    def __init__(
+        self,
+        study: Study,
+        data: SiteDataset,
+        n_params: int,
+        privacy: PrivacyGuard | None = None,
+    ) -> None:
+        """``privacy``: the site's ledger and budget. Without it a DP study still trains
+        with DP-SGD (fresh secret seed each round) but nothing is recorded: for
+        simulations and benchmarks, never for a site agent."""
         self.study = study
         self.data = data
         self.n_params = n_params
+        self.privacy = privacy
+        self._plan: SitePlan | None = None
 
     def handle(self, task_bytes: bytes) -> bytes:
         """Train on local data from the task's global model; return the encoded delta."""
@@ -38,6 +54,7 @@ class SiteWorker:
             self.data.x_train,
             self.data.y_train,
             seed=derive_seed(task.header.seed, self.data.name),
+            dp=self._dp(task.header.round, task_bytes),
         )
         update = SiteUpdate(
             header=UpdateHeader(
@@ -50,3 +67,13 @@ class SiteWorker:
             delta=result.params - task.params,
         )
         return encode_update(update)
+
+    def _dp(self, round_number: int, task_bytes: bytes) -> DpSgdSettings | None:
+        """This round's DP-SGD settings; with a guard, recorded in the ledger first (or refused)."""
+        if self.privacy is not None:
+            return self.privacy.admit(self.study, self.data.n_train, round_number, task_bytes)
+        if not self.study.privacy.dp:
+            return None
+        if self._plan is None:
+            self._plan = plan_site(self.study, self.data.n_train)
+        return dp_settings(self._plan, secrets.randbits(63))
