@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from fedcare.privacy.dp.ledger import BudgetExceededError
+from fedcare.privacy.dp.budget import BudgetExceededError
 from fedcare.site.worker import SiteWorker
 
 

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from fedcare.privacy.dp.ledger import Budget, BudgetExceededError, PrivacyLedger
+from fedcare.privacy.dp.budget import Budget, BudgetExceededError
 from fedcare.privacy.dp.plan import SitePlan, plan_site
 from fedcare.study import Study
 from fedcare.training.dp_sgd import DpSgdSettings
+
+if TYPE_CHECKING:
+    # SQLAlchemy is imported only by a process that opens a ledger.
+    from fedcare.privacy.dp.ledger import PrivacyLedger
 
 
 @dataclass

@@ -38,11 +38,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedcare.privacy.dp.accountant import AccountantKind, Mechanism, epsilon
-
-
-class BudgetExceededError(RuntimeError):
-    """The round would take a data set past its budget; nothing was recorded or sent."""
+from fedcare.privacy.dp.accountant import Mechanism, epsilon
+from fedcare.privacy.dp.budget import Budget, BudgetExceededError
 
 
 class _Base(DeclarativeBase):
@@ -68,15 +65,6 @@ class SpendRow(_Base):
     @property
     def mechanism(self) -> Mechanism:
         return Mechanism(self.sampling_rate, self.noise_multiplier, self.steps)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A data set's total (epsilon, delta), and the accountant that measures spending."""
-
-    epsilon: float
-    delta: float
-    accountant: AccountantKind = AccountantKind.RDP
 
 
 @dataclass(frozen=True)
@@ -226,3 +214,6 @@ def _study_spend(dataset: str, rows: Sequence[SpendRow], budget: Budget) -> Stud
         steps=sum(r.steps for r in rows),
         epsilon=epsilon([r.mechanism for r in rows], budget.delta, budget.accountant),
     )
+
+
+__all__ = ["Budget", "BudgetExceededError", "PrivacyLedger", "Reservation", "StudySpend"]
