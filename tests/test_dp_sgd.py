@@ -15,11 +15,13 @@ from fedcare.study import ModelKind, ModelSpec, PrivacySpec, Study, StudyError, 
 from fedcare.training import train_local
 from fedcare.training.dp_sgd import (
     DpSgdSettings,
+    GhostClipper,
     UnsupportedModelError,
     clipped_gradient_sum,
     linear_layers,
+    noise_rows,
     noisy_mean,
-    poisson_batch,
+    poisson_batches,
 )
 
 
@@ -68,6 +70,33 @@ def test_clipped_sums_match_opacus_per_sample_gradients(spec: ModelSpec, clip: f
         assert float(total) <= x.shape[0] * clip + 1e-4
 
 
+def test_dropout_clipped_sums_match_a_row_by_row_autograd_reference() -> None:
+    """With dropout on, against each row's gradient from autograd under the same mask."""
+    from fedcare.models.builders import build_model
+
+    x, y = _data(60)
+    torch.manual_seed(2)
+    model = build_model(ModelSpec(kind=ModelKind.MLP, hidden=(6,), dropout=0.4), x.shape[1])
+    torch.manual_seed(9)
+    ours, _ = GhostClipper(model, 0.5)(x, y)
+    torch.manual_seed(9)
+    keep = torch.empty(x.shape[0], 6).bernoulli_(0.6).div_(0.6)  # the draw GhostClipper makes
+    first, _, _, last = list(model)
+    params = list(model.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for i in range(x.shape[0]):
+        hidden = torch.relu(first(x[i : i + 1])) * keep[i : i + 1]
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            last(hidden).squeeze(-1), y[i : i + 1], reduction="sum"
+        )
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        for total, g in zip(expected, grads, strict=True):
+            total += g * min(1.0, 0.5 / (float(norm) + 1e-6))
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_unclipped_sum_is_the_plain_gradient() -> None:
     x, y = _data()
     model = nn.Linear(x.shape[1], 1)
@@ -91,20 +120,33 @@ def test_layers_that_mix_rows_are_refused() -> None:
 
 
 def test_noise_has_the_calibrated_scale() -> None:
-    settings = DpSgdSettings(
-        sampling_rate=0.1, noise_multiplier=1.5, max_grad_norm=2.0, steps=1, secret_seed=3
-    )
-    (noise,) = noisy_mean([torch.zeros(200_000)], settings, 1000, torch.Generator().manual_seed(3))
-    expected = 1.5 * 2.0 / (0.1 * 1000)
-    assert float(noise.std()) == pytest.approx(expected, rel=0.01)
-    assert abs(float(noise.mean())) < 0.01 * expected
+    size = 2000 * 50 + 1000
+    rows = list(noise_rows(4, size, 3.0, torch.Generator().manual_seed(3)))
+    assert [r.shape for r in rows] == [(size,)] * 4
+    assert not torch.equal(rows[0], rows[1])  # independent draws, not one row repeated
+    sums = [torch.zeros(2000, 50), torch.zeros(1000)]
+    weight, bias = noisy_mean(sums, rows[0], expected_batch=100.0)
+    assert (weight.shape, bias.shape) == ((2000, 50), (1000,))
+    drawn = torch.cat([weight.reshape(-1), bias])
+    expected = 3.0 / 100.0
+    assert float(drawn.std()) == pytest.approx(expected, rel=0.02)
+    assert abs(float(drawn.mean())) < 5 * expected / size**0.5
 
 
-def test_poisson_batches_have_the_expected_size_and_vary() -> None:
-    g = torch.Generator().manual_seed(0)
-    sizes = [poisson_batch(1000, 0.05, g).shape[0] for _ in range(400)]
-    assert np.mean(sizes) == pytest.approx(50, rel=0.05)
-    assert np.std(sizes) == pytest.approx(np.sqrt(1000 * 0.05 * 0.95), rel=0.2)
+@pytest.mark.parametrize("rate", [0.01, 0.05, 0.5])
+def test_poisson_batches_take_each_row_independently(rate: float) -> None:
+    """The gap-based draw has the statistics of one coin per row and step."""
+    n, steps = 400, 500
+    batches = poisson_batches(n, rate, steps, torch.Generator().manual_seed(0))
+    assert len(batches) == steps
+    sizes = np.array([b.shape[0] for b in batches])
+    assert sizes.mean() == pytest.approx(n * rate, rel=0.05)
+    assert sizes.std() == pytest.approx(np.sqrt(n * rate * (1 - rate)), rel=0.15)
+    counts = np.bincount(torch.cat(batches).numpy(), minlength=n)
+    assert counts.mean() == pytest.approx(steps * rate, rel=0.05)  # every row alike
+    assert all(len(set(b.tolist())) == b.shape[0] for b in batches)  # no row twice a step
+    assert all(int(b.min()) >= 0 and int(b.max()) < n for b in batches if b.numel())
+    assert [b.shape[0] for b in poisson_batches(30, 1.0, 3, torch.Generator())] == [30] * 3
 
 
 def _train(secret: int, seed: int = 5, sigma: float = 1.0) -> np.ndarray:

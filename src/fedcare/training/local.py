@@ -14,10 +14,10 @@ from fedcare.models.params import get_flat, set_flat
 from fedcare.study import ModelSpec, OptimizerKind, TrainingSpec
 from fedcare.training.dp_sgd import (
     DpSgdSettings,
-    clipped_gradient_sum,
-    linear_layers,
+    GhostClipper,
+    noise_rows,
     noisy_mean,
-    poisson_batch,
+    poisson_batches,
 )
 from fedcare.training.sgd import SGD
 
@@ -123,18 +123,21 @@ def _train_dp(
     y: torch.Tensor,
 ) -> float:
     """DP-SGD steps; returns the mean per-row loss over the rows sampled."""
-    linear_layers(model)  # refuses layers that cannot be clipped per sample
+    clipper = GhostClipper(model, dp.max_grad_norm)  # refuses layers it cannot clip
     n = x.shape[0]
     secret = torch.Generator().manual_seed(dp.secret_seed)
     params = list(model.parameters())
     mu = training.proximal_mu
     anchor = [p.detach().clone() for p in params] if mu > 0 else []
+    batches = poisson_batches(n, dp.sampling_rate, dp.steps, secret)
+    std = dp.noise_multiplier * dp.max_grad_norm
+    noise = noise_rows(dp.steps, sum(p.numel() for p in params), std, secret)
+    expected_batch = dp.sampling_rate * n
     total, rows = 0.0, 0
-    for _ in range(dp.steps):
-        index = poisson_batch(n, dp.sampling_rate, secret)
-        sums, loss_sum = clipped_gradient_sum(model, x[index], y[index], dp.max_grad_norm)
+    for index, row in zip(batches, noise, strict=True):
+        sums, loss_sum = clipper(x[index], y[index])
         total, rows = total + loss_sum, rows + index.shape[0]
-        grads = noisy_mean(sums, dp, n, secret)
+        grads = noisy_mean(sums, row, expected_batch)
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             # The proximal term does not depend on the data: it needs no clipping or noise.
             p.grad = g + mu * (p.detach() - anchor[i]) if mu > 0 else g

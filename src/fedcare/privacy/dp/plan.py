@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from fedcare.privacy.dp.accountant import AccountantKind, Mechanism, epsilon, noise_multiplier
 from fedcare.study import Study
@@ -69,7 +70,7 @@ def plan_site(study: Study, n_train: int) -> SitePlan:
         sigma = spec.noise_multiplier
     else:
         assert spec.epsilon is not None
-        sigma = noise_multiplier(spec.epsilon, rate, steps * rounds, spec.delta, spec.accountant)
+        sigma = _noise(spec.epsilon, rate, steps * rounds, spec.delta, spec.accountant)
     return SitePlan(
         sampling_rate=rate,
         steps_per_round=steps,
@@ -79,3 +80,9 @@ def plan_site(study: Study, n_train: int) -> SitePlan:
         delta=spec.delta,
         accountant=spec.accountant,
     )
+
+
+@lru_cache(maxsize=256)
+def _noise(target: float, rate: float, steps: int, delta: float, kind: AccountantKind) -> float:
+    # Pure and a few hundred milliseconds each: benchmarks plan the same site many times.
+    return noise_multiplier(target, rate, steps, delta, kind)
