@@ -8,6 +8,7 @@ import typer
 
 from fedcare.cli.audit import audit_app
 from fedcare.cli.benchmark import benchmark_app
+from fedcare.cli.calibrate import calibrate
 from fedcare.cli.checks import data_app, study_app
 from fedcare.cli.deploy import coordinator_app, provision
 from fedcare.cli.privacy import privacy_app
@@ -38,6 +39,7 @@ def _main(
 app.command()(demo)
 app.command()(simulate)
 app.command()(provision)
+app.command()(calibrate)
 app.add_typer(study_app, name="study")
 app.add_typer(data_app, name="data")
 app.add_typer(coordinator_app, name="coordinator")
