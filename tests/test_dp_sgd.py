@@ -53,6 +53,8 @@ def _opacus_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c: f
     ids=["logistic", "mlp"],
 )
 @pytest.mark.parametrize("clip", [0.05, 1.0, 1e6])
+# Opacus' hooks warn that the input needs no gradient: true, and irrelevant here.
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_clipped_sums_match_opacus_per_sample_gradients(spec: ModelSpec, clip: float) -> None:
     from fedcare.models.builders import build_model
 
