@@ -95,6 +95,8 @@ def test_ledger_database_is_full_sync_wal(tmp_path: Path) -> None:
         sync = connection.exec_driver_sql("PRAGMA synchronous").scalar()
         mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
     assert (sync, mode) == (2, "wal")  # 2 = FULL
+    # It holds the secret seeds of the noise: the site's account only.
+    assert (tmp_path / "ledger.sqlite").stat().st_mode & 0o777 == 0o600
 
 
 # --- the guard and the site worker ------------------------------------------------

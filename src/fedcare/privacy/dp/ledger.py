@@ -19,6 +19,7 @@ releases nothing new. A different task for the same round is a new release.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -91,6 +92,9 @@ class StudySpend:
 
 def _engine(path: Path) -> Engine:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The secret seeds are in this file: readable by the site's account only. SQLite
+    # gives its -wal and -shm files the database file's permissions.
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
     engine = create_engine(f"sqlite:///{path}")
 
     @event.listens_for(engine, "connect")
