@@ -123,7 +123,7 @@ def test_worker_refuses_before_training_and_sends_nothing(
     ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
     guard = PrivacyGuard(ledger, "icu", Budget((one + two) / 2, 1e-4))
     n_params = initial_parameters(study.model, study.feature_schema.n_inputs, 0).shape[0]
-    worker = SiteWorker(study, site, n_params, guard)
+    worker = SiteWorker(study, site, n_params, privacy=guard)
     transport = InProcessTransport({site.name: worker})
     assert transport.exchange(site.name, _task(study, 1)) is not None
     with pytest.raises(BudgetExceededError, match="would be exceeded"):
@@ -174,7 +174,7 @@ def test_study_goes_on_without_a_site_whose_budget_is_spent(
     for site in toy_sites:
         budget = Budget(two_rounds * 1.01 if site is small else 100.0, 1e-4)
         guard = PrivacyGuard(PrivacyLedger(tmp_path / f"{site.name}.sqlite"), "icu", budget)
-        workers[site.name] = SiteWorker(study, site, n_params, guard)
+        workers[site.name] = SiteWorker(study, site, n_params, privacy=guard)
     _, records = run_federation(study, toy_sites, InProcessTransport(workers))
     assert [r.status for r in records] == ["closed"] * 4
     assert [small.name in r.participants for r in records] == [True, True, False, False]
@@ -203,7 +203,7 @@ study = parse_study(TOY_STUDY).replace(
 data = prepare_site_data(toy_frame(0, 300), toy_mapping("alpha"), study)
 params = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
 guard = PrivacyGuard(PrivacyLedger(folder / "ledger.sqlite"), "icu", Budget(1e6, 1e-4))
-worker = SiteWorker(study, data, params.shape[0], guard)
+worker = SiteWorker(study, data, params.shape[0], privacy=guard)
 sent = open(folder / "sent.txt", "a")
 for rnd in range(1, 10000):
     task = encode_task(Task(TaskHeader(study_hash=study.content_hash, round=rnd, seed=rnd), params))

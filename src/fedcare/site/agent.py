@@ -109,7 +109,7 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
     audit = AuditLog(site_audit_path(config.policy), config.site)
     n_params = study_parameter_count(study)
     guard = _privacy_guard(config)
-    worker = SiteWorker(study, data, n_params, guard)
+    worker = SiteWorker(study, data, n_params, privacy=guard)
     study_hash = study.content_hash
     client = CoordinatorClient(str(config.coordinator), config.tls)
     retry_max = config.retry_max_s

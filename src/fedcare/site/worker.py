@@ -28,6 +28,7 @@ class SiteWorker:
         study: Study,
         data: SiteDataset,
         n_params: int,
+        *,
         privacy: PrivacyGuard | None = None,
     ) -> None:
         """``privacy``: the site's ledger and budget. Without it a DP study still trains
