@@ -105,6 +105,17 @@ def test_study_check_prints_hash() -> None:
     result = runner.invoke(app, ["study", "check", str(demo_study_path())])
     assert result.exit_code == 0
     assert demo_study().content_hash in result.output
+    assert "no differential privacy" in result.output
+
+
+def test_study_check_shows_the_privacy_section(tmp_path: Path) -> None:
+    study = demo_study_path().read_text() + (
+        "\nprivacy: {dp: true, epsilon: 2.5, delta: 1.0e-6, max_grad_norm: 0.8}\n"
+    )
+    (tmp_path / "dp.yaml").write_text(study)
+    result = runner.invoke(app, ["study", "check", str(tmp_path / "dp.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "DP-SGD, epsilon 2.5 per site for the study, delta 1e-06, clipping 0.8" in result.output
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])

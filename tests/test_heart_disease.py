@@ -6,6 +6,7 @@ are read in place, never copied into the project.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -227,3 +228,26 @@ def test_benchmark_result_layout(sites: list[SiteDataset]) -> None:
     methods = [row.method for row in table_rows(result)]
     assert methods[:5] == ["pooled", *(f"local:{c}" for c in CENTER_NAMES)]
     assert "scaffold" in methods  # published only
+
+
+def test_benchmark_with_dp_runs_the_federation_privately(tmp_path: Path) -> None:
+    """--epsilon/--delta put DP-SGD at every centre; the settings say so in the JSON."""
+    out = tmp_path / "dp.json"
+    done = CliRunner().invoke(
+        app,
+        [
+            *("benchmark", "heart-disease", "--data-dir", str(DATA), "--seeds", "1"),
+            *("--method", "fedavg", "--epsilon", "1", "--delta", "1e-3", "--json", str(out)),
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    result = json.loads(out.read_text())
+    assert result["settings"]["privacy"]["dp"] is True
+    assert result["settings"]["privacy"]["epsilon"] == 1.0
+    assert set(result["measured"]) >= {"fedavg", "pooled"}
+    assert "DP-SGD at every centre" in done.output
+    half = CliRunner().invoke(
+        app, ["benchmark", "heart-disease", "--data-dir", str(DATA), "--epsilon", "1"]
+    )
+    assert half.exit_code == 2
+    assert "--epsilon and --delta together" in half.output

@@ -533,3 +533,53 @@ def test_sites_validate_releases_and_the_registry_survives_a_restart(tmp_path: P
         ]
         assert site_events.count("validation.sent") == 2
         assert site_events[-1] == "model.received"
+
+
+def test_dp_study_over_the_network_site_refuses_when_its_budget_is_spent(
+    tmp_path: Path,
+) -> None:
+    """gamma's policy allows one DP round: it sends round 1, refuses round 2 (recorded in
+    its audit trail, nothing sent), and the study finishes with alpha and beta."""
+    from fedcare.policy import DatasetBudget, load_policy, save_policy
+    from fedcare.privacy.dp.accountant import epsilon
+    from fedcare.privacy.dp.ledger import Budget, PrivacyLedger
+    from fedcare.privacy.dp.plan import plan_site
+
+    study = network_study(rounds=3, min_sites=2, deadline_s=4).replace(
+        privacy={"dp": True, "noise_multiplier": 1.0, "delta": 1e-4}
+    )
+    deployment = deploy(tmp_path, study)
+    gamma = next(c for c in cohorts() if c.name == "gamma")
+    plan = plan_site(study, prepare_site_data(gamma.frame, gamma.mapping, study).n_train)
+    one, two = (epsilon([plan.round_mechanism] * k, 1e-4) for k in (1, 2))
+    for name in SITES:
+        policy_path = deployment.site_configs[name].parent / "policy.yaml"
+        policy = load_policy(policy_path)
+        allowed = (one + two) / 2 if name == "gamma" else 100.0
+        budget = {"data": DatasetBudget(epsilon=allowed, delta=1e-4)}
+        save_policy(policy.model_copy(update={"privacy_budget": budget}), policy_path)
+    start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, SITES[0])
+        sites = [start_site(deployment, name) for name in SITES]
+        for proc in sites:
+            assert proc.popen.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+    received = [
+        (e.details["site"], e.details["round"])
+        for e in read_entries(deployment.folder / "audit.jsonl")
+        if e.event == "update.received"
+    ]
+    assert sorted(r for s, r in received if s == "gamma") == [1]
+    assert sorted(r for s, r in received if s == "alpha") == [1, 2, 3]
+    gamma_dir = deployment.site_configs["gamma"].parent
+    events = [(e.event, e.details.get("round")) for e in read_entries(gamma_dir / "audit.jsonl")]
+    assert ("update.sent", 1) in events
+    assert ("update.refused", 2) in events
+    assert ("update.sent", 2) not in events
+    assert events[-1][0] == "model.received"
+    ledger = PrivacyLedger(gamma_dir / "state" / "privacy-ledger.sqlite")
+    assert ledger.mechanisms("data") == [plan.round_mechanism]
+    assert ledger.spent("data", Budget((one + two) / 2, 1e-4)) <= (one + two) / 2

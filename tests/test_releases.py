@@ -334,6 +334,7 @@ def test_override_is_recorded_and_export_needs_a_promoted_release(
         assert card["override_by"] == "Dr Lead"
         text = (tmp_path / "out" / "model_card.md").read_text()
         assert "Manual override" in text
+        assert "No differential privacy is configured" in card["privacy"]
         assert "## Site beta: FAILED" in text
         assert len(files) == 4
     finally:
@@ -393,3 +394,14 @@ def test_no_drop_compares_with_each_sites_report_on_the_parent_release(
             assert dropped == (after < before)
     finally:
         registry.close()
+
+
+def test_the_model_card_states_the_studys_privacy_settings(study: Study) -> None:
+    from fedcare.releases.card import privacy_statement
+
+    private = study.replace(privacy={"dp": True, "epsilon": 2.0, "delta": 1e-4})
+    text = privacy_statement(private)
+    assert "DP-SGD" in text
+    assert "epsilon = 2.0, delta = 0.0001" in text
+    noisy = study.replace(privacy={"dp": True, "noise_multiplier": 1.5, "delta": 1e-4})
+    assert "noise multiplier 1.5" in privacy_statement(noisy)

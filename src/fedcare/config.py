@@ -84,10 +84,30 @@ class SiteConfig(_Config):
         default=None,
         description="The site's policy.yaml; the agent runs only studies it approves.",
     )
+    dataset: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="The data set's name in the policy's privacy_budget (default: the data "
+        "file's name without its suffix).",
+    )
     state_dir: Path = Path("state")
     retry_max_s: float = Field(
         default=600.0, gt=0, description="Give up after the coordinator is unreachable this long."
     )
+
+    @property
+    def dataset_name(self) -> str:
+        """The name the privacy ledger and the policy's budget use for this site's data."""
+        if self.dataset is not None:
+            return self.dataset
+        if self.data is None:
+            raise ConfigError(f"site '{self.site}' names no data file and no dataset")
+        return self.data.stem
+
+    @property
+    def ledger_path(self) -> Path:
+        """The site's privacy ledger (SQLite), beside its other state."""
+        return self.state_dir / "privacy-ledger.sqlite"
 
 
 def _resolve(value: object, base: Path) -> object:

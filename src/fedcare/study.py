@@ -15,6 +15,7 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, ValidationError, model_validator
 
+from fedcare.privacy.dp.accountant import AccountantKind
 from fedcare.schema.features import FeatureSchema, FeatureType, Strict
 from fedcare.validation.spec import AGE_BAND, ValidationSpec
 from fedcare.yamlfile import format_validation_errors, parse_yaml_model, read_yaml_model
@@ -258,6 +259,46 @@ class DisclosureSpec(Strict):
     )
 
 
+class PrivacySpec(Strict):
+    """Record-level differential privacy at each site: DP-SGD (docs/privacy.md).
+
+    With ``dp: true`` each site trains with Poisson sampling at rate
+    ``training.batch_size / its training rows``, clips every row's gradient to
+    ``max_grad_norm`` and adds Gaussian noise: either ``noise_multiplier`` as given,
+    or the smallest one that keeps the whole study (every round) within ``epsilon``
+    at ``delta`` for that site, by ``accountant``.
+    """
+
+    dp: bool = False
+    epsilon: float | None = Field(
+        default=None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="Target epsilon per site for the study.",
+    )
+    delta: float | None = Field(default=None, gt=0.0, lt=1.0)
+    noise_multiplier: float | None = Field(
+        default=None, gt=0.0, allow_inf_nan=False, description="Noise std / max_grad_norm."
+    )
+    max_grad_norm: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    accountant: AccountantKind = AccountantKind.RDP
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        given = [
+            k for k in ("epsilon", "delta", "noise_multiplier") if getattr(self, k) is not None
+        ]
+        if not self.dp:
+            if given:
+                raise ValueError(f"{', '.join(given)} given but dp is off; set dp: true")
+            return self
+        if self.delta is None:
+            raise ValueError("dp needs delta, e.g. delta: 1.0e-5 (below 1 / training rows)")
+        if (self.epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("dp needs exactly one of epsilon (a target) or noise_multiplier")
+        return self
+
+
 class Study(Strict):
     """A federated study, as declared in ``study.yaml``."""
 
@@ -272,6 +313,7 @@ class Study(Strict):
     disclosure: DisclosureSpec = DisclosureSpec()
     validation: ValidationSpec = ValidationSpec()
     secure_aggregation: SecureAggregationSpec = SecureAggregationSpec()
+    privacy: PrivacySpec = PrivacySpec()
     seed: int = Field(default=0, ge=0, lt=2**32)
 
     @model_validator(mode="after")

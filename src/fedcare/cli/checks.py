@@ -27,6 +27,19 @@ def study_check(path: Path) -> None:
         f"training {study.aggregation.strategy.value}, {study.rounds.count} rounds, "
         f"weighting {study.aggregation.weighting.value}"
     )
+    dp = study.privacy
+    if dp.dp:
+        noise = (
+            f"epsilon {dp.epsilon:g} per site for the study"
+            if dp.epsilon is not None
+            else f"noise multiplier {dp.noise_multiplier:g}"
+        )
+        console.print(
+            f"privacy  DP-SGD, {noise}, delta {dp.delta:g}, clipping {dp.max_grad_norm:g}, "
+            f"{dp.accountant.value}"
+        )
+    else:
+        console.print("privacy  no differential privacy")
 
 
 @data_app.command("check")

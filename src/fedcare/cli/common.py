@@ -32,6 +32,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedcare.audit import AuditError
     from fedcare.config import ConfigError
     from fedcare.coordinator.store import StoreError
+    from fedcare.privacy.dp.accountant import AccountingError
     from fedcare.provision import ProvisionError
     from fedcare.releases.registry import RegistryError
     from fedcare.schema.mapping import DataValidationError, MappingError
@@ -56,6 +57,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         AuditError,
         ProvisionError,
         RegistryError,
+        AccountingError,
         OSError,
     )
 

@@ -8,8 +8,10 @@ import typer
 
 from fedcare.cli.audit import audit_app
 from fedcare.cli.benchmark import benchmark_app
+from fedcare.cli.calibrate import calibrate
 from fedcare.cli.checks import data_app, study_app
 from fedcare.cli.deploy import coordinator_app, provision
+from fedcare.cli.privacy import privacy_app
 from fedcare.cli.release import release_app
 from fedcare.cli.simulation import demo, simulate
 from fedcare.cli.site import site_app
@@ -38,6 +40,7 @@ def _main(
 app.command()(demo)
 app.command()(simulate)
 app.command()(provision)
+app.command()(calibrate)
 app.add_typer(study_app, name="study")
 app.add_typer(data_app, name="data")
 app.add_typer(coordinator_app, name="coordinator")
@@ -45,3 +48,4 @@ app.add_typer(site_app, name="site")
 app.add_typer(audit_app, name="audit")
 app.add_typer(release_app, name="release")
 app.add_typer(benchmark_app, name="benchmark")
+app.add_typer(privacy_app, name="privacy")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedcare.cli.common import console, errors, guarded
+from fedcare.cli.common import console, errors, fail, guarded
 from fedcare.study import load_study
 
 site_app = typer.Typer(help="Run a hospital's site agent.", no_args_is_help=True)
@@ -28,8 +28,11 @@ def site_run(
     summary = guarded(lambda: run_site(parsed))
     console.print(
         f"site {summary.site}: trained {summary.rounds_trained} round(s); study finished at "
-        f"round {summary.final_round}; model in {summary.model_path}"
+        f"round {summary.final_round}; model in {summary.model_path}",
+        markup=False,
     )
+    if summary.refused is not None:
+        console.print(f"stopped sending updates: {summary.refused}", markup=False)
 
 
 # --- site review / approve: the officer's check of a study against policy.yaml -------
@@ -105,3 +108,61 @@ def site_approve(
         markup=False,
         highlight=False,
     )
+
+
+@site_app.command("budget")
+def site_budget(
+    config: Annotated[Path, typer.Option(help="This site's site.yaml (ledger and policy).")],
+) -> None:
+    """Privacy budget per data set: spent (all studies composed), remaining, and per study."""
+    from rich.table import Table
+
+    from fedcare.config import SiteConfig, load_config
+    from fedcare.policy import load_policy
+    from fedcare.privacy.dp.ledger import Budget, PrivacyLedger
+
+    parsed = guarded(lambda: load_config(config, SiteConfig))
+    policy_file = parsed.policy
+    if policy_file is None:
+        fail(f"{config}: names no policy file, so there is no budget to show")
+    policy = guarded(lambda: load_policy(policy_file))
+    ledger = PrivacyLedger(parsed.ledger_path) if parsed.ledger_path.exists() else None
+    totals = Table(title=f"Privacy budget of site {parsed.site}")
+    for column in ("data set", "budget ε", "δ", "accountant", "spent ε", "remaining ε"):
+        totals.add_column(column, justify="left" if column == "data set" else "right")
+    studies = Table(title="Spent per study (each on its own)")
+    for column in ("data set", "study", "hash", "rounds", "steps", "ε"):
+        studies.add_column(column, justify="left" if column in {"data set", "study"} else "right")
+    try:
+        recorded = ledger.datasets() if ledger is not None else []
+        for name in sorted(set(policy.privacy_budget) | set(recorded)):
+            allowed = policy.privacy_budget.get(name)
+            if allowed is None:
+                totals.add_row(name, "none", "—", "—", "recorded; no budget to measure it", "0")
+                continue
+            budget = Budget(allowed.epsilon, allowed.delta, allowed.accountant)
+            spent = ledger.spent(name, budget) if ledger is not None else 0.0
+            remaining = max(budget.epsilon - spent, 0.0)
+            totals.add_row(
+                name,
+                f"{budget.epsilon:g}",
+                f"{budget.delta:g}",
+                budget.accountant.value,
+                f"{spent:.4f}",
+                f"{remaining:.4f}",
+            )
+            for entry in ledger.by_study(name, budget) if ledger is not None else []:
+                studies.add_row(
+                    name,
+                    entry.study_name,
+                    entry.study_hash[:12],
+                    str(entry.rounds),
+                    str(entry.steps),
+                    f"{entry.epsilon:.4f}",
+                )
+    finally:
+        if ledger is not None:
+            ledger.close()
+    console.print(totals)
+    if studies.row_count:
+        console.print(studies)

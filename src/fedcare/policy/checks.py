@@ -34,14 +34,8 @@ SITE_COORDINATOR = "SITE-COORDINATOR"
 
 
 def declares_differential_privacy(study: Study) -> bool:
-    """Whether the study's model updates are differentially private.
-
-    The study contract has no differential-privacy section yet. When the DP work
-    adds one, this function must read it; until then no study's updates are DP,
-    and saying so plainly is the honest answer.
-    """
-    del study  # nothing in the contract configures noise or clipping yet
-    return False
+    """Whether the study's model updates are differentially private (``privacy.dp``)."""
+    return study.privacy.dp
 
 
 def _matches(name: str, pattern: str) -> bool:

@@ -30,6 +30,7 @@ from pydantic import (
 
 from fedcare.config import ConfigError
 from fedcare.federation.messages import SHA256_HEX, SITE_NAME
+from fedcare.privacy.dp.accountant import AccountantKind
 from fedcare.schema.features import Strict
 from fedcare.study import Artefact
 from fedcare.validation.spec import GateSpec
@@ -77,10 +78,17 @@ class ApprovedStudy(Strict):
 
 
 class DatasetBudget(Strict):
-    """The total (epsilon, delta) the site allows to be spent on one data set."""
+    """The total (epsilon, delta) the site allows to be spent on one data set.
+
+    The site's privacy ledger composes every release from the data set with
+    ``accountant`` at ``delta`` and refuses a round that would exceed ``epsilon``.
+    """
 
     epsilon: float = Field(gt=0.0, allow_inf_nan=False)
     delta: float = Field(gt=0.0, lt=1.0)
+    accountant: AccountantKind = Field(
+        default=AccountantKind.RDP, description="How the ledger measures spending: rdp, pld, prv."
+    )
 
 
 class SafeguardMechanism(StrEnum):

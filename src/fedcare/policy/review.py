@@ -227,7 +227,18 @@ def _outflows(study: Study, n_params: int, url: str | None) -> tuple[list[Outflo
 
 def _privacy(study: Study, policy: SitePolicy) -> PrivacyCost:
     if declares_differential_privacy(study):
-        statement = "model updates are differentially private"
+        spec = study.privacy
+        target = (
+            f"a target epsilon of {spec.epsilon:g} per site for the whole study"
+            if spec.epsilon is not None
+            else f"noise multiplier {spec.noise_multiplier:g}"
+        )
+        statement = (
+            f"model updates are differentially private (DP-SGD, {target}, delta {spec.delta:g}, "
+            f"gradients clipped to {spec.max_grad_norm:g}, {spec.accountant.value} accountant); "
+            "the site's privacy ledger records every round before its update is sent and "
+            "refuses a round that would exceed this site's budget for the data set"
+        )
     else:
         statement = (
             "model updates are NOT differentially private: no noise is added, so the "

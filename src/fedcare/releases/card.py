@@ -58,12 +58,30 @@ class ModelCard(BaseModel):
 
 
 def privacy_statement(study: Study) -> str:
-    """What the study's configuration says about privacy spent to train the model."""
+    """What the study's configuration says about the privacy its training cost."""
+    privacy = study.privacy
+    if not privacy.dp:
+        trained = (
+            "No differential privacy is configured in this study: training updates carry no "
+            "formal (epsilon, delta) guarantee."
+        )
+    elif privacy.epsilon is not None:
+        trained = (
+            f"Trained with DP-SGD at every site (clipping norm {privacy.max_grad_norm}, "
+            f"{privacy.accountant.value} accountant): each site's plan keeps the whole study "
+            f"within epsilon = {privacy.epsilon}, delta = {privacy.delta} on its data; what "
+            "each site actually spent is in its own privacy ledger (fedcare site budget)."
+        )
+    else:
+        trained = (
+            f"Trained with DP-SGD at every site with noise multiplier "
+            f"{privacy.noise_multiplier} (clipping norm {privacy.max_grad_norm}, delta "
+            f"{privacy.delta}); the epsilon this cost depends on each site's training records "
+            "and is in each site's own privacy ledger (fedcare site budget)."
+        )
     return (
-        "No differential privacy is configured in this study: training updates carry no "
-        "formal (epsilon, delta) guarantee. Validation reports left each site only as "
-        f"metrics of groups of at least {study.disclosure.min_cohort_size} patients "
-        "(smaller groups are suppressed)."
+        f"{trained} Validation reports left each site only as metrics of groups of at "
+        f"least {study.disclosure.min_cohort_size} patients (smaller groups are suppressed)."
     )
 
 

@@ -13,8 +13,12 @@ def line_chart(
     y_label: str,
     width: int = 640,
     height: int = 280,
+    x_labels: Sequence[str] | None = None,
 ) -> str:
-    """One polyline per named series over x = 1..n; gaps where a value is None."""
+    """One polyline per named series over x = 1..n; gaps where a value is None.
+
+    The x axis reads "round 1 .. round n" unless ``x_labels`` names every point.
+    """
     left, right, top, bottom = 48, 150, 12, 32
     values = [v for s in series.values() for v in s if v is not None]
     if not values:
@@ -33,14 +37,22 @@ def line_chart(
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'role="img" aria-label="{escape(y_label)} by round">',
+        f'role="img" aria-label="{escape(y_label)} by {"point" if x_labels else "round"}">',
         f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" '
         'fill="none" stroke="#999"/>',
         f'<text x="4" y="{top + 10}" font-size="11">{hi:.3f}</text>',
         f'<text x="4" y="{top + plot_h}" font-size="11">{lo:.3f}</text>',
-        f'<text x="{left}" y="{height - 8}" font-size="11">round 1</text>',
-        f'<text x="{left + plot_w - 40}" y="{height - 8}" font-size="11">round {n}</text>',
     ]
+    if x_labels is None:
+        parts += [
+            f'<text x="{left}" y="{height - 8}" font-size="11">round 1</text>',
+            f'<text x="{left + plot_w - 40}" y="{height - 8}" font-size="11">round {n}</text>',
+        ]
+    else:
+        parts += [
+            f'<text x="{x(i) - 10:.1f}" y="{height - 8}" font-size="11">{escape(label)}</text>'
+            for i, label in enumerate(x_labels)
+        ]
     for k, (name, points) in enumerate(series.items()):
         colour = PALETTE[k % len(PALETTE)]
         coords = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(points) if v is not None)

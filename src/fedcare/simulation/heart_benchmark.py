@@ -82,6 +82,11 @@ class BenchmarkSettings(BaseModel):
     weighting: str
     server_learning_rate: dict[str, float]
     proximal_mu: float
+    privacy: dict[str, object] = Field(
+        default_factory=dict,
+        description="The study's privacy section: DP-SGD at every site for the federated "
+        "methods when dp is on (pooled and local models are trained without DP).",
+    )
 
 
 class BenchmarkResult(BaseModel):
@@ -317,6 +322,7 @@ def run_benchmark(
                 m: method_study(base, m).aggregation.effective_learning_rate for m in methods
             },
             proximal_mu=proximal_mu,
+            privacy=base.canonical()["privacy"],
         ),
         wall_s=time.perf_counter() - started,
     )

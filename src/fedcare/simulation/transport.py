@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from fedcare.privacy.dp.budget import BudgetExceededError
 from fedcare.site.worker import SiteWorker
 
 
@@ -31,7 +32,11 @@ class InProcessTransport:
     def exchange(self, site: str, task: bytes) -> bytes | None:
         if site in self.offline:
             return None
-        return self.workers[site].handle(task)
+        try:
+            return self.workers[site].handle(task)
+        except BudgetExceededError:
+            # The site's ledger refused the round: it sends nothing, the study goes on.
+            return None
 
     def validate(self, site: str, task: bytes) -> bytes | None:
         if site in self.offline:

@@ -27,8 +27,10 @@ from fedcare.coordinator.store import write_file_atomically
 from fedcare.federation.messages import TaskState
 from fedcare.federation.rounds import RoundError
 from fedcare.models.size import study_parameter_count
+from fedcare.policy import load_policy
 from fedcare.policy.approval import site_audit_path
-from fedcare.policy.model import load_policy
+from fedcare.privacy.dp.guard import PrivacyGuard
+from fedcare.privacy.dp.ledger import Budget, BudgetExceededError, PrivacyLedger
 from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
@@ -41,6 +43,8 @@ from fedcare.study import load_study
 
 log = logging.getLogger("fedcare.site")
 T = TypeVar("T")
+REFUSED_POLL_S = 5.0
+"""How often a site whose budget is spent asks whether the study has finished."""
 
 
 class SiteAgentError(RuntimeError):
@@ -54,6 +58,8 @@ class SiteRunSummary:
     rounds_trained: int
     final_round: int
     model_path: str
+    refused: str | None = None
+    """Why this site stopped sending updates (its privacy budget), if it did."""
 
 
 def with_retry(
@@ -153,7 +159,10 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
     audit = AuditLog(site_audit_path(config.policy), config.site)
     policy = load_policy(config.policy)
     n_params = study_parameter_count(study)
-    worker = SiteWorker(study, data, n_params, policy.validation_gates, policy.min_cohort_size)
+    guard = _privacy_guard(config)
+    worker = SiteWorker(
+        study, data, n_params, policy.validation_gates, policy.min_cohort_size, privacy=guard
+    )
     try:
         secure = secure_site(config, worker) if study.secure_aggregation.enabled else None
     except SecAggError as exc:
@@ -162,6 +171,7 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
     client = CoordinatorClient(str(config.coordinator), config.tls)
     retry_max = config.retry_max_s
     trained = 0
+    refused: str | None = None
     try:
         identity = with_retry(client.whoami, retry_max, "connecting to the coordinator")
         if identity != config.site:
@@ -189,8 +199,21 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
                 break
             if reply.state is TaskState.WAIT:
                 continue
+            if refused is not None:
+                # The budget is spent: this site sends nothing more and waits for the end.
+                time.sleep(REFUSED_POLL_S)
+                continue
             if secure is not None:
-                if take_part(client, secure, reply, n_params, retry, audit):
+                try:
+                    took_part = take_part(client, secure, reply, n_params, retry, audit)
+                except BudgetExceededError as exc:
+                    refused = str(exc)
+                    audit.append(
+                        "update.refused", study=study_hash, round=reply.round, reason=refused
+                    )
+                    log.warning("round %d: %s", reply.round, refused)
+                    continue
+                if took_part:
                     trained += 1
                     _append_jsonl(
                         config.state_dir / "rounds.jsonl",
@@ -202,7 +225,13 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
                     )
                 continue
             train_started = time.perf_counter()
-            update = worker.handle(reply.payload)
+            try:
+                update = worker.handle(reply.payload)
+            except BudgetExceededError as exc:
+                refused = str(exc)
+                audit.append("update.refused", study=study_hash, round=reply.round, reason=refused)
+                log.warning("round %d: %s", reply.round, refused)
+                continue
             train_s = time.perf_counter() - train_started
             # Recorded before the first byte leaves: a crash can only over-report.
             audit.append(
@@ -251,6 +280,18 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
             sha256=hashlib.sha256(payload).hexdigest(),
         )
         log.info("study finished after round %d; model saved to %s", header.round, path)
-        return SiteRunSummary(config.site, study_hash, trained, header.round, str(path))
+        return SiteRunSummary(
+            config.site, study_hash, trained, header.round, str(path), refused=refused
+        )
     finally:
         client.close()
+        guard.ledger.close()
+
+
+def _privacy_guard(config: SiteConfig) -> PrivacyGuard:
+    """The site's ledger, and its policy's budget for the data set this agent reads."""
+    assert config.policy is not None
+    dataset = config.dataset_name
+    allowed = load_policy(config.policy).privacy_budget.get(dataset)
+    budget = None if allowed is None else Budget(allowed.epsilon, allowed.delta, allowed.accountant)
+    return PrivacyGuard(PrivacyLedger(config.ledger_path), dataset, budget)

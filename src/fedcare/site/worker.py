@@ -6,6 +6,7 @@ check the study's and the site's own gates, encode the reply.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 from fedcare.federation.engine import derive_seed
@@ -17,9 +18,12 @@ from fedcare.federation.messages import (
     encode_update,
 )
 from fedcare.federation.rounds import RoundError
+from fedcare.privacy.dp.guard import PrivacyGuard, dp_settings
+from fedcare.privacy.dp.plan import SitePlan, plan_site
 from fedcare.site.dataset import SiteDataset
 from fedcare.study import Study
 from fedcare.training import train_local
+from fedcare.training.dp_sgd import DpSgdSettings
 from fedcare.validation.local import validate_candidate
 from fedcare.validation.messages import decode_validation_task, encode_validation_reply
 from fedcare.validation.spec import GateSpec
@@ -35,12 +39,20 @@ class SiteWorker:
         n_params: int,
         site_gates: Sequence[GateSpec] = (),
         min_cohort: int = 1,
+        *,
+        privacy: PrivacyGuard | None = None,
     ) -> None:
+        """``site_gates`` and ``min_cohort`` come from the site's policy and govern its
+        validation reports. ``privacy``: the site's ledger and budget. Without it a DP
+        study still trains with DP-SGD (fresh secret seed each round) but nothing is
+        recorded: for simulations and benchmarks, never for a site agent."""
         self.study = study
         self.data = data
         self.n_params = n_params
         self.site_gates = tuple(site_gates)
         self.min_cohort = min_cohort
+        self.privacy = privacy
+        self._plan: SitePlan | None = None
 
     def _check_study(self, study_hash: str) -> None:
         if study_hash != self.study.content_hash:
@@ -64,6 +76,7 @@ class SiteWorker:
             self.data.x_train,
             self.data.y_train,
             seed=derive_seed(task.header.seed, self.data.name),
+            dp=self._dp(task.header.round, task_bytes),
         )
         update = SiteUpdate(
             header=UpdateHeader(
@@ -85,3 +98,13 @@ class SiteWorker:
             self.study, self.data, header, params, self.site_gates, self.min_cohort
         )
         return encode_validation_reply(reply)
+
+    def _dp(self, round_number: int, task_bytes: bytes) -> DpSgdSettings | None:
+        """This round's DP-SGD settings; with a guard, recorded in the ledger first (or refused)."""
+        if self.privacy is not None:
+            return self.privacy.admit(self.study, self.data.n_train, round_number, task_bytes)
+        if not self.study.privacy.dp:
+            return None
+        if self._plan is None:
+            self._plan = plan_site(self.study, self.data.n_train)
+        return dp_settings(self._plan, secrets.randbits(63))

@@ -12,6 +12,13 @@ from torch import nn
 from fedcare.models.builders import build_model
 from fedcare.models.params import get_flat, set_flat
 from fedcare.study import ModelSpec, OptimizerKind, TrainingSpec
+from fedcare.training.dp_sgd import (
+    DpSgdSettings,
+    GhostClipper,
+    noise_rows,
+    noisy_mean,
+    poisson_batches,
+)
 from fedcare.training.sgd import SGD
 
 
@@ -62,8 +69,13 @@ def train_local(
     features: NDArray[np.float32],
     labels: NDArray[np.float32],
     seed: int,
+    dp: DpSgdSettings | None = None,
 ) -> LocalResult:
-    """Train from ``start`` on one site's data; deterministic for a seed."""
+    """Train from ``start`` on one site's data; deterministic for a seed (and secret seed).
+
+    With ``dp``, training is DP-SGD (:mod:`fedcare.training.dp_sgd`): ``dp.steps``
+    Poisson-sampled steps replace the study's epochs or steps.
+    """
     n = features.shape[0]
     if n == 0:
         raise ValueError("cannot train on zero rows")
@@ -80,6 +92,9 @@ def train_local(
         loss_fn = nn.BCEWithLogitsLoss()
         x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
         y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
+        if dp is not None:
+            loss_mean = _train_dp(model, optimizer, training, dp, x, y)
+            return _result(model, n, dp.steps, loss_mean)
         batches = _batches(n, training, torch.Generator().manual_seed(seed))
         mu = training.proximal_mu
         anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
@@ -96,12 +111,47 @@ def train_local(
                 loss = loss + 0.5 * mu * drift
             loss.backward()
             optimizer.step()
+    return _result(model, n, len(batches), total / len(batches))
+
+
+def _train_dp(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | SGD,
+    training: TrainingSpec,
+    dp: DpSgdSettings,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> float:
+    """DP-SGD steps; returns the mean per-row loss over the rows sampled."""
+    clipper = GhostClipper(model, dp.max_grad_norm)  # refuses layers it cannot clip
+    n = x.shape[0]
+    secret = torch.Generator().manual_seed(dp.secret_seed)
+    params = list(model.parameters())
+    mu = training.proximal_mu
+    anchor = [p.detach().clone() for p in params] if mu > 0 else []
+    batches = poisson_batches(n, dp.sampling_rate, dp.steps, secret)
+    std = dp.noise_multiplier * dp.max_grad_norm
+    noise = noise_rows(dp.steps, sum(p.numel() for p in params), std, secret)
+    expected_batch = dp.sampling_rate * n
+    total, rows = 0.0, 0
+    for index, row in zip(batches, noise, strict=True):
+        sums, loss_sum = clipper(x[index], y[index])
+        total, rows = total + loss_sum, rows + index.shape[0]
+        grads = noisy_mean(sums, row, expected_batch)
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            # The proximal term does not depend on the data: it needs no clipping or noise.
+            p.grad = g + mu * (p.detach() - anchor[i]) if mu > 0 else g
+        optimizer.step()
+    return total / max(rows, 1)
+
+
+def _result(model: nn.Module, n: int, steps: int, loss: float) -> LocalResult:
     params = get_flat(model)
     if not np.all(np.isfinite(params)):
         raise FloatingPointError(
             "local training diverged (non-finite parameters); lower the learning rate"
         )
-    return LocalResult(params=params, n_samples=n, steps=len(batches), loss=total / len(batches))
+    return LocalResult(params=params, n_samples=n, steps=steps, loss=loss)
 
 
 def predict_proba(

@@ -1,0 +1,223 @@
+"""The site's PrivacyLedger: every DP release from each data set, across studies and rounds.
+
+Kept at the site in SQLite (SQLAlchemy 2) with ``synchronous=FULL``: a reservation
+that :meth:`PrivacyLedger.reserve` returned is on disk before the update it
+covers is computed, let alone sent. A crash between the two leaves a spend that
+was never used, so the ledger can over-count, never under-count.
+
+What a data set has spent is the composition, by the policy's accountant at the
+policy's delta, of every mechanism recorded against it. ``reserve`` composes the
+new round with everything before it and refuses, naming the numbers, when the
+result would exceed the policy's budget; the check and the insert are one
+``BEGIN IMMEDIATE`` transaction, so two processes cannot both take the last of a
+budget.
+
+A round is recorded once per task: a site that retrains the same task (after a
+restart) gets the same secret seed back and produces the same update, which
+releases nothing new. A different task for the same round is a new release.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from fedcare.privacy.dp.accountant import Mechanism, epsilon
+from fedcare.privacy.dp.budget import Budget, BudgetExceededError
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class SpendRow(_Base):
+    __tablename__ = "spends"
+    __table_args__ = (UniqueConstraint("dataset", "study_hash", "round", "task_sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dataset: Mapped[str] = mapped_column(String(128), index=True)
+    study_hash: Mapped[str] = mapped_column(String(64))
+    study_name: Mapped[str] = mapped_column(String(200))
+    round: Mapped[int] = mapped_column(Integer)
+    task_sha256: Mapped[str] = mapped_column(String(64))
+    sampling_rate: Mapped[float] = mapped_column(Float)
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    secret_seed: Mapped[int] = mapped_column(BigInteger)
+    recorded_at: Mapped[float] = mapped_column(Float)
+
+    @property
+    def mechanism(self) -> Mechanism:
+        return Mechanism(self.sampling_rate, self.noise_multiplier, self.steps)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A recorded spend: train with ``secret_seed``; ``spent`` includes this round."""
+
+    secret_seed: int
+    spent: float
+    budget: Budget
+    repeated: bool
+    """True when this exact task was reserved before (nothing new was charged)."""
+
+
+@dataclass(frozen=True)
+class StudySpend:
+    dataset: str
+    study_hash: str
+    study_name: str
+    rounds: int
+    steps: int
+    epsilon: float
+    """This study's releases alone, at the data set's delta."""
+
+
+def _engine(path: Path) -> Engine:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The secret seeds are in this file: readable by the site's account only. SQLite
+    # gives its -wal and -shm files the database file's permissions.
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    engine = create_engine(f"sqlite:///{path}")
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        # Let SQLAlchemy's "begin" event below issue BEGIN itself.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed spend survives power loss, not only kill -9.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):  # type: ignore[no-untyped-def]
+        # Take the write lock before reading what was spent: check and insert are atomic.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    _Base.metadata.create_all(engine)
+    return engine
+
+
+class PrivacyLedger:
+    """The privacy spend of a site's data sets, in a SQLite file at the site."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._engine = _engine(path)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def reserve(
+        self,
+        dataset: str,
+        budget: Budget,
+        study_hash: str,
+        study_name: str,
+        round_number: int,
+        task_sha256: str,
+        mechanism: Mechanism,
+    ) -> Reservation:
+        """Record this round's spend before training, or refuse it.
+
+        Raises :class:`BudgetExceededError` (and records nothing) when the data set's
+        spend after this round would be above ``budget.epsilon``.
+        """
+        with Session(self._engine) as session, session.begin():
+            rows = session.scalars(select(SpendRow).where(SpendRow.dataset == dataset)).all()
+            previous = [r.mechanism for r in rows]
+            key = (study_hash, round_number, task_sha256)
+            for row in rows:
+                if (row.study_hash, row.round, row.task_sha256) == key:
+                    if row.mechanism != mechanism:
+                        raise BudgetExceededError(
+                            f"round {round_number} of study {study_hash[:12]} was recorded for "
+                            f"'{dataset}' with other DP settings; refusing to release it again"
+                        )
+                    spent = epsilon(previous, budget.delta, budget.accountant)
+                    return Reservation(row.secret_seed, spent, budget, repeated=True)
+            before = epsilon(previous, budget.delta, budget.accountant)
+            after = epsilon([*previous, mechanism], budget.delta, budget.accountant)
+            if after > budget.epsilon:
+                raise BudgetExceededError(
+                    f"privacy budget of data set '{dataset}' would be exceeded: spent epsilon "
+                    f"{before:.4g}, after round {round_number} of study '{study_name}' it would be "
+                    f"{after:.4g}, budget {budget.epsilon:g} at delta {budget.delta:g} "
+                    f"({budget.accountant.value}); the update is not sent"
+                )
+            seed = secrets.randbits(63)
+            session.add(
+                SpendRow(
+                    dataset=dataset,
+                    study_hash=study_hash,
+                    study_name=study_name,
+                    round=round_number,
+                    task_sha256=task_sha256,
+                    sampling_rate=mechanism.sampling_rate,
+                    noise_multiplier=mechanism.noise_multiplier,
+                    steps=mechanism.steps,
+                    secret_seed=seed,
+                    recorded_at=time.time(),
+                )
+            )
+        return Reservation(seed, after, budget, repeated=False)
+
+    def mechanisms(self, dataset: str) -> list[Mechanism]:
+        """Every mechanism recorded against ``dataset``, in the order recorded."""
+        with Session(self._engine) as session, session.begin():
+            rows = session.scalars(
+                select(SpendRow).where(SpendRow.dataset == dataset).order_by(SpendRow.id)
+            ).all()
+            return [r.mechanism for r in rows]
+
+    def spent(self, dataset: str, budget: Budget) -> float:
+        """Epsilon spent on ``dataset`` at the budget's delta, by its accountant."""
+        return epsilon(self.mechanisms(dataset), budget.delta, budget.accountant)
+
+    def datasets(self) -> list[str]:
+        with Session(self._engine) as session, session.begin():
+            return sorted(set(session.scalars(select(SpendRow.dataset)).all()))
+
+    def by_study(self, dataset: str, budget: Budget) -> list[StudySpend]:
+        """What each study spent from ``dataset`` on its own."""
+        with Session(self._engine) as session, session.begin():
+            rows = session.scalars(
+                select(SpendRow).where(SpendRow.dataset == dataset).order_by(SpendRow.id)
+            ).all()
+            grouped: dict[str, list[SpendRow]] = {}
+            for row in rows:
+                grouped.setdefault(row.study_hash, []).append(row)
+            return [_study_spend(dataset, group, budget) for group in grouped.values()]
+
+
+def _study_spend(dataset: str, rows: Sequence[SpendRow], budget: Budget) -> StudySpend:
+    return StudySpend(
+        dataset=dataset,
+        study_hash=rows[0].study_hash,
+        study_name=rows[0].study_name,
+        rounds=len({r.round for r in rows}),
+        steps=sum(r.steps for r in rows),
+        epsilon=epsilon([r.mechanism for r in rows], budget.delta, budget.accountant),
+    )
+
+
+__all__ = ["Budget", "BudgetExceededError", "PrivacyLedger", "Reservation", "StudySpend"]

@@ -1,0 +1,72 @@
+"""The privacy-utility sweep: every grid point run, DP visibly applied, subgroups read right."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fedcare.cli import app
+from fedcare.simulation.calibrate import NO_DP, calibrate, subgroup_levels
+from fedcare.site.dataset import SiteDataset
+from fedcare.study import Study
+
+
+@pytest.mark.slow
+def test_sweep_covers_the_grid_and_noise_costs_auroc(
+    toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    study = toy_study.replace(rounds={"count": 3, "min_sites": 2})
+    result = calibrate(study, toy_sites, epsilons=(8.0, 0.05), delta=1e-4, n_seeds=2)
+    assert [p.label for p in result.points] == ["0.05", "8", NO_DP]
+    assert [p.epsilon for p in result.points] == [0.05, 8.0, None]
+    assert result.seeds == [study.seed, study.seed + 1]
+    for point in result.points:
+        assert point.auroc.n_seeds == 2
+        assert set(point.auroc_by_site) == {s.name for s in toy_sites}
+    tiny, _, clear = (p.auroc.mean for p in result.points)
+    assert tiny is not None
+    assert clear is not None
+    assert clear > 0.8
+    assert tiny < clear - 0.05  # epsilon 0.05 is mostly noise
+    assert result.unavailable_subgroups == ["sex", "age_band", "ethnicity"]
+
+
+def test_bad_grid_is_refused(toy_study: Study, toy_sites: list[SiteDataset]) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        calibrate(toy_study, toy_sites, epsilons=(0.0,))
+    with pytest.raises(ValueError, match="seed"):
+        calibrate(toy_study, toy_sites, n_seeds=0)
+
+
+def test_subgroup_levels_from_either_sex_coding_and_age() -> None:
+    heart = pd.DataFrame({"sex": [1.0, 0.0, np.nan], "age": [35.0, 70.0, np.nan]})
+    demo = pd.DataFrame({"sex_female": [1, 0], "ethnicity": ["asian", None]})
+    assert subgroup_levels(heart, "sex").tolist() == ["male", "female", "missing"]  # type: ignore[union-attr]
+    assert subgroup_levels(heart, "age_band").tolist() == ["<40", "65-79", "missing"]  # type: ignore[union-attr]
+    assert subgroup_levels(heart, "ethnicity") is None
+    assert subgroup_levels(demo, "sex").tolist() == ["female", "male"]  # type: ignore[union-attr]
+    assert subgroup_levels(demo, "ethnicity").tolist() == ["asian", "missing"]  # type: ignore[union-attr]
+    assert subgroup_levels(demo, "age_band") is None
+
+
+@pytest.mark.slow
+def test_calibrate_command_writes_table_plot_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "cal"
+    done = CliRunner().invoke(
+        app,
+        ["calibrate", "--scale", "0.3", "--seeds", "1", "--epsilon", "2", "--out", str(out)],
+        env={"COLUMNS": "200"},
+    )
+    assert done.exit_code == 0, done.output
+    result = json.loads((out / "calibration.json").read_text())
+    assert [p["label"] for p in result["points"]] == ["2", NO_DP]
+    assert result["subgroups"] == ["sex", "age_band", "ethnicity"]
+    assert any(k.startswith("ethnicity=") for k in result["points"][0]["sensitivity"])
+    assert (out / "calibration.html").read_text().count("<svg") == 2
+    assert "AUROC by epsilon" in done.output
+    assert "Sensitivity at threshold" in done.output
