@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request
@@ -71,6 +71,13 @@ class ReleaseSummary(BaseModel):
     parent: int | None
     state: str
     reason: str
+
+
+def _refusal(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    async def handler(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    return handler
 
 
 def _identity(request: Request) -> str:
@@ -144,29 +151,17 @@ def create_app(
             raise HTTPException(404, f"no study {study_hash[:12]} for site '{site}'")
         return coordinator
 
-    @app.exception_handler(ForbiddenError)
-    async def _forbidden(_: Request, exc: ForbiddenError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=403)
-
-    @app.exception_handler(RoundError)
-    async def _conflict(_: Request, exc: RoundError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
-
-    @app.exception_handler(NotYoursError)
-    async def _not_yours(_: Request, exc: NotYoursError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=403)
-
-    @app.exception_handler(ValidationRefusedError)
-    async def _refused(_: Request, exc: ValidationRefusedError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
-
-    @app.exception_handler(RegistryError)
-    async def _registry(_: Request, exc: RegistryError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
-
-    @app.exception_handler(PayloadError)
-    async def _bad_payload(_: Request, exc: PayloadError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+    # Refusals a caller can act on: the reason goes back with a 4xx, never a 500.
+    refusals: dict[type[Exception], int] = {
+        ForbiddenError: 403,
+        NotYoursError: 403,
+        RoundError: 409,
+        RegistryError: 409,
+        ValidationRefusedError: 400,
+        PayloadError: 400,
+    }
+    for kind, status in refusals.items():
+        app.add_exception_handler(kind, _refusal(status))
 
     @app.exception_handler(StoreError)
     async def _store(_: Request, exc: StoreError) -> JSONResponse:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,13 +34,13 @@ def encode(vectors: dict[str, NDArray[np.float32]], header: BaseModel) -> bytes:
     return save(arrays, metadata={HEADER_KEY: header.model_dump_json()})
 
 
-def decode(
-    data: bytes,
-    header_type: type[H],
-    expected: dict[str, int],
-    max_bytes: int = DEFAULT_MAX_BYTES,
-) -> tuple[H, dict[str, NDArray[np.float32]]]:
-    """Parse and check a payload: exactly the ``expected`` names and lengths, all finite."""
+def open_payload(
+    data: bytes, header_type: type[H], max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[H, dict[str, NDArray[Any]]]:
+    """Parse a payload's envelope: size, safetensors structure and the typed header.
+
+    The arrays are returned as stored; callers check their names, dtypes and shapes.
+    """
     if len(data) > max_bytes:
         raise PayloadError(f"payload is {len(data)} bytes, the limit is {max_bytes}")
     if len(data) < 8:
@@ -60,6 +60,17 @@ def decode(
         header = header_type.model_validate_json(metadata[HEADER_KEY])
     except ValidationError as exc:
         raise PayloadError(f"payload header is invalid: {exc}") from exc
+    return header, arrays
+
+
+def decode(
+    data: bytes,
+    header_type: type[H],
+    expected: dict[str, int],
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[H, dict[str, NDArray[np.float32]]]:
+    """Parse and check a payload: exactly the ``expected`` names and lengths, all finite."""
+    header, arrays = open_payload(data, header_type, max_bytes)
     if set(arrays) != set(expected):
         raise PayloadError(
             f"payload holds tensors {sorted(arrays)}, expected exactly {sorted(expected)}"
