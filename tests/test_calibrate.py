@@ -70,3 +70,19 @@ def test_calibrate_command_writes_table_plot_and_json(tmp_path: Path) -> None:
     assert (out / "calibration.html").read_text().count("<svg") == 2
     assert "AUROC by epsilon" in done.output
     assert "Sensitivity at threshold" in done.output
+
+
+def test_operating_point_is_the_studys_validation_threshold_when_it_has_one(
+    toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    study = toy_study.replace(rounds={"count": 1, "min_sites": 2})
+    plain = calibrate(study, toy_sites, epsilons=(8.0,), n_seeds=1)
+    rate = float(np.concatenate([s.y_train for s in toy_sites]).mean())
+    assert plain.threshold == pytest.approx(rate)
+    validated = study.replace(
+        disclosure={**study.canonical()["disclosure"], "artefacts": ["model_updates", "metrics"]},
+        validation={**study.canonical()["validation"], "threshold": 0.3},
+    )
+    assert calibrate(validated, toy_sites, epsilons=(8.0,), n_seeds=1).threshold == 0.3
+    given = calibrate(validated, toy_sites, epsilons=(8.0,), n_seeds=1, threshold=0.6)
+    assert given.threshold == 0.6

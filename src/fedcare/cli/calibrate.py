@@ -28,7 +28,10 @@ def calibrate(
     threshold: Annotated[
         float | None,
         typer.Option(
-            min=0.0, max=1.0, help="Operating point (default: the training positive rate)."
+            min=0.0,
+            max=1.0,
+            help="Operating point (default: the study's validation threshold, or else the "
+            "training positive rate).",
         ),
     ] = None,
     max_grad_norm: Annotated[float, typer.Option(min=0.0, help="Clipping norm C.")] = 1.0,

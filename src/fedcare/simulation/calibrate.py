@@ -150,13 +150,17 @@ def calibrate(
 ) -> CalibrationResult:
     """Sweep ``epsilons`` (and no DP) over ``n_seeds`` seeds; see the module docstring.
 
-    ``threshold`` defaults to the positive rate of all sites' training labels, a
-    fixed operating point that suits rare outcomes better than 0.5.
+    ``threshold`` defaults to the study's operating threshold when its sites
+    validate releases (``validation.threshold``, the point the consortium agreed),
+    otherwise to the positive rate of all sites' training labels, a fixed
+    operating point that suits rare outcomes better than 0.5.
     """
     if n_seeds < 1:
         raise ValueError("the sweep needs at least one seed")
     if any(not (e > 0) for e in epsilons):
         raise ValueError("every epsilon of the grid must be positive")
+    if threshold is None and study.validates_releases:
+        threshold = study.validation.threshold
     if threshold is None:
         threshold = float(np.concatenate([s.y_train for s in sites]).mean())
     min_cohort = study.disclosure.min_cohort_size
