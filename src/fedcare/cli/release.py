@@ -21,6 +21,7 @@ release_app = typer.Typer(
     help="List, inspect, promote, reject and export model releases.", no_args_is_help=True
 )
 
+ReleaseArgument = Annotated[int, typer.Argument(help="The release id.", min=1)]
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", help="The coordinator's coordinator.yaml (its database)."),
@@ -103,7 +104,7 @@ def release_list(
 
 @release_app.command("show")
 def release_show(
-    release_id: Annotated[int, typer.Argument(help="The release id.", min=1)],
+    release_id: ReleaseArgument,
     config: ConfigOption = None,
     registry: RegistryOption = None,
 ) -> None:
@@ -165,7 +166,7 @@ ReasonOption = Annotated[str, typer.Option("--reason", help="Why (recorded).")]
 
 @release_app.command("promote")
 def release_promote(
-    release_id: Annotated[int, typer.Argument(help="The release id.", min=1)],
+    release_id: ReleaseArgument,
     by: ByOption,
     reason: ReasonOption,
     config: ConfigOption = None,
@@ -178,7 +179,7 @@ def release_promote(
 
 @release_app.command("reject")
 def release_reject(
-    release_id: Annotated[int, typer.Argument(help="The release id.", min=1)],
+    release_id: ReleaseArgument,
     by: ByOption,
     reason: ReasonOption,
     config: ConfigOption = None,
@@ -191,7 +192,7 @@ def release_reject(
 
 @release_app.command("export")
 def release_export(
-    release_id: Annotated[int, typer.Argument(help="The release id.", min=1)],
+    release_id: ReleaseArgument,
     out: Annotated[Path, typer.Option("--out", help="Folder to write the release into.")],
     config: ConfigOption = None,
     registry: RegistryOption = None,

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -27,7 +27,7 @@ from fedcare.coordinator.service import (
 )
 from fedcare.coordinator.store import StoreError
 from fedcare.coordinator.tls import PEER_KEY
-from fedcare.federation.messages import SHA256_HEX, TaskState
+from fedcare.federation.messages import SHA256_HEX, TaskReply, TaskState
 from fedcare.federation.rounds import RoundError
 from fedcare.models.wire import PayloadError
 from fedcare.releases.desk import NotYoursError, ValidationRefusedError
@@ -35,6 +35,8 @@ from fedcare.releases.registry import RegistryError
 from fedcare.validation.messages import MAX_REPLY_BYTES
 
 log = logging.getLogger("fedcare.coordinator")
+
+T = TypeVar("T")
 
 PAYLOAD = "application/octet-stream"
 StudyHash = Annotated[str, Path(pattern=SHA256_HEX, description="The study's content hash.")]
@@ -78,6 +80,21 @@ def _refusal(status: int) -> Callable[[Request, Exception], Awaitable[JSONRespon
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
     return handler
+
+
+async def _long_poll(fetch: Callable[[], T | None], wait_s: float) -> T | None:
+    """Call ``fetch`` (in a worker thread) until it has something or ``wait_s`` has passed."""
+    until = time.monotonic() + wait_s
+    while True:
+        result = await run_in_threadpool(fetch)
+        if result is not None or time.monotonic() >= until:
+            return result
+        await asyncio.sleep(0.1)
+
+
+def _ready(reply: TaskReply) -> TaskReply | None:
+    """A task reply worth answering now (ready or finished); None while the site must wait."""
+    return None if reply.state is TaskState.WAIT else reply
 
 
 def _identity(request: Request) -> str:
@@ -203,20 +220,16 @@ def create_app(
         """The current round's task for this site (long-polls up to ``wait`` seconds)."""
         site = _identity(request)
         coordinator = study_for(study_hash, site)
-        until = time.monotonic() + min(wait, poll_wait_s)
-        while True:
-            reply = coordinator.task_for(site)
-            if reply.state is TaskState.READY:
-                return Response(
-                    reply.payload, media_type=PAYLOAD, headers={"X-Fedcare-Round": str(reply.round)}
-                )
-            if reply.state is TaskState.FINISHED:
-                return JSONResponse(
-                    {"detail": f"study finished after round {reply.round}"}, status_code=410
-                )
-            if time.monotonic() >= until:
-                return Response(status_code=204, headers={"Retry-After": "1"})
-            await asyncio.sleep(0.1)
+        reply = await _long_poll(lambda: _ready(coordinator.task_for(site)), min(wait, poll_wait_s))
+        if reply is None:
+            return Response(status_code=204, headers={"Retry-After": "1"})
+        if reply.state is TaskState.FINISHED:
+            return JSONResponse(
+                {"detail": f"study finished after round {reply.round}"}, status_code=410
+            )
+        return Response(
+            reply.payload, media_type=PAYLOAD, headers={"X-Fedcare-Round": str(reply.round)}
+        )
 
     @app.post(
         "/v1/studies/{study_hash}/rounds/{round_number}/update",
@@ -315,14 +328,12 @@ def create_app(
         """What this site needs for its next secure step (long-polls up to ``wait`` seconds)."""
         site = _identity(request)
         coordinator = study_for(study_hash, site)
-        until = time.monotonic() + min(wait, poll_wait_s)
-        while True:
-            data = await run_in_threadpool(coordinator.secure_fetch, site, round_number, stage)
-            if data is not None:
-                return Response(data, media_type="application/json")
-            if time.monotonic() >= until:
-                return Response(status_code=204, headers={"Retry-After": "1"})
-            await asyncio.sleep(0.1)
+        data = await _long_poll(
+            lambda: coordinator.secure_fetch(site, round_number, stage), min(wait, poll_wait_s)
+        )
+        if data is None:
+            return Response(status_code=204, headers={"Retry-After": "1"})
+        return Response(data, media_type="application/json")
 
     @app.get("/v1/studies/{study_hash}/model", responses={200: {"content": {PAYLOAD: {}}}})
     async def model(request: Request, study_hash: StudyHash) -> Response:
