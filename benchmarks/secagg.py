@@ -8,22 +8,24 @@ Run from the repository root::
 
 Grid: sites n in {10, 50, 100} x parameters d in {100 000, 1 000 000} x dropout
 {0 %, 10 %}. Every party runs in this process, one after another, through the
-same objects as ``fedcare simulate`` (``fedcare.privacy.secagg``); each call is
-timed on its own, so a site's time is only its own work.
+one stage sequence (``fedcare.privacy.secagg.protocol.run_session``) that
+``fedcare simulate`` and the network drive, every message in its wire form; each
+call is timed on its own, so a site's time is only its own work.
 
 Per point:
 
 * ``site_s``: the mean over sites of one site's secure-aggregation work:
   clipping, weighting and quantising its update, key advertisement, sealing
-  shares, masking, and answering the unmasking request (max also shown).
+  shares, masking, signing the survivor list (the consistency check), checking
+  its neighbours' signatures and answering the unmasking request (max also shown).
   ``plain_site_s``: encoding the same float32 update for upload.
 * ``coordinator_s``: the coordinator's whole work (relaying, summing masked
   inputs, rebuilding secrets and removing masks); ``unmask_s`` is the last
   part alone. ``plain_coordinator_s``: the weighted sum of the same float32
   vectors and the weight sum, accumulated the same way (as they arrive).
 * ``upload_ratio``: bytes one site sends (signed keys, sealed shares, masked
-  vector, unmasking reply; the mean over survivors) over the bytes of its
-  plain float32 update payload.
+  vector, survivor signature, unmasking reply; the mean over survivors) over the
+  bytes of its plain float32 update payload.
 
 Dropped sites (the first ``round(dropout * n)`` after a seeded shuffle) vanish
 after sharing keys, before sending their masked input: the costly case, where
@@ -40,22 +42,22 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
 from fedcare.federation.messages import SiteUpdate, UpdateHeader, encode_update
-from fedcare.privacy.secagg.client import SecAggClient
 from fedcare.privacy.secagg.graph import default_degree
-from fedcare.privacy.secagg.local import make_identities
+from fedcare.privacy.secagg.local import client_for, make_identities
+from fedcare.privacy.secagg.protocol import ClientParty, Party, ServerSession, Stage, run_session
 from fedcare.privacy.secagg.quantize import decode_sum, encode, plan_quantization
-from fedcare.privacy.secagg.server import SecAggServer
-from fedcare.privacy.secagg.session import round_setup
-from fedcare.privacy.secagg.wire import MaskedHeader, decode_masked, encode_masked
+from fedcare.privacy.secagg.session import RoundSetup, round_setup
 
 T = TypeVar("T")
 STUDY = "5e" * 32
+TASK = "7a" * 32
 CLIP = 10.0
 GRID_SITES = (10, 50, 100)
 GRID_PARAMS = (100_000, 1_000_000)
@@ -68,70 +70,92 @@ def site_vector(i: int, d: int) -> tuple[np.ndarray, float]:
     return (rng.normal(size=d) * 0.01).astype(np.float32), float(rng.uniform(0.05, 1.0))
 
 
+class TimedSession(ServerSession):
+    """The coordinator's session, timing each of its calls."""
+
+    def __init__(self, setup: RoundSetup) -> None:
+        super().__init__(setup)
+        self.seconds = 0.0
+        self.unmask_s = 0.0
+
+    def _timed(self, fn: Callable[..., T], *args: Any) -> T:
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def post(self, site: str, stage: Stage, body: bytes) -> None:
+        self._timed(super().post, site, stage, body)
+
+    def relay(self, site: str, stage: Stage) -> bytes | None:
+        return self._timed(super().relay, site, stage)
+
+    def close(self) -> None:
+        before = self.seconds
+        unmasking = self.stage is Stage.UNMASK
+        self._timed(super().close)
+        if unmasking:
+            self.unmask_s = self.seconds - before
+
+
+class TimedParty:
+    """A site, timing its own work and counting the bytes it sends."""
+
+    def __init__(self, party: Party) -> None:
+        self.party = party
+        self.seconds = 0.0
+        self.sent = 0
+
+    @property
+    def name(self) -> str:
+        return self.party.name
+
+    def respond(self, stage: Stage, relayed: bytes | None) -> bytes:
+        start = time.perf_counter()
+        body = self.party.respond(stage, relayed)
+        self.seconds += time.perf_counter() - start
+        self.sent += len(body)
+        return body
+
+
 def measure(n: int, d: int, dropout: float, graph: str, bits: int = 32) -> dict[str, Any]:
     sites = [f"site{i:03d}" for i in range(n)]
     degree = None if graph == "complete" else default_degree(n)
     plan = plan_quantization(bits, CLIP, n)
     setup = round_setup(
-        STUDY, 1, sites, degree=degree, threshold_fraction=0.6, seed=7, bits=bits, length=d + 1
+        STUDY,
+        1,
+        sites,
+        task_sha256=TASK,
+        degree=degree,
+        threshold_fraction=0.6,
+        seed=7,
+        bits=bits,
+        length=d + 1,
     )
     ids = make_identities(sites)
     order = np.random.default_rng(3).permutation(n)
     dropped = {sites[i] for i in order[: round(dropout * n)]}
-    site_time = dict.fromkeys(sites, 0.0)
-    sent = dict.fromkeys(sites, 0)
-    server_time = 0.0
 
-    def on_site(site: str, fn: Callable[..., T], *args: Any) -> T:
-        start = time.perf_counter()
-        out = fn(*args)
-        site_time[site] += time.perf_counter() - start
-        return out
-
-    def on_server(fn: Callable[..., T], *args: Any) -> T:
-        nonlocal server_time
-        start = time.perf_counter()
-        out = fn(*args)
-        server_time += time.perf_counter() - start
-        return out
-
-    server = SecAggServer(setup)
-    clients = {
-        s: SecAggClient(setup, s, ids.signers[s], ids.signers[s].certificate_pem, ids.verifier)
-        for s in sites
-    }
-    for s, c in clients.items():
-        adv = on_site(s, c.advertise)
-        sent[s] += len(adv.model_dump_json())
-        on_server(server.receive_advertisement, adv)
-    on_server(server.close_advertising)
-    for s, c in clients.items():
-        bundle = on_site(s, c.share_keys, on_server(server.advertisements_for, s))
-        sent[s] += len(bundle.model_dump_json())
-        on_server(server.receive_shares, bundle)
-    on_server(server.close_sharing)
-    for i, (s, c) in enumerate(clients.items()):
-        if s in dropped:
-            continue
+    def source(i: int) -> tuple[np.ndarray, float | None]:
+        # Clipping, weighting and quantising the update is the site's work too.
         delta, weight = site_vector(i, d)
-        rng = np.random.default_rng(i)
-        encoded = on_site(s, encode, delta, weight, plan, rng)
-        masked = on_site(s, c.masked_input, on_server(server.shares_for, s), encoded)
-        header = MaskedHeader(study_hash=STUDY, round=1, site=s, bits=bits, loss=0.0)
-        payload = on_site(s, encode_masked, header, masked)
-        sent[s] += len(payload)
-        _, received = on_server(decode_masked, payload, d + 1, bits)
-        on_server(server.receive_masked, s, received)
-    request = on_server(server.close_masking)
-    for s in request.survivors:
-        reply = on_site(s, clients[s].unmask, request)
-        sent[s] += len(reply.model_dump_json())
-        on_server(server.receive_unmask, reply)
-    unmask_start = time.perf_counter()
-    total = server.finish()
-    unmask_s = time.perf_counter() - unmask_start
-    server_time += unmask_s
-    weighted, weight_sum = on_server(decode_sum, total, plan)
+        return encode(delta, weight, plan, np.random.default_rng(i)), None
+
+    parties = {
+        s: TimedParty(ClientParty(client_for(setup, s, ids), partial(source, i)))
+        for i, s in enumerate(sites)
+    }
+    session = TimedSession(setup)
+    total, survivors_t = run_session(session, parties, dict.fromkeys(dropped, Stage.MASKED))
+    server_time = session.seconds
+    unmask_s = session.unmask_s
+    start = time.perf_counter()
+    weighted, weight_sum = decode_sum(total, plan)
+    server_time += time.perf_counter() - start
+    site_time = {s: p.seconds for s, p in parties.items()}
+    sent = {s: p.sent for s, p in parties.items()}
 
     # Plain aggregation of the same vectors: encode at the site, decode and accumulate.
     plain_site: list[float] = []
@@ -157,7 +181,8 @@ def measure(n: int, d: int, dropout: float, graph: str, bits: int = 32) -> dict[
         acc_w += weight
         plain_coordinator += time.perf_counter() - start
     error = float(np.max(np.abs(weighted / weight_sum - acc / acc_w)))
-    survivors = [s for s in sites if s not in dropped]
+    survivors = list(survivors_t)
+    assert set(survivors) == set(sites) - dropped
     site_times = [site_time[s] for s in survivors]
     return {
         "sites": n,

@@ -15,10 +15,11 @@ name: toy
 schema:
   label: {name: y}
   features:
-    - {name: a}
-    - {name: b}
-    - {name: c, missing: {rule: median, indicator: true}}
+    - {name: a, reference: [0, 1]}
+    - {name: b, reference: [0, 1]}
+    - {name: c, reference: [0, 1], missing: {rule: value, fill: 0, indicator: true}}
 training: {epochs: 1, batch_size: 16, learning_rate: 0.1}
+preprocessing: {scaling: reference}
 rounds: {count: 4, min_sites: 2}
 seed: 11
 """

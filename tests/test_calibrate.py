@@ -20,7 +20,10 @@ from fedcare.study import Study
 def test_sweep_covers_the_grid_and_noise_costs_auroc(
     toy_study: Study, toy_sites: list[SiteDataset]
 ) -> None:
-    study = toy_study.replace(rounds={"count": 3, "min_sites": 2})
+    # Equal weighting: no noisy count is released, so all of epsilon 0.05 goes to training.
+    study = toy_study.replace(
+        rounds={"count": 3, "min_sites": 2}, aggregation={"weighting": "equal"}
+    )
     result = calibrate(study, toy_sites, epsilons=(8.0, 0.05), delta=1e-4, n_seeds=2)
     assert [p.label for p in result.points] == ["0.05", "8", NO_DP]
     assert [p.epsilon for p in result.points] == [0.05, 8.0, None]

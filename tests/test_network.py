@@ -545,13 +545,21 @@ def test_dp_study_over_the_network_site_refuses_when_its_budget_is_spent(
     from fedcare.privacy.dp.ledger import Budget, PrivacyLedger
     from fedcare.privacy.dp.plan import plan_site
 
-    study = network_study(rounds=3, min_sites=2, deadline_s=4).replace(
-        privacy={"dp": True, "noise_multiplier": 1.0, "delta": 1e-4}
+    base = network_study(rounds=3, min_sites=2, deadline_s=4)
+    # DP-safe preprocessing: no scaling and a declared fill value, nothing fitted on rows.
+    schema = base.canonical()["schema"]
+    for feature in schema["features"]:
+        if feature["missing"]["rule"] == "median":
+            feature["missing"] = {"rule": "value", "fill": 0.0, "indicator": True}
+    study = base.replace(
+        schema=schema,
+        preprocessing={"scaling": "none"},
+        privacy={"dp": True, "noise_multiplier": 1.0, "delta": 1e-4},
     )
     deployment = deploy(tmp_path, study)
     gamma = next(c for c in cohorts() if c.name == "gamma")
     plan = plan_site(study, prepare_site_data(gamma.frame, gamma.mapping, study).n_train)
-    one, two = (epsilon([plan.round_mechanism] * k, 1e-4) for k in (1, 2))
+    one, two = (epsilon([*plan.count, *[plan.round_mechanism] * k], 1e-4) for k in (1, 2))
     for name in SITES:
         policy_path = deployment.site_configs[name].parent / "policy.yaml"
         policy = load_policy(policy_path)
@@ -581,5 +589,5 @@ def test_dp_study_over_the_network_site_refuses_when_its_budget_is_spent(
     assert ("update.sent", 2) not in events
     assert events[-1][0] == "model.received"
     ledger = PrivacyLedger(gamma_dir / "state" / "privacy-ledger.sqlite")
-    assert ledger.mechanisms("data") == [plan.round_mechanism]
+    assert ledger.mechanisms("data") == [*plan.count, plan.round_mechanism]
     assert ledger.spent("data", Budget((one + two) / 2, 1e-4)) <= (one + two) / 2

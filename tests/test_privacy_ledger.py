@@ -17,7 +17,7 @@ from fedcare.federation.messages import Task, TaskHeader, encode_task
 from fedcare.models.builders import initial_parameters
 from fedcare.privacy.dp.accountant import AccountantKind, Mechanism, epsilon
 from fedcare.privacy.dp.guard import PrivacyGuard
-from fedcare.privacy.dp.ledger import Budget, BudgetExceededError, PrivacyLedger
+from fedcare.privacy.dp.ledger import Budget, BudgetExceededError, PrivacyLedger, Release
 from fedcare.privacy.dp.plan import plan_site
 from fedcare.simulation.runner import run_federation
 from fedcare.simulation.transport import InProcessTransport
@@ -30,8 +30,12 @@ STUDY_A = "a" * 64
 STUDY_B = "b" * 64
 
 
+def _release(study: str, rnd: int, task: str = "t", rows: str = "r") -> Release:
+    return Release(study, f"study-{study[0]}", rnd, task * 64, rows * 64, "{}")
+
+
 def _reserve(ledger: PrivacyLedger, budget: Budget, study: str, rnd: int, task: str = "t"):  # type: ignore[no-untyped-def]
-    return ledger.reserve("icu", budget, study, f"study-{study[0]}", rnd, task * 64, ROUND)
+    return ledger.reserve("icu", budget, _release(study, rnd, task), ROUND)
 
 
 def test_spend_composes_every_round_of_every_study(tmp_path: Path) -> None:
@@ -85,7 +89,26 @@ def test_same_task_again_is_not_charged_twice_but_a_new_task_is(tmp_path: Path) 
     assert other.secret_seed != first.secret_seed
     assert len(ledger.mechanisms("icu")) == 2
     with pytest.raises(BudgetExceededError, match="other DP settings"):
-        ledger.reserve("icu", budget, STUDY_A, "s", 1, "t" * 64, Mechanism(0.1, 2.0, 10))
+        ledger.reserve("icu", budget, _release(STUDY_A, 1), Mechanism(0.1, 2.0, 10))
+
+
+def test_same_task_over_changed_rows_is_a_new_release_with_fresh_noise(tmp_path: Path) -> None:
+    """Issue 12, point 4: a restarted agent reloads a corrected table (same row count) and
+    retrains the same task. Reusing the seed would put the same noise on different data,
+    and their difference would remove it; the ledger charges it anew instead."""
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
+    budget = Budget(epsilon=50.0, delta=1e-5)
+    first = ledger.reserve("icu", budget, _release(STUDY_A, 1, rows="r"), ROUND)
+    changed = ledger.reserve("icu", budget, _release(STUDY_A, 1, rows="s"), ROUND)
+    assert not changed.repeated
+    assert changed.secret_seed != first.secret_seed
+    assert changed.spent == pytest.approx(epsilon([ROUND] * 2, 1e-5))
+    ledger.close()
+    # Durable across a restart, and the original rows still map to their own seed.
+    again = PrivacyLedger(tmp_path / "ledger.sqlite")
+    back = again.reserve("icu", budget, _release(STUDY_A, 1, rows="r"), ROUND)
+    assert back.repeated
+    assert back.secret_seed == first.secret_seed
 
 
 def test_ledger_database_is_full_sync_wal(tmp_path: Path) -> None:
@@ -108,7 +131,7 @@ def _dp_study(study: Study, eps: float = 3.0) -> Study:
 
 def _task(study: Study, rnd: int) -> bytes:
     params = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
-    header = TaskHeader(study_hash=study.content_hash, round=rnd, seed=rnd)
+    header = TaskHeader(study_hash=study.content_hash, round=rnd, seed=rnd, nonce=f"{rnd:032x}")
     return encode_task(Task(header=header, params=params))
 
 
@@ -118,8 +141,8 @@ def test_worker_refuses_before_training_and_sends_nothing(
     study = _dp_study(toy_study)
     site = toy_sites[0]
     plan = plan_site(study, site.n_train)
-    one = epsilon([plan.round_mechanism], 1e-4)
-    two = epsilon([plan.round_mechanism] * 2, 1e-4)
+    one = epsilon([*plan.count, plan.round_mechanism], 1e-4)
+    two = epsilon([*plan.count, plan.round_mechanism, plan.round_mechanism], 1e-4)
     ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
     guard = PrivacyGuard(ledger, "icu", Budget((one + two) / 2, 1e-4))
     n_params = initial_parameters(study.model, study.feature_schema.n_inputs, 0).shape[0]
@@ -129,7 +152,7 @@ def test_worker_refuses_before_training_and_sends_nothing(
     with pytest.raises(BudgetExceededError, match="would be exceeded"):
         worker.handle(_task(study, 2))
     assert transport.exchange(site.name, _task(study, 2)) is None  # nothing leaves
-    assert ledger.mechanisms("icu") == [plan.round_mechanism]
+    assert ledger.mechanisms("icu") == [*plan.count, plan.round_mechanism]
 
 
 @pytest.mark.parametrize(
@@ -150,7 +173,7 @@ def test_guard_has_no_default_budget_and_refuses_unbounded_studies(
     study = _dp_study(toy_study) if dp else toy_study
     guard = PrivacyGuard(PrivacyLedger(tmp_path / "l.sqlite"), "icu", budget)
     with pytest.raises(BudgetExceededError, match=message):
-        guard.admit(study, toy_sites[0].n_train, 1, b"task")
+        guard.admit(study, toy_sites[0].n_train, 1, b"task", "f" * 64, "{}")
     assert guard.ledger.mechanisms("icu") == []
 
 
@@ -158,7 +181,7 @@ def test_non_dp_study_without_a_budget_runs_as_before(
     tmp_path: Path, toy_study: Study, toy_sites: list[SiteDataset]
 ) -> None:
     guard = PrivacyGuard(PrivacyLedger(tmp_path / "l.sqlite"), "icu", None)
-    assert guard.admit(toy_study, toy_sites[0].n_train, 1, b"task") is None
+    assert guard.admit(toy_study, toy_sites[0].n_train, 1, b"task", "f" * 64, "{}") is None
 
 
 @pytest.mark.slow
@@ -169,7 +192,7 @@ def test_study_goes_on_without_a_site_whose_budget_is_spent(
     n_params = initial_parameters(study.model, study.feature_schema.n_inputs, 0).shape[0]
     small = toy_sites[2]
     plan = plan_site(study, small.n_train)
-    two_rounds = epsilon([plan.round_mechanism] * 2, 1e-4, AccountantKind.RDP)
+    two_rounds = epsilon([*plan.count, *[plan.round_mechanism] * 2], 1e-4, AccountantKind.RDP)
     workers = {}
     for site in toy_sites:
         budget = Budget(two_rounds * 1.01 if site is small else 100.0, 1e-4)
@@ -179,7 +202,61 @@ def test_study_goes_on_without_a_site_whose_budget_is_spent(
     assert [r.status for r in records] == ["closed"] * 4
     assert [small.name in r.participants for r in records] == [True, True, False, False]
     assert all(len(r.participants) >= 2 for r in records)
-    assert len(workers[small.name].privacy.ledger.mechanisms("icu")) == 2  # type: ignore[union-attr]
+    assert len(workers[small.name].privacy.ledger.mechanisms("icu")) == 3  # type: ignore[union-attr]
+
+
+def test_the_spend_is_on_disk_before_training_starts(
+    tmp_path: Path,
+    toy_study: Study,
+    toy_sites: list[SiteDataset],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fails if the reservation moves after training: when the mechanism first touches the
+    rows, another connection must already read this round's spend from the file."""
+    import fedcare.site.worker as worker_module
+
+    study = _dp_study(toy_study)
+    site = toy_sites[0]
+    path = tmp_path / "ledger.sqlite"
+    guard = PrivacyGuard(PrivacyLedger(path), "icu", Budget(100.0, 1e-4))
+    n_params = initial_parameters(study.model, study.feature_schema.n_inputs, 0).shape[0]
+    worker = SiteWorker(study, site, n_params, privacy=guard)
+    real = worker_module.train_local
+    seen: list[int] = []
+
+    def train_after_checking(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with sqlite3.connect(path) as db:
+            seen.append(db.execute("SELECT COUNT(*) FROM spends WHERE round = 3").fetchone()[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "train_local", train_after_checking)
+    worker.handle(_task(study, 3))
+    assert seen == [1]
+
+
+def test_the_worker_keys_the_release_on_the_exact_rows(
+    tmp_path: Path, toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    """A corrected value, same row count, same task: a new release with a fresh seed."""
+    import dataclasses
+
+    study = _dp_study(toy_study)
+    site = toy_sites[0]
+    guard = PrivacyGuard(PrivacyLedger(tmp_path / "l.sqlite"), "icu", Budget(100.0, 1e-4))
+    n_params = initial_parameters(study.model, study.feature_schema.n_inputs, 0).shape[0]
+    corrected = site.x_train.copy()
+    corrected[0, 0] += 0.5
+    fixed = dataclasses.replace(site, x_train=corrected)
+    assert fixed.n_train == site.n_train
+    assert fixed.fingerprint != site.fingerprint
+    task = _task(study, 1)
+    before = SiteWorker(study, site, n_params, privacy=guard).handle(task)
+    again = SiteWorker(study, site, n_params, privacy=guard).handle(task)
+    assert again == before  # same rows, same task: the same release, charged once
+    SiteWorker(study, fixed, n_params, privacy=guard).handle(task)
+    plan = plan_site(study, site.n_train)
+    # Each fingerprint: its own noisy count and its own round.
+    assert guard.ledger.mechanisms("icu") == [*plan.count, plan.round_mechanism] * 2
 
 
 # --- kill -9 in the middle of a run -------------------------------------------------
@@ -206,7 +283,8 @@ guard = PrivacyGuard(PrivacyLedger(folder / "ledger.sqlite"), "icu", Budget(1e6,
 worker = SiteWorker(study, data, params.shape[0], privacy=guard)
 sent = open(folder / "sent.txt", "a")
 for rnd in range(1, 10000):
-    task = encode_task(Task(TaskHeader(study_hash=study.content_hash, round=rnd, seed=rnd), params))
+    header = TaskHeader(study_hash=study.content_hash, round=rnd, seed=rnd, nonce=f"{rnd:032x}")
+    task = encode_task(Task(header, params))
     worker.handle(task)
     # "Send": the update leaves only after handle() returned, i.e. after the ledger commit.
     sent.write(f"{rnd}\n"); sent.flush(); os.fsync(sent.fileno())

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pydantic import TypeAdapter
 
 from fedcare.coordinator.service import ForbiddenError, StudyCoordinator
 from fedcare.coordinator.store import SqlStore
 from fedcare.federation.messages import TaskState
 from fedcare.federation.rounds import RoundError
-from fedcare.privacy.secagg.messages import EncryptedShare, KeyAdvertisement, UnmaskRequest
+from fedcare.privacy.secagg.keys import SecAggError
+from fedcare.privacy.secagg.protocol import STAGES, ClientParty, Party, Stage
 from fedcare.privacy.secagg.site import SecureSite
 from fedcare.privacy.secagg.study import setup_for
 from fedcare.simulation.runner import run_federation
@@ -22,8 +23,6 @@ from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study
 
-ADVERTS = TypeAdapter(tuple[KeyAdvertisement, ...])
-SHARES = TypeAdapter(tuple[EncryptedShare, ...])
 SECURE = {"enabled": True, "clip_norm": 10.0, "max_sites": 10, "max_records": 1000}
 
 
@@ -52,8 +51,12 @@ def _coordinator(study: Study, tmp_path: Path, clock: Clock) -> StudyCoordinator
     return StudyCoordinator(study, ["alpha", "beta", "gamma"], store, clock=clock)
 
 
-def _advertise(coord: StudyCoordinator, sites: dict[str, SecureSite], names: list[str]) -> int:
+def _advertise(
+    coord: StudyCoordinator, sites: dict[str, SecureSite], names: list[str]
+) -> tuple[int, dict[str, Party]]:
+    """Each site takes its task, trains and advertises keys, as its agent would."""
     number = 0
+    parties: dict[str, Party] = {}
     for name in names:
         coord.task_for(name)  # the first round opens once min_sites have checked in
     for name in names:
@@ -61,40 +64,32 @@ def _advertise(coord: StudyCoordinator, sites: dict[str, SecureSite], names: lis
         assert reply.state is TaskState.READY
         number = reply.round
         assert coord.round is not None
-        setup = setup_for(coord.study, number, coord.round.selected, coord.n_params)
-        body = sites[name].begin(reply.payload, setup).model_dump_json().encode()
-        coord.secure_post(name, number, "advertise", body)
-    return number
+        task_sha = hashlib.sha256(reply.payload).hexdigest()
+        setup = setup_for(coord.study, number, coord.round.selected, coord.n_params, task_sha)
+        parties[name] = sites[name].start(reply.payload, setup)
+        coord.secure_post(name, number, "advertise", parties[name].respond(Stage.ADVERTISE, None))
+    return number, parties
 
 
 def _finish(
     coord: StudyCoordinator,
-    sites: dict[str, SecureSite],
+    parties: dict[str, Party],
     number: int,
-    names: list[str],
     clock: Clock,
     drop: str | None = None,
 ) -> None:
-    for name in names:
-        advs = ADVERTS.validate_json(coord.secure_fetch(name, number, "keys") or b"")
-        coord.secure_post(
-            name, number, "shares", sites[name].share_keys(advs).model_dump_json().encode()
-        )
-    for name in names:
-        if name == drop:
-            continue
-        shares = SHARES.validate_json(coord.secure_fetch(name, number, "shares") or b"")
-        coord.secure_post(name, number, "masked", sites[name].masked_input(shares))
-    if drop is not None:
-        assert coord.secure_fetch(names[0], number, "unmask") is None
-        clock.now += 61  # the masking stage's deadline passes without the dropped site
-    for name in names:
-        if name == drop:
-            continue
-        request = UnmaskRequest.model_validate_json(
-            coord.secure_fetch(name, number, "unmask") or b""
-        )
-        coord.secure_post(name, number, "unmask", sites[name].unmask(request).model_dump_json())
+    """The remaining stages, every site in turn; ``drop`` vanishes before masking."""
+    for stage in STAGES[1:]:
+        for name, party in parties.items():
+            if name == drop and stage is not Stage.SHARES:
+                continue
+            relayed = coord.secure_fetch(name, number, stage.value)
+            assert relayed is not None
+            coord.secure_post(name, number, stage.value, party.respond(stage, relayed))
+        if drop is not None and stage is Stage.MASKED:
+            first = next(iter(parties))
+            assert coord.secure_fetch(first, number, Stage.CONFIRM.value) is None
+            clock.now += 61  # the masking stage's deadline passes without the dropped site
 
 
 def test_secure_rounds_at_the_coordinator_match_the_simulation(
@@ -105,8 +100,8 @@ def test_secure_rounds_at_the_coordinator_match_the_simulation(
     sites = _sites(study, toy_sites)
     names = ["alpha", "beta", "gamma"]
     for _ in range(2):
-        number = _advertise(coord, sites, names)
-        _finish(coord, sites, number, names, clock)
+        number, parties = _advertise(coord, sites, names)
+        _finish(coord, parties, number, clock)
     assert coord.finished
     n_params = study.feature_schema.n_inputs + 1
     workers = {s.name: SiteWorker(study, s, n_params) for s in toy_sites}
@@ -122,8 +117,8 @@ def test_dropout_at_the_coordinator_is_recovered(
     clock = Clock()
     coord = _coordinator(study, tmp_path, clock)
     sites = _sites(study, toy_sites)
-    number = _advertise(coord, sites, ["alpha", "beta", "gamma"])
-    _finish(coord, sites, number, ["alpha", "beta", "gamma"], clock, drop="gamma")
+    number, parties = _advertise(coord, sites, ["alpha", "beta", "gamma"])
+    _finish(coord, parties, number, clock, drop="gamma")
     assert coord.federation.round_number == 1
     history = coord.store.round_history(coord.hash)[0]
     assert history["status"] == "closed"
@@ -139,9 +134,10 @@ def test_messages_claiming_another_site_and_plain_updates_are_refused(
     for name in ("alpha", "beta"):
         coord.task_for(name)
     assert coord.round is not None
-    setup = setup_for(study, 1, coord.round.selected, coord.n_params)
     reply = coord.task_for("beta")
-    beta_keys = sites["beta"].begin(reply.payload, setup).model_dump_json().encode()
+    task_sha = hashlib.sha256(reply.payload).hexdigest()
+    setup = setup_for(study, 1, coord.round.selected, coord.n_params, task_sha)
+    beta_keys = sites["beta"].start(reply.payload, setup).respond(Stage.ADVERTISE, None)
     with pytest.raises(RoundError, match="claiming to come from 'beta'"):
         coord.secure_post("alpha", 1, "advertise", beta_keys)
     with pytest.raises(ForbiddenError, match="secure aggregation"):
@@ -150,20 +146,49 @@ def test_messages_claiming_another_site_and_plain_updates_are_refused(
         coord.secure_post("beta", 2, "advertise", beta_keys)
 
 
-def test_restarted_coordinator_starts_the_secure_round_again(
+def test_restarted_coordinator_issues_a_new_task_and_session(
     study: Study, toy_sites: list[SiteDataset], tmp_path: Path
 ) -> None:
     clock = Clock()
     names = ["alpha", "beta", "gamma"]
     sites = _sites(study, toy_sites)
     first = _coordinator(study, tmp_path, clock)
-    number = _advertise(first, sites, names)
-    assert first.secure_fetch("alpha", number, "keys") is not None
+    number, parties = _advertise(first, sites, names)
+    before = parties["alpha"]
+    assert first.secure_fetch("alpha", number, Stage.SHARES.value) is not None
     first.store.close()
     # A new process on the same database: the round is open, its secure state is gone.
     again = _coordinator(study, tmp_path, clock)
-    with pytest.raises(RoundError, match="no key advertisement"):
-        again.secure_fetch("alpha", number, "keys")
-    assert _advertise(again, sites, names) == number
-    _finish(again, sites, number, names, clock)
+    with pytest.raises(RoundError, match="has not posted advertise"):
+        again.secure_fetch("alpha", number, Stage.SHARES.value)
+    renumbered, parties = _advertise(again, sites, names)
+    assert renumbered == number
+    # The same round, issued as a new task: a new session.
+    assert isinstance(before, ClientParty)
+    assert isinstance(parties["alpha"], ClientParty)
+    assert parties["alpha"].client.setup.task_sha256 != before.client.setup.task_sha256
+    _finish(again, parties, number, clock)
     assert again.federation.round_number == 1
+
+
+def test_a_site_takes_part_in_one_session_per_task(
+    study: Study, toy_sites: list[SiteDataset], tmp_path: Path
+) -> None:
+    """Issue 12, point 2: a coordinator that runs a second session over a task the sites
+    already sent masked inputs for (to subtract two sums over different survivors) gets
+    refused by every site before it trains."""
+    clock = Clock()
+    names = ["alpha", "beta", "gamma"]
+    sites = _sites(study, toy_sites)
+    coord = _coordinator(study, tmp_path, clock)
+    coord.task_for("alpha")
+    coord.task_for("beta")
+    task = coord.task_for("alpha").payload
+    number, parties = _advertise(coord, sites, names)
+    _finish(coord, parties, number, clock)
+    assert coord.round is not None
+    task_sha = hashlib.sha256(task).hexdigest()
+    replay = setup_for(study, number, ("alpha", "beta"), coord.n_params, task_sha)
+    for name in names:
+        with pytest.raises(SecAggError, match="already left this site"):
+            sites[name].start(task, replay)

@@ -74,6 +74,7 @@ def _needles(study: Study, deployment_models: Path) -> tuple[dict[str, set[bytes
             study_hash=study.content_hash,
             round=number,
             seed=derive_seed(study.seed, "round", number),
+            nonce="0" * 32,
         )
         task = encode_task(Task(header=header, params=params))
         weighted = np.zeros(N_PARAMS)

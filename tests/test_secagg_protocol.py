@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import lru_cache
 
@@ -13,13 +14,15 @@ from hypothesis import strategies as st
 from fedcare import pki
 from fedcare.privacy.secagg.client import SecAggClient
 from fedcare.privacy.secagg.keys import EcdsaSigner, IdentityVerifier, SecAggError
-from fedcare.privacy.secagg.local import DropAt, Identities, make_identities, run_local_round
+from fedcare.privacy.secagg.local import Identities, make_identities, run_local_round
 from fedcare.privacy.secagg.messages import UnmaskRequest
+from fedcare.privacy.secagg.protocol import Stage
 from fedcare.privacy.secagg.quantize import decode_sum, encode, plan_quantization, quantize_weight
 from fedcare.privacy.secagg.server import SecAggFailedError, SecAggServer, ServerStage
 from fedcare.privacy.secagg.session import RoundSetup, round_setup
 
 STUDY = "ab" * 32
+TASK = "cd" * 32
 SITES = tuple(f"site{i}" for i in range(8))
 
 
@@ -33,6 +36,7 @@ def setup_for(n: int, d: int, degree: int | None = None, fraction: float = 0.6) 
         STUDY,
         1,
         SITES[:n],
+        task_sha256=TASK,
         degree=degree,
         threshold_fraction=fraction,
         seed=5,
@@ -62,7 +66,7 @@ def _expected(plan, deltas, weights, sites):
     return total, wsum
 
 
-drop_choice = st.sampled_from([None, DropAt.SHARE_KEYS, DropAt.MASKED_INPUT, DropAt.UNMASK])
+drop_choice = st.sampled_from([None, Stage.SHARES, Stage.MASKED, Stage.CONFIRM, Stage.UNMASK])
 
 
 @settings(max_examples=25, deadline=None)
@@ -76,10 +80,11 @@ def test_sum_equals_weighted_sum_complete_graph(n, d, seed, pattern):
     plan, deltas, weights, encoded = _inputs(n, d, seed)
     setup = setup_for(n, d)
     drops = {s: p for s, p in zip(SITES[:n], pattern, strict=False) if p is not None}
-    shared = [s for s in SITES[:n] if drops.get(s) is not DropAt.SHARE_KEYS]
-    submitted = [s for s in shared if drops.get(s) is not DropAt.MASKED_INPUT]
-    answering = [s for s in submitted if drops.get(s) is not DropAt.UNMASK]
-    if min(len(shared), len(submitted), len(answering)) < setup.threshold:
+    shared = [s for s in SITES[:n] if drops.get(s) is not Stage.SHARES]
+    submitted = [s for s in shared if drops.get(s) is not Stage.MASKED]
+    confirmed = [s for s in submitted if drops.get(s) is not Stage.CONFIRM]
+    answering = [s for s in confirmed if drops.get(s) is not Stage.UNMASK]
+    if min(len(shared), len(submitted), len(confirmed), len(answering)) < setup.threshold:
         with pytest.raises(SecAggError):
             run_local_round(setup, encoded, identities(), drops)
         return
@@ -102,7 +107,7 @@ def test_sparse_graph_sum_or_clean_failure(n, seed, dropped):
     plan, deltas, weights, encoded = _inputs(n, d, seed)
     setup = setup_for(n, d, degree=4, fraction=0.6)
     assert all(len(v) == 4 for v in setup.neighbours.values())
-    drops = {s: DropAt.MASKED_INPUT for s in dropped if s in encoded}
+    drops = {s: Stage.MASKED for s in dropped if s in encoded}
     try:
         total, survivors = run_local_round(setup, encoded, identities(), drops)
     except SecAggError:
@@ -133,27 +138,39 @@ def _through_masking(n: int = 4, d: int = 6):
     return setup, server, clients, encoded
 
 
-def test_site_refuses_to_unmask_a_site_that_submitted():
+def _request(setup, survivors, dropped):
+    return UnmaskRequest(
+        study_hash=STUDY, round=1, session=setup.session, survivors=survivors, dropped=dropped
+    )
+
+
+def test_site_refuses_an_inconsistent_survivor_list_and_signs_only_once():
     setup, server, clients, encoded = _through_masking()
     for s, c in clients.items():
         server.receive_masked(s, c.masked_input(server.shares_for(s), encoded[s]))
     sites = setup.sites
-
-    def request(survivors, dropped):
-        return UnmaskRequest(study_hash=STUDY, round=1, survivors=survivors, dropped=dropped)
-
+    site = clients[sites[0]]
     # Asked to treat itself as dropped: it knows it submitted.
     with pytest.raises(SecAggError, match="submitted"):
-        clients[sites[0]].unmask(request(sites[1:], sites[:1]))
+        site.confirm(_request(setup, sites[1:], sites[:1]))
     # A peer listed both as submitted and as dropped.
     with pytest.raises(SecAggError, match="both"):
-        clients[sites[0]].unmask(request(sites, sites[1:2]))
-    # Having revealed a seed share of sites[1], a second request for its key share is refused.
-    reply = clients[sites[0]].unmask(request(sites, ()))
-    assert sites[1] in reply.seed_shares
-    assert not reply.key_shares
-    with pytest.raises(SecAggError, match="both kinds"):
-        clients[sites[0]].unmask(request((sites[0], sites[2], sites[3]), (sites[1],)))
+        site.confirm(_request(setup, sites, sites[1:2]))
+    # A name that is no participant of the session, to pad the survivor count.
+    with pytest.raises(SecAggError, match="not in this session"):
+        site.confirm(_request(setup, (*sites[:2], "ghost"), sites[2:]))
+    # A neighbour that sent shares left out of both lists.
+    with pytest.raises(SecAggError, match="does not match"):
+        site.confirm(_request(setup, sites[:3], ()))
+    # A request for another session (another task or participant list).
+    other = dataclasses.replace(setup, task_sha256="ef" * 32)
+    with pytest.raises(SecAggError, match="another secure session"):
+        site.confirm(_request(other, sites, ()))
+    signed = site.confirm(_request(setup, sites, ()))
+    assert signed.site == sites[0]
+    # One signature per session: a second request, even a consistent one, is refused.
+    with pytest.raises(SecAggError, match="cannot confirm"):
+        site.confirm(_request(setup, sites[:3], sites[3:]))
 
 
 def test_tampered_redirected_and_replayed_shares_are_rejected():
@@ -175,7 +192,7 @@ def test_tampered_redirected_and_replayed_shares_are_rejected():
     with pytest.raises(SecAggError, match="replayed"):
         clients[site].masked_input([*shares, shares[0]], encoded[site])
     # A share from this round replayed into the next round: new keys, new context.
-    setup2 = RoundSetup(**{**setup.__dict__, "round": 2})
+    setup2 = dataclasses.replace(setup, round=2)
     ids = identities()
     later = {
         s: SecAggClient(setup2, s, ids.signers[s], ids.signers[s].certificate_pem, ids.verifier)
@@ -189,10 +206,14 @@ def test_tampered_redirected_and_replayed_shares_are_rejected():
         server2.receive_shares(c.share_keys(server2.advertisements_for(s)))
     server2.close_sharing()
     fresh = list(server2.shares_for(site))
-    replayed = [
-        shares[0].model_copy(update={"round": 2}) if f.sender == shares[0].sender else f
-        for f in fresh
-    ]
+    relabelled = shares[0].model_copy(update={"round": 2})
+    with pytest.raises(SecAggError, match="another secure session"):
+        later[site].masked_input(
+            [relabelled if f.sender == shares[0].sender else f for f in fresh], encoded[site]
+        )
+    # Relabelled for the new session too, it still does not open: new keys, new context.
+    relabelled = shares[0].model_copy(update={"round": 2, "session": setup2.session})
+    replayed = [relabelled if f.sender == shares[0].sender else f for f in fresh]
     with pytest.raises(SecAggError, match="authentication"):
         later[site].masked_input(replayed, encoded[site])
     # The honest shares still work.
@@ -243,12 +264,10 @@ def test_below_threshold_round_fails_and_reveals_nothing():
     assert server.stage is ServerStage.FAILED
     with pytest.raises(SecAggError):
         server.finish()
-    # A survivor asked anyway refuses to hand out any share.
-    request = UnmaskRequest(
-        study_hash=STUDY, round=1, survivors=(first, second), dropped=setup.sites[2:]
-    )
+    # A survivor asked anyway refuses to sign, so it never reveals a share.
+    request = _request(setup, (first, second), setup.sites[2:])
     with pytest.raises(SecAggError, match="fewer than the threshold"):
-        clients[first].unmask(request)
+        clients[first].confirm(request)
 
 
 def test_masked_input_hides_the_input():
@@ -291,16 +310,22 @@ def test_sixty_four_bit_ring_sums_exactly_within_the_bound():
     n, d = 4, 30
     plan = plan_quantization(64, 3.0, n)
     setup = round_setup(
-        STUDY, 1, SITES[:n], degree=None, threshold_fraction=0.6, seed=1, bits=64, length=d + 1
+        STUDY,
+        1,
+        SITES[:n],
+        task_sha256=TASK,
+        degree=None,
+        threshold_fraction=0.6,
+        seed=1,
+        bits=64,
+        length=d + 1,
     )
     rng = np.random.default_rng(9)
     deltas = {s: rng.normal(size=d).astype(np.float32) for s in SITES[:n]}
     weights = {s: float(rng.uniform(0.01, 1)) for s in SITES[:n]}
     encoded = {s: encode(deltas[s], weights[s], plan, rng) for s in SITES[:n]}
     assert encoded[SITES[0]].dtype == np.uint64
-    total, survivors = run_local_round(
-        setup, encoded, identities(), {SITES[1]: DropAt.MASKED_INPUT}
-    )
+    total, survivors = run_local_round(setup, encoded, identities(), {SITES[1]: Stage.MASKED})
     got, wsum = decode_sum(total, plan)
     want, want_w = _expected(plan, deltas, weights, survivors)
     assert np.max(np.abs(got - want)) <= plan.error_bound(len(survivors)) + 1e-12
@@ -319,7 +344,7 @@ def test_unmask_replies_carry_only_well_formed_shares():
 
     from fedcare.privacy.secagg.messages import UnmaskReply
 
-    fields = {"study_hash": STUDY, "round": 1, "site": "site0", "key_shares": {}}
+    fields = {"study_hash": STUDY, "round": 1, "session": TASK, "site": "site0", "key_shares": {}}
     assert UnmaskReply(**fields, seed_shares={"site1": "ab" * 33}).seed_shares
     for bad in ({"site1": "not hex"}, {"site1": "a" * 67}, {"../x": "ab"}):
         with pytest.raises(ValidationError):

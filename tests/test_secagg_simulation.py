@@ -29,6 +29,8 @@ def _run(study: Study, sites: list[SiteDataset], offline: frozenset[str] = froze
 def test_secure_federation_matches_plain_within_quantisation(
     toy_study: Study, toy_sites: list[SiteDataset]
 ) -> None:
+    # Equal weights: under secure aggregation a site weights by a bucket of its count.
+    toy_study = toy_study.replace(aggregation={"weighting": "equal"})
     plain, _ = _run(toy_study, toy_sites)
     secure_study = _secure(toy_study)
     secure, records = _run(secure_study, toy_sites)
@@ -105,3 +107,41 @@ def test_round_takes_either_a_secure_sum_or_updates(toy_study: Study) -> None:
     assert outcome.participants == ("a", "b")
     assert outcome.mean_loss == 0.5
     np.testing.assert_allclose(federation.params, [1.0, 2.0, 3.0])
+
+
+def test_differencing_two_secure_sums_reveals_no_exact_record_count(
+    toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    """Issue 12, point 3: the weight sums of two rounds, one without a site, differ by that
+    site's weight. Without DP that is its count's public bucket; under DP, its noisy count."""
+    from fedcare.privacy.dp.counts import bucket
+    from fedcare.simulation.secure import run_secure_round, secure_sites
+
+    def weight_sums(study: Study) -> tuple[float, float]:
+        n_params = study.feature_schema.n_inputs + 1
+        workers = {s.name: SiteWorker(study, s, n_params) for s in toy_sites}
+        sites = secure_sites(workers)
+        federation = Federation(study, sorted(workers), np.zeros(n_params, np.float32))
+        sums = []
+        for offline in (frozenset(), frozenset({"gamma"})):
+            round_, task = federation.open_round(now=0.0)
+            from fedcare.federation.messages import encode_task
+
+            run_secure_round(study, round_, encode_task(task), sites, n_params, offline)
+            assert round_.summed is not None
+            sums.append(round_.summed.weight_sum)
+        return sums[0], sums[1]
+
+    gamma = next(s for s in toy_sites if s.name == "gamma")
+    max_records = SECURE["max_records"]
+    with_all, without = weight_sums(_secure(toy_study))
+    learned = (with_all - without) * max_records
+    assert learned == pytest.approx(bucket(gamma.n_train), abs=0.01)
+    assert round(learned) != gamma.n_train
+    dp = _secure(toy_study).replace(privacy={"dp": True, "epsilon": 8.0, "delta": 1e-4})
+    learned_dp = []
+    for _ in range(3):
+        with_all, without = weight_sums(dp)
+        learned_dp.append(round((with_all - without) * max_records))
+    # Fresh noise per run (a site reuses its one noisy count within a study).
+    assert len(set(learned_dp)) > 1

@@ -62,7 +62,9 @@ def test_task_round_trip_is_exact() -> None:
     params = np.array(
         [0.1, -0.0, 1e-45, np.finfo(np.float32).max, -3.4028e38, 123.456], dtype=np.float32
     )
-    task = Task(header=TaskHeader(study_hash=HASH, round=7, seed=2**62 + 5), params=params)
+    task = Task(
+        header=TaskHeader(study_hash=HASH, round=7, seed=2**62 + 5, nonce="1" * 32), params=params
+    )
     decoded = decode_task(encode_task(task), n_params=6)
     assert decoded.header == task.header
     assert decoded.header.seed == 2**62 + 5
@@ -214,7 +216,10 @@ def test_header_that_is_not_json_is_refused() -> None:
 
 
 def test_task_decoded_as_update_is_refused() -> None:
-    task = Task(header=TaskHeader(study_hash=HASH, round=1, seed=0), params=np.zeros(4, "f4"))
+    task = Task(
+        header=TaskHeader(study_hash=HASH, round=1, seed=0, nonce="2" * 32),
+        params=np.zeros(4, "f4"),
+    )
     with pytest.raises(PayloadError, match=r"payload header is invalid:(?s:.*)site"):
         decode_update(encode_task(task), n_params=4)
 
@@ -333,7 +338,7 @@ def test_pickle_payload_is_refused_without_being_unpickled(tmp_path: Path) -> No
 
 
 def test_encode_and_decode_generic_names() -> None:
-    header = TaskHeader(study_hash=HASH, round=2, seed=9)
+    header = TaskHeader(study_hash=HASH, round=2, seed=9, nonce="3" * 32)
     vectors = {"a": np.arange(3, dtype=np.float32), "b": np.array([7.5], np.float32)}
     parsed, out = decode(encode(vectors, header), TaskHeader, {"a": 3, "b": 1})
     assert parsed == header

@@ -16,7 +16,7 @@ from typing import Any, Literal, Self
 from pydantic import Field, ValidationError, model_validator
 
 from fedcare.privacy.dp.accountant import AccountantKind
-from fedcare.schema.features import FeatureSchema, FeatureType, Strict
+from fedcare.schema.features import SITE_FITTED, FeatureSchema, FeatureType, Strict
 from fedcare.validation.spec import AGE_BAND, ValidationSpec
 from fedcare.yamlfile import format_validation_errors, parse_yaml_model, read_yaml_model
 
@@ -145,6 +145,11 @@ class Scaling(StrEnum):
     NONE = "none"
 
 
+class Split(StrEnum):
+    KEYED = "keyed"
+    STRATIFIED = "stratified"
+
+
 class PreprocessingSpec(Strict):
     scaling: Scaling = Field(
         default=Scaling.SITE,
@@ -152,8 +157,14 @@ class PreprocessingSpec(Strict):
         "reference: each feature's agreed (mean, std); none: raw units.",
     )
     holdout_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+    split: Split = Field(
+        default=Split.KEYED,
+        description="keyed: each record held out by a keyed hash of its own values (stable "
+        "per record); stratified: a seeded shuffle stratified by label (a published "
+        "protocol's split; not with differential privacy).",
+    )
     split_seed: int | None = Field(
-        default=None, ge=0, lt=2**32, description="Seed of the held-out split (default: seed)."
+        default=None, ge=0, lt=2**32, description="Key of the held-out split (default: seed)."
     )
 
 
@@ -281,6 +292,13 @@ class PrivacySpec(Strict):
         default=None, gt=0.0, allow_inf_nan=False, description="Noise std / max_grad_norm."
     )
     max_grad_norm: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    count_noise: float = Field(
+        default=10.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="Std of the Gaussian noise on the record count a site reports (released "
+        "once per study and charged to its ledger).",
+    )
     accountant: AccountantKind = AccountantKind.RDP
 
     @model_validator(mode="after")
@@ -343,6 +361,31 @@ class Study(Strict):
             raise ValueError(
                 f"secure_aggregation.max_sites {secure.max_sites} is below rounds.min_sites "
                 f"{self.rounds.min_sites}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dp_sees_only_public_preprocessing(self) -> Self:
+        """Under DP nothing that shapes the training rows may be fitted on them."""
+        if not self.privacy.dp:
+            return self
+        prep = self.preprocessing
+        if prep.scaling is Scaling.SITE:
+            raise ValueError(
+                "privacy.dp needs preprocessing.scaling 'reference' or 'none': 'site' fits "
+                "each feature's mean and std on the site's rows, outside the privacy accountant"
+            )
+        if prep.split is Split.STRATIFIED:
+            raise ValueError(
+                "privacy.dp needs preprocessing.split 'keyed': a shuffled split moves other "
+                "patients between training and held-out data when one record changes"
+            )
+        fitted = [f.name for f in self.feature_schema.features if f.missing.rule in SITE_FITTED]
+        if fitted:
+            raise ValueError(
+                "privacy.dp needs declared fill values: the missing rule of "
+                + ", ".join(fitted)
+                + " is fitted on the site's rows; use missing: {rule: value, fill: <value>}"
             )
         return self
 

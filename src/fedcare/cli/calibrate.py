@@ -52,12 +52,13 @@ def calibrate(
 
     def run() -> CalibrationResult:
         from fedcare.data import demo_study
-        from fedcare.data.heart_disease import heart_disease_study, load_heart_disease
+        from fedcare.data.heart_disease import dp_safe, heart_disease_study, load_heart_disease
         from fedcare.simulation.sites import builtin_sites
         from fedcare.study import load_study
 
         if heart_disease is not None:
-            study = heart_disease_study()
+            # DP-safe preprocessing at every point of the sweep, no-DP included.
+            study = dp_safe(heart_disease_study())
             sites = load_heart_disease(heart_disease, study)
         else:
             study = load_study(study_file) if study_file is not None else demo_study()

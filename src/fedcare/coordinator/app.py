@@ -30,6 +30,7 @@ from fedcare.coordinator.tls import PEER_KEY
 from fedcare.federation.messages import SHA256_HEX, TaskReply, TaskState
 from fedcare.federation.rounds import RoundError
 from fedcare.models.wire import PayloadError
+from fedcare.privacy.secagg.protocol import STAGES
 from fedcare.releases.desk import NotYoursError, ValidationRefusedError
 from fedcare.releases.registry import RegistryError
 from fedcare.validation.messages import MAX_REPLY_BYTES
@@ -43,7 +44,7 @@ StudyHash = Annotated[str, Path(pattern=SHA256_HEX, description="The study's con
 RoundNumber = Annotated[int, Path(ge=1, le=100_000)]
 ReleaseId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 SecureStage = Annotated[
-    str, Path(pattern="^(advertise|keys|shares|masked|unmask)$", description="SecAgg+ stage.")
+    str, Path(pattern=f"^({'|'.join(STAGES)})$", description="SecAgg+ stage (protocol.STAGES).")
 ]
 
 

@@ -183,7 +183,12 @@ class StudyCoordinator:
         self.secure = None
         if self.study.secure_aggregation.enabled and self.round is not None:
             self.secure = SecureRelay(
-                self.study, self.round, self.n_params, self.clock(), self.max_update_bytes
+                self.study,
+                self.round,
+                self.n_params,
+                sha256_hex(self._task_bytes),
+                self.clock(),
+                self.max_update_bytes,
             )
 
     def _audit(self, event: str, **details: JsonInput) -> None:
@@ -419,7 +424,7 @@ class StudyCoordinator:
                     selected=list(round_.selected),
                     reported=sorted(round_.updates)
                     if self.secure is None
-                    else list(self.secure.server.submitted),
+                    else list(self.secure.submitted),
                     deadline=round_.deadline,
                 ),
                 history=self.store.round_history(self.hash),

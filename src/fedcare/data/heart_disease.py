@@ -42,8 +42,9 @@ from fedcare.schema.features import FeatureSchema, FeatureType
 from fedcare.schema.mapping import ColumnMapping, SiteMapping, apply_mapping
 from fedcare.schema.preprocess import fit_preprocessor
 from fedcare.schema.readers import DataFileError
+from fedcare.schema.split import keyed_holdout
 from fedcare.site.dataset import SiteDataset
-from fedcare.study import Scaling, Study, load_study
+from fedcare.study import Scaling, Split, Study, load_study
 
 COLUMNS: tuple[str, ...] = (
     "age",
@@ -257,7 +258,11 @@ def prepare_center(frame: pd.DataFrame, mapping: SiteMapping, study: Study) -> S
     labels = mapped[schema.label.name].to_numpy(dtype=np.int64)
     spec = study.preprocessing
     seed = study.seed if spec.split_seed is None else spec.split_seed
-    train, test = protocol_split(mapped, labels, spec.holdout_fraction, seed)
+    if spec.split is Split.KEYED:
+        held_out = keyed_holdout(mapped, spec.holdout_fraction, seed)
+        train, test = mapped[~held_out], mapped[held_out]
+    else:
+        train, test = protocol_split(mapped, labels, spec.holdout_fraction, seed)
     preprocessor = fit_preprocessor(train, schema, spec.scaling)
     x_train = preprocessor.transform(train, schema)
     x_test = preprocessor.transform(test, schema)
@@ -272,6 +277,15 @@ def prepare_center(frame: pd.DataFrame, mapping: SiteMapping, study: Study) -> S
         test_frame=test.reset_index(drop=True),
         preprocessor=preprocessor,
     )
+
+
+def dp_safe(study: Study) -> Study:
+    """The study with the preprocessing differential privacy allows: the schema's reference
+    scaling and the keyed per-record split, in place of the protocol's site z-scores and
+    shuffled split."""
+    preprocessing = {**study.canonical()["preprocessing"], "scaling": "reference"}
+    preprocessing["split"] = "keyed"
+    return study.replace(preprocessing=preprocessing)
 
 
 def load_heart_disease(data_dir: Path, study: Study | None = None) -> list[SiteDataset]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +92,7 @@ class Federation:
             study_hash=self.study.content_hash,
             round=number,
             seed=derive_seed(self.study.seed, "round", number),
+            nonce=secrets.token_hex(16),
         )
         return round_, Task(header=header, params=self.params.copy())
 
@@ -105,7 +107,7 @@ class Federation:
             self.round_number = round_.number
         elif round_.status is RoundStatus.FAILED:
             self.round_number = round_.number
-        losses = [u.header.loss for u in round_.updates.values()]
+        losses = [u.header.loss for u in round_.updates.values() if u.header.loss is not None]
         mean_loss = float(np.mean(losses)) if losses else None
         if round_.summed is not None:
             mean_loss = round_.summed.mean_loss

@@ -16,13 +16,19 @@ SITE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class TaskHeader(BaseModel):
-    """The coordinator's instruction for one round; the global model travels beside it."""
+    """The coordinator's instruction for one round; the global model travels beside it.
+
+    ``nonce`` is fresh each time the coordinator issues the round's task (and again
+    after it restarts), so two issues of one round are two tasks: a site's privacy
+    ledger charges each as its own release, with its own noise.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     study_hash: str = Field(pattern=SHA256_HEX)
     round: int = Field(ge=1)
     seed: int = Field(ge=0)
+    nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
 
 
 class UpdateHeader(BaseModel):
@@ -34,7 +40,11 @@ class UpdateHeader(BaseModel):
     round: int = Field(ge=1)
     site: str = Field(pattern=SITE_NAME)
     n_samples: int = Field(ge=1)
-    loss: float = Field(allow_inf_nan=False)
+    loss: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="Mean training loss; absent under differential privacy.",
+    )
 
 
 class TaskState(StrEnum):

@@ -29,6 +29,12 @@ class MissingRule(StrEnum):
     MEDIAN = "median"
     MEAN = "mean"
     MODE = "mode"
+    VALUE = "value"
+    """The study's declared ``fill``: the same at every site, fitted on no one's data."""
+
+
+SITE_FITTED = (MissingRule.MEDIAN, MissingRule.MEAN, MissingRule.MODE)
+"""Imputation rules whose value is computed from a site's own rows."""
 
 
 class OutOfRange(StrEnum):
@@ -39,9 +45,13 @@ class OutOfRange(StrEnum):
 
 
 class MissingPolicy(Strict):
-    """Missing-value handling. Imputation values are fitted on the site's own training split."""
+    """Missing-value handling: refuse, a value fitted on the site's own training split
+    (median, mean, mode), or the study's declared ``fill`` (value)."""
 
     rule: MissingRule = MissingRule.REFUSE
+    fill: float | str | None = Field(
+        default=None, description="rule 'value' only: the value every site fills in."
+    )
     indicator: bool = Field(
         default=False,
         description="Add a 0/1 input column that is 1 where the value was missing.",
@@ -51,6 +61,8 @@ class MissingPolicy(Strict):
     def _indicator_needs_imputation(self) -> Self:
         if self.indicator and self.rule is MissingRule.REFUSE:
             raise ValueError("a missing-indicator needs an imputation rule, not 'refuse'")
+        if (self.rule is MissingRule.VALUE) != (self.fill is not None):
+            raise ValueError("rule 'value' needs fill: <value>, and fill is only used with it")
         return self
 
 
@@ -101,8 +113,25 @@ class Feature(Strict):
             MissingRule.MEAN,
             MissingRule.MEDIAN,
         ):
-            raise ValueError("categorical features can only impute with 'mode'")
+            raise ValueError("categorical features can only impute with 'mode' or 'value'")
+        self._check_fill()
         return self
+
+    def _check_fill(self) -> None:
+        fill = self.missing.fill
+        if fill is None:
+            return
+        if self.type is FeatureType.CATEGORICAL:
+            assert self.categories is not None
+            if str(fill) not in self.categories:
+                raise ValueError(f"missing.fill {fill!r} is not one of the categories")
+            return
+        if isinstance(fill, str):
+            raise ValueError(f"missing.fill of a {self.type} feature must be a number")
+        if self.type is FeatureType.BINARY and fill not in (0, 1):
+            raise ValueError("missing.fill of a binary feature must be 0 or 1")
+        if self.range is not None and not self.range[0] <= fill <= self.range[1]:
+            raise ValueError(f"missing.fill {fill:g} is outside the range {list(self.range)}")
 
     def input_names(self) -> list[str]:
         """Names of the model input columns this feature expands to, in order."""

@@ -1,7 +1,11 @@
 """From a mapped table to the model's input matrix.
 
-Imputation values and scaling statistics are fitted on the site's own training
-split only, so nothing about the held-out data or about other sites leaks in.
+Imputation values and scaling statistics are either the study's own (declared
+fill values, reference scaling: the same at every site, fitted on no one's data)
+or fitted on the site's own training split only, so nothing about the held-out
+data or about other sites leaks in. Under differential privacy only the study's
+own are allowed (docs/privacy.md): a statistic fitted on the rows would depend
+on every patient, outside what the accountant counts.
 The fitted state is a small pydantic model the site keeps beside its model.
 """
 
@@ -40,6 +44,9 @@ def _fill_value(feature: Feature, values: pd.Series) -> float | str | None:
     present = values.dropna()
     if rule is MissingRule.REFUSE:
         return None
+    if rule is MissingRule.VALUE:
+        fill = feature.missing.fill
+        return str(fill) if feature.type is FeatureType.CATEGORICAL else fill
     if present.empty:
         # A site that never measures a feature imputes a neutral value; the
         # missing-indicator (when configured) carries the information instead.

@@ -164,7 +164,9 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
         study, data, n_params, policy.validation_gates, policy.min_cohort_size, privacy=guard
     )
     try:
-        secure = secure_site(config, worker) if study.secure_aggregation.enabled else None
+        secure = (
+            secure_site(config, worker, guard.ledger) if study.secure_aggregation.enabled else None
+        )
     except SecAggError as exc:
         raise SiteAgentError(f"cannot take part in secure aggregation: {exc}") from exc
     study_hash = study.content_hash

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -11,7 +13,8 @@ from sklearn.model_selection import train_test_split
 
 from fedcare.schema.mapping import SiteMapping, apply_mapping
 from fedcare.schema.preprocess import Preprocessor, fit_preprocessor
-from fedcare.study import Study
+from fedcare.schema.split import keyed_holdout
+from fedcare.study import Split, Study
 
 
 class SiteDataError(ValueError):
@@ -30,6 +33,17 @@ class SiteDataset:
     test_frame: pd.DataFrame
     preprocessor: Preprocessor
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 over exactly what training sees: the input matrix, the labels and the
+        preprocessing parameters. Any changed row, value or parameter changes it."""
+        digest = hashlib.sha256()
+        for array in (self.x_train, self.y_train):
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(self.preprocessor.model_dump_json().encode())
+        return digest.hexdigest()
+
     @property
     def n_train(self) -> int:
         return int(self.x_train.shape[0])
@@ -40,7 +54,7 @@ class SiteDataset:
 
 
 def prepare_site_data(frame: pd.DataFrame, mapping: SiteMapping, study: Study) -> SiteDataset:
-    """Map, validate, split (stratified, seeded by the study) and preprocess a site's table.
+    """Map, validate, split (keyed per record, or stratified) and preprocess a site's table.
 
     Raises :class:`fedcare.schema.mapping.DataValidationError` if the data breaks
     the schema, before anything is trained.
@@ -54,14 +68,22 @@ def prepare_site_data(frame: pd.DataFrame, mapping: SiteMapping, study: Study) -
             f"site '{mapping.site}': label '{schema.label.name}' needs at least two rows of "
             f"each class to split off held-out data ({positives} positive of {len(labels)})"
         )
-    train, test = train_test_split(
-        mapped,
-        test_size=study.preprocessing.holdout_fraction,
-        random_state=(
-            study.seed if study.preprocessing.split_seed is None else study.preprocessing.split_seed
-        ),
-        stratify=labels,
-    )
+    prep = study.preprocessing
+    key = study.seed if prep.split_seed is None else prep.split_seed
+    if prep.split is Split.STRATIFIED:
+        train, test = train_test_split(
+            mapped, test_size=prep.holdout_fraction, random_state=key, stratify=labels
+        )
+    else:
+        held_out = keyed_holdout(mapped, prep.holdout_fraction, key)
+        train, test = mapped[~held_out], mapped[held_out]
+        for part, name in ((train, "training"), (test, "held-out")):
+            y = part[schema.label.name]
+            if y.nunique() < 2:
+                raise SiteDataError(
+                    f"site '{mapping.site}': the keyed split leaves {len(part)} {name} row(s) "
+                    f"with a single class of '{schema.label.name}'; the site needs more rows"
+                )
     preprocessor = fit_preprocessor(train, schema, study.preprocessing.scaling)
     return SiteDataset(
         name=mapping.site,

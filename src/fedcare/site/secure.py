@@ -13,15 +13,15 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol, TypeVar
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from fedcare import pki
 from fedcare.audit import AuditLog
 from fedcare.config import SiteConfig
 from fedcare.federation.messages import TaskReply
 from fedcare.privacy.secagg.keys import EcdsaSigner, IdentityVerifier, SecAggError
-from fedcare.privacy.secagg.messages import EncryptedShare, KeyAdvertisement, UnmaskRequest
-from fedcare.privacy.secagg.site import SecureSite
+from fedcare.privacy.secagg.protocol import STAGES, Stage
+from fedcare.privacy.secagg.site import SecureSite, SessionRecord
 from fedcare.privacy.secagg.study import setup_for
 from fedcare.site.client import PAYLOAD, CoordinatorClient, CoordinatorError
 from fedcare.site.worker import SiteWorker
@@ -29,8 +29,6 @@ from fedcare.site.worker import SiteWorker
 log = logging.getLogger("fedcare.site")
 T = TypeVar("T")
 JSON = "application/json"
-_ADVERTS = TypeAdapter(tuple[KeyAdvertisement, ...])
-_SHARES = TypeAdapter(tuple[EncryptedShare, ...])
 
 
 class Retry(Protocol):
@@ -39,12 +37,13 @@ class Retry(Protocol):
         ...
 
 
-def secure_site(config: SiteConfig, worker: SiteWorker) -> SecureSite:
-    """The site's secure side, signing with its provisioned certificate key."""
+def secure_site(config: SiteConfig, worker: SiteWorker, record: SessionRecord) -> SecureSite:
+    """The site's secure side, signing with its provisioned certificate key; ``record``
+    keeps, durably, the tasks it sent masked inputs for."""
     cert = pki.load_certificate(config.tls.cert)
     signer = EcdsaSigner(pki.load_private_key(config.tls.key), cert)
     verifier = IdentityVerifier(pki.load_certificate(config.tls.ca))
-    return SecureSite(worker, signer, signer.certificate_pem, verifier)
+    return SecureSite(worker, signer, signer.certificate_pem, verifier, record)
 
 
 def take_part(
@@ -89,37 +88,38 @@ def _exchange(
     open_round = status.get("open_round") or {}
     if open_round.get("number") != number:
         raise CoordinatorError(409, f"round {number} is no longer open")
-    setup = setup_for(study, number, list(open_round["selected"]), n_params)
+    task_sha256 = hashlib.sha256(reply.payload).hexdigest()
+    setup = setup_for(study, number, list(open_round["selected"]), n_params, task_sha256)
 
-    def post(stage: str, body: bytes, content_type: str = JSON) -> None:
+    def post(stage: Stage, body: bytes) -> None:
+        content_type = PAYLOAD if stage is Stage.MASKED else JSON
         retry(
-            partial(client.secure_post, study_hash, number, stage, body, content_type),
+            partial(client.secure_post, study_hash, number, stage.value, body, content_type),
             f"sending {stage} for round {number}",
         )
 
-    def fetch(stage: str) -> bytes:
+    def fetch(stage: Stage) -> bytes:
         while True:
             data = retry(
-                partial(client.secure_fetch, study_hash, number, stage),
-                f"waiting for {stage} of round {number}",
+                partial(client.secure_fetch, study_hash, number, stage.value),
+                f"waiting for the coordinator before {stage} of round {number}",
             )
             if data is not None:
                 return data
 
-    post("advertise", site.begin(reply.payload, setup).model_dump_json().encode())
-    bundle = site.share_keys(_ADVERTS.validate_json(fetch("keys")))
-    post("shares", bundle.model_dump_json().encode())
-    masked = site.masked_input(_SHARES.validate_json(fetch("shares")))
-    # Recorded before the first byte leaves: a crash can only over-report.
-    audit.append(
-        "update.sent",
-        study=study_hash,
-        round=number,
-        to="coordinator (masked, secure aggregation)",
-        bytes=len(masked),
-        sha256=hashlib.sha256(masked).hexdigest(),
-    )
-    post("masked", masked, PAYLOAD)
-    request = UnmaskRequest.model_validate_json(fetch("unmask"))
-    post("unmask", site.unmask(request).model_dump_json().encode())
-    log.info("round %d: masked input sent, %d site(s) summed", number, len(request.survivors))
+    def record_send(body: bytes) -> None:
+        # Recorded before the first byte leaves: a crash can only over-report.
+        audit.append(
+            "update.sent",
+            study=study_hash,
+            round=number,
+            to="coordinator (masked, secure aggregation)",
+            bytes=len(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+        )
+
+    party = site.start(reply.payload, setup, on_masked=record_send)
+    for stage in STAGES:
+        relayed = None if stage is Stage.ADVERTISE else fetch(stage)
+        post(stage, party.respond(stage, relayed))
+    log.info("round %d: secure session completed", number)

@@ -18,8 +18,9 @@ from fedcare.federation.messages import (
     encode_update,
 )
 from fedcare.federation.rounds import RoundError
+from fedcare.privacy.dp.counts import bucket, noisy_count
 from fedcare.privacy.dp.guard import PrivacyGuard, dp_settings
-from fedcare.privacy.dp.plan import SitePlan, plan_site
+from fedcare.privacy.dp.plan import SitePlan, needs_count, plan_site
 from fedcare.site.dataset import SiteDataset
 from fedcare.study import Study
 from fedcare.training import train_local
@@ -27,6 +28,9 @@ from fedcare.training.dp_sgd import DpSgdSettings
 from fedcare.validation.local import validate_candidate
 from fedcare.validation.messages import decode_validation_task, encode_validation_reply
 from fedcare.validation.spec import GateSpec
+
+MAX_REPORTED_COUNT = 10**9
+"""Upper clamp of a noisy count sent in the clear (plain aggregation)."""
 
 
 class SiteWorker:
@@ -53,6 +57,7 @@ class SiteWorker:
         self.min_cohort = min_cohort
         self.privacy = privacy
         self._plan: SitePlan | None = None
+        self._noisy_count: int | None = None
 
     def _check_study(self, study_hash: str) -> None:
         if study_hash != self.study.content_hash:
@@ -69,6 +74,7 @@ class SiteWorker:
         """The decoded task and this site's update for it (kept local under secure aggregation)."""
         task = decode_task(task_bytes, self.n_params)
         self._check_study(task.header.study_hash)
+        reported = self.reported_count()
         result = train_local(
             self.study.model,
             self.study.training,
@@ -83,8 +89,9 @@ class SiteWorker:
                 study_hash=self.study.content_hash,
                 round=task.header.round,
                 site=self.data.name,
-                n_samples=result.n_samples,
-                loss=result.loss,
+                n_samples=reported,
+                # Under DP the loss is computed from the rows without noise: it stays here.
+                loss=None if self.study.privacy.dp else result.loss,
             ),
             delta=result.params - task.params,
         )
@@ -99,10 +106,45 @@ class SiteWorker:
         )
         return encode_validation_reply(reply)
 
+    def reported_count(self) -> int:
+        """The record count this site reports (docs/privacy.md): under DP a noisy count,
+        released once (1, releasing nothing, when sites are weighted equally); a public
+        bucket under secure aggregation; else the exact count."""
+        n = self.data.n_train
+        study = self.study
+        secure = study.secure_aggregation
+        largest = secure.max_records if secure.enabled else MAX_REPORTED_COUNT
+        if study.privacy.dp and not needs_count(study):
+            return 1
+        if study.privacy.dp:
+            if self.privacy is not None:
+                return self.privacy.count(
+                    study,
+                    n,
+                    self.data.fingerprint,
+                    self.data.preprocessor.model_dump_json(),
+                    largest,
+                )
+            if self._noisy_count is None:
+                self._noisy_count = noisy_count(
+                    n, study.privacy.count_noise, secrets.randbits(63), largest
+                )
+            return self._noisy_count
+        if secure.enabled:
+            return bucket(n)
+        return n
+
     def _dp(self, round_number: int, task_bytes: bytes) -> DpSgdSettings | None:
         """This round's DP-SGD settings; with a guard, recorded in the ledger first (or refused)."""
         if self.privacy is not None:
-            return self.privacy.admit(self.study, self.data.n_train, round_number, task_bytes)
+            return self.privacy.admit(
+                self.study,
+                self.data.n_train,
+                round_number,
+                task_bytes,
+                self.data.fingerprint,
+                self.data.preprocessor.model_dump_json(),
+            )
         if not self.study.privacy.dp:
             return None
         if self._plan is None:

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fedcare.privacy.dp.budget import Budget, BudgetExceededError
+from fedcare.privacy.dp.counts import noisy_count
 from fedcare.privacy.dp.plan import SitePlan, plan_site
+from fedcare.privacy.dp.release import Release
 from fedcare.study import Study
 from fedcare.training.dp_sgd import DpSgdSettings
 
@@ -42,13 +44,9 @@ class PrivacyGuard:
             self._plans[key] = plan_site(study, n_train)
         return self._plans[key]
 
-    def admit(
-        self, study: Study, n_train: int, round_number: int, task: bytes
-    ) -> DpSgdSettings | None:
-        """DP-SGD settings for this round, recorded in the ledger; None for a non-DP study.
-
-        Raises :class:`BudgetExceededError` when the round may not run.
-        """
+    def _budget(self, study: Study) -> Budget | None:
+        """The data set's budget for ``study``; None for a non-DP study on a data set
+        without one. Refuses the combinations the rule forbids."""
         if not study.privacy.dp:
             if self.budget is not None:
                 raise BudgetExceededError(
@@ -63,17 +61,66 @@ class PrivacyGuard:
                 f"privacy_budget for data set '{self.dataset}'; the privacy officer must set "
                 "one (there is no default); the update is not sent"
             )
+        return self.budget
+
+    def admit(
+        self,
+        study: Study,
+        n_train: int,
+        round_number: int,
+        task: bytes,
+        fingerprint: str,
+        preprocessing: str,
+    ) -> DpSgdSettings | None:
+        """DP-SGD settings for this round, recorded in the ledger; None for a non-DP study.
+
+        ``fingerprint`` identifies the exact training rows the mechanism will see
+        (after mapping and preprocessing) and ``preprocessing`` their parameters;
+        the ledger keys the release on both. Raises :class:`BudgetExceededError`
+        when the round may not run.
+        """
+        budget = self._budget(study)
+        if budget is None:
+            return None
         plan = self.plan(study, n_train)
-        reservation = self.ledger.reserve(
-            self.dataset,
-            self.budget,
-            study.content_hash,
-            study.name,
-            round_number,
-            hashlib.sha256(task).hexdigest(),
-            plan.round_mechanism,
+        release = Release(
+            study_hash=study.content_hash,
+            study_name=study.name,
+            round=round_number,
+            task_sha256=hashlib.sha256(task).hexdigest(),
+            fingerprint=fingerprint,
+            preprocessing=preprocessing,
         )
+        reservation = self.ledger.reserve(self.dataset, budget, release, plan.round_mechanism)
         return dp_settings(plan, reservation.secret_seed)
+
+    def count(
+        self, study: Study, n_train: int, fingerprint: str, preprocessing: str, largest: int
+    ) -> int:
+        """The site's noisy record count for a DP study: released (and charged) once per
+        study and fingerprint, the same value every time after. Raises
+        :class:`BudgetExceededError` when the release may not happen."""
+        budget = self._budget(study)
+        if budget is None:
+            raise BudgetExceededError(f"study '{study.name}' releases no noisy count without DP")
+        plan = self.plan(study, n_train)
+        if plan.count_noise is None:
+            raise BudgetExceededError(f"study '{study.name}' weights sites equally: no count")
+        release = Release(
+            study_hash=study.content_hash,
+            study_name=study.name,
+            round=0,
+            task_sha256=COUNT_RELEASE,
+            fingerprint=fingerprint,
+            preprocessing=preprocessing,
+        )
+        (mechanism,) = plan.count
+        reservation = self.ledger.reserve(self.dataset, budget, release, mechanism)
+        return noisy_count(n_train, plan.count_noise, reservation.secret_seed, largest)
+
+
+COUNT_RELEASE = "0" * 64
+"""The task name under which a study's one count release is recorded (round 0)."""
 
 
 def dp_settings(plan: SitePlan, secret_seed: int) -> DpSgdSettings:

@@ -12,9 +12,16 @@ result would exceed the policy's budget; the check and the insert are one
 ``BEGIN IMMEDIATE`` transaction, so two processes cannot both take the last of a
 budget.
 
-A round is recorded once per task: a site that retrains the same task (after a
+A release is recorded once per task and per data fingerprint: a site that
+retrains the same task on the same rows with the same preprocessing (after a
 restart) gets the same secret seed back and produces the same update, which
-releases nothing new. A different task for the same round is a new release.
+releases nothing new. A different task for the same round (the coordinator
+issued it again), or the same task over rows or preprocessing that changed in
+any way, is a new release, charged in full with a fresh seed: the same noise
+never meets different data.
+
+The ledger also records each task a masked input was sent for under secure
+aggregation, so that a site never takes part in two sessions over one update.
 """
 
 from __future__ import annotations
@@ -31,16 +38,20 @@ from sqlalchemy import (
     Float,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     select,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedcare.privacy.dp.accountant import Mechanism, epsilon
 from fedcare.privacy.dp.budget import Budget, BudgetExceededError
+from fedcare.privacy.dp.release import Release
 
 
 class _Base(DeclarativeBase):
@@ -49,7 +60,9 @@ class _Base(DeclarativeBase):
 
 class SpendRow(_Base):
     __tablename__ = "spends"
-    __table_args__ = (UniqueConstraint("dataset", "study_hash", "round", "task_sha256"),)
+    __table_args__ = (
+        UniqueConstraint("dataset", "study_hash", "round", "task_sha256", "fingerprint"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     dataset: Mapped[str] = mapped_column(String(128), index=True)
@@ -57,6 +70,10 @@ class SpendRow(_Base):
     study_name: Mapped[str] = mapped_column(String(200))
     round: Mapped[int] = mapped_column(Integer)
     task_sha256: Mapped[str] = mapped_column(String(64))
+    fingerprint: Mapped[str] = mapped_column(String(64), default="")
+    """SHA-256 of the training rows after mapping and preprocessing, and of its parameters."""
+    preprocessing: Mapped[str] = mapped_column(Text, default="")
+    """The preprocessing parameters (fill values, centres, spreads) as JSON."""
     sampling_rate: Mapped[float] = mapped_column(Float)
     noise_multiplier: Mapped[float] = mapped_column(Float)
     steps: Mapped[int] = mapped_column(Integer)
@@ -66,6 +83,17 @@ class SpendRow(_Base):
     @property
     def mechanism(self) -> Mechanism:
         return Mechanism(self.sampling_rate, self.noise_multiplier, self.steps)
+
+
+class MaskedSendRow(_Base):
+    __tablename__ = "masked_sends"
+    __table_args__ = (UniqueConstraint("study_hash", "task_sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_hash: Mapped[str] = mapped_column(String(64))
+    task_sha256: Mapped[str] = mapped_column(String(64))
+    session: Mapped[str] = mapped_column(String(64))
+    recorded_at: Mapped[float] = mapped_column(Float)
 
 
 @dataclass(frozen=True)
@@ -114,7 +142,20 @@ def _engine(path: Path) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     _Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Ledgers written before fingerprints were recorded gain the columns, keeping every
+    spend (their rows match no new release, so each new one is charged in full)."""
+    have = {c["name"] for c in inspect(engine).get_columns("spends")}
+    with engine.begin() as connection:
+        for name in ("fingerprint", "preprocessing"):
+            if name not in have:
+                connection.exec_driver_sql(
+                    f"ALTER TABLE spends ADD COLUMN {name} TEXT NOT NULL DEFAULT ''"
+                )
 
 
 class PrivacyLedger:
@@ -128,30 +169,27 @@ class PrivacyLedger:
         self._engine.dispose()
 
     def reserve(
-        self,
-        dataset: str,
-        budget: Budget,
-        study_hash: str,
-        study_name: str,
-        round_number: int,
-        task_sha256: str,
-        mechanism: Mechanism,
+        self, dataset: str, budget: Budget, release: Release, mechanism: Mechanism
     ) -> Reservation:
-        """Record this round's spend before training, or refuse it.
+        """Record this release's spend before training, or refuse it.
 
-        Raises :class:`BudgetExceededError` (and records nothing) when the data set's
-        spend after this round would be above ``budget.epsilon``.
+        The same task over the same fingerprint returns the recorded seed and
+        charges nothing; anything else is a new release. Raises
+        :class:`BudgetExceededError` (and records nothing) when the data set's
+        spend after it would be above ``budget.epsilon``.
         """
+        round_number, study_name = release.round, release.study_name
         with Session(self._engine) as session, session.begin():
             rows = session.scalars(select(SpendRow).where(SpendRow.dataset == dataset)).all()
             previous = [r.mechanism for r in rows]
-            key = (study_hash, round_number, task_sha256)
+            key = (release.study_hash, round_number, release.task_sha256, release.fingerprint)
             for row in rows:
-                if (row.study_hash, row.round, row.task_sha256) == key:
+                if (row.study_hash, row.round, row.task_sha256, row.fingerprint) == key:
                     if row.mechanism != mechanism:
                         raise BudgetExceededError(
-                            f"round {round_number} of study {study_hash[:12]} was recorded for "
-                            f"'{dataset}' with other DP settings; refusing to release it again"
+                            f"round {round_number} of study {release.study_hash[:12]} was "
+                            f"recorded for '{dataset}' with other DP settings; refusing to "
+                            "release it again"
                         )
                     spent = epsilon(previous, budget.delta, budget.accountant)
                     return Reservation(row.secret_seed, spent, budget, repeated=True)
@@ -168,10 +206,12 @@ class PrivacyLedger:
             session.add(
                 SpendRow(
                     dataset=dataset,
-                    study_hash=study_hash,
+                    study_hash=release.study_hash,
                     study_name=study_name,
                     round=round_number,
-                    task_sha256=task_sha256,
+                    task_sha256=release.task_sha256,
+                    fingerprint=release.fingerprint,
+                    preprocessing=release.preprocessing,
                     sampling_rate=mechanism.sampling_rate,
                     noise_multiplier=mechanism.noise_multiplier,
                     steps=mechanism.steps,
@@ -180,6 +220,34 @@ class PrivacyLedger:
                 )
             )
         return Reservation(seed, after, budget, repeated=False)
+
+    def masked_sent(self, study_hash: str, task_sha256: str) -> bool:
+        """True if a masked input for this task has already left the site."""
+        with Session(self._engine) as session, session.begin():
+            found = session.scalars(
+                select(MaskedSendRow.id).where(
+                    MaskedSendRow.study_hash == study_hash,
+                    MaskedSendRow.task_sha256 == task_sha256,
+                )
+            ).first()
+            return found is not None
+
+    def record_masked(self, study_hash: str, task_sha256: str, session_digest: str) -> bool:
+        """Record, durably and before it leaves, that a masked input for this task is sent.
+        False (and nothing recorded) if one already was."""
+        try:
+            with Session(self._engine) as session, session.begin():
+                session.add(
+                    MaskedSendRow(
+                        study_hash=study_hash,
+                        task_sha256=task_sha256,
+                        session=session_digest,
+                        recorded_at=time.time(),
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
 
     def mechanisms(self, dataset: str) -> list[Mechanism]:
         """Every mechanism recorded against ``dataset``, in the order recorded."""
@@ -220,4 +288,11 @@ def _study_spend(dataset: str, rows: Sequence[SpendRow], budget: Budget) -> Stud
     )
 
 
-__all__ = ["Budget", "BudgetExceededError", "PrivacyLedger", "Reservation", "StudySpend"]
+__all__ = [
+    "Budget",
+    "BudgetExceededError",
+    "PrivacyLedger",
+    "Release",
+    "Reservation",
+    "StudySpend",
+]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from fedcare.privacy.dp.accountant import AccountantKind, Mechanism, epsilon, noise_multiplier
-from fedcare.study import Study
+from fedcare.privacy.dp.counts import count_mechanism
+from fedcare.study import Study, Weighting
 
 
 class PlanError(ValueError):
@@ -32,18 +33,28 @@ class SitePlan:
     max_grad_norm: float
     delta: float
     accountant: AccountantKind
+    count_noise: float | None
+    """Std of the noise on the record count the site reports once per study; None when the
+    study's weighting needs no count (equal), so none is released."""
 
     @property
     def round_mechanism(self) -> Mechanism:
         return Mechanism(self.sampling_rate, self.noise_multiplier, self.steps_per_round)
 
     @property
+    def count(self) -> tuple[Mechanism, ...]:
+        """The one release of the site's noisy record count, if the study needs one."""
+        return () if self.count_noise is None else (count_mechanism(self.count_noise),)
+
+    def epsilon_after(self, rounds: int) -> float:
+        """Epsilon at ``delta`` after the count and ``rounds`` rounds of this plan."""
+        whole = Mechanism(self.sampling_rate, self.noise_multiplier, self.steps_per_round * rounds)
+        return epsilon([*self.count, whole], self.delta, self.accountant)
+
+    @property
     def study_epsilon(self) -> float:
-        """Epsilon at ``delta`` after every round of the study."""
-        whole = Mechanism(
-            self.sampling_rate, self.noise_multiplier, self.steps_per_round * self.rounds
-        )
-        return epsilon([whole], self.delta, self.accountant)
+        """Epsilon at ``delta`` after the count and every round of the study."""
+        return self.epsilon_after(self.rounds)
 
 
 def plan_site(study: Study, n_train: int) -> SitePlan:
@@ -66,11 +77,20 @@ def plan_site(study: Study, n_train: int) -> SitePlan:
         assert training.epochs is not None
         steps = training.epochs * max(1, math.ceil(1.0 / rate - 1e-9))
     rounds = study.rounds.count
+    count_noise = spec.count_noise if needs_count(study) else None
+    if count_noise is not None and spec.epsilon is not None:
+        alone = epsilon([count_mechanism(count_noise)], spec.delta, spec.accountant)
+        if alone >= spec.epsilon:
+            raise PlanError(
+                f"the site's noisy record count (privacy.count_noise {count_noise:g}) alone "
+                f"spends epsilon {alone:.3g} at delta {spec.delta:g}, the study's target is "
+                f"{spec.epsilon:g}: raise count_noise, or weight sites equally (no count)"
+            )
     if spec.noise_multiplier is not None:
         sigma = spec.noise_multiplier
     else:
         assert spec.epsilon is not None
-        sigma = _noise(spec.epsilon, rate, steps * rounds, spec.delta, spec.accountant)
+        sigma = _noise(spec.epsilon, rate, steps * rounds, spec.delta, spec.accountant, count_noise)
     return SitePlan(
         sampling_rate=rate,
         steps_per_round=steps,
@@ -79,10 +99,24 @@ def plan_site(study: Study, n_train: int) -> SitePlan:
         max_grad_norm=spec.max_grad_norm,
         delta=spec.delta,
         accountant=spec.accountant,
+        count_noise=count_noise,
     )
 
 
+def needs_count(study: Study) -> bool:
+    """Whether the study's weighting uses each site's record count."""
+    return study.aggregation.weighting is not Weighting.EQUAL
+
+
 @lru_cache(maxsize=256)
-def _noise(target: float, rate: float, steps: int, delta: float, kind: AccountantKind) -> float:
+def _noise(
+    target: float,
+    rate: float,
+    steps: int,
+    delta: float,
+    kind: AccountantKind,
+    count_noise: float | None,
+) -> float:
     # Pure and a few hundred milliseconds each: benchmarks plan the same site many times.
-    return noise_multiplier(target, rate, steps, delta, kind)
+    prior = () if count_noise is None else (count_mechanism(count_noise),)
+    return noise_multiplier(target, rate, steps, delta, kind, prior=prior)

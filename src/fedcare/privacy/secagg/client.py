@@ -1,10 +1,15 @@
-"""A site's side of a SecAgg+ round: a state machine that refuses what an honest site must.
+"""A site's side of a SecAgg+ session: a state machine that refuses what an honest site must.
 
-advertise -> share_keys -> masked_input -> unmask. The site's input only ever
-leaves masked by its own self-mask and its pairwise masks; the site reveals,
-per peer, either a share of that peer's self-mask seed (the peer submitted) or
-a share of its mask key (the peer dropped), never both, and never the key of a
-site the coordinator itself lists as having submitted, nor its own.
+advertise -> share_keys -> masked_input -> confirm -> unmask. The site's input
+only ever leaves masked by its own self-mask and its pairwise masks. Before it
+reveals any share it runs the consistency check of Bonawitz et al. (2017, §4)
+within its neighbourhood (Bell et al. 2020): it signs the one unmasking request
+it was shown, after checking it against what it saw itself, and it reveals
+nothing until it holds signatures on that same request from at least the
+threshold of its neighbourhood (itself included). Each honest site signs once
+per session, and the threshold is above half of every neighbourhood, so two
+different requests can never both gather enough signatures: the coordinator
+cannot show some sites a peer as submitted and others the same peer as dropped.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from fedcare.privacy.secagg.keys import (
 from fedcare.privacy.secagg.messages import (
     EncryptedShare,
     KeyAdvertisement,
+    SecAggMessage,
     ShareBundle,
+    SurvivorSignature,
+    SurvivorSignatures,
     UnmaskReply,
     UnmaskRequest,
 )
@@ -42,10 +50,12 @@ class ClientStage(StrEnum):
     ADVERTISED = "advertised"
     SHARED = "shared"
     SUBMITTED = "submitted"
+    CONFIRMED = "confirmed"
+    REVEALED = "revealed"
 
 
 class SecAggClient:
-    """One site in one round."""
+    """One site in one secure session."""
 
     def __init__(
         self,
@@ -69,23 +79,31 @@ class SecAggClient:
         self._peers: dict[str, KeyAdvertisement] = {}
         self._held: dict[str, tuple[int, int]] = {}
         self._own = (0, 0)
-        self._revealed_seed: set[str] = set()
-        self._revealed_key: set[str] = set()
+        self._request: UnmaskRequest | None = None
 
     def _expect(self, stage: ClientStage, action: str) -> None:
         if self.stage is not stage:
             raise SecAggError(f"site '{self.site}' cannot {action} now (stage {self.stage})")
 
-    def _check_round(self, study_hash: str, number: int, what: str) -> None:
-        if study_hash != self.setup.study_hash or number != self.setup.round:
+    def _check_session(self, message: SecAggMessage, what: str) -> None:
+        setup = self.setup
+        if (message.study_hash, message.round) != (setup.study_hash, setup.round):
             raise SecAggError(f"{what} is for another study or round")
+        if message.session != setup.session:
+            raise SecAggError(
+                f"{what} is for another secure session (other participants, graph, threshold "
+                "or task than this site was shown)"
+            )
+
+    def _header(self) -> dict[str, object]:
+        s = self.setup
+        return {"study_hash": s.study_hash, "round": s.round, "session": s.session}
 
     def advertise(self) -> KeyAdvertisement:
-        """This round's two public keys, signed with the site's identity key."""
+        """This session's two public keys, signed with the site's identity key."""
         self._expect(ClientStage.NEW, "advertise keys")
         unsigned = KeyAdvertisement(
-            study_hash=self.setup.study_hash,
-            round=self.setup.round,
+            **self._header(),
             site=self.site,
             encryption_key=public_bytes(self._encryption),
             mask_key=public_bytes(self._mask),
@@ -102,7 +120,7 @@ class SecAggClient:
         neighbours = set(self.setup.neighbours[self.site])
         peers: dict[str, KeyAdvertisement] = {}
         for adv in advertisements:
-            self._check_round(adv.study_hash, adv.round, f"the key advertisement of '{adv.site}'")
+            self._check_session(adv, f"the key advertisement of '{adv.site}'")
             if adv.site not in neighbours:
                 raise SecAggError(f"'{adv.site}' is not a neighbour of '{self.site}'")
             if adv.site in peers:
@@ -130,20 +148,14 @@ class SecAggClient:
             context = self.setup.share_context(self.site, peer)
             sealed.append(
                 EncryptedShare(
-                    study_hash=self.setup.study_hash,
-                    round=self.setup.round,
+                    **self._header(),
                     sender=self.site,
                     recipient=peer,
                     ciphertext=seal(key, context, seed_shares[x], key_shares[x]),
                 )
             )
         self.stage = ClientStage.SHARED
-        return ShareBundle(
-            study_hash=self.setup.study_hash,
-            round=self.setup.round,
-            sender=self.site,
-            shares=tuple(sealed),
-        )
+        return ShareBundle(**self._header(), sender=self.site, shares=tuple(sealed))
 
     def masked_input(
         self, shares: Sequence[EncryptedShare], encoded: NDArray[np.unsignedinteger]
@@ -156,7 +168,7 @@ class SecAggClient:
         label = self.setup.label("share")
         held: dict[str, tuple[int, int]] = {self.site: self._own}
         for share in shares:
-            self._check_round(share.study_hash, share.round, f"a share from '{share.sender}'")
+            self._check_session(share, f"a share from '{share.sender}'")
             if share.recipient != self.site:
                 raise SecAggError(f"a share for '{share.recipient}' was sent to '{self.site}'")
             if share.sender in held or share.sender == self.site:
@@ -182,32 +194,90 @@ class SecAggClient:
         self.stage = ClientStage.SUBMITTED
         return masked
 
-    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
-        """Reveal one kind of share per peer, refusing any request an honest site must refuse."""
-        self._expect(ClientStage.SUBMITTED, "reveal shares")
-        self._check_round(request.study_hash, request.round, "the unmasking request")
+    def confirm(self, request: UnmaskRequest) -> SurvivorSignature:
+        """Check the coordinator's survivor list against this site's own view; sign it.
+
+        The site signs at most one request per session, and only one that is
+        consistent with what it saw: every name is a participant of the session,
+        survivors and dropped are disjoint, this site is a survivor, together they
+        are exactly the neighbours that sent it shares, and at least the threshold
+        of its neighbourhood survived.
+        """
+        self._expect(ClientStage.SUBMITTED, "confirm the survivors")
+        self._check_session(request, "the unmasking request")
         survivors, dropped = set(request.survivors), set(request.dropped)
-        if survivors & dropped:
-            both = ", ".join(sorted(survivors & dropped))
-            raise SecAggError(f"refused: {both} listed both as submitted and as dropped")
-        if self.site in dropped or self.site not in survivors:
-            raise SecAggError(f"refused: '{self.site}' submitted and will not be unmasked")
-        if len(survivors) < self.setup.threshold:
+        if len(survivors) != len(request.survivors) or len(dropped) != len(request.dropped):
+            raise SecAggError("refused: the unmasking request lists a site twice")
+        if unknown := (survivors | dropped) - set(self.setup.sites):
             raise SecAggError(
-                f"refused: {len(survivors)} site(s) submitted, fewer than the threshold "
-                f"{self.setup.threshold}"
+                "refused: the unmasking request names sites that are not in this session: "
+                + ", ".join(sorted(unknown))
             )
+        if both := survivors & dropped:
+            raise SecAggError(
+                f"refused: {', '.join(sorted(both))} listed both as submitted and as dropped"
+            )
+        if self.site not in survivors:
+            raise SecAggError(f"refused: '{self.site}' submitted and will not be unmasked")
+        neighbourhood = self.setup.neighbourhood(self.site)
+        listed = (survivors | dropped) & neighbourhood
+        if listed != set(self._held):
+            wrong = sorted(listed ^ set(self._held))
+            raise SecAggError(
+                "refused: the unmasking request does not match the neighbours that sent "
+                f"'{self.site}' shares (differs on {', '.join(wrong)})"
+            )
+        alive = len(survivors & neighbourhood)
+        if alive < self.setup.threshold:
+            raise SecAggError(
+                f"refused: {alive} site(s) of the neighbourhood of '{self.site}' submitted, "
+                f"fewer than the threshold {self.setup.threshold}"
+            )
+        self._request = request
+        self.stage = ClientStage.CONFIRMED
+        return SurvivorSignature(
+            **self._header(), site=self.site, signature=self.signer.sign(request.signed_bytes())
+        )
+
+    def unmask(self, proof: SurvivorSignatures) -> UnmaskReply:
+        """Reveal one kind of share per peer once the threshold of the neighbourhood has
+        signed the same request this site signed; refuse anything else."""
+        self._expect(ClientStage.CONFIRMED, "reveal shares")
+        request = self._request
+        assert request is not None
+        self._check_session(proof, "the survivors' signatures")
+        if proof.request != request:
+            raise SecAggError(
+                "refused: the coordinator relays another unmasking request than the one "
+                f"'{self.site}' signed"
+            )
+        signed = request.signed_bytes()
+        signers = {self.site}
+        for item in proof.signatures:
+            self._check_session(item, f"the signature of '{item.site}'")
+            if item.site in signers:
+                raise SecAggError(f"refused: two survivor signatures from '{item.site}'")
+            peer = self._peers.get(item.site)
+            if peer is None or item.site not in request.survivors:
+                raise SecAggError(
+                    f"refused: a survivor signature from '{item.site}', not a surviving "
+                    f"neighbour of '{self.site}'"
+                )
+            self.verifier.verify(
+                item.site, peer.certificate, signed, item.signature, "survivor signature"
+            )
+            signers.add(item.site)
+        if len(signers) < self.setup.threshold:
+            raise SecAggError(
+                f"refused: {len(signers)} site(s) of the neighbourhood of '{self.site}' signed "
+                f"the survivor list, fewer than the threshold {self.setup.threshold}"
+            )
+        survivors, dropped = set(request.survivors), set(request.dropped)
         seed_for = sorted(p for p in self._held if p in survivors)
         key_for = sorted(p for p in self._held if p in dropped)
-        if conflict := (set(seed_for) & self._revealed_key) | (set(key_for) & self._revealed_seed):
-            raise SecAggError(
-                "refused: would reveal both kinds of share for " + ", ".join(sorted(conflict))
-            )
-        self._revealed_seed.update(seed_for)
-        self._revealed_key.update(key_for)
+        self.stage = ClientStage.REVEALED
         return UnmaskReply(
-            study_hash=self.setup.study_hash,
-            round=self.setup.round,
+            **self._header(),
             site=self.site,
             seed_shares={p: format(self._held[p][0], "x") for p in seed_for},
             key_shares={p: format(self._held[p][1], "x") for p in key_for},

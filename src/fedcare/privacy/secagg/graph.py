@@ -47,3 +47,13 @@ def neighbourhoods(
 def threshold_for(degree: int, fraction: float) -> int:
     """Shares needed out of ``degree``: ceil(fraction * degree), at least 1."""
     return max(1, math.ceil(fraction * degree - 1e-9))
+
+
+def colluders_tolerated(neighbourhood: int, threshold: int) -> int:
+    """How many sites of a neighbourhood (``neighbourhood`` sites, the owner included) may
+    collude with an active coordinator before it can rebuild both secrets of an honest
+    site: colluders sign and reveal anything, while each honest site signs one survivor
+    list and reveals only for it. Both secrets need ``threshold`` shares each, from
+    holders shown opposite lists, so ``2 * (threshold - c) <= neighbourhood - c`` must
+    fail: at most ``2 * threshold - neighbourhood - 1`` colluders, and none below zero."""
+    return max(0, 2 * threshold - neighbourhood - 1)

@@ -106,13 +106,20 @@ class IdentityVerifier:
             raise SecAggError(f"the certificate presented for '{site}' has no ECDSA key")
         return key
 
-    def verify(self, site: str, certificate_pem: str, data: bytes, signature: bytes) -> None:
+    def verify(
+        self,
+        site: str,
+        certificate_pem: str,
+        data: bytes,
+        signature: bytes,
+        what: str = "key advertisement",
+    ) -> None:
         """Raise :class:`SecAggError` unless ``site`` signed ``data``."""
         key = self._known.get(site) or self._site_key(site, certificate_pem)
         try:
             key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature as exc:
-            raise SecAggError(f"the key advertisement of '{site}' has a bad signature") from exc
+            raise SecAggError(f"the {what} of '{site}' has a bad signature") from exc
         self._known[site] = key
 
 

@@ -1,5 +1,6 @@
-"""The coordinator's side of a SecAgg+ round: it relays keys and shares, sums masked
-inputs as they arrive, and removes the masks from the sum once survivors reveal shares.
+"""The coordinator's side of a SecAgg+ session: it relays keys and shares, sums masked
+inputs as they arrive, relays the survivors' signatures on who submitted (the
+consistency check), and removes the masks from the sum once survivors reveal shares.
 
 It never holds a site's input unmasked: each masked vector is added into the
 running total and dropped. When fewer than the threshold of sites are left, or
@@ -19,7 +20,10 @@ from fedcare.privacy.secagg.keys import SecAggError, agree, public_of
 from fedcare.privacy.secagg.messages import (
     EncryptedShare,
     KeyAdvertisement,
+    SecAggMessage,
     ShareBundle,
+    SurvivorSignature,
+    SurvivorSignatures,
     UnmaskReply,
     UnmaskRequest,
 )
@@ -35,6 +39,7 @@ class ServerStage(StrEnum):
     ADVERTISING = "advertising"
     SHARING = "sharing"
     MASKING = "masking"
+    CONFIRMING = "confirming"
     UNMASKING = "unmasking"
     DONE = "done"
     FAILED = "failed"
@@ -53,15 +58,21 @@ class SecAggServer:
         self._submitted: set[str] = set()
         self._total = np.zeros(setup.length, dtype=dtype_for(setup.bits))
         self._request: UnmaskRequest | None = None
+        self._signatures: dict[str, SurvivorSignature] = {}
         self._replies: dict[str, UnmaskReply] = {}
 
     def _expect(self, stage: ServerStage, action: str) -> None:
         if self.stage is not stage:
             raise SecAggError(f"cannot {action} in stage {self.stage} of round {self.setup.round}")
 
-    def _check(self, study_hash: str, number: int, site: str) -> None:
-        if study_hash != self.setup.study_hash or number != self.setup.round:
-            raise SecAggError(f"a message from '{site}' is for another study or round")
+    def _check(self, message: SecAggMessage, site: str) -> None:
+        setup = self.setup
+        if (message.study_hash, message.round, message.session) != (
+            setup.study_hash,
+            setup.round,
+            setup.session,
+        ):
+            raise SecAggError(f"a message from '{site}' is for another secure session")
         if site not in self.setup.sites:
             raise SecAggError(f"site '{site}' is not part of round {self.setup.round}")
 
@@ -86,7 +97,7 @@ class SecAggServer:
 
     def receive_advertisement(self, adv: KeyAdvertisement) -> None:
         self._expect(ServerStage.ADVERTISING, "take key advertisements")
-        self._check(adv.study_hash, adv.round, adv.site)
+        self._check(adv, adv.site)
         previous = self._adverts.get(adv.site)
         if previous is not None and previous != adv:
             raise SecAggError(f"site '{adv.site}' already advertised different keys")
@@ -109,7 +120,7 @@ class SecAggServer:
 
     def receive_shares(self, bundle: ShareBundle) -> None:
         self._expect(ServerStage.SHARING, "take shares")
-        self._check(bundle.study_hash, bundle.round, bundle.sender)
+        self._check(bundle, bundle.sender)
         if bundle.sender not in self._adverts:
             raise SecAggError(f"site '{bundle.sender}' sends shares but advertised no keys")
         allowed = set(self.setup.neighbours[bundle.sender]) & set(self._adverts)
@@ -180,15 +191,56 @@ class SecAggServer:
         self._request = UnmaskRequest(
             study_hash=self.setup.study_hash,
             round=self.setup.round,
+            session=self.setup.session,
             survivors=survivors,
             dropped=dropped,
         )
-        self.stage = ServerStage.UNMASKING
+        self.stage = ServerStage.CONFIRMING
         return self._request
 
     @property
     def request(self) -> UnmaskRequest | None:
         return self._request
+
+    @property
+    def confirmed(self) -> tuple[str, ...]:
+        """Survivors whose signature on the unmasking request has arrived."""
+        return tuple(sorted(self._signatures))
+
+    def receive_confirmation(self, signature: SurvivorSignature) -> None:
+        self._expect(ServerStage.CONFIRMING, "take survivor signatures")
+        self._check(signature, signature.site)
+        assert self._request is not None
+        if signature.site not in self._request.survivors:
+            raise SecAggError(f"site '{signature.site}' did not submit and cannot sign")
+        previous = self._signatures.get(signature.site)
+        if previous is not None and previous != signature:
+            raise SecAggError(f"site '{signature.site}' already signed the survivor list")
+        self._signatures[signature.site] = signature
+
+    def close_confirming(self) -> None:
+        self._expect(ServerStage.CONFIRMING, "close confirming")
+        if len(self._signatures) < self.setup.threshold:
+            raise self.fail(
+                f"only {len(self._signatures)} site(s) signed the survivor list; "
+                f"the threshold is {self.setup.threshold}, so no sum is revealed"
+            )
+        self.stage = ServerStage.UNMASKING
+
+    def signatures_for(self, site: str) -> SurvivorSignatures:
+        """The request and the signatures on it from ``site``'s neighbours."""
+        self._expect(ServerStage.UNMASKING, "relay survivor signatures")
+        assert self._request is not None
+        if site not in self._signatures:
+            raise SecAggError(f"site '{site}' did not sign the survivor list")
+        neighbours = self.setup.neighbours[site]
+        return SurvivorSignatures(
+            study_hash=self.setup.study_hash,
+            round=self.setup.round,
+            session=self.setup.session,
+            request=self._request,
+            signatures=tuple(self._signatures[p] for p in neighbours if p in self._signatures),
+        )
 
     @property
     def answered(self) -> set[str]:
@@ -197,10 +249,10 @@ class SecAggServer:
 
     def receive_unmask(self, reply: UnmaskReply) -> None:
         self._expect(ServerStage.UNMASKING, "take unmasking shares")
-        self._check(reply.study_hash, reply.round, reply.site)
+        self._check(reply, reply.site)
         assert self._request is not None
-        if reply.site not in self._request.survivors:
-            raise SecAggError(f"site '{reply.site}' did not submit and cannot help unmask")
+        if reply.site not in self._signatures:
+            raise SecAggError(f"site '{reply.site}' did not sign the survivors and cannot unmask")
         if not set(reply.seed_shares) <= set(self._request.survivors) or not set(
             reply.key_shares
         ) <= set(self._request.dropped):

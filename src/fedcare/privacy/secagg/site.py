@@ -1,36 +1,71 @@
-"""A site's part in a secure round: train as usual, then take part in SecAgg+.
+"""A site's part in a secure session: train as usual, then take part in SecAgg+.
 
 The update never leaves the site in the clear: it is clipped, weighted,
-quantised and masked here, and only the masked vector is sent.
+quantised and masked here, and only the masked vector is sent. A site takes
+part in at most one session per task: a second session over the same update
+(after a coordinator restart, say) would let the coordinator subtract two sums
+over different survivors and recover this site's update.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fedcare.federation.engine import derive_seed
 from fedcare.federation.messages import SiteUpdate
 from fedcare.privacy.secagg.client import SecAggClient
 from fedcare.privacy.secagg.keys import IdentitySigner, IdentityVerifier, SecAggError
-from fedcare.privacy.secagg.messages import (
-    EncryptedShare,
-    KeyAdvertisement,
-    ShareBundle,
-    UnmaskReply,
-    UnmaskRequest,
-)
+from fedcare.privacy.secagg.protocol import ClientParty
 from fedcare.privacy.secagg.quantize import encode
 from fedcare.privacy.secagg.session import RoundSetup
 from fedcare.privacy.secagg.study import quantization_for, site_weight
-from fedcare.privacy.secagg.wire import MaskedHeader, encode_masked
 from fedcare.site.worker import SiteWorker
 
 
+class SessionRecord(Protocol):
+    """Where a site records, durably, each task it sent a masked input for."""
+
+    def masked_sent(self, study_hash: str, task_sha256: str) -> bool:
+        """True if a masked input for this task has already left the site."""
+        ...
+
+    def record_masked(self, study_hash: str, task_sha256: str, session: str) -> bool:
+        """Record the send before it happens; False if one was recorded already."""
+        ...
+
+
+class MemorySessionRecord:
+    """:class:`SessionRecord` for one process (simulations)."""
+
+    def __init__(self) -> None:
+        self._sent: dict[tuple[str, str], str] = {}
+
+    def masked_sent(self, study_hash: str, task_sha256: str) -> bool:
+        return (study_hash, task_sha256) in self._sent
+
+    def record_masked(self, study_hash: str, task_sha256: str, session: str) -> bool:
+        if (study_hash, task_sha256) in self._sent:
+            return False
+        self._sent[(study_hash, task_sha256)] = session
+        return True
+
+
+def already_sent(task_sha256: str) -> str:
+    return (
+        f"refused: a masked input for task {task_sha256[:12]} already left this site; a "
+        "second secure session over the same update would let the coordinator difference "
+        "two sums (the coordinator must issue a new task)"
+    )
+
+
 class SecureSite:
-    """One site across secure rounds; one :class:`SecAggClient` per round."""
+    """One site across secure sessions; one :class:`SecAggClient` per session."""
 
     def __init__(
         self,
@@ -38,62 +73,59 @@ class SecureSite:
         signer: IdentitySigner,
         certificate_pem: str,
         verifier: IdentityVerifier,
+        record: SessionRecord | None = None,
     ) -> None:
         self.worker = worker
         self.signer = signer
         self.certificate_pem = certificate_pem
         self.verifier = verifier
+        self.record: SessionRecord = record if record is not None else MemorySessionRecord()
         self.plan = quantization_for(worker.study)
         # Refuse at once, not in the middle of a round, if this site's weight cannot fit.
         site_weight(worker.study, worker.data.n_train)
-        self._client: SecAggClient | None = None
-        self._update: SiteUpdate | None = None
-        self._seed = 0
         self.train_s = 0.0
 
     @property
     def name(self) -> str:
         return self.worker.data.name
 
-    def begin(self, task_bytes: bytes, setup: RoundSetup) -> KeyAdvertisement:
-        """Train on the task, keep the update here, and advertise this round's keys."""
-        if setup.study_hash != self.worker.study.content_hash:
+    def start(
+        self,
+        task_bytes: bytes,
+        setup: RoundSetup,
+        on_masked: Callable[[bytes], None] | None = None,
+    ) -> ClientParty:
+        """Train on the task, keep the update here; the party for this session.
+
+        ``on_masked`` sees the masked input after the send is recorded, before it
+        leaves (the site agent writes its audit entry there)."""
+        study_hash = self.worker.study.content_hash
+        if setup.study_hash != study_hash:
             raise SecAggError("the secure round is for another study")
+        task_sha256 = hashlib.sha256(task_bytes).hexdigest()
+        if setup.task_sha256 != task_sha256:
+            raise SecAggError("the secure session is for another task than the one received")
+        if self.record.masked_sent(study_hash, task_sha256):
+            raise SecAggError(already_sent(task_sha256))
         started = time.perf_counter()
         task, update = self.worker.train(task_bytes)
         self.train_s = time.perf_counter() - started
         if task.header.round != setup.round:
             raise SecAggError(f"the task is for round {task.header.round}, not {setup.round}")
-        self._update = update
-        self._seed = derive_seed(task.header.seed, self.name, "secagg-rounding")
-        self._client = SecAggClient(
-            setup, self.name, self.signer, self.certificate_pem, self.verifier
-        )
-        return self._client.advertise()
+        rounding = derive_seed(task.header.seed, self.name, "secagg-rounding")
+        client = SecAggClient(setup, self.name, self.signer, self.certificate_pem, self.verifier)
 
-    def _current(self) -> SecAggClient:
-        if self._client is None:
-            raise SecAggError(f"site '{self.name}' has no secure round in progress")
-        return self._client
+        def source() -> tuple[NDArray[np.unsignedinteger], float | None]:
+            return self._encode(update, rounding), update.header.loss
 
-    def share_keys(self, advertisements: Sequence[KeyAdvertisement]) -> ShareBundle:
-        return self._current().share_keys(advertisements)
+        def before_masked(body: bytes) -> None:
+            if not self.record.record_masked(study_hash, task_sha256, setup.session):
+                raise SecAggError(already_sent(task_sha256))
+            if on_masked is not None:
+                on_masked(body)
 
-    def masked_input(self, shares: Sequence[EncryptedShare]) -> bytes:
-        """The encoded masked input: the only form in which this site's update leaves it."""
-        client = self._current()
-        assert self._update is not None
-        weight = site_weight(self.worker.study, self._update.header.n_samples)
-        encoded = encode(self._update.delta, weight, self.plan, np.random.default_rng(self._seed))
-        masked = client.masked_input(shares, encoded)
-        header = MaskedHeader(
-            study_hash=client.setup.study_hash,
-            round=client.setup.round,
-            site=self.name,
-            bits=client.setup.bits,
-            loss=self._update.header.loss,
-        )
-        return encode_masked(header, masked)
+        return ClientParty(client, source, before_masked)
 
-    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
-        return self._current().unmask(request)
+    def _encode(self, update: SiteUpdate, seed: int) -> NDArray[np.unsignedinteger]:
+        weight = site_weight(self.worker.study, update.header.n_samples)
+        return encode(update.delta, weight, self.plan, np.random.default_rng(seed))

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
 
 from fedcare.federation.engine import derive_seed
+from fedcare.federation.rounds import SummedUpdate
 from fedcare.privacy.secagg.graph import default_degree
 from fedcare.privacy.secagg.keys import SecAggError
-from fedcare.privacy.secagg.quantize import Quantization, plan_quantization
+from fedcare.privacy.secagg.quantize import Quantization, decode_sum, plan_quantization
 from fedcare.privacy.secagg.session import RoundSetup, round_setup
 from fedcare.study import SecAggGraph, Study, Weighting
 
@@ -22,9 +27,10 @@ def quantization_for(study: Study) -> Quantization:
 
 
 def setup_for(
-    study: Study, round_number: int, selected: Sequence[str], n_params: int
+    study: Study, round_number: int, selected: Sequence[str], n_params: int, task_sha256: str
 ) -> RoundSetup:
-    """Graph, threshold and vector length of a round, the same at every party."""
+    """Graph, threshold and vector length of the session for one task, the same at every
+    party that was shown the same participants and task."""
     spec = study.secure_aggregation
     degree = None
     if spec.graph is SecAggGraph.SPARSE:
@@ -33,6 +39,7 @@ def setup_for(
         study.content_hash,
         round_number,
         selected,
+        task_sha256=task_sha256,
         degree=degree,
         threshold_fraction=spec.threshold,
         seed=derive_seed(study.seed, "secagg-graph", round_number),
@@ -57,3 +64,21 @@ def site_weight(study: Study, n_samples: int) -> float:
     if weighting is Weighting.EQUAL:
         return 1.0
     raise SecAggError(f"weighting '{weighting}' cannot be used with secure aggregation")
+
+
+def secure_sum(
+    study: Study,
+    total: NDArray[np.unsignedinteger],
+    survivors: Sequence[str],
+    losses: Mapping[str, float | None],
+) -> SummedUpdate:
+    """A session's unmasked total as the round's weighted sum (and the sites' mean loss,
+    when they reported one)."""
+    weighted, weight_sum = decode_sum(total, quantization_for(study))
+    reported = [v for s in survivors if (v := losses.get(s)) is not None]
+    return SummedUpdate(
+        participants=tuple(survivors),
+        weighted_sum=weighted,
+        weight_sum=weight_sum,
+        mean_loss=statistics.fmean(reported) if reported else None,
+    )

@@ -15,15 +15,17 @@ MASKED = "masked"
 
 
 class MaskedHeader(BaseModel):
-    """Who sent a masked input, for which round; ``loss`` is the site's mean training loss."""
+    """Who sent a masked input, for which session; ``loss`` is the site's mean training loss
+    (absent under differential privacy, where it would leave the site unprotected)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     study_hash: str = Field(pattern=SHA256_HEX)
     round: int = Field(ge=1)
+    session: str = Field(pattern=SHA256_HEX)
     site: str = Field(pattern=SITE_NAME)
     bits: int
-    loss: float = Field(allow_inf_nan=False)
+    loss: float | None = Field(default=None, allow_inf_nan=False)
 
 
 def encode_masked(header: MaskedHeader, masked: NDArray[np.unsignedinteger]) -> bytes:
