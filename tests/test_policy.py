@@ -623,3 +623,86 @@ def test_governance_lists_every_rule() -> None:
     for jurisdiction in Jurisdiction:
         for rule in load_profile(jurisdiction).rules:
             assert f"`{rule.id}`" in text, rule.id
+
+
+def test_review_shows_the_dp_plan_against_the_budget(tmp_path: Path, study: Study) -> None:
+    """Issue 12, point 6: the officer sees sampling rate, steps, noise, epsilon per round
+    and for the study, and how many rounds the budget affords, computed for this site."""
+    from fedcare.privacy.dp.accountant import Mechanism, epsilon
+    from fedcare.privacy.dp.plan import plan_site
+
+    private = study.replace(privacy={"dp": True, "epsilon": 4.0, "delta": 1e-5})
+    study_file = _study_file(tmp_path, private)
+    policy = write_policy(tmp_path, privacy_budget={"admissions": {"epsilon": 2.0, "delta": 1e-5}})
+    shown = runner.invoke(
+        app,
+        ["site", "review", str(study_file), "--policy", str(policy), "--rows", "2000"],
+        env={"COLUMNS": "200"},
+    )
+    assert shown.exit_code == 0, shown.output
+    plan = plan_site(private, 2000)
+    assert f"sampling rate {plan.sampling_rate:.4g}" in shown.output
+    assert f"noise multiplier {plan.noise_multiplier:.4g}" in shown.output
+    assert f"whole study {plan.study_epsilon:.4g}" in shown.output
+    # The budget (2.0) affords fewer rounds than the study's target (4.0) needs: how many?
+    review = review_study(
+        private,
+        make_policy(privacy_budget={"admissions": {"epsilon": 2.0, "delta": 1e-5}}),
+        n_train=2000,
+    )
+    assert review.privacy.plan is not None
+    (fit,) = review.privacy.plan.budgets
+    affordable = fit.rounds_affordable
+    assert 0 < affordable < plan.rounds
+    assert f"{affordable} of {plan.rounds}" in shown.output
+
+    def spent(rounds: int) -> float:
+        steps = Mechanism(plan.sampling_rate, plan.noise_multiplier, plan.steps_per_round * rounds)
+        return epsilon([*plan.count, steps], 1e-5)
+
+    assert spent(affordable) <= 2.0 < spent(affordable + 1)
+
+
+def test_a_delta_too_large_for_the_site_is_refused_in_one_line(
+    tmp_path: Path, study: Study
+) -> None:
+    """Issue 12, point 8: delta at or above 1/n of this site's rows, the study's or the
+    budget's, is refused with one line, not a traceback."""
+    private = study.replace(privacy={"dp": True, "epsilon": 4.0, "delta": 1e-3})
+    study_file = _study_file(tmp_path, private)
+    policy = write_policy(tmp_path)
+    refused = runner.invoke(
+        app,
+        ["site", "review", str(study_file), "--policy", str(policy), "--rows", "1000"],
+        env={"COLUMNS": "200"},
+    )
+    assert refused.exit_code == 1, refused.output
+    assert "privacy.plan" in refused.output
+    assert "not below 1 / 1000" in refused.output
+    assert "Traceback" not in refused.output
+    (tmp_path / "loose").mkdir()
+    loose = write_policy(
+        tmp_path / "loose", privacy_budget={"admissions": {"epsilon": 8.0, "delta": 1e-2}}
+    )
+    tight = study.replace(privacy={"dp": True, "epsilon": 4.0, "delta": 1e-6})
+    refused = runner.invoke(
+        app,
+        ["site", "review", str(_study_file(tmp_path / "t", tight)), "--policy", str(loose)],
+        env={"COLUMNS": "200"},
+    )
+    assert "--rows" in refused.output  # no row count: the plan is not guessed
+    refused = runner.invoke(
+        app,
+        [
+            "site",
+            "review",
+            str(_study_file(tmp_path / "t", tight)),
+            "--policy",
+            str(loose),
+            "--rows",
+            "500",
+        ],
+        env={"COLUMNS": "200"},
+    )
+    assert refused.exit_code == 1, refused.output
+    assert "privacy.budget-delta" in refused.output

@@ -33,6 +33,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedcare.config import ConfigError
     from fedcare.coordinator.store import StoreError
     from fedcare.privacy.dp.accountant import AccountingError
+    from fedcare.privacy.dp.budget import BudgetExceededError
+    from fedcare.privacy.dp.plan import PlanError
     from fedcare.provision import ProvisionError
     from fedcare.releases.registry import RegistryError
     from fedcare.schema.mapping import DataValidationError, MappingError
@@ -58,6 +60,8 @@ def user_errors() -> tuple[type[Exception], ...]:
         ProvisionError,
         RegistryError,
         AccountingError,
+        PlanError,
+        BudgetExceededError,
         OSError,
     )
 

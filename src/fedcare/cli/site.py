@@ -48,16 +48,33 @@ def site_review(
     coordinator: Annotated[
         str | None, typer.Option("--coordinator", help="The coordinator URL to check.")
     ] = None,
+    data_file: Annotated[
+        Path | None,
+        typer.Option("--data", help="This site's data (with --mapping): its rows set the DP plan."),
+    ] = None,
+    rows: Annotated[
+        int | None,
+        typer.Option("--rows", min=1, help="Or: this site's training rows, for the DP plan."),
+    ] = None,
 ) -> None:
     """Review a study against the site policy; exit 1 if the policy refuses it."""
     from fedcare.policy import StudyReview, load_policy, review_study
     from fedcare.policy.render import print_review
     from fedcare.schema.mapping import load_mapping
+    from fedcare.schema.readers import read_table
+    from fedcare.site.dataset import prepare_site_data
+
+    if data_file is not None and (mapping_file is None or rows is not None):
+        fail("--data needs --mapping (and replaces --rows)")
 
     def run() -> StudyReview:
         mapping = load_mapping(mapping_file) if mapping_file is not None else None
+        study = load_study(study_file)
+        n_train = rows
+        if data_file is not None and mapping is not None:
+            n_train = prepare_site_data(read_table(data_file), mapping, study).n_train
         return review_study(
-            load_study(study_file), load_policy(policy_file), mapping, coordinator_url=coordinator
+            study, load_policy(policy_file), mapping, coordinator_url=coordinator, n_train=n_train
         )
 
     review = guarded(run)

@@ -144,6 +144,7 @@ def print_review(review: StudyReview, console: Console) -> None:
         console.print(
             f"budget   {escape(dataset)}: epsilon {budget.epsilon:g}, delta {budget.delta:g}"
         )
+    _print_plan(review, console)
 
     console.rule("Policy findings")
     print_findings(review.findings, console)
@@ -155,3 +156,41 @@ def print_review(review: StudyReview, console: Console) -> None:
     else:
         ids = ", ".join(dict.fromkeys(f.rule_id for f in review.refusals))
         console.print(f"[bold red]refused[/] by {escape(ids)}")
+
+
+def _print_plan(review: StudyReview, console: Console) -> None:
+    privacy = review.privacy
+    if privacy.plan_problem is not None:
+        console.print(f"DP plan at this site: refused: {escape(privacy.plan_problem)}", style="red")
+    plan = privacy.plan
+    if plan is None:
+        if privacy.differentially_private and privacy.plan_problem is None:
+            console.print("DP plan: give --data (with --mapping) or --rows to compute it here")
+        return
+    count = (
+        "none (sites weighted equally)"
+        if plan.count_noise is None
+        else f"once, noise std {plan.count_noise:g}: epsilon {plan.count_epsilon:.4g}"
+    )
+    console.print(
+        f"DP plan at this site ({plan.training_rows} training rows, {plan.accountant}, "
+        f"delta {plan.delta:g}):\n"
+        f"  sampling rate {plan.sampling_rate:.4g}, {plan.steps_per_round} steps per round, "
+        f"{plan.rounds} rounds, noise multiplier {plan.noise_multiplier:.4g}, "
+        f"clipping {plan.max_grad_norm:g}\n"
+        f"  record count released {count}\n"
+        f"  epsilon per round {plan.round_epsilon:.4g}; whole study {plan.study_epsilon:.4g}"
+    )
+    table = Table()
+    for header in ("data set", "budget", "study spends", "rounds affordable", "problem"):
+        table.add_column(header)
+    for fit in plan.budgets:
+        table.add_row(
+            escape(fit.dataset),
+            f"epsilon {fit.epsilon:g}, delta {fit.delta:g} ({fit.accountant})",
+            f"{fit.study_epsilon:.4g}",
+            f"{fit.rounds_affordable} of {plan.rounds}",
+            escape(fit.problem or ""),
+        )
+    if plan.budgets:
+        console.print(table)

@@ -17,6 +17,8 @@ from fedcare.policy.checks import check_study, declares_differential_privacy
 from fedcare.policy.findings import Finding, Severity, refusals
 from fedcare.policy.model import ApprovedStudy, DatasetBudget, Jurisdiction, SitePolicy
 from fedcare.policy.profiles import JurisdictionProfile, load_profile
+from fedcare.privacy.dp.accountant import AccountingError, Mechanism, epsilon
+from fedcare.privacy.dp.plan import PlanError, SitePlan, plan_site
 from fedcare.schema.features import Strict
 from fedcare.schema.mapping import ColumnMapping, SiteMapping
 from fedcare.study import (
@@ -70,11 +72,47 @@ class Outflow(Strict):
         return self.bytes_per_round * self.rounds
 
 
+class BudgetFit(Strict):
+    """How a study's plan at this site fits one data set's budget."""
+
+    dataset: str
+    epsilon: float
+    delta: float
+    accountant: str
+    study_epsilon: float = Field(description="The whole study's spend, by this accountant.")
+    rounds_affordable: int = Field(description="Rounds (after the count) within the budget.")
+    problem: str | None = Field(default=None, description="Why the budget cannot be used.")
+
+
+class DpPlanReview(Strict):
+    """The site's DP-SGD plan for the study, computed from its own number of rows."""
+
+    training_rows: int
+    sampling_rate: float
+    steps_per_round: int
+    rounds: int
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    count_noise: float | None
+    count_epsilon: float | None
+    round_epsilon: float
+    study_epsilon: float
+    accountant: str
+    budgets: tuple[BudgetFit, ...]
+
+
 class PrivacyCost(Strict):
     differentially_private: bool
     statement: str
     budget: dict[str, DatasetBudget] = Field(
         default_factory=dict, description="What the site's policy allows per data set."
+    )
+    plan: DpPlanReview | None = Field(
+        default=None, description="The site's DP plan, when its row count is known."
+    )
+    plan_problem: str | None = Field(
+        default=None, description="Why the study cannot be planned at this site."
     )
 
 
@@ -225,7 +263,76 @@ def _outflows(study: Study, n_params: int, url: str | None) -> tuple[list[Outflo
     return outflows, notes
 
 
-def _privacy(study: Study, policy: SitePolicy) -> PrivacyCost:
+def _rounds_affordable(plan: SitePlan, budget: DatasetBudget) -> int:
+    """The most rounds of ``plan`` that, after the count, stay within ``budget``."""
+
+    def spent(rounds: int) -> float:
+        mechanisms = list(plan.count)
+        if rounds > 0:
+            steps = plan.steps_per_round * rounds
+            mechanisms.append(Mechanism(plan.sampling_rate, plan.noise_multiplier, steps))
+        return epsilon(mechanisms, budget.delta, budget.accountant)
+
+    if spent(0) > budget.epsilon:
+        return 0
+    low, high = 0, 1
+    while spent(high) <= budget.epsilon:
+        low, high = high, high * 2
+        if high > 1_000_000:
+            return low
+    while high - low > 1:
+        mid = (low + high) // 2
+        if spent(mid) <= budget.epsilon:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def dp_plan_review(study: Study, policy: SitePolicy, n_train: int) -> DpPlanReview:
+    """The study's DP plan at a site with ``n_train`` training rows, against every budget
+    of its policy. Raises :class:`PlanError` when the study cannot run there."""
+    plan = plan_site(study, n_train)
+    fits = []
+    for dataset, budget in policy.privacy_budget.items():
+        problem = None
+        if budget.delta >= 1.0 / n_train:
+            problem = (
+                f"the budget's delta {budget.delta:g} is not below 1 / {n_train} training rows"
+            )
+        steps = plan.steps_per_round * plan.rounds
+        whole = [*plan.count, Mechanism(plan.sampling_rate, plan.noise_multiplier, steps)]
+        fits.append(
+            BudgetFit(
+                dataset=dataset,
+                epsilon=budget.epsilon,
+                delta=budget.delta,
+                accountant=budget.accountant.value,
+                study_epsilon=epsilon(whole, budget.delta, budget.accountant),
+                rounds_affordable=_rounds_affordable(plan, budget),
+                problem=problem,
+            )
+        )
+    return DpPlanReview(
+        training_rows=n_train,
+        sampling_rate=plan.sampling_rate,
+        steps_per_round=plan.steps_per_round,
+        rounds=plan.rounds,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        delta=plan.delta,
+        count_noise=plan.count_noise,
+        count_epsilon=(
+            epsilon(list(plan.count), plan.delta, plan.accountant) if plan.count else None
+        ),
+        round_epsilon=epsilon([plan.round_mechanism], plan.delta, plan.accountant),
+        study_epsilon=plan.study_epsilon,
+        accountant=plan.accountant.value,
+        budgets=tuple(fits),
+    )
+
+
+def _privacy(study: Study, policy: SitePolicy, n_train: int | None) -> PrivacyCost:
     if declares_differential_privacy(study):
         spec = study.privacy
         target = (
@@ -246,11 +353,44 @@ def _privacy(study: Study, policy: SitePolicy) -> PrivacyCost:
             "leave the site, but an update is computed from them and can leak information "
             "about them."
         )
+    plan, problem = None, None
+    if declares_differential_privacy(study) and n_train is not None:
+        try:
+            plan = dp_plan_review(study, policy, n_train)
+        except (PlanError, AccountingError) as exc:
+            problem = str(exc)
     return PrivacyCost(
         differentially_private=declares_differential_privacy(study),
         statement=statement,
         budget=dict(policy.privacy_budget),
+        plan=plan,
+        plan_problem=problem,
     )
+
+
+def _plan_findings(privacy: PrivacyCost) -> list[Finding]:
+    out = []
+    if privacy.plan_problem is not None:
+        out.append(
+            Finding(
+                rule_id="privacy.plan",
+                source="study privacy section at this site's row count",
+                message=privacy.plan_problem,
+                severity=Severity.REFUSE,
+            )
+        )
+    if privacy.plan is not None:
+        for fit in privacy.plan.budgets:
+            if fit.problem is not None:
+                out.append(
+                    Finding(
+                        rule_id="privacy.budget-delta",
+                        source=f"policy privacy_budget.{fit.dataset}",
+                        message=fit.problem,
+                        severity=Severity.REFUSE,
+                    )
+                )
+    return out
 
 
 def review_study(
@@ -260,14 +400,21 @@ def review_study(
     *,
     profile: JurisdictionProfile | None = None,
     coordinator_url: str | None = None,
+    n_train: int | None = None,
 ) -> StudyReview:
-    """Review ``study`` for the site ``policy`` governs (profile: the shipped one by default)."""
+    """Review ``study`` for the site ``policy`` governs (profile: the shipped one by default).
+
+    With ``n_train``, the site's training rows, a DP study's plan is computed at this site
+    and held against each budget; a study that cannot be planned there is refused."""
     profile = profile or load_profile(policy.jurisdiction)
     schema = study.feature_schema
     n_params = count_parameters(study.model, schema.n_inputs)
     columns, column_notes = _columns(study, mapping)
     outflows, outflow_notes = _outflows(study, n_params, coordinator_url)
     notes = column_notes + outflow_notes
+    privacy = _privacy(study, policy, n_train)
+    findings = check_study(study, policy, profile, coordinator_url)
+    findings.extend(_plan_findings(privacy))
     if mapping is not None and mapping.site != policy.site:
         notes.insert(0, f"the mapping is for site '{mapping.site}', the policy for '{policy.site}'")
     return StudyReview(
@@ -292,8 +439,8 @@ def review_study(
         coordinator_region=study.disclosure.coordinator_region,
         study_min_cohort_size=study.disclosure.min_cohort_size,
         required_min_cohort_size=max(profile.cohort_rule.min_cohort_size, policy.min_cohort_size),
-        privacy=_privacy(study, policy),
-        findings=tuple(check_study(study, policy, profile, coordinator_url)),
+        privacy=privacy,
+        findings=tuple(findings),
         approval=policy.approval(study.content_hash),
         notes=tuple(notes),
     )

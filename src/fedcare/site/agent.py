@@ -29,8 +29,10 @@ from fedcare.federation.rounds import RoundError
 from fedcare.models.size import study_parameter_count
 from fedcare.policy import load_policy
 from fedcare.policy.approval import site_audit_path
+from fedcare.privacy.dp.accountant import AccountingError
 from fedcare.privacy.dp.guard import PrivacyGuard
 from fedcare.privacy.dp.ledger import Budget, BudgetExceededError, PrivacyLedger
+from fedcare.privacy.dp.plan import PlanError
 from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
@@ -39,7 +41,7 @@ from fedcare.site.dataset import prepare_site_data
 from fedcare.site.gate import admit_study
 from fedcare.site.secure import secure_site, take_part
 from fedcare.site.worker import SiteWorker
-from fedcare.study import load_study
+from fedcare.study import Study, load_study
 
 log = logging.getLogger("fedcare.site")
 T = TypeVar("T")
@@ -160,6 +162,7 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
     policy = load_policy(config.policy)
     n_params = study_parameter_count(study)
     guard = _privacy_guard(config)
+    _check_plan(study, data.n_train, guard)
     worker = SiteWorker(
         study, data, n_params, policy.validation_gates, policy.min_cohort_size, privacy=guard
     )
@@ -288,6 +291,25 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
     finally:
         client.close()
         guard.ledger.close()
+
+
+def _check_plan(study: Study, n_train: int, guard: PrivacyGuard) -> None:
+    """Refuse, before connecting, a DP study this site cannot run: delta not below 1/n
+    (the study's or the budget's), or no noise that fits the target."""
+    if not study.privacy.dp:
+        return
+    try:
+        guard.plan(study, n_train)
+    except (PlanError, AccountingError) as exc:
+        guard.ledger.close()
+        raise SiteAgentError(f"cannot run study '{study.name}' here: {exc}") from exc
+    budget = guard.budget
+    if budget is not None and budget.delta >= 1.0 / n_train:
+        guard.ledger.close()
+        raise SiteAgentError(
+            f"the privacy budget of data set '{guard.dataset}' has delta {budget.delta:g}, "
+            f"not below 1 / {n_train} training rows; the privacy officer must lower it"
+        )
 
 
 def _privacy_guard(config: SiteConfig) -> PrivacyGuard:

@@ -63,6 +63,13 @@ class PrivacyGuard:
             )
         return self.budget
 
+    def _check_delta(self, budget: Budget, n_train: int) -> None:
+        if budget.delta >= 1.0 / n_train:
+            raise BudgetExceededError(
+                f"the privacy budget of data set '{self.dataset}' has delta {budget.delta:g}, "
+                f"not below 1 / {n_train} training rows; the update is not sent"
+            )
+
     def admit(
         self,
         study: Study,
@@ -82,6 +89,7 @@ class PrivacyGuard:
         budget = self._budget(study)
         if budget is None:
             return None
+        self._check_delta(budget, n_train)
         plan = self.plan(study, n_train)
         release = Release(
             study_hash=study.content_hash,
@@ -103,6 +111,7 @@ class PrivacyGuard:
         budget = self._budget(study)
         if budget is None:
             raise BudgetExceededError(f"study '{study.name}' releases no noisy count without DP")
+        self._check_delta(budget, n_train)
         plan = self.plan(study, n_train)
         if plan.count_noise is None:
             raise BudgetExceededError(f"study '{study.name}' weights sites equally: no count")
