@@ -38,6 +38,26 @@ def print_comparison(result: SimulationResult) -> None:
         "federated→others: the federated model on the same data (mean AUROC).",
         style="dim",
     )
+    spends = [s for s in result.sites if s.epsilon_budget is not None]
+    if spends:
+        privacy = Table(title="Privacy budget at each site (its own ledger)")
+        for header in ("site", "epsilon spent", "budget", "left"):
+            privacy.add_column(header, justify="left" if header == "site" else "right")
+        for site in spends:
+            assert site.epsilon_spent is not None
+            assert site.epsilon_budget is not None
+            privacy.add_row(
+                site.name,
+                f"{site.epsilon_spent:.3f}",
+                f"{site.epsilon_budget:g}",
+                f"{site.epsilon_budget - site.epsilon_spent:.3f}",
+            )
+        console.print(privacy)
+        console.print(
+            "federated model trained with DP-SGD at every site (delta per the site's budget); "
+            "local and pooled baselines are trained without DP.",
+            style="dim",
+        )
 
 
 def print_releases(releases: list[ReleaseRecord]) -> None:

@@ -16,6 +16,9 @@ class SiteSummary(BaseModel):
     n_train: int
     n_test: int
     test_prevalence: float
+    epsilon_spent: float | None = None
+    """Under DP, what the site's ledger recorded for the run (its noisy count included)."""
+    epsilon_budget: float | None = None
 
 
 class RoundRecord(BaseModel):

@@ -9,6 +9,7 @@ steps) as the federation spends in total.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
@@ -24,6 +25,9 @@ from fedcare.federation.messages import decode_update, encode_task
 from fedcare.federation.rounds import RoundStatus
 from fedcare.models.builders import initial_parameters
 from fedcare.models.size import study_parameter_count
+from fedcare.privacy.dp.budget import Budget
+from fedcare.privacy.dp.guard import PrivacyGuard
+from fedcare.privacy.dp.ledger import PrivacyLedger
 from fedcare.releases.desk import ReleaseDesk
 from fedcare.releases.registry import ReleaseRegistry
 from fedcare.simulation.results import (
@@ -59,10 +63,12 @@ def local_model_name(site: str) -> str:
 
 @dataclass(frozen=True)
 class SiteRules:
-    """What a site's policy says about validation: its own gates and minimum cohort."""
+    """What a site's policy says: its own validation gates, minimum cohort, and the privacy
+    budget of the data set it trains on (enforced by a real ledger under a DP study)."""
 
     gates: tuple[GateSpec, ...] = ()
     min_cohort: int = 1
+    budget: Budget | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,16 @@ def run_federation(
     return federation.params, records
 
 
+def _spend(guard: PrivacyGuard | None) -> dict[str, float]:
+    """What the site's ledger says it spent, and its budget."""
+    if guard is None or guard.budget is None:
+        return {}
+    return {
+        "epsilon_spent": guard.ledger.spent(guard.dataset, guard.budget),
+        "epsilon_budget": guard.budget.epsilon,
+    }
+
+
 def _baseline_training(training: TrainingSpec, rounds: int) -> TrainingSpec:
     """Same optimiser, with the federation's whole budget of epochs or steps."""
     if training.steps is not None:
@@ -230,12 +246,50 @@ def run_simulation(
     """The federation plus (optionally) its baselines, scored on every site's held-out data."""
     started = time.perf_counter()
     n_params = study_parameter_count(study)
-    if transport is None:
-        workers = {}
-        for s in sites:
-            rules = options.site_rules.get(s.name, SiteRules())
-            workers[s.name] = SiteWorker(study, s, n_params, rules.gates, rules.min_cohort)
-        transport = InProcessTransport(workers)
+    guards: dict[str, PrivacyGuard] = {}
+    with contextlib.ExitStack() as stack:
+        if transport is None:
+            transport = _workers(study, sites, options, n_params, guards, stack)
+        return _run(study, sites, options, progress, transport, guards, n_params, started)
+
+
+def _workers(
+    study: Study,
+    sites: Sequence[SiteDataset],
+    options: SimulationOptions,
+    n_params: int,
+    guards: dict[str, PrivacyGuard],
+    stack: contextlib.ExitStack,
+) -> InProcessTransport:
+    """A worker per site; under a DP study, a site with a budget gets a ledger (in a
+    scratch folder: a simulation releases nothing, so nothing carries over to a next run)."""
+    ledgers: Path | None = None
+    workers = {}
+    for s in sites:
+        rules = options.site_rules.get(s.name, SiteRules())
+        guard = None
+        if study.privacy.dp and rules.budget is not None:
+            if ledgers is None:
+                ledgers = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ledgers-")))
+            ledger = PrivacyLedger(ledgers / f"{s.name}.sqlite")
+            stack.callback(ledger.close)
+            guard = guards[s.name] = PrivacyGuard(ledger, s.name, rules.budget)
+        workers[s.name] = SiteWorker(
+            study, s, n_params, rules.gates, rules.min_cohort, privacy=guard
+        )
+    return InProcessTransport(workers)
+
+
+def _run(
+    study: Study,
+    sites: Sequence[SiteDataset],
+    options: SimulationOptions,
+    progress: Progress,
+    transport: Transport,
+    guards: dict[str, PrivacyGuard],
+    n_params: int,
+    started: float,
+) -> SimulationResult:
     with tempfile.TemporaryDirectory(prefix="fedcare-registry-") as scratch:
         folder = options.registry_dir or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
@@ -271,6 +325,7 @@ def run_simulation(
                 n_train=s.n_train,
                 n_test=s.n_test,
                 test_prevalence=float(s.y_test.mean()),
+                **_spend(guards.get(s.name)),
             )
             for s in sites
         ],

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedcare.data.synthetic import generate_cohorts
 from fedcare.policy.model import load_policy
+from fedcare.privacy.dp.budget import Budget
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
 from fedcare.simulation.runner import SiteRules
@@ -19,6 +20,16 @@ from fedcare.validation.spec import GateKind, GateSpec, Metric
 
 BUILTIN_MIN_COHORT = 11
 """The built-in hospitals' minimum cohort size (their policies follow HIPAA's small-cell rule)."""
+
+BUILTIN_BUDGETS: dict[str, Budget] = {
+    # Each hospital's privacy officer set its own budget for its admissions data set.
+    "northgate": Budget(8.0, 1e-5),
+    "riverside": Budget(6.0, 1e-5),
+    "ashby-general": Budget(8.0, 1e-5),
+    "kestrel-renal": Budget(5.0, 1e-5),
+    "fellside-cottage": Budget(6.0, 1e-5),
+}
+"""The built-in hospitals' privacy budgets (epsilon, delta per data set, RDP)."""
 
 BUILTIN_SITE_GATES: dict[str, tuple[GateSpec, ...]] = {
     # The renal unit's clinicians accept a model only if it catches at least 70 %
@@ -79,19 +90,33 @@ def load_sites_file(path: Path) -> SitesFile:
 
 
 def rules_from_file(path: Path) -> dict[str, SiteRules]:
-    """Each listed site's validation rules, from the policy file it names."""
+    """Each listed site's validation rules, and the privacy budget its policy sets for the
+    data set it reads (named after the data file, as a site agent names it)."""
     parsed = load_sites_file(path)
     rules = {}
     for entry in parsed.sites:
         if entry.policy is not None:
             policy = load_policy(path.parent / entry.policy)
-            rules[entry.name] = SiteRules(policy.validation_gates, policy.min_cohort_size)
+            allowed = policy.privacy_budget.get(Path(entry.data).stem)
+            budget = (
+                None
+                if allowed is None
+                else Budget(allowed.epsilon, allowed.delta, allowed.accountant)
+            )
+            rules[entry.name] = SiteRules(policy.validation_gates, policy.min_cohort_size, budget)
     return rules
 
 
 def builtin_rules(names: Sequence[str]) -> dict[str, SiteRules]:
-    """The built-in hospitals' validation rules."""
-    return {name: SiteRules(BUILTIN_SITE_GATES.get(name, ()), BUILTIN_MIN_COHORT) for name in names}
+    """The built-in hospitals' validation rules and privacy budgets."""
+    return {
+        name: SiteRules(
+            BUILTIN_SITE_GATES.get(name, ()),
+            BUILTIN_MIN_COHORT,
+            BUILTIN_BUDGETS.get(name),
+        )
+        for name in names
+    }
 
 
 def sites_from_file(path: Path, study: Study) -> tuple[list[SiteDataset], dict[str, str]]:

@@ -193,9 +193,9 @@ class PrivacyLedger:
                         )
                     spent = epsilon(previous, budget.delta, budget.accountant)
                     return Reservation(row.secret_seed, spent, budget, repeated=True)
-            before = epsilon(previous, budget.delta, budget.accountant)
             after = epsilon([*previous, mechanism], budget.delta, budget.accountant)
             if after > budget.epsilon:
+                before = epsilon(previous, budget.delta, budget.accountant)
                 raise BudgetExceededError(
                     f"privacy budget of data set '{dataset}' would be exceeded: spent epsilon "
                     f"{before:.4g}, after round {round_number} of study '{study_name}' it would be "
