@@ -105,7 +105,7 @@ def test_study_check_prints_hash() -> None:
     result = runner.invoke(app, ["study", "check", str(demo_study_path())])
     assert result.exit_code == 0
     assert demo_study().content_hash in result.output
-    assert "no differential privacy" in result.output
+    assert "DP-SGD, epsilon 4 per site for the study" in result.output
 
 
 def test_study_check_shows_the_privacy_section(tmp_path: Path) -> None:

@@ -399,7 +399,7 @@ def test_coarse_or_unrelated_columns_are_not_refused(
         ("aggregation.strategy", "fedadam"),
         ("model.hidden", [17]),
         ("schema.features.0.range", [18, 110]),
-        ("schema.features.3.missing", {"rule": "mean"}),
+        ("schema.features.3.missing", {"rule": "value", "fill": 18}),
         ("preprocessing.holdout_fraction", 0.2),
         ("disclosure.min_cohort_size", 12),
         ("seed", 2027),
@@ -497,10 +497,13 @@ def test_review_lists_columns_outflows_and_privacy(study: Study) -> None:
     assert COORDINATOR in updates.description
     assert "training records" in updates.description
 
-    assert not review.privacy.differentially_private
-    assert "NOT differentially private" in review.privacy.statement
-    assert "no epsilon" in review.privacy.statement
+    assert review.privacy.differentially_private
+    assert "differentially private (DP-SGD" in review.privacy.statement
     assert review.notes == ()
+    plain = review_study(study.replace(privacy={"dp": False}), policy, mapping)
+    assert not plain.privacy.differentially_private
+    assert "NOT differentially private" in plain.privacy.statement
+    assert "no epsilon" in plain.privacy.statement
 
 
 def test_review_counts_parameters_like_the_model_builder(study: Study) -> None:
@@ -557,7 +560,7 @@ def test_cli_review_exit_codes(tmp_path: Path, study: Study) -> None:
     )
     assert ok.exit_code == 0, ok.output
     assert "approvable" in ok.output
-    assert "NOT differentially private" in ok.output
+    assert "differentially private (DP-SGD" in ok.output
     assert study.content_hash in ok.output
 
     small_cells = _study_file(tmp_path / "small", disclosed(study, min_cohort_size=5))

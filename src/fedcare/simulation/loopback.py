@@ -32,7 +32,7 @@ from fedcare.models.size import study_parameter_count
 from fedcare.policy import SitePolicy, approve, save_policy
 from fedcare.provision import provision
 from fedcare.simulation.runner import Progress, run_federation
-from fedcare.simulation.sites import BUILTIN_SITE_GATES
+from fedcare.simulation.sites import BUILTIN_BUDGETS, BUILTIN_SITE_GATES
 from fedcare.simulation.transport import InProcessTransport
 from fedcare.site.client import CoordinatorClient, RetryableError
 from fedcare.site.dataset import prepare_site_data
@@ -56,7 +56,8 @@ class NetworkDemoResult(BaseModel):
     rounds: int
     network_wall_s: float
     in_process_wall_s: float
-    max_abs_diff: float
+    max_abs_diff: float | None
+    """None under DP: every site's noise is secret and fresh, so no two runs agree."""
     round_durations_s: list[float]
     coordinator_overhead_s: list[float]
     processes: list[ProcessStats]
@@ -148,6 +149,7 @@ def prepare_deployment(
                         g.model_dump(mode="json", exclude_none=True)
                         for g in BUILTIN_SITE_GATES.get(cohort.name, ())
                     ],
+                    "privacy_budget": _budget(cohort.name),
                 }
             ),
             policy_path,
@@ -272,6 +274,14 @@ def _train_times(site_dirs: list[Path]) -> dict[int, float]:
     return slowest
 
 
+def _budget(site: str) -> dict[str, dict[str, float]]:
+    """The built-in hospital's privacy budget for its data set ("data", after data.csv)."""
+    budget = BUILTIN_BUDGETS.get(site)
+    if budget is None:
+        return {}
+    return {"data": {"epsilon": budget.epsilon, "delta": budget.delta}}
+
+
 def run_network_demo(
     folder: Path,
     study: Study,
@@ -328,6 +338,9 @@ def run_network_demo(
     workers = {s.name: SiteWorker(study, s, study_parameter_count(study)) for s in prepared}
     reference, _ = run_federation(study, prepared, InProcessTransport(workers))
     in_process_wall = time.perf_counter() - reference_started
+    difference = None
+    if not study.privacy.dp:
+        difference = float(max(np.max(np.abs(m - reference)) for m in models))
 
     times = _round_times(folder, study.content_hash)
     slowest = _train_times([deployment.site_configs[n].parent for n in names])
@@ -339,7 +352,7 @@ def run_network_demo(
         rounds=len(times),
         network_wall_s=network_wall,
         in_process_wall_s=in_process_wall,
-        max_abs_diff=float(max(np.max(np.abs(m - reference)) for m in models)),
+        max_abs_diff=difference,
         round_durations_s=durations,
         coordinator_overhead_s=overhead,
         processes=[
