@@ -48,6 +48,13 @@ def test_demo_writes_results_and_report(tmp_path: Path) -> None:
         assert site["name"] in html
     assert "federated→others" in done.stdout
     assert "<h2>Releases</h2>" in html
+    # DP-SGD at every hospital: each ledger charged the run against that hospital's budget,
+    # within the study's epsilon 4, and no training loss left any site.
+    for site in results["sites"]:
+        assert 0 < site["epsilon_spent"] <= 4.0 <= site["epsilon_budget"]
+    assert all(r["mean_train_loss"] is None for r in results["rounds"])
+    assert "Privacy budget at each site" in done.stdout
+    assert "<h2>Privacy budget at each site</h2>" in html
     assert "Releases" in done.stdout
 
 

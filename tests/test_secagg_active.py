@@ -303,3 +303,18 @@ def test_the_collusion_bound_is_exact(n_sites):
     bound = colluders_tolerated(n_sites, setup.threshold)
     assert not _split_attack(n_sites, bound)
     assert _split_attack(n_sites, bound + 1)
+
+
+def test_the_relay_refuses_a_bad_survivor_signature_instead_of_relaying_it():
+    """One member posting garbage in the consistency stage must not make its honest
+    neighbours refuse the session: the coordinator checks it against the site's own
+    advertised certificate and answers with the reason."""
+    setup = _setup()
+    server, clients = _masked_round(setup)
+    request = server.close_masking()
+    good = clients[SITES[1]].confirm(request)
+    forged = good.model_copy(update={"site": SITES[0], "signature": b"\x30" * 70})
+    with pytest.raises(SecAggError, match="does not verify"):
+        server.receive_confirmation(forged)
+    server.receive_confirmation(good)
+    assert server.confirmed == (SITES[1],)

@@ -123,6 +123,19 @@ class IdentityVerifier:
         self._known[site] = key
 
 
+def signed_by_certificate(certificate_pem: str, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` over ``data`` verifies with the ECDSA key of the PEM
+    certificate (not checked against any CA: the relay's filter, not a site's check)."""
+    try:
+        key = x509.load_pem_x509_certificate(certificate_pem.encode()).public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            return False
+        key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def pinned_verifier(ca: x509.Certificate, certificates: Mapping[str, str]) -> IdentityVerifier:
     """A verifier that already trusts the given sites' certificates (after checking them)."""
     verifier = IdentityVerifier(ca)

@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcare.privacy.secagg import shamir
-from fedcare.privacy.secagg.keys import SecAggError, agree, public_of
+from fedcare.privacy.secagg.keys import SecAggError, agree, public_of, signed_by_certificate
 from fedcare.privacy.secagg.messages import (
     EncryptedShare,
     KeyAdvertisement,
@@ -213,6 +213,16 @@ class SecAggServer:
         assert self._request is not None
         if signature.site not in self._request.survivors:
             raise SecAggError(f"site '{signature.site}' did not submit and cannot sign")
+        # Relay only what its neighbours will accept: one bad signature would make
+        # every honest neighbour refuse the whole session.
+        certificate = self._adverts[signature.site].certificate
+        if not signed_by_certificate(
+            certificate, self._request.signed_bytes(), signature.signature
+        ):
+            raise SecAggError(
+                f"the survivor signature of '{signature.site}' does not verify with the "
+                "certificate it advertised"
+            )
         previous = self._signatures.get(signature.site)
         if previous is not None and previous != signature:
             raise SecAggError(f"site '{signature.site}' already signed the survivor list")
