@@ -177,6 +177,7 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
     retry_max = config.retry_max_s
     trained = 0
     refused: str | None = None
+    declined: set[str] = set()
     try:
         identity = with_retry(client.whoami, retry_max, "connecting to the coordinator")
         if identity != config.site:
@@ -209,6 +210,11 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
                 time.sleep(REFUSED_POLL_S)
                 continue
             if secure is not None:
+                task_sha256 = hashlib.sha256(reply.payload).hexdigest()
+                if task_sha256 in declined:
+                    # A task this site sat out is offered again: it answers nothing more.
+                    time.sleep(REFUSED_POLL_S)
+                    continue
                 try:
                     took_part = take_part(client, secure, reply, n_params, retry, audit)
                 except BudgetExceededError as exc:
@@ -218,6 +224,8 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
                     )
                     log.warning("round %d: %s", reply.round, refused)
                     continue
+                if not took_part:
+                    declined.add(task_sha256)
                 if took_part:
                     trained += 1
                     _append_jsonl(
