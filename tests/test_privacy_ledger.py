@@ -363,3 +363,17 @@ def test_site_budget_command_shows_spent_and_remaining(tmp_path: Path) -> None:
     assert f"{8.0 - spent:.4f}" in icu
     assert "study-a" in after.output
     assert STUDY_A[:12] in after.output
+
+
+def test_a_masked_send_is_recorded_once_and_survives_a_restart(tmp_path: Path) -> None:
+    """One secure session per task, also after the agent restarts: the second claim for a
+    task fails, from a new process's ledger too."""
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
+    assert not ledger.masked_sent(STUDY_A, "t" * 64)
+    assert ledger.record_masked(STUDY_A, "t" * 64, "s" * 64)
+    assert not ledger.record_masked(STUDY_A, "t" * 64, "u" * 64)
+    ledger.close()
+    again = PrivacyLedger(tmp_path / "ledger.sqlite")
+    assert again.masked_sent(STUDY_A, "t" * 64)
+    assert not again.record_masked(STUDY_A, "t" * 64, "s" * 64)
+    assert again.record_masked(STUDY_A, "v" * 64, "s" * 64)  # another task is a new session
