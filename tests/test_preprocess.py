@@ -357,3 +357,27 @@ def test_site_scaling_property(values: list[float]) -> None:
     assert abs(matrix[:, 0].mean()) < 1e-4
     if pre.states["x"].spread != 1.0:
         assert matrix[:, 0].std() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_keyed_split_is_per_record_stable_and_keeps_identical_records_together() -> None:
+    """docs/privacy.md: a record's side depends on it alone (adding, removing or
+    reordering others moves nobody), identical records share a side, and the key
+    chooses the split."""
+    from fedcare.schema.split import keyed_holdout
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"a": rng.normal(size=2000), "b": rng.integers(0, 3, size=2000)})
+    held = keyed_holdout(frame, 0.25, key=7)
+    assert 0.22 < held.mean() < 0.28
+    shuffled = frame.sample(frac=1.0, random_state=1)
+    again = keyed_holdout(shuffled, 0.25, key=7)
+    assert (again == held[shuffled.index.to_numpy()]).all()
+    grown = pd.concat([frame.iloc[:1500], frame.iloc[:1]], ignore_index=True)
+    grown_held = keyed_holdout(grown, 0.25, key=7)
+    assert (grown_held[:1500] == held[:1500]).all()
+    assert grown_held[1500] == held[0]  # an identical record lands where its twin did
+    # 1, 1.0 and numpy's 1.0 are one value; another key is another split.
+    ints = pd.DataFrame({"a": [1, 2, 3], "b": [0, 1, 2]})
+    floats = ints.astype(float)
+    assert (keyed_holdout(ints, 0.5, 3) == keyed_holdout(floats, 0.5, 3)).all()
+    assert (keyed_holdout(frame, 0.25, key=8) != held).any()

@@ -194,7 +194,9 @@ def test_the_agent_refuses_a_delta_too_large_before_it_connects(
         _check_plan(study, site.n_train, guard)
     loose = PrivacyGuard(PrivacyLedger(tmp_path / "m.sqlite"), "icu", Budget(8.0, 0.05))
     fine = toy_study.replace(privacy={"dp": True, "epsilon": 4.0, "delta": 1e-4})
-    with pytest.raises(SiteAgentError, match=r"budget of data set 'icu' has delta 0\.05"):
+    with pytest.raises(
+        SiteAgentError, match=r"data set 'icu': the budget's delta 0\.05 is not below"
+    ):
         _check_plan(fine, site.n_train, loose)
     # And the guard itself, for any caller: nothing is recorded.
     with pytest.raises(BudgetExceededError, match="not below 1 /"):

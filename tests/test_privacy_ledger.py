@@ -377,3 +377,27 @@ def test_a_masked_send_is_recorded_once_and_survives_a_restart(tmp_path: Path) -
     assert again.masked_sent(STUDY_A, "t" * 64)
     assert not again.record_masked(STUDY_A, "t" * 64, "s" * 64)
     assert again.record_masked(STUDY_A, "v" * 64, "s" * 64)  # another task is a new session
+
+
+def test_a_ledger_written_before_fingerprints_keeps_every_spend(tmp_path: Path) -> None:
+    """An older ledger file (no fingerprint columns) gains them and loses nothing: its
+    spends still count, and a new release beside them is charged in full."""
+    path = tmp_path / "ledger.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE spends (id INTEGER PRIMARY KEY, dataset VARCHAR(128), "
+            "study_hash VARCHAR(64), study_name VARCHAR(200), round INTEGER, "
+            "task_sha256 VARCHAR(64), sampling_rate FLOAT, noise_multiplier FLOAT, "
+            "steps INTEGER, secret_seed BIGINT, recorded_at FLOAT, "
+            "UNIQUE (dataset, study_hash, round, task_sha256))"
+        )
+        db.execute(
+            "INSERT INTO spends VALUES (1, 'icu', ?, 'old', 1, ?, 0.1, 1.2, 10, 5, 0.0)",
+            (STUDY_A, "t" * 64),
+        )
+    ledger = PrivacyLedger(path)
+    assert ledger.mechanisms("icu") == [ROUND]
+    budget = Budget(epsilon=50.0, delta=1e-5)
+    new = ledger.reserve("icu", budget, _release(STUDY_A, 2), ROUND)
+    assert not new.repeated
+    assert new.spent == pytest.approx(epsilon([ROUND] * 2, 1e-5))

@@ -52,12 +52,14 @@ def _setup(sites=SITES, degree: int | None = None, task: str = TASK) -> RoundSet
     )
 
 
-def _masked_round(setup: RoundSetup) -> tuple[SecAggServer, dict[str, SecAggClient]]:
+def _masked_round(
+    setup: RoundSetup, ids: Identities | None = None
+) -> tuple[SecAggServer, dict[str, SecAggClient]]:
     """Advertise, share and mask honestly: every site has submitted its masked input."""
-    plan = plan_quantization(32, 1.0, 8)
+    plan = plan_quantization(32, 1.0, len(setup.sites))
     rng = np.random.default_rng(0)
     server = SecAggServer(setup)
-    clients = {s: client_for(setup, s, identities()) for s in setup.sites}
+    clients = {s: client_for(setup, s, ids or identities()) for s in setup.sites}
     for c in clients.values():
         server.receive_advertisement(c.advertise())
     server.close_advertising()
@@ -240,19 +242,7 @@ def _split_attack(n_sites: int, colluders: int) -> bool:
     sites = tuple(f"site{i}" for i in range(n_sites))
     setup = _setup(sites=sites)
     ids = make_identities(sites)
-    server = SecAggServer(setup)
-    clients = {s: client_for(setup, s, ids) for s in sites}
-    for c in clients.values():
-        server.receive_advertisement(c.advertise())
-    server.close_advertising()
-    for s, c in clients.items():
-        server.receive_shares(c.share_keys(server.advertisements_for(s)))
-    server.close_sharing()
-    plan = plan_quantization(32, 1.0, n_sites)
-    rng = np.random.default_rng(1)
-    for s, c in clients.items():
-        x = encode(np.zeros(D, np.float32), 0.5, plan, rng)
-        server.receive_masked(s, c.masked_input(server.shares_for(s), x))
+    _, clients = _masked_round(setup, ids)
     target, bad = sites[0], set(sites[-colluders:]) if colluders else set()
     honest = [s for s in sites if s not in bad]
     everyone = _request(setup, sites, ())

@@ -162,29 +162,31 @@ def _print_plan(review: StudyReview, console: Console) -> None:
     privacy = review.privacy
     if privacy.plan_problem is not None:
         console.print(f"DP plan at this site: refused: {escape(privacy.plan_problem)}", style="red")
-    plan = privacy.plan
-    if plan is None:
+    review_plan = privacy.plan
+    if review_plan is None:
         if privacy.differentially_private and privacy.plan_problem is None:
             console.print("DP plan: give --data (with --mapping) or --rows to compute it here")
         return
+    plan = review_plan.plan
     count = (
         "none (sites weighted equally)"
         if plan.count_noise is None
-        else f"once, noise std {plan.count_noise:g}: epsilon {plan.count_epsilon:.4g}"
+        else f"once, noise std {plan.count_noise:g}: epsilon {review_plan.count_epsilon:.4g}"
     )
     console.print(
-        f"DP plan at this site ({plan.training_rows} training rows, {plan.accountant}, "
-        f"delta {plan.delta:g}):\n"
+        f"DP plan at this site ({review_plan.training_rows} training rows, "
+        f"{plan.accountant.value}, delta {plan.delta:g}):\n"
         f"  sampling rate {plan.sampling_rate:.4g}, {plan.steps_per_round} steps per round, "
         f"{plan.rounds} rounds, noise multiplier {plan.noise_multiplier:.4g}, "
         f"clipping {plan.max_grad_norm:g}\n"
         f"  record count released {count}\n"
-        f"  epsilon per round {plan.round_epsilon:.4g}; whole study {plan.study_epsilon:.4g}"
+        f"  epsilon per round {review_plan.round_epsilon:.4g}; "
+        f"whole study {review_plan.study_epsilon:.4g}"
     )
     table = Table()
     for header in ("data set", "budget", "study spends", "rounds affordable", "problem"):
         table.add_column(header)
-    for fit in plan.budgets:
+    for fit in review_plan.budgets:
         table.add_row(
             escape(fit.dataset),
             f"epsilon {fit.epsilon:g}, delta {fit.delta:g} ({fit.accountant})",
@@ -192,5 +194,5 @@ def _print_plan(review: StudyReview, console: Console) -> None:
             f"{fit.rounds_affordable} of {plan.rounds}",
             escape(fit.problem or ""),
         )
-    if plan.budgets:
+    if review_plan.budgets:
         console.print(table)

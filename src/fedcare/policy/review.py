@@ -17,8 +17,8 @@ from fedcare.policy.checks import check_study, declares_differential_privacy
 from fedcare.policy.findings import Finding, Severity, refusals
 from fedcare.policy.model import ApprovedStudy, DatasetBudget, Jurisdiction, SitePolicy
 from fedcare.policy.profiles import JurisdictionProfile, load_profile
-from fedcare.privacy.dp.accountant import AccountingError, Mechanism, epsilon
-from fedcare.privacy.dp.plan import PlanError, SitePlan, plan_site
+from fedcare.privacy.dp.accountant import AccountingError, epsilon
+from fedcare.privacy.dp.plan import PlanError, SitePlan, delta_problem, plan_site
 from fedcare.schema.features import Strict
 from fedcare.schema.mapping import ColumnMapping, SiteMapping
 from fedcare.study import (
@@ -85,20 +85,14 @@ class BudgetFit(Strict):
 
 
 class DpPlanReview(Strict):
-    """The site's DP-SGD plan for the study, computed from its own number of rows."""
+    """The site's DP-SGD plan for the study, computed from its own number of rows, and
+    what it spends by the study's accountant."""
 
     training_rows: int
-    sampling_rate: float
-    steps_per_round: int
-    rounds: int
-    noise_multiplier: float
-    max_grad_norm: float
-    delta: float
-    count_noise: float | None
+    plan: SitePlan
     count_epsilon: float | None
     round_epsilon: float
     study_epsilon: float
-    accountant: str
     budgets: tuple[BudgetFit, ...]
 
 
@@ -266,23 +260,19 @@ def _outflows(study: Study, n_params: int, url: str | None) -> tuple[list[Outflo
 def _rounds_affordable(plan: SitePlan, budget: DatasetBudget) -> int:
     """The most rounds of ``plan`` that, after the count, stay within ``budget``."""
 
-    def spent(rounds: int) -> float:
-        mechanisms = list(plan.count)
-        if rounds > 0:
-            steps = plan.steps_per_round * rounds
-            mechanisms.append(Mechanism(plan.sampling_rate, plan.noise_multiplier, steps))
-        return epsilon(mechanisms, budget.delta, budget.accountant)
+    def fits(rounds: int) -> bool:
+        return plan.epsilon_after(rounds, budget.delta, budget.accountant) <= budget.epsilon
 
-    if spent(0) > budget.epsilon:
+    if not fits(0):
         return 0
     low, high = 0, 1
-    while spent(high) <= budget.epsilon:
+    while fits(high):
         low, high = high, high * 2
         if high > 1_000_000:
             return low
     while high - low > 1:
         mid = (low + high) // 2
-        if spent(mid) <= budget.epsilon:
+        if fits(mid):
             low = mid
         else:
             high = mid
@@ -295,39 +285,25 @@ def dp_plan_review(study: Study, policy: SitePolicy, n_train: int) -> DpPlanRevi
     plan = plan_site(study, n_train)
     fits = []
     for dataset, budget in policy.privacy_budget.items():
-        problem = None
-        if budget.delta >= 1.0 / n_train:
-            problem = (
-                f"the budget's delta {budget.delta:g} is not below 1 / {n_train} training rows"
-            )
-        steps = plan.steps_per_round * plan.rounds
-        whole = [*plan.count, Mechanism(plan.sampling_rate, plan.noise_multiplier, steps)]
         fits.append(
             BudgetFit(
                 dataset=dataset,
                 epsilon=budget.epsilon,
                 delta=budget.delta,
                 accountant=budget.accountant.value,
-                study_epsilon=epsilon(whole, budget.delta, budget.accountant),
+                study_epsilon=plan.epsilon_after(plan.rounds, budget.delta, budget.accountant),
                 rounds_affordable=_rounds_affordable(plan, budget),
-                problem=problem,
+                problem=delta_problem("the budget's delta", budget.delta, n_train),
             )
         )
     return DpPlanReview(
         training_rows=n_train,
-        sampling_rate=plan.sampling_rate,
-        steps_per_round=plan.steps_per_round,
-        rounds=plan.rounds,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.max_grad_norm,
-        delta=plan.delta,
-        count_noise=plan.count_noise,
+        plan=plan,
         count_epsilon=(
             epsilon(list(plan.count), plan.delta, plan.accountant) if plan.count else None
         ),
         round_epsilon=epsilon([plan.round_mechanism], plan.delta, plan.accountant),
         study_epsilon=plan.study_epsilon,
-        accountant=plan.accountant.value,
         budgets=tuple(fits),
     )
 

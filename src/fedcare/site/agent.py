@@ -302,22 +302,12 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
 
 
 def _check_plan(study: Study, n_train: int, guard: PrivacyGuard) -> None:
-    """Refuse, before connecting, a DP study this site cannot run: delta not below 1/n
-    (the study's or the budget's), or no noise that fits the target."""
-    if not study.privacy.dp:
-        return
+    """Refuse, before connecting, a DP study this site cannot run (``PrivacyGuard.check``)."""
     try:
-        guard.plan(study, n_train)
-    except (PlanError, AccountingError) as exc:
+        guard.check(study, n_train)
+    except (PlanError, AccountingError, BudgetExceededError) as exc:
         guard.ledger.close()
         raise SiteAgentError(f"cannot run study '{study.name}' here: {exc}") from exc
-    budget = guard.budget
-    if budget is not None and budget.delta >= 1.0 / n_train:
-        guard.ledger.close()
-        raise SiteAgentError(
-            f"the privacy budget of data set '{guard.dataset}' has delta {budget.delta:g}, "
-            f"not below 1 / {n_train} training rows; the privacy officer must lower it"
-        )
 
 
 def _privacy_guard(config: SiteConfig) -> PrivacyGuard:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from fedcare.privacy.dp.budget import Budget, BudgetExceededError
 from fedcare.privacy.dp.counts import noisy_count
-from fedcare.privacy.dp.plan import SitePlan, plan_site
+from fedcare.privacy.dp.plan import SitePlan, delta_problem, plan_site
 from fedcare.privacy.dp.release import Release
 from fedcare.study import Study
 from fedcare.training.dp_sgd import DpSgdSettings
@@ -64,11 +64,19 @@ class PrivacyGuard:
         return self.budget
 
     def _check_delta(self, budget: Budget, n_train: int) -> None:
-        if budget.delta >= 1.0 / n_train:
-            raise BudgetExceededError(
-                f"the privacy budget of data set '{self.dataset}' has delta {budget.delta:g}, "
-                f"not below 1 / {n_train} training rows; the update is not sent"
-            )
+        name = f"data set '{self.dataset}': the budget's delta"
+        if problem := delta_problem(name, budget.delta, n_train):
+            raise BudgetExceededError(f"{problem}; nothing is sent")
+
+    def check(self, study: Study, n_train: int) -> None:
+        """Refuse, before anything runs, a DP study this site cannot take part in: the
+        study's or the budget's delta not below 1/n, or no noise that fits the target.
+        Raises :class:`PlanError`, :class:`AccountingError` or :class:`BudgetExceededError`."""
+        if not study.privacy.dp:
+            return
+        self.plan(study, n_train)
+        if self.budget is not None:
+            self._check_delta(self.budget, n_train)
 
     def admit(
         self,

@@ -46,15 +46,32 @@ class SitePlan:
         """The one release of the site's noisy record count, if the study needs one."""
         return () if self.count_noise is None else (count_mechanism(self.count_noise),)
 
-    def epsilon_after(self, rounds: int) -> float:
-        """Epsilon at ``delta`` after the count and ``rounds`` rounds of this plan."""
-        whole = Mechanism(self.sampling_rate, self.noise_multiplier, self.steps_per_round * rounds)
-        return epsilon([*self.count, whole], self.delta, self.accountant)
+    def epsilon_after(
+        self,
+        rounds: int,
+        delta: float | None = None,
+        accountant: AccountantKind | None = None,
+    ) -> float:
+        """Epsilon after the count and ``rounds`` rounds of this plan, at ``delta`` by
+        ``accountant`` (default: the study's own)."""
+        mechanisms = list(self.count)
+        if rounds > 0:
+            steps = self.steps_per_round * rounds
+            mechanisms.append(Mechanism(self.sampling_rate, self.noise_multiplier, steps))
+        return epsilon(mechanisms, delta or self.delta, accountant or self.accountant)
 
     @property
     def study_epsilon(self) -> float:
         """Epsilon at ``delta`` after the count and every round of the study."""
         return self.epsilon_after(self.rounds)
+
+
+def delta_problem(name: str, delta: float, n_train: int) -> str | None:
+    """Why ``delta`` cannot be used with ``n_train`` rows, or None: delta >= 1/n allows
+    releasing one whole record outright (Dwork & Roth 2014, 2.3)."""
+    if delta < 1.0 / n_train:
+        return None
+    return f"{name} {delta:g} is not below 1 / {n_train} training rows at this site"
 
 
 def plan_site(study: Study, n_train: int) -> SitePlan:
@@ -64,11 +81,8 @@ def plan_site(study: Study, n_train: int) -> SitePlan:
         raise PlanError(f"study '{study.name}' does not use differential privacy (privacy.dp)")
     if n_train < 1:
         raise PlanError("a site needs training rows to plan DP-SGD")
-    if spec.delta >= 1.0 / n_train:
-        # delta >= 1/n allows releasing one whole record outright (Dwork & Roth 2014, 2.3).
-        raise PlanError(
-            f"privacy.delta {spec.delta:g} is not below 1 / {n_train} training rows at this site"
-        )
+    if problem := delta_problem("privacy.delta", spec.delta, n_train):
+        raise PlanError(problem)
     training = study.training
     rate = min(1.0, training.batch_size / n_train)
     if training.steps is not None:

@@ -178,29 +178,24 @@ class ServerSession:
                 return stage
         return None
 
-    def expected(self, stage: Stage) -> tuple[str, ...]:
-        """Who may post in ``stage``: those who took part in the stage before it."""
-        server = self.server
-        if stage is Stage.ADVERTISE:
-            return self.setup.sites
-        if stage is Stage.SHARES:
-            return server.advertised
-        if stage is Stage.MASKED:
-            return server.shared
-        if stage is Stage.CONFIRM:
-            return server.submitted
-        return server.confirmed
-
     def posted(self, stage: Stage) -> tuple[str, ...]:
         """Who has posted in ``stage`` so far."""
         server = self.server
-        return {
-            Stage.ADVERTISE: lambda: server.advertised,
-            Stage.SHARES: lambda: server.shared,
-            Stage.MASKED: lambda: server.submitted,
-            Stage.CONFIRM: lambda: server.confirmed,
-            Stage.UNMASK: lambda: tuple(sorted(server.answered)),
-        }[stage]()
+        if stage is Stage.ADVERTISE:
+            return server.advertised
+        if stage is Stage.SHARES:
+            return server.shared
+        if stage is Stage.MASKED:
+            return server.submitted
+        if stage is Stage.CONFIRM:
+            return server.confirmed
+        return tuple(sorted(server.answered))
+
+    def expected(self, stage: Stage) -> tuple[str, ...]:
+        """Who may post in ``stage``: every participant first, then those who posted in the
+        stage before it."""
+        index = STAGES.index(stage)
+        return self.setup.sites if index == 0 else self.posted(STAGES[index - 1])
 
     def complete(self) -> bool:
         """True when everyone expected in the current stage has posted."""
@@ -253,16 +248,15 @@ class ServerSession:
         server = self.server
         if server.stage is ServerStage.FAILED:
             raise SecAggError(f"secure aggregation failed: {server.reason}")
-        order = list(STAGES)
         current = self.stage
         if stage is Stage.ADVERTISE:
             return b""
-        before = order[order.index(stage) - 1]
+        before = STAGES[STAGES.index(stage) - 1]
         if current is before:
             if site not in self.posted(before):
                 raise SecAggError(f"'{site}' has not posted {before} in this session")
             return None
-        if current is None or order.index(current) > order.index(stage):
+        if current is None or STAGES.index(current) > STAGES.index(stage):
             raise SecAggError(f"stage {stage} of this session has closed")
         if site not in self.expected(stage):
             raise SecAggError(f"'{site}' did not post {before} in time and sits out")
@@ -322,11 +316,10 @@ def run_session(
     :class:`SecAggError` when too few sites are left.
     """
     out: dict[str, Stage] = dict(gone or {})
-    order = list(STAGES)
     for stage in STAGES:
         for site in session.expected(stage):
             party = parties.get(site)
-            if party is None or (site in out and order.index(out[site]) <= order.index(stage)):
+            if party is None or (site in out and STAGES.index(out[site]) <= STAGES.index(stage)):
                 continue
             relayed = session.relay(site, stage)
             try:
