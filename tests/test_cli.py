@@ -146,7 +146,7 @@ def test_data_check_refuses_bad_rows_naming_column_rule_and_count(tmp_path: Path
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "temp_f" in result.output
-    assert "outside the valid range [30, 44] degC" in result.output
+    assert "outside the valid range [30, 44] after conversion to degC" in result.output
     assert "(2 rows)" in result.output
     assert "nothing was trained or sent" in result.output
 

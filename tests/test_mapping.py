@@ -17,7 +17,7 @@ from fedcare.schema.features import (
     Label,
     MissingPolicy,
     MissingRule,
-    OutOfRange,
+    OnInvalid,
 )
 from fedcare.schema.mapping import (
     ColumnMapping,
@@ -112,7 +112,7 @@ def refused(frame: pd.DataFrame, mapping: SiteMapping, schema: FeatureSchema) ->
 
 
 def test_good_extract_is_renamed_converted_and_recoded() -> None:
-    out = apply_mapping(good_frame(), make_mapping(), make_schema())
+    out = apply_mapping(good_frame(), make_mapping(), make_schema()).frame
 
     assert list(out.columns) == [
         "temperature",
@@ -148,7 +148,7 @@ def test_good_extract_is_renamed_converted_and_recoded() -> None:
 def test_index_is_reset() -> None:
     frame = good_frame()
     frame.index = [10, 20, 30, 40]
-    out = apply_mapping(frame, make_mapping(), make_schema())
+    out = apply_mapping(frame, make_mapping(), make_schema()).frame
     assert out.index.tolist() == [0, 1, 2, 3]
 
 
@@ -159,7 +159,11 @@ def test_range_is_checked_in_schema_units_after_conversion() -> None:
     frame.loc[1, "Temp_F"] = "40"
     violations = refused(frame, make_mapping(), make_schema())
     assert violations == [
-        Violation("Temp_F", "outside the valid range [30, 44] degC for 'temperature'", 1)
+        Violation(
+            "Temp_F",
+            "outside the valid range [30, 44] after conversion to degC for 'temperature': '40' (1)",
+            1,
+        )
     ]
 
 
@@ -175,7 +179,7 @@ def test_numeric_cells_from_parquet_are_mapped_too() -> None:
             "Outcome": [1, 0],
         }
     )
-    out = apply_mapping(frame, make_mapping(), make_schema())
+    out = apply_mapping(frame, make_mapping(), make_schema()).frame
     assert out["temperature"].iloc[0] == pytest.approx(37.0)
     assert np.isnan(out["temperature"].iloc[1])
     assert out["creatinine"].iloc[1] == pytest.approx(2 * CREATININE_UMOL_PER_MGDL)
@@ -190,7 +194,7 @@ def test_missing_tokens_become_missing(token: str) -> None:
     frame.loc[0, "Temp_F"] = token
     frame.loc[0, "Creat"] = token
     frame.loc[0, "Ward"] = token
-    out = apply_mapping(frame, make_mapping(), make_schema())
+    out = apply_mapping(frame, make_mapping(), make_schema()).frame
     assert np.isnan(out["temperature"].iloc[0])
     assert np.isnan(out["creatinine"].iloc[0])
     assert pd.isna(out["ward"].iloc[0])
@@ -205,10 +209,10 @@ def test_custom_missing_tokens_replace_the_defaults() -> None:
     mapping = make_mapping(missing_tokens=("-999", "?"))
     violations = refused(frame, mapping, make_schema())
     # "-999" is missing now, but "NA" (row 2) is just text that is not a number
-    assert violations == [Violation("Creat", "value is not a number", 1)]
+    assert violations == [Violation("Creat", "not a number: 'NA' (1)", 1)]
 
     frame.loc[2, "Creat"] = "1.2"
-    out = apply_mapping(frame, mapping, make_schema())
+    out = apply_mapping(frame, mapping, make_schema()).frame
     assert np.isnan(out["creatinine"].iloc[0])
     assert out["creatinine"].iloc[2] == pytest.approx(1.2 * CREATININE_UMOL_PER_MGDL)
 
@@ -219,7 +223,7 @@ def test_set_missing_out_of_range_blanks_the_value_without_refusing() -> None:
             Feature(
                 name="heart_rate",
                 range=(20, 250),
-                out_of_range=OutOfRange.SET_MISSING,
+                on_invalid=OnInvalid.MISSING,
                 missing=MissingPolicy(rule=MissingRule.MEDIAN),
             ),
         ),
@@ -227,7 +231,7 @@ def test_set_missing_out_of_range_blanks_the_value_without_refusing() -> None:
     )
     mapping = SiteMapping(site="s", features={"heart_rate": "HR"}, label="Y")
     frame = pd.DataFrame({"HR": ["80", "5", "300", "250", "20", ""], "Y": ["0"] * 6})
-    out = apply_mapping(frame, mapping, schema)
+    out = apply_mapping(frame, mapping, schema).frame
     values = out["heart_rate"].tolist()
     assert values[0] == 80.0
     assert np.isnan(values[1])  # below
@@ -240,21 +244,21 @@ def test_refuse_out_of_range_keeps_inclusive_bounds() -> None:
     frame = good_frame()
     frame["AgeYears"] = ["16", "110", "15.9", "110.5"]
     violations = refused(frame, make_mapping(), make_schema())
-    assert Violation("AgeYears", "outside the valid range [16, 110] years for 'age'", 2) in (
-        violations
-    )
+    assert Violation(
+        "AgeYears", "outside the valid range [16, 110] years for 'age': '15.9' (1), '110.5' (1)", 2
+    ) in (violations)
 
 
 def test_label_values_can_be_recoded() -> None:
     frame = good_frame()
     frame["Outcome"] = ["no", "yes", "yes", "no"]
     mapping = make_mapping(label={"column": "Outcome", "values": {"yes": 1, "no": 0}})
-    out = apply_mapping(frame, mapping, make_schema())
+    out = apply_mapping(frame, mapping, make_schema()).frame
     assert out["y"].tolist() == [0, 1, 1, 0]
 
 
 def test_attribute_not_in_mapping_is_left_out() -> None:
-    out = apply_mapping(good_frame(), make_mapping(attributes={}), make_schema())
+    out = apply_mapping(good_frame(), make_mapping(attributes={}), make_schema()).frame
     assert "ethnicity" not in out.columns
     assert list(out.columns)[-1] == "y"
 
@@ -276,15 +280,20 @@ def test_every_violation_is_listed_with_column_rule_and_row_count() -> None:
     )
     violations = refused(frame, make_mapping(), make_schema())
     assert violations == [
-        Violation("Temp_F", "value is not a number", 1),
-        Violation("Temp_F", "outside the valid range [30, 44] degC for 'temperature'", 2),
+        Violation("Temp_F", "not a number: 'abc' (1)", 1),
+        Violation(
+            "Temp_F",
+            "outside the valid range [30, 44] after conversion to degC for 'temperature': "
+            "'40' (1), '120' (1)",
+            2,
+        ),
         Violation("Creat", "column not found in the data", 6),
         Violation("AgeYears", "missing value, and 'age' may not be missing", 1),
-        Violation("Sex", "binary value must be 0 or 1", 1),
-        Violation("Ward", "value not among the categories ['icu', 'med', 'surg'] (saw zoo)", 1),
-        Violation("Eth", "value not among the categories ['white', 'black', 'asian']", 1),
+        Violation("Sex", "not listed in values ['F', 'M']: '2' (1)", 1),
+        Violation("Ward", "not among the categories ['icu', 'med', 'surg']: 'zoo' (1)", 1),
+        Violation("Eth", "not among the categories ['white', 'black', 'asian']: 'martian' (1)", 1),
+        Violation("Outcome", "label, not 0 or 1: '2' (1)", 1),
         Violation("Outcome", "label is missing", 1),
-        Violation("Outcome", "label must be 0 or 1", 1),
     ]
 
 
@@ -297,13 +306,13 @@ def test_error_message_names_site_columns_rules_and_counts() -> None:
     message = str(info.value)
     assert message.startswith("site 'st-marys': data refused, 4 rule(s) broken")
     assert "nothing was trained or sent" in message
-    assert "  - column 'Temp_F': value is not a number (1 row)\n" in message
+    assert "  - column 'Temp_F': not a number: 'abc' (1) (1 row)\n" in message
     assert (
-        "  - column 'Temp_F': outside the valid range [30, 44] degC for 'temperature' (2 rows)"
-        in message
+        "  - column 'Temp_F': outside the valid range [30, 44] after conversion to degC for "
+        "'temperature': '40' (1), '41' (1) (2 rows)" in message
     )
     assert "  - column 'Outcome': label is missing (1 row)" in message
-    assert "  - column 'Outcome': label must be 0 or 1 (1 row)" in message
+    assert "  - column 'Outcome': label, not 0 or 1: '3' (1) (1 row)" in message
 
 
 def test_unknown_category_lists_what_was_seen() -> None:
@@ -311,22 +320,30 @@ def test_unknown_category_lists_what_was_seen() -> None:
     frame["Ward"] = ["zoo", "ICU", "zoo", "med"]
     violations = refused(frame, make_mapping(), make_schema())
     assert violations == [
-        Violation("Ward", "value not among the categories ['icu', 'med', 'surg'] (saw ICU, zoo)", 3)
+        Violation(
+            "Ward", "not among the categories ['icu', 'med', 'surg']: 'zoo' (2), 'ICU' (1)", 3
+        )
     ]
 
 
 def test_binary_values_other_than_zero_and_one_are_refused() -> None:
     frame = good_frame()
-    frame["Sex"] = ["0.5", "1", "-1", "0"]  # numbers, not recoded
-    violations = refused(frame, make_mapping(), make_schema())
-    assert violations == [Violation("Sex", "binary value must be 0 or 1", 2)]
+    frame["Sex"] = ["0.5", "1", "-1", "0"]
+    mapping = make_mapping()
+    features = dict(mapping.features)
+    features["sex_female"] = ColumnMapping(column="Sex")  # no recoding: numbers as they are
+    violations = refused(frame, mapping.model_copy(update={"features": features}), make_schema())
+    assert violations == [Violation("Sex", "binary, not 0 or 1: '0.5' (1), '-1' (1)", 2)]
 
 
-def test_unrecoded_text_in_a_binary_column_is_not_a_number() -> None:
+def test_values_the_mapping_does_not_list_are_refused_even_when_they_look_valid() -> None:
+    # The attack: with values {M: 0, F: 1}, a stray 1 or 0 used to pass as if coded.
     frame = good_frame()
-    frame["Sex"] = ["M", "F", "X", "female"]
+    frame["Sex"] = ["M", "1", "0", "female"]
     violations = refused(frame, make_mapping(), make_schema())
-    assert violations == [Violation("Sex", "value is not a number", 2)]
+    assert violations == [
+        Violation("Sex", "not listed in values ['F', 'M']: '1' (1), '0' (1), 'female' (1)", 3)
+    ]
 
 
 def test_missing_in_a_refuse_feature_counts_the_empty_rows() -> None:
@@ -352,7 +369,7 @@ def test_non_numeric_label_is_refused() -> None:
     frame = good_frame()
     frame["Outcome"] = ["0", "1", "0", "0.5"]
     violations = refused(frame, make_mapping(), make_schema())
-    assert violations == [Violation("Outcome", "label must be 0 or 1", 1)]
+    assert violations == [Violation("Outcome", "label, not 0 or 1: '0.5' (1)", 1)]
 
 
 def test_empty_table_is_refused() -> None:
@@ -383,8 +400,8 @@ def test_invalid_values_are_not_also_counted_as_missing() -> None:
     frame["AgeYears"] = ["5", "forty", "", "50"]  # 1 out of range, 1 text, 1 missing
     violations = refused(frame, make_mapping(), make_schema())
     assert violations == [
-        Violation("AgeYears", "value is not a number", 1),
-        Violation("AgeYears", "outside the valid range [16, 110] years for 'age'", 1),
+        Violation("AgeYears", "not a number: 'forty' (1)", 1),
+        Violation("AgeYears", "outside the valid range [16, 110] years for 'age': '5' (1)", 1),
         Violation("AgeYears", "missing value, and 'age' may not be missing", 1),
     ]
 
@@ -394,7 +411,7 @@ def test_non_numeric_label_is_not_also_counted_as_missing() -> None:
     frame["Outcome"] = ["0", "dead", "", "1"]
     violations = refused(frame, make_mapping(), make_schema())
     assert violations == [
-        Violation("Outcome", "value is not a number", 1),
+        Violation("Outcome", "not a number: 'dead' (1)", 1),
         Violation("Outcome", "label is missing", 1),
     ]
 
@@ -509,8 +526,8 @@ def test_load_mapping_from_yaml(tmp_path: Path) -> None:
     assert mapping.site == "st-marys"
     assert mapping.column("sex_female").values == {"M": 0.0, "F": 1.0}
     assert mapping.column("creatinine") == ColumnMapping(column="Creat", unit="mg/dL")
-    out = apply_mapping(good_frame(), mapping, make_schema())
-    expected = apply_mapping(good_frame(), make_mapping(), make_schema())
+    out = apply_mapping(good_frame(), mapping, make_schema()).frame
+    expected = apply_mapping(good_frame(), make_mapping(), make_schema()).frame
     pd.testing.assert_frame_equal(out, expected)
 
 
@@ -572,8 +589,8 @@ def test_csv_and_parquet_give_the_same_mapped_table(tmp_path: Path) -> None:
     assert list(from_parquet.columns) == list(frame.columns)
     assert len(from_csv) == len(from_parquet) == 5
 
-    mapped_csv = apply_mapping(from_csv, make_mapping(), make_schema())
-    mapped_parquet = apply_mapping(from_parquet, make_mapping(), make_schema())
+    mapped_csv = apply_mapping(from_csv, make_mapping(), make_schema()).frame
+    mapped_parquet = apply_mapping(from_parquet, make_mapping(), make_schema()).frame
     pd.testing.assert_frame_equal(mapped_csv, mapped_parquet)
     np.testing.assert_allclose(
         mapped_csv["temperature"].to_numpy(), [37.0, 38.0, np.nan, 36.0, 37.5], atol=1e-12

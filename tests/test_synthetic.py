@@ -38,7 +38,7 @@ def cohorts() -> list[HospitalCohort]:
 
 @pytest.fixture(scope="module")
 def mapped(cohorts: list[HospitalCohort], schema: FeatureSchema) -> dict[str, pd.DataFrame]:
-    return {c.name: apply_mapping(c.frame, c.mapping, schema) for c in cohorts}
+    return {c.name: apply_mapping(c.frame, c.mapping, schema).frame for c in cohorts}
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from fedcare.cli.common import console, guarded
 from fedcare.study import load_study
@@ -49,15 +50,16 @@ def data_check(
     mapping_file: Annotated[Path, typer.Option("--mapping", help="the site's mapping.yaml")],
 ) -> None:
     """Check a site's data file against the study schema through its mapping; nothing is sent."""
-    from fedcare.schema.mapping import apply_mapping, load_mapping
+    from fedcare.schema.mapping import MappedTable, apply_mapping, load_mapping
     from fedcare.schema.readers import read_table
 
-    def run() -> int:
+    def run() -> MappedTable:
         study = load_study(study_file)
         mapping = load_mapping(mapping_file)
         frame = read_table(data)
-        mapped = apply_mapping(frame, mapping, study.feature_schema)
-        return len(mapped)
+        return apply_mapping(frame, mapping, study.feature_schema)
 
-    rows = guarded(run)
-    console.print(f"[green]ok[/] {rows} rows fit the schema of the study")
+    mapped = guarded(run)
+    for notice in mapped.notices:
+        console.print(f"[yellow]note[/] {escape(str(notice))}")
+    console.print(f"[green]ok[/] {len(mapped.frame)} rows fit the schema of the study")

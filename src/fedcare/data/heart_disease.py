@@ -189,7 +189,7 @@ def center_mapping(center: Center) -> SiteMapping:
             column="restecg", values={f"{k}.0": str(k) for k in range(3)}
         )
     # num is 0 (no disease) to 4; the protocol's label is num > 0.
-    label = ColumnMapping(column="num", values={str(k): 1.0 for k in range(1, 5)})
+    label = ColumnMapping(column="num", values={"0": 0, **{str(k): 1 for k in range(1, 5)}})
     return SiteMapping(site=center.name, features=features, label=label, missing_tokens=(MISSING,))
 
 
@@ -254,7 +254,7 @@ def prepare_center(frame: pd.DataFrame, mapping: SiteMapping, study: Study) -> S
     plain shuffled split instead.
     """
     schema = study.feature_schema
-    mapped = apply_mapping(frame, mapping, schema)
+    mapped = apply_mapping(frame, mapping, schema).frame
     labels = mapped[schema.label.name].to_numpy(dtype=np.int64)
     spec = study.preprocessing
     seed = study.seed if spec.split_seed is None else spec.split_seed

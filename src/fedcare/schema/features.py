@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedcare.schema.units import canonical_unit
 
@@ -37,11 +37,31 @@ SITE_FITTED = (MissingRule.MEDIAN, MissingRule.MEAN, MissingRule.MODE)
 """Imputation rules whose value is computed from a site's own rows."""
 
 
-class OutOfRange(StrEnum):
-    """What a site does with a value outside the feature's valid range."""
+class OnInvalid(StrEnum):
+    """What a site does with a value that breaks the feature's rules: not a number,
+    not listed in the mapping's ``values``, not a category, or outside the range.
+    Either way the count is reported; a value is never changed silently."""
 
     REFUSE = "refuse"
-    SET_MISSING = "set_missing"
+    MISSING = "missing"
+    """Treat it as missing, so the feature's missing rule applies to it."""
+
+
+class Transform(StrEnum):
+    """A fixed transform of a continuous feature, applied after imputation and before
+    scaling, identically at every site and at prediction time."""
+
+    NONE = "none"
+    LOG = "log"
+    LOG1P = "log1p"
+
+
+def text_categories(value: object) -> object:
+    """Integer category codes (``[0, 1, 2]`` in YAML) read as their text; other input
+    is left for pydantic to check, so a float or a boolean is still an error."""
+    if isinstance(value, list | tuple):
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
 
 
 class MissingPolicy(Strict):
@@ -78,15 +98,31 @@ class Feature(Strict):
         default=False, description="One-hot encode without the first category (reference level)."
     )
     missing: MissingPolicy = MissingPolicy()
-    out_of_range: OutOfRange = OutOfRange.REFUSE
+    on_invalid: OnInvalid = Field(
+        default=OnInvalid.REFUSE,
+        description="refuse the file, or treat an invalid value as missing (counted either way).",
+    )
+    transform: Transform = Field(
+        default=Transform.NONE,
+        description="log or log1p of a skewed continuous feature, after clip and imputation.",
+    )
+    clip: tuple[float, float] | None = Field(
+        default=None,
+        description="Winsorise a continuous feature to [low, high] before the transform.",
+    )
     reference: tuple[float, float] | None = Field(
         default=None,
-        description="Consortium-agreed (mean, std) used when the study scales by reference.",
+        description=(
+            "Consortium-agreed (mean, std) used when the study scales by reference; "
+            "after the transform, in its units."
+        ),
     )
     analyte: str | None = Field(
         default=None,
         description="The substance measured, for mass/molar unit conversion (e.g. 'creatinine').",
     )
+
+    _categories_as_text = field_validator("categories", mode="before")(text_categories)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -105,8 +141,9 @@ class Feature(Strict):
             )
         if self.type is not FeatureType.CONTINUOUS and self.range is not None:
             raise ValueError("a range applies only to continuous features")
-        if self.out_of_range is OutOfRange.SET_MISSING and self.missing.rule is MissingRule.REFUSE:
-            raise ValueError("out_of_range 'set_missing' needs a missing rule that imputes")
+        if self.on_invalid is OnInvalid.MISSING and self.missing.rule is MissingRule.REFUSE:
+            raise ValueError("on_invalid 'missing' needs a missing rule that imputes")
+        self._check_transform()
         if self.reference is not None and self.reference[1] <= 0:
             raise ValueError("reference std must be positive")
         if self.type is FeatureType.CATEGORICAL and self.missing.rule in (
@@ -116,6 +153,25 @@ class Feature(Strict):
             raise ValueError("categorical features can only impute with 'mode' or 'value'")
         self._check_fill()
         return self
+
+    def _check_transform(self) -> None:
+        if self.type is not FeatureType.CONTINUOUS and (
+            self.clip is not None or self.transform is not Transform.NONE
+        ):
+            raise ValueError("clip and transform apply only to continuous features")
+        if self.clip is not None and not self.clip[0] < self.clip[1]:
+            raise ValueError(f"clip must be [low, high] with low < high, got {list(self.clip)}")
+        if self.transform is Transform.NONE:
+            return
+        # The lowest value the transform can meet: values are range-checked and
+        # then clipped, so the tighter of the two lower bounds holds.
+        lows = [b[0] for b in (self.range, self.clip) if b is not None]
+        floor = 0.0 if self.transform is Transform.LOG else -1.0
+        if not lows or max(lows) <= floor:
+            raise ValueError(
+                f"transform '{self.transform}' needs a range or clip whose low bound is "
+                f"above {floor:g}, so that every value has a finite {self.transform}"
+            )
 
     def _check_fill(self) -> None:
         fill = self.missing.fill
@@ -152,10 +208,34 @@ class Attribute(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     categories: tuple[str, ...] | None = None
 
+    _categories_as_text = field_validator("categories", mode="before")(text_categories)
+
+
+class Censored(StrEnum):
+    """What a time-to-event label does with a patient censored before the horizon:
+    alive and event-free at their last follow-up, but followed for less than it."""
+
+    EXCLUDE = "exclude"
+    """Leave the patient out (counted in the site's notices): their outcome at the
+    horizon is unknown, and calling it 'no event' would bias the risk down."""
+    REFUSE = "refuse"
+    """Refuse the file: the study expects complete follow-up."""
+
 
 class Label(Strict):
+    """The binary outcome. With ``horizon`` it is derived from a time-to-event pair:
+    1 if the event happened at or before ``horizon`` days, 0 if the patient was
+    followed event-free for at least ``horizon`` days; see ``censored``."""
+
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     description: str = ""
+    horizon: float | None = Field(
+        default=None, gt=0, description="Days: the label is 'event within horizon'."
+    )
+    censored: Censored = Field(
+        default=Censored.EXCLUDE,
+        description="time-to-event only: patients censored before the horizon.",
+    )
 
 
 class FeatureSchema(Strict):

@@ -3,40 +3,140 @@
 A mapping is applied at the site, before anything else touches the data. Every
 rule is checked over the whole table and every breach is reported together, so
 a data scientist fixes an extract once rather than once per error.
+
+Nothing is changed silently. A column with ``values:`` must hold only listed
+values; a raw value is listed when its text equals a key, or when both are
+numbers and equal (``1.0`` matches ``"1"``: the same number, not a guess). A
+value that breaks a rule is refused with the column, the raw values and their
+counts, or, where the study says ``on_invalid: missing``, treated as missing and
+still counted in :attr:`MappedTable.notices`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedcare.schema.features import (
+    Censored,
     Feature,
     FeatureSchema,
     FeatureType,
     MissingRule,
-    OutOfRange,
+    OnInvalid,
     Strict,
 )
-from fedcare.schema.units import UnitError, canonical_unit, convert
+from fedcare.schema.units import UnitError, canonical_unit, conversion
 
 DEFAULT_MISSING_TOKENS: tuple[str, ...] = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "?")
 
+Code = str | int | float
+"""A schema value a local code maps to: a number, or a category's text."""
+
+_SHOWN_VALUES = 5
+
+
+def _key_text(key: object) -> str:
+    # YAML reads `{1: 0}` with an integer key; the key is the raw value's text.
+    if isinstance(key, bool):
+        raise ValueError(f"values key {key!r}: write the local code as text")
+    return key if isinstance(key, str) else repr(key) if isinstance(key, float) else str(key)
+
+
+def _number(text: str) -> float | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
 
 class ColumnMapping(Strict):
-    """Where one schema field lives in the site's table, and how to read it."""
+    """Where one schema field lives in the site's table, and how to read it.
+
+    Either ``unit`` (converted to the schema's unit by pint, through the
+    analyte's molar mass for mass/molar) or ``factor``/``offset`` (schema value =
+    local value x factor + offset), not both.
+    """
 
     column: str = Field(min_length=1)
-    unit: str | None = None
-    values: dict[str, str | float] | None = Field(
-        default=None, description="Recode local values, e.g. {M: 0, F: 1}."
+    unit: str | None = Field(default=None, description="The local unit, e.g. mg/dL.")
+    analyte: str | None = Field(
+        default=None,
+        description="The substance whose mass the local column counts, when it is not the "
+        "schema's analyte (urea_nitrogen for a BUN column mapped to urea).",
     )
+    factor: float | None = Field(default=None, description="schema = local x factor + offset.")
+    offset: float | None = None
+    values: dict[str, Code] | None = Field(
+        default=None,
+        description="Recode local values, e.g. {M: 0, F: 1}; any value not listed is invalid.",
+    )
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {_key_text(k): v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        declared = self.factor is not None or self.offset is not None
+        if declared and self.unit is not None:
+            raise ValueError("give either unit or factor/offset, not both")
+        if self.analyte is not None and self.unit is None:
+            raise ValueError("analyte names the substance of the local unit: give unit too")
+        for name, number in (("factor", self.factor), ("offset", self.offset)):
+            if number is not None and not math.isfinite(number):
+                raise ValueError(f"{name} must be a finite number")
+        if self.factor == 0:
+            raise ValueError("factor 0 would map every value to the offset")
+        if self.values:
+            seen: dict[float, str] = {}
+            for key in self.values:
+                number = _number(key)
+                if number is not None and number in seen:
+                    raise ValueError(
+                        f"values keys '{seen[number]}' and '{key}' are the same number"
+                    )
+                if number is not None:
+                    seen[number] = key
+        return self
+
+    @property
+    def linear(self) -> tuple[float, float] | None:
+        """The declared (factor, offset), or None."""
+        if self.factor is None and self.offset is None:
+            return None
+        return (1.0 if self.factor is None else self.factor, self.offset or 0.0)
+
+
+class EventMapping(Strict):
+    """A time-to-event label: the event indicator and the follow-up time columns."""
+
+    event: ColumnMapping | str
+    time: ColumnMapping | str = Field(
+        description="Follow-up time; give its unit (days, weeks, months, years)."
+    )
+
+    def event_column(self) -> ColumnMapping:
+        return _entry(self.event)
+
+    def time_column(self) -> ColumnMapping:
+        return _entry(self.time)
+
+
+def _entry(entry: ColumnMapping | str) -> ColumnMapping:
+    return ColumnMapping(column=entry) if isinstance(entry, str) else entry
 
 
 class SiteMapping(Strict):
@@ -44,22 +144,23 @@ class SiteMapping(Strict):
 
     site: str = Field(min_length=1)
     features: dict[str, ColumnMapping | str]
-    label: ColumnMapping | str
+    label: EventMapping | ColumnMapping | str
     attributes: dict[str, ColumnMapping | str] = Field(default_factory=dict)
     missing_tokens: tuple[str, ...] = DEFAULT_MISSING_TOKENS
 
     def column(self, name: str) -> ColumnMapping:
         """The mapping for a schema feature, attribute or label name."""
         if name in self.features:
-            entry = self.features[name]
-        elif name in self.attributes:
-            entry = self.attributes[name]
-        else:
-            raise KeyError(name)
-        return ColumnMapping(column=entry) if isinstance(entry, str) else entry
+            return _entry(self.features[name])
+        if name in self.attributes:
+            return _entry(self.attributes[name])
+        raise KeyError(name)
 
     def label_column(self) -> ColumnMapping:
-        return ColumnMapping(column=self.label) if isinstance(self.label, str) else self.label
+        """The label's column; a time-to-event label's event column."""
+        if isinstance(self.label, EventMapping):
+            return self.label.event_column()
+        return _entry(self.label)
 
 
 @dataclass(frozen=True)
@@ -92,6 +193,19 @@ class MappingError(ValueError):
     """A mapping file that is incomplete or inconsistent with the schema."""
 
 
+@dataclass(frozen=True)
+class MappedTable:
+    """A site's table in the schema's columns and units, and what was done to fit it.
+
+    ``notices`` lists every value that was set to missing (``on_invalid:
+    missing``) and every row left out (patients censored before a label's
+    horizon), with counts, so nothing changes without a record.
+    """
+
+    frame: pd.DataFrame
+    notices: tuple[Violation, ...] = field(default=())
+
+
 def load_mapping(path: Path) -> SiteMapping:
     """Read a site mapping from YAML."""
     try:
@@ -101,6 +215,18 @@ def load_mapping(path: Path) -> SiteMapping:
         raise MappingError(f"{path}: cannot read the mapping: {exc.strerror}") from exc
     except (yaml.YAMLError, ValidationError) as exc:
         raise MappingError(f"{path}: not a valid site mapping:\n{exc}") from exc
+
+
+def _unit_problem(name: str, entry: ColumnMapping, feature: Feature) -> str | None:
+    if entry.unit is None:
+        return None
+    if feature.unit is None:
+        return f"feature '{name}' has no unit in the schema; drop the unit"
+    try:
+        conversion(entry.unit, feature.unit, feature.analyte, entry.analyte)
+    except UnitError as exc:
+        return f"feature '{name}': {exc}"
+    return None
 
 
 def check_mapping(mapping: SiteMapping, schema: FeatureSchema) -> None:
@@ -120,15 +246,41 @@ def check_mapping(mapping: SiteMapping, schema: FeatureSchema) -> None:
         if feature.name not in mapping.features:
             continue
         entry = mapping.column(feature.name)
-        if entry.unit is not None and feature.unit is None:
-            problems.append(f"feature '{feature.name}' has no unit in the schema; drop the unit")
-        elif entry.unit is not None and feature.unit is not None:
-            try:
-                convert(np.zeros(1), entry.unit, feature.unit, feature.analyte)
-            except UnitError as exc:
-                problems.append(f"feature '{feature.name}': {exc}")
+        problem = _unit_problem(feature.name, entry, feature)
+        if problem:
+            problems.append(problem)
+        if entry.linear is not None and feature.type is not FeatureType.CONTINUOUS:
+            problems.append(f"feature '{feature.name}': factor/offset need a continuous feature")
+    for name in mapping.attributes:
+        entry = mapping.column(name)
+        if entry.unit is not None or entry.linear is not None:
+            problems.append(f"attribute '{name}' is a label for subgroups: no unit or factor")
+    problems.extend(_label_problems(mapping, schema))
     if problems:
         raise MappingError(f"mapping for site '{mapping.site}': " + "; ".join(problems))
+
+
+def _label_problems(mapping: SiteMapping, schema: FeatureSchema) -> list[str]:
+    timed = schema.label.horizon is not None
+    if timed and not isinstance(mapping.label, EventMapping):
+        return [
+            f"the study's label '{schema.label.name}' is time-to-event "
+            f"(horizon {schema.label.horizon:g} days): map it as label: {{event: COL, time: COL}}"
+        ]
+    if not timed and isinstance(mapping.label, EventMapping):
+        return [
+            f"the study's label '{schema.label.name}' has no horizon: map it to one column, "
+            "or declare label.horizon in the study"
+        ]
+    if isinstance(mapping.label, EventMapping):
+        time = mapping.label.time_column()
+        if time.unit is None:
+            return [f"label time column '{time.column}': give its unit (days, months, years)"]
+        try:
+            conversion(time.unit, "day")
+        except UnitError as exc:
+            return [f"label time column '{time.column}': {exc}"]
+    return []
 
 
 def _as_missing(series: pd.Series, tokens: tuple[str, ...]) -> pd.Series:
@@ -137,139 +289,224 @@ def _as_missing(series: pd.Series, tokens: tuple[str, ...]) -> pd.Series:
     return series.where(~as_text.isin(tokens) & series.notna(), other=np.nan)
 
 
-def _recode(series: pd.Series, values: Mapping[str, str | float] | None) -> pd.Series:
-    if not values:
-        return series
-    as_text = series.astype("string").str.strip()
-    recoded = as_text.map(lambda v: values.get(v, v) if isinstance(v, str) else v)
-    return recoded.where(series.notna(), other=np.nan)
+def _text(series: pd.Series) -> pd.Series:
+    return series.astype("string").str.strip()
 
 
-def _numeric(name: str, series: pd.Series, violations: list[Violation]) -> pd.Series:
-    numbers = pd.to_numeric(series, errors="coerce")
-    bad = int((numbers.isna() & series.notna()).sum())
-    if bad:
-        violations.append(Violation(name, "value is not a number", bad))
-    return numbers.astype("float64")
+def _shown(raw: pd.Series, mask: pd.Series) -> str:
+    """The distinct raw values under ``mask`` with their counts, most frequent first."""
+    counts = _text(raw[mask]).value_counts()
+    parts = [f"'{value}' ({count})" for value, count in counts.head(_SHOWN_VALUES).items()]
+    more = len(counts) - _SHOWN_VALUES
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
 
 
-def _map_feature(
-    feature: Feature,
-    entry: ColumnMapping,
-    raw: pd.Series,
-    violations: list[Violation],
-) -> pd.Series:
-    column = entry.column
-    out: pd.Series
-    series = _recode(raw, entry.values)
+def _match(text: pd.Series, keys: list[str]) -> pd.Series:
+    """For each cell, the key it equals as text, or failing that as a number; else NA."""
+    matched = text.where(text.isin(keys))
+    numeric_keys = {n: k for k in keys if (n := _number(k)) is not None}
+    rest = matched.isna() & text.notna()
+    if numeric_keys and rest.any():
+        numbers = pd.to_numeric(text[rest], errors="coerce")
+        matched[rest] = numbers.map(numeric_keys)
+    return matched
+
+
+class _Column:
+    """One source column being checked; collects the breaches it finds."""
+
+    def __init__(
+        self,
+        name: str,
+        raw: pd.Series,
+        on_invalid: OnInvalid,
+        violations: list[Violation],
+        notices: list[Violation],
+    ) -> None:
+        self.name = name
+        self.raw = raw
+        self.on_invalid = on_invalid
+        self.violations = violations
+        self.notices = notices
+
+    def invalid(self, series: pd.Series, bad: pd.Series, rule: str) -> pd.Series:
+        """Refuse or blank the cells under ``bad``, recording them with the raw values."""
+        if not bad.any():
+            return series
+        detail = f"{rule}: {_shown(self.raw, bad)}"
+        count = int(bad.sum())
+        if self.on_invalid is OnInvalid.MISSING:
+            self.notices.append(Violation(self.name, f"{detail}; set to missing", count))
+        else:
+            self.violations.append(Violation(self.name, detail, count))
+        return series.where(~bad)
+
+    def recode(self, values: Mapping[str, Code] | None) -> pd.Series:
+        """Raw values through ``values``; unlisted ones are invalid."""
+        if not values:
+            return self.raw
+        text = _text(self.raw)
+        matched = _match(text, list(values))
+        unlisted = text.notna() & matched.isna()
+        listed = f"not listed in values {sorted(values)}"
+        recoded = matched.map(lambda key: values[key], na_action="ignore").astype(object)
+        return self.invalid(recoded, unlisted, listed)
+
+    def numbers(self, series: pd.Series) -> pd.Series:
+        numbers = pd.to_numeric(series, errors="coerce").astype("float64")
+        return self.invalid(numbers, numbers.isna() & series.notna(), "not a number")
+
+    def categories(self, series: pd.Series, categories: tuple[str, ...]) -> pd.Series:
+        matched = _match(_text(series.astype(object)), list(categories))
+        unknown = series.notna() & matched.isna()
+        return self.invalid(matched, unknown, f"not among the categories {list(categories)}")
+
+
+def _map_feature(feature: Feature, entry: ColumnMapping, column: _Column) -> pd.Series:
+    out = column.recode(entry.values)
     if feature.type is FeatureType.CATEGORICAL:
         assert feature.categories is not None
-        text = series.astype("string").str.strip()
-        unknown = text.notna() & ~text.isin(feature.categories)
-        if unknown.any():
-            seen = ", ".join(sorted(text[unknown].unique())[:5])
-            violations.append(
-                Violation(
-                    column,
-                    f"value not among the categories {list(feature.categories)} (saw {seen})",
-                    int(unknown.sum()),
-                )
-            )
-        out = text.where(~unknown, other=None)
+        out = column.categories(out, feature.categories)
     else:
-        out = _numeric(column, series, violations)
+        out = column.numbers(out)
         if feature.type is FeatureType.BINARY:
-            bad = out.notna() & ~out.isin([0.0, 1.0])
-            if bad.any():
-                violations.append(Violation(column, "binary value must be 0 or 1", int(bad.sum())))
-                out = out.where(~bad)
-        elif feature.unit is not None and entry.unit is not None:
-            out = pd.Series(
-                convert(out.to_numpy(), entry.unit, feature.unit, feature.analyte), index=out.index
-            )
+            out = column.invalid(out, out.notna() & ~out.isin([0.0, 1.0]), "binary, not 0 or 1")
+        else:
+            out = _to_schema_units(feature, entry, out)
         if feature.range is not None:
             low, high = feature.range
-            outside = out.notna() & ((out < low) | (out > high))
-            if outside.any():
-                if feature.out_of_range is OutOfRange.REFUSE:
-                    unit = f" {canonical_unit(feature.unit)}" if feature.unit else ""
-                    violations.append(
-                        Violation(
-                            column,
-                            f"outside the valid range [{low:g}, {high:g}]{unit} "
-                            f"for '{feature.name}'",
-                            int(outside.sum()),
-                        )
-                    )
-                else:
-                    out = out.where(~outside)
+            unit = f" {canonical_unit(feature.unit)}" if feature.unit else ""
+            converted = entry.unit is not None or entry.linear is not None
+            note = f" after conversion to{unit}" if converted and unit else unit
+            out = column.invalid(
+                out,
+                out.notna() & ((out < low) | (out > high)),
+                f"outside the valid range [{low:g}, {high:g}]{note} for '{feature.name}'",
+            )
     if feature.missing.rule is MissingRule.REFUSE:
         # Count cells that were empty in the extract, not values refused above.
-        empty = int(raw.isna().sum())
+        empty = int(column.raw.isna().sum())
         if empty:
-            violations.append(
-                Violation(column, f"missing value, and '{feature.name}' may not be missing", empty)
+            column.violations.append(
+                Violation(
+                    column.name, f"missing value, and '{feature.name}' may not be missing", empty
+                )
             )
     return out
 
 
-def apply_mapping(frame: pd.DataFrame, mapping: SiteMapping, schema: FeatureSchema) -> pd.DataFrame:
+def _to_schema_units(feature: Feature, entry: ColumnMapping, values: pd.Series) -> pd.Series:
+    linear = entry.linear
+    if linear is None and entry.unit is not None and feature.unit is not None:
+        linear = conversion(entry.unit, feature.unit, feature.analyte, entry.analyte)
+    if linear is None:
+        return values
+    factor, offset = linear
+    return values * factor + offset
+
+
+def _binary(column: _Column, entry: ColumnMapping, what: str) -> pd.Series:
+    numbers = column.numbers(column.recode(entry.values))
+    return column.invalid(
+        numbers, numbers.notna() & ~numbers.isin([0.0, 1.0]), f"{what}, not 0 or 1"
+    )
+
+
+def apply_mapping(frame: pd.DataFrame, mapping: SiteMapping, schema: FeatureSchema) -> MappedTable:
     """Turn a site's table into the schema's columns and units, or refuse it.
 
-    Returns a frame with one column per feature (float, or text for categorical),
-    per attribute (text) and the label (0/1 integers). Raises
+    The frame has one column per feature (float, or text for categorical), per
+    attribute (text) and the label (0/1 integers). Raises
     :class:`DataValidationError` listing every broken rule.
     """
     check_mapping(mapping, schema)
     if frame.empty:
         raise DataValidationError(mapping.site, [Violation("(table)", "the table has no rows", 0)])
     violations: list[Violation] = []
+    notices: list[Violation] = []
     out: dict[str, pd.Series] = {}
 
-    def source(entry: ColumnMapping) -> pd.Series | None:
+    def source(entry: ColumnMapping, on_invalid: OnInvalid = OnInvalid.REFUSE) -> _Column | None:
         if entry.column not in frame.columns:
             violations.append(Violation(entry.column, "column not found in the data", len(frame)))
             return None
-        return _as_missing(frame[entry.column], mapping.missing_tokens)
+        raw = _as_missing(frame[entry.column], mapping.missing_tokens)
+        return _Column(entry.column, raw, on_invalid, violations, notices)
 
     for feature in schema.features:
         entry = mapping.column(feature.name)
-        raw = source(entry)
-        if raw is not None:
-            out[feature.name] = _map_feature(feature, entry, raw, violations)
+        column = source(entry, feature.on_invalid)
+        if column is not None:
+            out[feature.name] = _map_feature(feature, entry, column)
 
     for attribute in schema.attributes:
         if attribute.name not in mapping.attributes:
             continue
         entry = mapping.column(attribute.name)
-        raw = source(entry)
-        if raw is not None:
-            text = _recode(raw, entry.values).astype("string").str.strip()
+        column = source(entry)
+        if column is not None:
+            text = column.recode(entry.values)
             if attribute.categories is not None:
-                unknown = text.notna() & ~text.isin(attribute.categories)
-                if unknown.any():
-                    violations.append(
-                        Violation(
-                            entry.column,
-                            f"value not among the categories {list(attribute.categories)}",
-                            int(unknown.sum()),
-                        )
-                    )
-            out[attribute.name] = text
+                text = column.categories(text, attribute.categories)
+            out[attribute.name] = _text(text.astype(object))
 
-    label_entry = mapping.label_column()
-    raw_label = source(label_entry)
-    if raw_label is not None:
-        label = _numeric(label_entry.column, _recode(raw_label, label_entry.values), violations)
-        if raw_label.isna().any():
-            violations.append(
-                Violation(label_entry.column, "label is missing", int(raw_label.isna().sum()))
-            )
-        bad = label.notna() & ~label.isin([0.0, 1.0])
-        if bad.any():
-            violations.append(Violation(label_entry.column, "label must be 0 or 1", int(bad.sum())))
-        out[schema.label.name] = label.fillna(0).clip(0, 1).astype("int64")
-
+    keep = _label(mapping, schema, source, violations, notices, out)
     if violations:
         raise DataValidationError(mapping.site, violations)
-    return pd.DataFrame(out, index=frame.index).reset_index(drop=True)
+    mapped = pd.DataFrame(out, index=frame.index)
+    if keep is not None:
+        mapped = mapped[keep]
+    return MappedTable(mapped.reset_index(drop=True), tuple(notices))
+
+
+def _label(
+    mapping: SiteMapping,
+    schema: FeatureSchema,
+    source: Callable[[ColumnMapping], _Column | None],
+    violations: list[Violation],
+    notices: list[Violation],
+    out: dict[str, pd.Series],
+) -> pd.Series | None:
+    """Put the 0/1 label in ``out``; return the rows to keep when some are left out."""
+    name = schema.label.name
+    event_entry = mapping.label_column()
+    event_column = source(event_entry)
+    if event_column is None:
+        return None
+    event = _binary(event_column, event_entry, "label")
+    if event_column.raw.isna().any():
+        violations.append(
+            Violation(event_entry.column, "label is missing", int(event_column.raw.isna().sum()))
+        )
+    horizon = schema.label.horizon
+    if horizon is None or not isinstance(mapping.label, EventMapping):
+        out[name] = event.fillna(0).clip(0, 1).astype("int64")
+        return None
+    time_entry = mapping.label.time_column()
+    time_column = source(time_entry)
+    if time_column is None:
+        return None
+    assert time_entry.unit is not None  # check_mapping insists on it
+    factor, offset = conversion(time_entry.unit, "day")
+    days = time_column.numbers(time_column.raw) * factor + offset
+    days = time_column.invalid(days, days < 0, "follow-up time is negative")
+    if time_column.raw.isna().any():
+        violations.append(
+            Violation(
+                time_entry.column, "follow-up time is missing", int(time_column.raw.isna().sum())
+            )
+        )
+    within = (event == 1) & (days <= horizon)
+    censored = (event == 0) & (days < horizon)
+    if censored.any():
+        rule = f"censored before the horizon of {horizon:g} days"
+        if schema.label.censored is Censored.REFUSE:
+            violations.append(
+                Violation(time_entry.column, f"{rule} (censored: refuse)", int(censored.sum()))
+            )
+        else:
+            notices.append(
+                Violation(time_entry.column, f"{rule}: row left out", int(censored.sum()))
+            )
+    out[name] = within.astype("int64")
+    return ~censored

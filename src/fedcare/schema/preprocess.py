@@ -15,7 +15,14 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from fedcare.schema.features import Feature, FeatureSchema, FeatureType, MissingRule, Strict
+from fedcare.schema.features import (
+    Feature,
+    FeatureSchema,
+    FeatureType,
+    MissingRule,
+    Strict,
+    Transform,
+)
 from fedcare.study import Scaling
 
 
@@ -69,8 +76,9 @@ def fit_preprocessor(frame: pd.DataFrame, schema: FeatureSchema, scaling: Scalin
         if feature.type is FeatureType.CONTINUOUS:
             if scaling is Scaling.SITE:
                 filled = values.fillna(fill) if fill is not None else values
-                center = float(filled.mean()) if filled.notna().any() else 0.0
-                std = float(filled.std(ddof=0)) if filled.notna().sum() > 1 else 0.0
+                shaped = pd.Series(shape(feature, filled.astype("float64").to_numpy()))
+                center = float(shaped.mean()) if shaped.notna().any() else 0.0
+                std = float(shaped.std(ddof=0)) if shaped.notna().sum() > 1 else 0.0
                 # A constant column carries no information; leave it centred, unscaled.
                 spread = std if std > 1e-12 else 1.0
             elif scaling is Scaling.REFERENCE:
@@ -78,6 +86,22 @@ def fit_preprocessor(frame: pd.DataFrame, schema: FeatureSchema, scaling: Scalin
                 center, spread = feature.reference
         states[feature.name] = FeatureState(fill=fill, center=center, spread=spread)
     return Preprocessor(scaling=scaling, states=states)
+
+
+def shape(feature: Feature, values: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The study's fixed clip and transform of a continuous feature, before scaling.
+
+    The schema guarantees the values the transform meets are above its floor
+    (range or clip low bound), so the result is finite.
+    """
+    out = values
+    if feature.clip is not None:
+        out = np.clip(out, *feature.clip)
+    if feature.transform is Transform.LOG:
+        out = np.log(out)
+    elif feature.transform is Transform.LOG1P:
+        out = np.log1p(out)
+    return out
 
 
 def _encode(feature: Feature, values: pd.Series, state: FeatureState) -> list[NDArray[np.float64]]:
@@ -89,7 +113,7 @@ def _encode(feature: Feature, values: pd.Series, state: FeatureState) -> list[ND
         text = filled.astype("string").to_numpy()
         out = [(text == level).astype(np.float64) for level in levels]
     else:
-        numbers = filled.astype("float64").to_numpy()
+        numbers = shape(feature, filled.astype("float64").to_numpy())
         out = [(numbers - state.center) / state.spread]
     if feature.missing.indicator:
         out.append(missing.astype(np.float64))

@@ -11,7 +11,7 @@ import pandas as pd
 from numpy.typing import NDArray
 from sklearn.model_selection import train_test_split
 
-from fedcare.schema.mapping import SiteMapping, apply_mapping
+from fedcare.schema.mapping import SiteMapping, Violation, apply_mapping
 from fedcare.schema.preprocess import Preprocessor, fit_preprocessor
 from fedcare.schema.split import keyed_holdout
 from fedcare.study import Split, Study
@@ -32,6 +32,8 @@ class SiteDataset:
     y_test: NDArray[np.float32]
     test_frame: pd.DataFrame
     preprocessor: Preprocessor
+    notices: tuple[Violation, ...] = ()
+    """Values set to missing and rows left out by the mapping, with counts."""
 
     @cached_property
     def fingerprint(self) -> str:
@@ -60,7 +62,8 @@ def prepare_site_data(frame: pd.DataFrame, mapping: SiteMapping, study: Study) -
     the schema, before anything is trained.
     """
     schema = study.feature_schema
-    mapped = apply_mapping(frame, mapping, schema)
+    table = apply_mapping(frame, mapping, schema)
+    mapped = table.frame
     labels = mapped[schema.label.name].to_numpy()
     positives = int(labels.sum())
     if positives < 2 or len(labels) - positives < 2:
@@ -93,4 +96,5 @@ def prepare_site_data(frame: pd.DataFrame, mapping: SiteMapping, study: Study) -
         y_test=test[schema.label.name].to_numpy(dtype=np.float32),
         test_frame=test.reset_index(drop=True),
         preprocessor=preprocessor,
+        notices=table.notices,
     )
