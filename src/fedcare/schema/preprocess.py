@@ -76,7 +76,7 @@ def fit_preprocessor(frame: pd.DataFrame, schema: FeatureSchema, scaling: Scalin
         if feature.type is FeatureType.CONTINUOUS:
             if scaling is Scaling.SITE:
                 filled = values.fillna(fill) if fill is not None else values
-                shaped = pd.Series(shape(feature, filled.astype("float64").to_numpy()))
+                shaped = pd.Series(shape(feature, filled.to_numpy(dtype=np.float64)))
                 center = float(shaped.mean()) if shaped.notna().any() else 0.0
                 std = float(shaped.std(ddof=0)) if shaped.notna().sum() > 1 else 0.0
                 # A constant column carries no information; leave it centred, unscaled.
@@ -113,7 +113,7 @@ def _encode(feature: Feature, values: pd.Series, state: FeatureState) -> list[ND
         text = filled.astype("string").to_numpy()
         out = [(text == level).astype(np.float64) for level in levels]
     else:
-        numbers = shape(feature, filled.astype("float64").to_numpy())
+        numbers = shape(feature, filled.to_numpy(dtype=np.float64))
         out = [(numbers - state.center) / state.spread]
     if feature.missing.indicator:
         out.append(missing.astype(np.float64))
