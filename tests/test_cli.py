@@ -31,7 +31,7 @@ def test_demo_writes_results_and_report(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["schema_version"] == 2
+    assert results["schema_version"] == 3
     assert len(results["sites"]) >= 5
     assert len(results["rounds"]) == 3
     # The last round always makes a candidate release, settled by every site.
@@ -46,8 +46,28 @@ def test_demo_writes_results_and_report(tmp_path: Path) -> None:
     for site in results["sites"]:
         assert site["name"] in done.stdout
         assert site["name"] in html
-    assert "federated→others" in done.stdout
+    assert "Cross-site generalisation" in done.stdout
     assert "<h2>Releases</h2>" in html
+    # Every per-site AUROC comes with its held-out size, positives and interval.
+    for row in results["comparison"]:
+        assert row["n"] > 0
+        assert 0 < row["positives"] < row["n"]
+        for model in ("local", "federated", "pooled"):
+            if row[f"{model}_ci"] is not None:
+                low, high = row[f"{model}_ci"]
+                assert low <= row[model] <= high
+        assert f"<td>{row['n']}</td><td>{row['positives']}</td>" in html
+    assert any(row["federated_ci"] is not None for row in results["comparison"])
+    small = [r["site"] for r in results["comparison"] if r["positives"] < 20]
+    for site in small:
+        assert any(w.startswith(f"{site}: ") for w in results["warnings"])
+        assert f"warning {site}" in done.stdout
+    # A DP run says so, with its settings, in every report.
+    assert results["privacy"]["epsilon"] == 4.0
+    assert results["privacy"]["delta"] == 1e-5
+    assert 'id="dp-settings"' in html
+    assert "DP-SGD: epsilon 4 per site" in done.stdout
+    assert any("convergence is not checked" in w for w in results["warnings"])
     # DP-SGD at every hospital: each ledger charged the run against that hospital's budget,
     # within the study's epsilon 4, and no training loss left any site.
     for site in results["sites"]:

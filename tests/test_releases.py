@@ -339,7 +339,8 @@ def test_override_is_recorded_and_export_needs_a_promoted_release(
         assert "Manual override" in text
         assert "No differential privacy is configured" in card["privacy"]
         assert "## Site beta: FAILED" in text
-        assert len(files) == 4
+        assert len(files) == 5
+        assert (tmp_path / "out" / "release.json").exists()
     finally:
         registry.close()
 
@@ -409,3 +410,35 @@ def test_the_model_card_states_the_studys_privacy_settings(study: Study) -> None
     assert "epsilon = 2.0, delta = 0.0001" in text
     noisy = study.replace(privacy={"dp": True, "noise_multiplier": 1.5, "delta": 1e-4})
     assert "noise multiplier 1.5" in privacy_statement(noisy)
+
+
+def test_the_desk_refuses_a_report_with_a_cell_of_one_positive() -> None:
+    from fedcare.data import demo_study
+    from fedcare.releases.desk import check_report
+    from fedcare.validation.report import validate
+
+    study = demo_study()
+    rng = np.random.default_rng(0)
+    y = np.zeros(80, dtype=np.int64)
+    y[0] = 1
+    attributes = pd.DataFrame(
+        {name: ["x"] * 80 for name in study.validation.subgroups if name != "age_band"}
+        | {"age": [50.0] * 80}
+    )
+    spec = study.validation
+    report = validate(
+        y,
+        rng.random(80),
+        attributes,
+        spec.threshold,
+        study.disclosure.min_cohort_size,
+        spec.subgroups,
+        10,
+        0,
+        min_events=1,
+    )
+    with pytest.raises(ValidationRefusedError, match="minimum events 1 is below"):
+        check_report(report, study)
+    forged = report.model_copy(update={"min_events": study.disclosure.min_cell_events})
+    with pytest.raises(ValidationRefusedError, match="1 of 80 positive"):
+        check_report(forged, study)

@@ -58,7 +58,10 @@ def test_one_round_equals_hand_computed_fedavg(
     captured: dict[str, np.ndarray] = {}
     from fedcare.simulation import runner
 
-    def capture(study_: Study, params: np.ndarray, sites: list[SiteDataset]) -> dict:
+    def capture(
+        study_: Study, params: np.ndarray, sites: list[SiteDataset], n_bootstrap: int = 0
+    ) -> dict:
+        del n_bootstrap
         captured["params"] = params.copy()
         return {
             s.name: binary_metrics(s.y_test, runner.predict_proba(study_.model, params, s.x_test))

@@ -347,3 +347,13 @@ def test_fedcare_sgd_matches_torch_optim_sgd_bit_for_bit(
             loss_fn(model(x[batch]).squeeze(-1), y[batch]).backward()
             opt.step()
     assert np.array_equal(get_flat(ours), get_flat(theirs))
+
+
+def test_a_loss_still_falling_at_the_last_round_is_flagged_and_a_flat_one_is_not() -> None:
+    from fedcare.training.convergence import still_falling
+
+    falling = [0.9, 0.7, 0.6, 0.55, 0.52, 0.50]
+    assert still_falling(falling) == pytest.approx((0.6 - 0.5) / 0.6)
+    assert still_falling([0.9, 0.5, 0.401, 0.4005, 0.4002, 0.4]) is None
+    assert still_falling([0.5, 0.4, 0.3]) is None  # too few rounds to tell
+    assert still_falling([None, None, None, None, None]) is None  # DP: no loss reported

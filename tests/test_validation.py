@@ -362,3 +362,55 @@ def test_no_drop_gate() -> None:
 def test_gate_specs_that_make_no_sense_are_refused(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         GateSpec.model_validate(fields)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_intervals_contain_their_estimate_on_skewed_overconfident_scores(seed: int) -> None:
+    # The reported failure: an over-confident model on a rare outcome gave a
+    # calibration slope of 0.254 with an "interval" of 0.590-0.820, because the
+    # bootstrap fits that diverged were dropped and the rest were not a sample
+    # of the estimate's spread.
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=300)
+    y = (rng.random(300) < 1 / (1 + np.exp(-(x - 3)))).astype(np.int64)
+    p = 1 / (1 + np.exp(-(4 * x - 8)))
+    cell = validate(y, p, pd.DataFrame(index=range(300)), 0.5, 1, (), 200, seed).overall
+    assert isinstance(cell, CellReport)
+    assert cell.calibration_slope.ci_low is not None  # the fits no longer diverge
+    for metric in Metric:
+        estimate = cell.estimate(metric)
+        if estimate.value is not None and estimate.ci_low is not None:
+            assert estimate.ci_high is not None
+            assert estimate.ci_low <= estimate.value <= estimate.ci_high, metric
+
+
+def test_an_interval_resting_on_few_defined_resamples_is_withheld() -> None:
+    # Two positives in 60: about 1 - (58/60)^60 = 87 % of resamples keep a
+    # positive, below the 90 % an interval needs, so none is given.
+    y = np.zeros(60, dtype=np.int64)
+    y[:2] = 1
+    p = np.linspace(0.9, 0.1, 60)
+    cell = validate(y, p, pd.DataFrame(index=range(60)), 0.5, 1, (), 200, 0).overall
+    assert isinstance(cell, CellReport)
+    assert cell.auroc.value == pytest.approx(1.0)
+    assert (cell.auroc.ci_low, cell.auroc.ci_high) == (None, None)
+
+
+def test_cells_with_one_or_two_positives_are_suppressed_and_zero_is_released() -> None:
+    y, p, _ = _cohort(200)
+    attributes = pd.DataFrame({"unit": ["a"] * 100 + ["b"] * 100})
+    y[:100] = 0
+    y[:2] = 1  # unit a: 2 positives
+    y[100:] = 0  # unit b: no positives
+    report = validate(y, p, attributes, 0.5, 10, ("unit",), 20, 0, min_events=3)
+    cells = {c.group: c for c in report.subgroups["unit"]}
+    assert cells["unit=a"] == SuppressedCell(group="unit=a")
+    assert isinstance(cells["unit=b"], CellReport)
+    assert cells["unit=b"].positives == 0
+
+
+def test_binary_subgroup_levels_read_as_integers_not_floats() -> None:
+    y, p, _ = _cohort(100)
+    attributes = pd.DataFrame({"sex_female": np.where(np.arange(100) % 2 == 0, 0.0, 1.0)})
+    report = validate(y, p, attributes, 0.5, 10, ("sex_female",), 10, 0)
+    assert [c.group for c in report.subgroups["sex_female"]] == ["sex_female=0", "sex_female=1"]

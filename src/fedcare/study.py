@@ -263,6 +263,12 @@ class DisclosureSpec(Strict):
         ge=1,
         description="Smallest group of patients behind any released count or metric.",
     )
+    min_cell_events: int = Field(
+        default=3,
+        ge=1,
+        description="Fewest patients with, and without, the outcome in any released metric's "
+        "group: a cell with one positive would describe that patient.",
+    )
     coordinator_region: str | None = Field(
         default=None,
         pattern=r"^[A-Z]{2}$",

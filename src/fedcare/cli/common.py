@@ -36,6 +36,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedcare.privacy.dp.budget import BudgetExceededError
     from fedcare.privacy.dp.plan import PlanError
     from fedcare.provision import ProvisionError
+    from fedcare.releases.bundle import BundleError
     from fedcare.releases.registry import RegistryError
     from fedcare.schema.mapping import DataValidationError, MappingError
     from fedcare.schema.readers import DataFileError
@@ -59,6 +60,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         AuditError,
         ProvisionError,
         RegistryError,
+        BundleError,
         AccountingError,
         PlanError,
         BudgetExceededError,

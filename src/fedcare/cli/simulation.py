@@ -18,30 +18,54 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _with_ci(value: float | None, ci: tuple[float, float] | None) -> str:
+    if value is None:
+        return "n/a"
+    # Two lines keep the table inside 80 columns.
+    interval = "no CI" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}"
+    return f"{value:.3f}\n{interval}"
+
+
 def print_comparison(result: SimulationResult) -> None:
-    """The per-site table: local vs federated vs pooled, and cross-site generalisation."""
+    """The per-site table: local vs federated vs pooled, each AUROC with its 95 %
+    bootstrap interval and the held-out set's size; then cross-site generalisation."""
     table = Table(title=f"AUROC on each site's held-out data ({result.study_name})")
-    for header in ("site", "local", "federated", "pooled", "local→others", "federated→others"):
+    for header in ("site", "n", "pos.", "local", "federated", "pooled"):
         table.add_column(header, justify="left" if header == "site" else "right")
     for row in result.comparison:
         table.add_row(
             row.site,
-            _fmt(row.local),
-            _fmt(row.federated),
-            _fmt(row.pooled),
-            _fmt(row.local_on_other_sites),
-            _fmt(row.federated_on_other_sites),
+            str(row.n),
+            str(row.positives),
+            _with_ci(row.local, row.local_ci),
+            _with_ci(row.federated, row.federated_ci),
+            _with_ci(row.pooled, row.pooled_ci),
         )
     console.print(table)
     console.print(
-        "local→others: each site's local model scored on the other sites' held-out data; "
-        "federated→others: the federated model on the same data (mean AUROC).",
+        "n, pos.: held-out rows and positives; under each AUROC its 95 % bootstrap interval.",
         style="dim",
     )
+    cross = Table(title="Cross-site generalisation (mean AUROC on the other sites)")
+    for header in ("site", "local model", "federated model"):
+        cross.add_column(header, justify="left" if header == "site" else "right")
+    for row in result.comparison:
+        cross.add_row(row.site, _fmt(row.local_on_other_sites), _fmt(row.federated_on_other_sites))
+    console.print(cross)
+    if result.privacy is not None:
+        dp = result.privacy
+        target = "noise as declared" if dp.epsilon is None else f"epsilon {dp.epsilon:g}"
+        console.print(
+            f"DP-SGD: {target} per site for the study, delta {dp.delta}, "
+            f"clipping {dp.max_grad_norm:g}, {dp.accountant} accountant",
+            style="dim",
+        )
+    for warning in result.warnings:
+        console.print(f"[yellow]warning[/] {warning}")
     spends = [s for s in result.sites if s.epsilon_budget is not None]
     if spends:
         privacy = Table(title="Privacy budget at each site (its own ledger)")
-        for header in ("site", "epsilon spent", "budget", "left"):
+        for header in ("site", "epsilon spent", "budget", "left", "noise multiplier"):
             privacy.add_column(header, justify="left" if header == "site" else "right")
         for site in spends:
             assert site.epsilon_spent is not None
@@ -51,6 +75,7 @@ def print_comparison(result: SimulationResult) -> None:
                 f"{site.epsilon_spent:.3f}",
                 f"{site.epsilon_budget:g}",
                 f"{site.epsilon_budget - site.epsilon_spent:.3f}",
+                _fmt(site.noise_multiplier),
             )
         console.print(privacy)
         console.print(
@@ -149,6 +174,13 @@ def _simulate(
         result = run_simulation(study, sites, options, progress=progress)
     result = result.model_copy(update={"wall_s": time.perf_counter() - started})
     if out is not None:
+        from fedcare.releases.bundle import save_site_preprocessing
+
+        # What each site fitted, where its agent would keep it, for fedcare predict.
+        for site in sites:
+            save_site_preprocessing(
+                out / "sites" / site.name, site.name, study.content_hash, site.preprocessor
+            )
         json_path, html_path = write_results(result, out)
         errors.print(f"wrote {json_path} and {html_path}", highlight=False)
     return result

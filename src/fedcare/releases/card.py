@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from fedcare.coordinator.store import write_file_atomically
+from fedcare.releases.bundle import MANIFEST, MODEL, STUDY, manifest_for
 from fedcare.releases.registry import RegistryError, Release, ReleaseRegistry
 from fedcare.study import Study
 from fedcare.validation.gates import Verdict
@@ -180,7 +181,8 @@ def render_markdown(card: ModelCard) -> str:
 
 
 def export_release(registry: ReleaseRegistry, release_id: int, out: Path) -> list[Path]:
-    """Write a promoted release's model, study and model card into ``out``."""
+    """Write a promoted release's model, study, manifest and model card into ``out``:
+    what ``fedcare predict`` reads (:mod:`fedcare.releases.bundle`)."""
     release = registry.get(release_id)
     if release.state is not ReleaseState.PROMOTED:
         raise RegistryError(
@@ -190,9 +192,11 @@ def export_release(registry: ReleaseRegistry, release_id: int, out: Path) -> lis
     study = registry.study_of(release)
     payload, _ = registry.model(release)
     card = build_card(release, study)
+    manifest = manifest_for(study, release.id, release.round, release.model_sha256)
     files = {
-        out / "model.safetensors": payload,
-        out / "study.json": study.model_dump_json(by_alias=True, indent=2).encode(),
+        out / MODEL: payload,
+        out / STUDY: study.model_dump_json(by_alias=True, indent=2).encode(),
+        out / MANIFEST: manifest.model_dump_json(indent=2).encode(),
         out / "model_card.json": json.dumps(card.model_dump(mode="json"), indent=2).encode(),
         out / "model_card.md": render_markdown(card).encode(),
     }

@@ -26,7 +26,7 @@ from fedcare.validation.messages import (
     encode_validation_task,
 )
 from fedcare.validation.release import ReleaseState, decide, required_passes
-from fedcare.validation.report import CellReport, ValidationReport
+from fedcare.validation.report import CellReport, ValidationReport, few_events
 
 Audit = Callable[..., None]
 """Called as ``audit(event, **details)`` after a change is committed."""
@@ -56,6 +56,11 @@ def check_report(report: ValidationReport, study: Study) -> None:
             f"the report's minimum cohort {report.min_cohort} is below the study's "
             f"{study.disclosure.min_cohort_size}"
         )
+    if report.min_events < study.disclosure.min_cell_events:
+        raise ValidationRefusedError(
+            f"the report's minimum events {report.min_events} is below the study's "
+            f"{study.disclosure.min_cell_events}"
+        )
     if sorted(report.subgroups) != sorted(spec.subgroups):
         raise ValidationRefusedError(
             f"the report breaks down by {sorted(report.subgroups)}, "
@@ -67,6 +72,11 @@ def check_report(report: ValidationReport, study: Study) -> None:
             raise ValidationRefusedError(
                 f"cell {cell.group} describes {cell.n} patients, below the minimum cohort "
                 f"{report.min_cohort}; it should have been suppressed"
+            )
+        if isinstance(cell, CellReport) and few_events(cell.positives, cell.n, report.min_events):
+            raise ValidationRefusedError(
+                f"cell {cell.group} has {cell.positives} of {cell.n} positive, below the "
+                f"minimum events {report.min_events}; it should have been suppressed"
             )
         if isinstance(cell, CellReport) and not 0 <= cell.positives <= cell.n:
             raise ValidationRefusedError(

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, create_engine, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedcare.coordinator.store import sha256_hex, sqlite_pragmas, write_file_atomically
-from fedcare.federation.messages import SHA256_HEX
 from fedcare.models.wire import decode, encode
+from fedcare.releases.bundle import ModelHeader as ReleaseModelHeader
 from fedcare.study import Study
 from fedcare.validation.gates import Verdict
 from fedcare.validation.release import ReleaseState
@@ -70,15 +70,6 @@ class VerdictRow(_Base):
     verdict_json: Mapped[str] = mapped_column(Text)
     report_json: Mapped[str] = mapped_column(Text)
     received_at: Mapped[float] = mapped_column(Float)
-
-
-class ReleaseModelHeader(BaseModel):
-    """Header of a release's model file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    study_hash: str = Field(pattern=SHA256_HEX)
-    round: int = Field(ge=1)
 
 
 class SiteVerdict(BaseModel):

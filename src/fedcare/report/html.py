@@ -16,7 +16,14 @@ def _environment() -> Environment:
         autoescape=select_autoescape(["html"]),
     )
     env.filters["auroc"] = lambda v: "n/a" if v is None else f"{v:.3f}"
+    env.filters["auroc_ci"] = _with_interval
     return env
+
+
+def _with_interval(value: float | None, ci: tuple[float, float] | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f} " + ("(no CI)" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]")
 
 
 def render_html(result: SimulationResult) -> str:
@@ -25,7 +32,17 @@ def render_html(result: SimulationResult) -> str:
         {s.name: [r.metrics[s.name].auroc for r in result.rounds] for s in result.sites},
         "federated AUROC",
     )
-    return _environment().get_template("report.html").render(result=result, chart=chart)
+    losses = [r.mean_train_loss for r in result.rounds]
+    loss_chart = (
+        line_chart({"mean training loss": losses}, "training loss")
+        if any(loss is not None for loss in losses)
+        else None
+    )
+    return (
+        _environment()
+        .get_template("report.html")
+        .render(result=result, chart=chart, loss_chart=loss_chart)
+    )
 
 
 def write_results(result: SimulationResult, out_dir: Path) -> tuple[Path, Path]:

@@ -412,11 +412,14 @@ def _binary(column: _Column, entry: ColumnMapping, what: str) -> pd.Series:
     )
 
 
-def apply_mapping(frame: pd.DataFrame, mapping: SiteMapping, schema: FeatureSchema) -> MappedTable:
+def apply_mapping(
+    frame: pd.DataFrame, mapping: SiteMapping, schema: FeatureSchema, features_only: bool = False
+) -> MappedTable:
     """Turn a site's table into the schema's columns and units, or refuse it.
 
     The frame has one column per feature (float, or text for categorical), per
-    attribute (text) and the label (0/1 integers). Raises
+    attribute (text) and the label (0/1 integers); with ``features_only`` (new
+    patients to score) only the features, by the same rules. Raises
     :class:`DataValidationError` listing every broken rule.
     """
     check_mapping(mapping, schema)
@@ -439,7 +442,7 @@ def apply_mapping(frame: pd.DataFrame, mapping: SiteMapping, schema: FeatureSche
         if column is not None:
             out[feature.name] = _map_feature(feature, entry, column)
 
-    for attribute in schema.attributes:
+    for attribute in () if features_only else schema.attributes:
         if attribute.name not in mapping.attributes:
             continue
         entry = mapping.column(attribute.name)
@@ -450,7 +453,7 @@ def apply_mapping(frame: pd.DataFrame, mapping: SiteMapping, schema: FeatureSche
                 text = column.categories(text, attribute.categories)
             out[attribute.name] = _text(text.astype(object))
 
-    keep = _label(mapping, schema, source, violations, notices, out)
+    keep = None if features_only else _label(mapping, schema, source, violations, notices, out)
     if violations:
         raise DataValidationError(mapping.site, violations)
     mapped = pd.DataFrame(out, index=frame.index)

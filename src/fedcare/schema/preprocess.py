@@ -16,6 +16,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from fedcare.schema.features import (
+    SITE_FITTED,
     Feature,
     FeatureSchema,
     FeatureType,
@@ -102,6 +103,15 @@ def shape(feature: Feature, values: NDArray[np.float64]) -> NDArray[np.float64]:
     elif feature.transform is Transform.LOG1P:
         out = np.log1p(out)
     return out
+
+
+def declared_preprocessor(schema: FeatureSchema, scaling: Scaling) -> Preprocessor | None:
+    """The preprocessing when the study declares all of it (fills by value, reference
+    or no scaling): the same at every site and at prediction time. None when some of
+    it is fitted on a site's own rows."""
+    if scaling is Scaling.SITE or any(f.missing.rule in SITE_FITTED for f in schema.features):
+        return None
+    return fit_preprocessor(pd.DataFrame({f.name: [] for f in schema.features}), schema, scaling)
 
 
 def _encode(feature: Feature, values: pd.Series, state: FeatureState) -> list[NDArray[np.float64]]:

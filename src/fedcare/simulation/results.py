@@ -7,7 +7,11 @@ from pydantic import BaseModel
 from fedcare.releases.registry import Release
 from fedcare.validation.metrics import BinaryMetrics
 
-RESULTS_SCHEMA_VERSION = 2
+RESULTS_SCHEMA_VERSION = 3
+
+FEW_POSITIVES = 20
+"""Fewer positives than this in a held-out set make its AUROC too imprecise to rank
+models by; the report says so beside the number."""
 
 
 class SiteSummary(BaseModel):
@@ -19,6 +23,8 @@ class SiteSummary(BaseModel):
     epsilon_spent: float | None = None
     """Under DP, what the site's ledger recorded for the run (its noisy count included)."""
     epsilon_budget: float | None = None
+    noise_multiplier: float | None = None
+    """Under DP, the noise multiplier this site's plan trained with."""
 
 
 class RoundRecord(BaseModel):
@@ -31,12 +37,18 @@ class RoundRecord(BaseModel):
 
 
 class SiteComparison(BaseModel):
-    """One row of the demo table; AUROCs on held-out data."""
+    """One row of the demo table; AUROCs on held-out data, with the held-out set's size
+    and positives, and 95 % bootstrap intervals (None where the data cannot support one)."""
 
     site: str
+    n: int
+    positives: int
     local: float | None
+    local_ci: tuple[float, float] | None = None
     federated: float | None
+    federated_ci: tuple[float, float] | None = None
     pooled: float | None
+    pooled_ci: tuple[float, float] | None = None
     local_on_other_sites: float | None
     federated_on_other_sites: float | None
 
@@ -74,6 +86,16 @@ class ReleaseRecord(BaseModel):
         )
 
 
+class PrivacySummary(BaseModel):
+    """The study's differential-privacy settings, as every report of a DP run shows them."""
+
+    epsilon: float | None
+    delta: float | None
+    max_grad_norm: float
+    accountant: str
+    count_noise: float
+
+
 class SimulationResult(BaseModel):
     schema_version: int = RESULTS_SCHEMA_VERSION
     study_name: str
@@ -87,4 +109,9 @@ class SimulationResult(BaseModel):
     matrix: dict[str, dict[str, BinaryMetrics]]
     comparison: list[SiteComparison]
     releases: list[ReleaseRecord] = []
+    privacy: PrivacySummary | None = None
+    """Set when the federated model was trained with DP-SGD."""
+    warnings: list[str] = []
+    """What a reader must know before trusting a number: small held-out sets, a loss
+    still falling at the last round."""
     wall_s: float

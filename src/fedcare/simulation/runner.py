@@ -31,6 +31,8 @@ from fedcare.privacy.dp.ledger import PrivacyLedger
 from fedcare.releases.desk import ReleaseDesk
 from fedcare.releases.registry import ReleaseRegistry
 from fedcare.simulation.results import (
+    FEW_POSITIVES,
+    PrivacySummary,
     ReleaseRecord,
     RoundRecord,
     SimulationResult,
@@ -43,6 +45,7 @@ from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, TrainingSpec
 from fedcare.training import predict_proba, train_local
+from fedcare.training.convergence import CONVERGENCE_WINDOW, still_falling
 from fedcare.validation.metrics import BinaryMetrics, binary_metrics
 from fedcare.validation.spec import GateSpec
 
@@ -82,11 +85,20 @@ class SimulationOptions:
 
 
 def evaluate(
-    study: Study, params: NDArray[np.float32], sites: Sequence[SiteDataset]
+    study: Study,
+    params: NDArray[np.float32],
+    sites: Sequence[SiteDataset],
+    n_bootstrap: int = 0,
 ) -> dict[str, BinaryMetrics]:
-    """Metrics of one parameter vector on every site's held-out data."""
+    """Metrics of one parameter vector on every site's held-out data (with bootstrap
+    AUROC intervals over ``n_bootstrap`` resamples when > 0)."""
     return {
-        site.name: binary_metrics(site.y_test, predict_proba(study.model, params, site.x_test))
+        site.name: binary_metrics(
+            site.y_test,
+            predict_proba(study.model, params, site.x_test),
+            n_bootstrap=n_bootstrap,
+            seed=study.seed,
+        )
         for site in sites
     }
 
@@ -164,14 +176,53 @@ def run_federation(
     return federation.params, records
 
 
-def _spend(guard: PrivacyGuard | None) -> dict[str, float]:
-    """What the site's ledger says it spent, and its budget."""
+def _spend(guard: PrivacyGuard | None, study: Study, n_train: int) -> dict[str, float]:
+    """What the site's ledger says it spent, its budget, and its noise multiplier."""
     if guard is None or guard.budget is None:
         return {}
     return {
         "epsilon_spent": guard.ledger.spent(guard.dataset, guard.budget),
         "epsilon_budget": guard.budget.epsilon,
+        "noise_multiplier": guard.plan(study, n_train).noise_multiplier,
     }
+
+
+def _privacy(study: Study) -> PrivacySummary | None:
+    spec = study.privacy
+    if not spec.dp:
+        return None
+    return PrivacySummary(
+        epsilon=spec.epsilon,
+        delta=spec.delta,
+        max_grad_norm=spec.max_grad_norm,
+        accountant=spec.accountant.value,
+        count_noise=spec.count_noise,
+    )
+
+
+def warnings(
+    study: Study, comparison: Sequence[SiteComparison], rounds: Sequence[RoundRecord]
+) -> list[str]:
+    """What a reader must know before trusting the numbers of a run."""
+    out = [
+        f"{row.site}: {row.positives} positive(s) in {row.n} held-out rows (fewer than "
+        f"{FEW_POSITIVES}); its AUROC is imprecise, read the interval"
+        for row in comparison
+        if row.positives < FEW_POSITIVES
+    ]
+    fall = still_falling([r.mean_train_loss for r in rounds])
+    if fall is not None:
+        out.append(
+            f"the training loss still fell {100 * fall:.1f} % over the last "
+            f"{CONVERGENCE_WINDOW} rounds: the model is likely under-trained; "
+            "try more rounds (rounds.count)"
+        )
+    elif study.privacy.dp:
+        out.append(
+            "under DP no site reports its training loss (it would spend privacy budget), "
+            "so convergence is not checked"
+        )
+    return out
 
 
 def _baseline_training(training: TrainingSpec, rounds: int) -> TrainingSpec:
@@ -223,12 +274,18 @@ def compare(
         others = [s for s in site_names if s != site]
         local = matrix.get(local_model_name(site))
         pooled = matrix.get(POOLED)
+        federated = matrix[FEDERATED][site]
         rows.append(
             SiteComparison(
                 site=site,
+                n=federated.n,
+                positives=federated.positives,
                 local=local[site].auroc if local else None,
-                federated=matrix[FEDERATED][site].auroc,
+                local_ci=local[site].auroc_ci if local else None,
+                federated=federated.auroc,
+                federated_ci=federated.auroc_ci,
                 pooled=pooled[site].auroc if pooled else None,
+                pooled_ci=pooled[site].auroc_ci if pooled else None,
                 local_on_other_sites=_mean_auroc(local, others) if local and others else None,
                 federated_on_other_sites=_mean_auroc(matrix[FEDERATED], others) if others else None,
             )
@@ -309,7 +366,11 @@ def _run(
     models = {FEDERATED: final}
     if options.baselines:
         models.update(train_baselines(study, sites, progress))
-    matrix = {name: evaluate(study, params, sites) for name, params in models.items()}
+    matrix = {
+        name: evaluate(study, params, sites, study.validation.n_bootstrap)
+        for name, params in models.items()
+    }
+    comparison = compare(matrix, [s.name for s in sites])
     descriptions = options.descriptions or {}
     return SimulationResult(
         study_name=study.name,
@@ -325,13 +386,15 @@ def _run(
                 n_train=s.n_train,
                 n_test=s.n_test,
                 test_prevalence=float(s.y_test.mean()),
-                **_spend(guards.get(s.name)),
+                **_spend(guards.get(s.name), study, s.n_train),
             )
             for s in sites
         ],
         rounds=records,
         matrix=matrix,
-        comparison=compare(matrix, [s.name for s in sites]),
+        comparison=comparison,
         releases=releases,
+        privacy=_privacy(study),
+        warnings=warnings(study, comparison, records),
         wall_s=time.perf_counter() - started,
     )

@@ -34,6 +34,7 @@ from fedcare.privacy.dp.guard import PrivacyGuard
 from fedcare.privacy.dp.ledger import Budget, BudgetExceededError, PrivacyLedger
 from fedcare.privacy.dp.plan import PlanError
 from fedcare.privacy.secagg.keys import SecAggError
+from fedcare.releases.bundle import save_site_preprocessing
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
 from fedcare.site.client import CoordinatorClient, CoordinatorError, RetryableError
@@ -155,6 +156,12 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
             f"the mapping is for site '{mapping.site}' but this agent is '{config.site}'"
         )
     data = prepare_site_data(read_table(config.data), mapping, study)
+    for notice in data.notices:
+        log.warning("data: %s", notice)
+    kept = save_site_preprocessing(
+        config.state_dir, config.site, study.content_hash, data.preprocessor
+    )
+    log.info("preprocessing for prediction kept in %s", kept)
     for finding in admit_study(config, study, data):
         log.warning("policy: %s [%s]", finding.message, finding.rule_id)
     assert config.policy is not None  # admit_study refuses a site without a policy

@@ -42,6 +42,7 @@ def site_report(
         subgroups=spec.subgroups,
         n_bootstrap=spec.n_bootstrap,
         seed=seed,
+        min_events=study.disclosure.min_cell_events,
     )
 
 

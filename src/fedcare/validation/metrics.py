@@ -14,13 +14,20 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from fedcare.validation.report import auroc_interval
+
 
 class BinaryMetrics(BaseModel):
-    """Metrics of one model on one data set. AUROC/AUPRC are None when undefined."""
+    """Metrics of one model on one data set. AUROC/AUPRC are None when undefined.
+
+    ``auroc_ci`` is the 95 % percentile bootstrap interval when one was asked for
+    and the data support it (both classes in nearly every resample).
+    """
 
     n: int
     positives: int
     auroc: float | None
+    auroc_ci: tuple[float, float] | None = None
     auprc: float | None
     accuracy: float
     brier: float
@@ -30,8 +37,11 @@ def binary_metrics(
     labels: NDArray[np.float32] | NDArray[np.int64],
     scores: NDArray[np.float64],
     threshold: float = 0.5,
+    n_bootstrap: int = 0,
+    seed: int = 0,
 ) -> BinaryMetrics:
-    """AUROC, AUPRC, accuracy at ``threshold`` and Brier score.
+    """AUROC (with a bootstrap interval over ``n_bootstrap`` resamples when > 0),
+    AUPRC, accuracy at ``threshold`` and Brier score.
 
     AUROC and AUPRC need both classes present; with one class they are None
     rather than a misleading number.
@@ -52,6 +62,7 @@ def binary_metrics(
         n=int(y.size),
         positives=int(y.sum()),
         auroc=auroc,
+        auroc_ci=auroc_interval(y, p, n_bootstrap, seed) if auroc is not None else None,
         auprc=auprc,
         accuracy=accuracy,
         brier=brier,

@@ -65,6 +65,13 @@ _CHUNK_ELEMENTS = 2_000_000
 # (intercept 0, slope 1) a well-posed fit converges in well under ten.
 _NEWTON_MAX_ITER = 50
 _NEWTON_TOL = 1e-8
+_HALVINGS = 30
+
+# An interval from fewer defined resamples than this share would describe the
+# resamples the metric happened to be defined on, not the sampling spread of
+# the estimate (a calibration fit that fails on near-separated resamples drops
+# exactly the extreme ones); the interval is withheld instead.
+MIN_DEFINED_SHARE = 0.9
 
 AGE_BANDS: tuple[tuple[float, str], ...] = (
     (40.0, "<40"),
@@ -121,7 +128,8 @@ class CellReport(_Frozen):
 
 
 class SuppressedCell(_Frozen):
-    """A group below the minimum cohort size: its name and nothing else."""
+    """A group below the minimum cohort size or the minimum events: its name and nothing
+    else."""
 
     group: str
     suppressed: Literal[True] = True
@@ -135,6 +143,10 @@ class ValidationReport(_Frozen):
 
     threshold: float = Field(description="Scores at or above it are predicted positive.")
     min_cohort: int = Field(description="Cells with fewer patients are suppressed.")
+    min_events: int = Field(
+        default=1,
+        description="Cells with 1 to min_events - 1 positives, or negatives, are suppressed.",
+    )
     confidence: float = CONFIDENCE
     n_bootstrap: int
     seed: int
@@ -202,12 +214,17 @@ def _point_estimates(
 
 
 def batch_metrics(
-    y: NDArray[np.int64], p: NDArray[np.float64], threshold: float
+    y: NDArray[np.int64],
+    p: NDArray[np.float64],
+    threshold: float,
+    calibration_start: tuple[float, float] | None = None,
 ) -> dict[Metric, NDArray[np.float64]]:
     """Every metric for each row of ``y`` and ``p`` (shape: resamples x patients).
 
     A metric that is undefined in a row is NaN there (the caller drops it);
     this is internal to the bootstrap, the report itself never holds NaN.
+    ``calibration_start`` is where the calibration fits start (the full
+    sample's intercept and slope).
     """
     with np.errstate(divide="ignore", invalid="ignore"):
         yf = y.astype(np.float64)
@@ -217,7 +234,7 @@ def batch_metrics(
         tp = np.sum(predicted & (y == 1), axis=1).astype(np.float64)
         fp = np.sum(predicted & (y == 0), axis=1).astype(np.float64)
         tn = negatives - fp
-        intercept, slope = _batch_calibration(y, p)
+        intercept, slope = _batch_calibration(y, p, calibration_start)
         return {
             Metric.AUROC: _batch_auroc(yf, p, positives, negatives),
             Metric.AUPRC: _batch_average_precision(yf, p, positives),
@@ -286,24 +303,44 @@ def _logit(p: NDArray[np.float64]) -> NDArray[np.float64]:
     return clipped
 
 
+def _log_likelihood(
+    y: NDArray[np.float64],
+    x: NDArray[np.float64],
+    intercept: NDArray[np.float64],
+    slope: NDArray[np.float64],
+    penalty: float,
+) -> NDArray[np.float64]:
+    eta = intercept[:, None] + slope[:, None] * x
+    # log(1 + e^eta) without overflow; the same objective scikit-learn maximises.
+    ll: NDArray[np.float64] = np.sum(y * eta - np.logaddexp(0.0, eta), axis=1)
+    return ll - 0.5 * penalty * slope**2
+
+
 def _batch_calibration(
-    y: NDArray[np.int64], p: NDArray[np.float64]
+    y: NDArray[np.int64],
+    p: NDArray[np.float64],
+    start: tuple[float, float] | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Newton-Raphson for (intercept, slope) in every row at once.
+    """Damped Newton-Raphson for (intercept, slope) in every row at once.
 
     It maximises the same objective as :func:`calibration_fit` (log-likelihood
-    minus slope^2 / 2C; scikit-learn leaves the intercept unpenalised). Rows
-    with one class, or that do not converge (near-separated resamples, whose
-    slope is effectively unbounded), are NaN and so left out of the interval.
+    minus slope^2 / 2C; scikit-learn leaves the intercept unpenalised). Each row
+    starts from ``start`` (the full sample's fit, which a resample is close to)
+    and halves a step until the likelihood does not fall, so an over-confident
+    model's extreme logits cannot make it diverge. Rows with one class, or that
+    still do not converge, are NaN and left out of the interval.
     """
     x = _logit(p)
     yf = y.astype(np.float64)
     rows = y.shape[0]
-    intercept = np.zeros(rows)
-    slope = np.ones(rows)
+    a0, b0 = start if start is not None else (0.0, 1.0)
+    intercept = np.full(rows, a0)
+    slope = np.full(rows, b0)
     converged = np.zeros(rows, dtype=bool)
+    failed = np.zeros(rows, dtype=bool)
     penalty = 1.0 / CALIBRATION_C
     with np.errstate(all="ignore"):
+        current = _log_likelihood(yf, x, intercept, slope, penalty)
         for _ in range(_NEWTON_MAX_ITER):
             mu = expit(intercept[:, None] + slope[:, None] * x)
             w = mu * (1.0 - mu)
@@ -314,18 +351,36 @@ def _batch_calibration(
             h_ab = (w * x).sum(axis=1)
             h_bb = (w * x * x).sum(axis=1) + penalty
             det = h_aa * h_bb - h_ab**2
-            step_a = (h_bb * g_a - h_ab * g_b) / det
-            step_b = (h_aa * g_b - h_ab * g_a) / det
-            # Freeze rows that have converged so later iterations cannot move them.
-            step_a = np.where(converged, 0.0, step_a)
-            step_b = np.where(converged, 0.0, step_b)
-            intercept = intercept + step_a
-            slope = slope + step_b
+            step_a = np.where(converged, 0.0, (h_bb * g_a - h_ab * g_b) / det)
+            step_b = np.where(converged, 0.0, (h_aa * g_b - h_ab * g_a) / det)
+            scale = np.ones(rows)
+            pending = ~converged & np.isfinite(step_a) & np.isfinite(step_b)
+            for _ in range(_HALVINGS):
+                if not pending.any():
+                    break
+                trial = _log_likelihood(
+                    yf[pending],
+                    x[pending],
+                    intercept[pending] + scale[pending] * step_a[pending],
+                    slope[pending] + scale[pending] * step_b[pending],
+                    penalty,
+                )
+                accepted = trial >= current[pending] - 1e-12
+                rows_done = np.flatnonzero(pending)[accepted]
+                current[rows_done] = trial[accepted]
+                pending[rows_done] = False
+                scale = np.where(pending, scale / 2.0, scale)
+            # A row no halving could improve is not converged, however small its step.
+            failed |= pending
+            scale = np.where(failed, 0.0, scale)
+            step_a, step_b = scale * step_a, scale * step_b
+            intercept = intercept + np.nan_to_num(step_a)
+            slope = slope + np.nan_to_num(step_b)
             converged |= np.maximum(np.abs(step_a), np.abs(step_b)) < _NEWTON_TOL
             if converged.all():
                 break
     positives = yf.sum(axis=1)
-    valid = converged & (positives > 0) & (positives < y.shape[1])
+    valid = converged & ~failed & (positives > 0) & (positives < y.shape[1])
     valid &= np.isfinite(intercept) & np.isfinite(slope)
     return np.where(valid, intercept, np.nan), np.where(valid, slope, np.nan)
 
@@ -347,6 +402,7 @@ def _bootstrap(
     threshold: float,
     n_bootstrap: int,
     rng: np.random.Generator,
+    calibration_start: tuple[float, float] | None,
 ) -> dict[Metric, NDArray[np.float64]]:
     n = y.size
     chunk = max(1, _CHUNK_ELEMENTS // n)
@@ -354,12 +410,33 @@ def _bootstrap(
     for start in range(0, n_bootstrap, chunk):
         rows = min(chunk, n_bootstrap - start)
         index = rng.integers(0, n, size=(rows, n))
-        for metric, values in batch_metrics(y[index], p[index], threshold).items():
+        batch = batch_metrics(y[index], p[index], threshold, calibration_start)
+        for metric, values in batch.items():
             parts[metric].append(values)
     return {
         metric: np.concatenate(values) if values else np.empty(0)
         for metric, values in parts.items()
     }
+
+
+def auroc_interval(
+    y: NDArray[np.int64], p: NDArray[np.float64], n_bootstrap: int, seed: int
+) -> tuple[float, float] | None:
+    """The percentile bootstrap interval of AUROC, or None where it is undefined or
+    too few resamples define it (:data:`MIN_DEFINED_SHARE`)."""
+    if n_bootstrap < 1 or not 0 < int(y.sum()) < y.size:
+        return None
+    rng = np.random.default_rng([seed, y.size])
+    chunk = max(1, _CHUNK_ELEMENTS // y.size)
+    parts = []
+    for start in range(0, n_bootstrap, chunk):
+        index = rng.integers(0, y.size, size=(min(chunk, n_bootstrap - start), y.size))
+        ys, ps = y[index].astype(np.float64), p[index]
+        positives = ys.sum(axis=1)
+        parts.append(_batch_auroc(ys, ps, positives, y.size - positives))
+    point = float(roc_auc_score(y, p))
+    low, high = _interval(point, np.concatenate(parts))
+    return None if low is None or high is None else (low, high)
 
 
 def _interval(
@@ -368,11 +445,21 @@ def _interval(
     if value is None:
         return None, None
     defined = resampled[np.isfinite(resampled)]
-    if defined.size == 0:
+    if defined.size == 0 or defined.size < MIN_DEFINED_SHARE * resampled.size:
         return None, None
     alpha = (1.0 - CONFIDENCE) / 2 * 100
     low, high = np.percentile(defined, [alpha, 100.0 - alpha])
     return float(low), float(high)
+
+
+def few_events(positives: int, n: int, min_events: int) -> bool:
+    """True when a cell has some, but fewer than ``min_events``, positives or negatives.
+
+    As in small-cell rules for published tables, a count of zero is released and
+    a count of 1 to ``min_events - 1`` is not: a cell with one positive describes
+    that patient.
+    """
+    return any(0 < count < min_events for count in (positives, n - positives))
 
 
 def _cell(
@@ -381,13 +468,16 @@ def _cell(
     p: NDArray[np.float64],
     threshold: float,
     min_cohort: int,
+    min_events: int,
     n_bootstrap: int,
     seed: int,
 ) -> CellReport | SuppressedCell:
-    if y.size < min_cohort:
+    if y.size < min_cohort or few_events(int(y.sum()), int(y.size), min_events):
         return SuppressedCell(group=group)
     points = _point_estimates(y, p, threshold)
-    resampled = _bootstrap(y, p, threshold, n_bootstrap, _cell_rng(seed, group))
+    intercept, slope = points[Metric.CALIBRATION_INTERCEPT], points[Metric.CALIBRATION_SLOPE]
+    start = None if intercept is None or slope is None else (intercept, slope)
+    resampled = _bootstrap(y, p, threshold, n_bootstrap, _cell_rng(seed, group), start)
     estimates: dict[str, Estimate] = {}
     for metric, value in points.items():
         low, high = _interval(value, resampled[metric])
@@ -413,9 +503,16 @@ def _levels(attributes: pd.DataFrame, name: str) -> NDArray[np.str_]:
     else:
         derivable = " (or 'age' to derive it from)" if name == AGE_BAND else ""
         raise ValueError(f"subgroup attribute '{name}' is not a column{derivable}")
-    # Compare levels as text so 1 and "1" (or a category dtype) are one level.
-    labelled = column.astype(object).where(column.notna(), MISSING_LEVEL).astype(str)
-    return labelled.to_numpy(dtype=np.str_)
+    # Compare levels as text so 1 and "1" (or a category dtype) are one level, and
+    # write a 0/1 column read as floats as 0/1 rather than "sex_female=0.0".
+    labelled = column.astype(object).map(_level_text, na_action="ignore")
+    return labelled.where(column.notna(), MISSING_LEVEL).astype(str).to_numpy(dtype=np.str_)
+
+
+def _level_text(value: object) -> str:
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _check_inputs(
@@ -424,6 +521,7 @@ def _check_inputs(
     attributes: pd.DataFrame,
     threshold: float,
     min_cohort: int,
+    min_events: int,
     n_bootstrap: int,
 ) -> None:
     if y.ndim != 1 or y.shape != p.shape or y.size == 0:
@@ -436,8 +534,8 @@ def _check_inputs(
         raise ValueError("scores must be finite probabilities in [0, 1]")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold {threshold} is not in [0, 1]")
-    if min_cohort < 1:
-        raise ValueError("min_cohort must be at least 1")
+    if min_cohort < 1 or min_events < 1:
+        raise ValueError("min_cohort and min_events must be at least 1")
     if n_bootstrap < 0:
         raise ValueError("n_bootstrap cannot be negative")
 
@@ -451,6 +549,7 @@ def validate(
     subgroups: Sequence[str] = ("sex", "age_band", "ethnicity"),
     n_bootstrap: int = 200,
     seed: int = 0,
+    min_events: int = 1,
 ) -> ValidationReport:
     """Evaluate scores against labels overall and in every level of each subgroup.
 
@@ -463,11 +562,11 @@ def validate(
     """
     y = np.asarray(y_true).astype(np.int64)
     p = np.asarray(scores, dtype=np.float64)
-    _check_inputs(y, p, attributes, threshold, min_cohort, n_bootstrap)
+    _check_inputs(y, p, attributes, threshold, min_cohort, min_events, n_bootstrap)
 
     def cell(group: str, mask: NDArray[np.bool_] | None = None) -> CellReport | SuppressedCell:
         ys, ps = (y, p) if mask is None else (y[mask], p[mask])
-        return _cell(group, ys, ps, threshold, min_cohort, n_bootstrap, seed)
+        return _cell(group, ys, ps, threshold, min_cohort, min_events, n_bootstrap, seed)
 
     cells: dict[str, list[CellReport | SuppressedCell]] = {}
     for name in subgroups:
@@ -478,6 +577,7 @@ def validate(
     return ValidationReport(
         threshold=threshold,
         min_cohort=min_cohort,
+        min_events=min_events,
         n_bootstrap=n_bootstrap,
         seed=seed,
         overall=cell(OVERALL),
