@@ -196,3 +196,30 @@ def test_missing_file_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "absent.jsonl" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_reused_out_folder_starts_a_fresh_registry(tmp_path: Path) -> None:
+    # Reported: reusing --out kept the old registry, so release ids continued at 29.
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: cli-toy\nschema:\n  label: {name: y}\n  features: [{name: a}, {name: b}]\n"
+        "rounds: {count: 2, min_sites: 2}\n"
+        "disclosure: {artefacts: [model_updates, metrics], min_cohort_size: 5}\n"
+        "validation: {subgroups: []}\n"
+    )
+    entries = []
+    for i, name in enumerate(["one", "two"]):
+        toy_frame(i, 150)[["A", "B", "Y"]].to_csv(tmp_path / f"{name}.csv", index=False)
+        (tmp_path / f"{name}.mapping.yaml").write_text(
+            f"site: {name}\nfeatures: {{a: A, b: B}}\nlabel: Y\n"
+        )
+        entries.append(f"  - {{name: {name}, data: {name}.csv, mapping: {name}.mapping.yaml}}")
+    sites = tmp_path / "sites.yaml"
+    sites.write_text("sites:\n" + "\n".join(entries) + "\n")
+    args = ["simulate", "--study", str(study), "--sites", str(sites), "--out", str(tmp_path / "o")]
+    for _ in range(2):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        saved = json.loads((tmp_path / "o" / "results.json").read_text())
+        assert [r["id"] for r in saved["releases"]] == [1]
+    assert "replacing the previous run's registry" in result.output

@@ -591,3 +591,46 @@ def test_dp_study_over_the_network_site_refuses_when_its_budget_is_spent(
     ledger = PrivacyLedger(gamma_dir / "state" / "privacy-ledger.sqlite")
     assert ledger.mechanisms("data") == [*plan.count, plan.round_mechanism]
     assert ledger.spent("data", Budget((one + two) / 2, 1e-4)) <= (one + two) / 2
+
+
+def test_sigterm_stops_the_coordinator_quickly_without_tracebacks_for_open_long_polls(
+    tmp_path: Path,
+) -> None:
+    # Reported: on SIGTERM the coordinator logged a traceback per open long-poll and
+    # took about 20 s (the longest poll) to stop.
+    import threading
+
+    study = network_study(rounds=2, min_sites=3, deadline_s=3600)
+    deployment = deploy(tmp_path, study)
+    coordinator = start_coordinator(deployment)
+    answers: list[int] = []
+    try:
+        wait_until_serving(deployment, SITES[0])
+        check_in(deployment, study)
+        assert play_round(deployment, study, ("alpha",)) == 1  # alpha now waits for round 2
+
+        def poll() -> None:
+            with raw_client(deployment, "alpha") as client:
+                reply = client.get(f"/v1/studies/{study.content_hash}/task", params={"wait": 20})
+                answers.append(reply.status_code)
+
+        pollers = [threading.Thread(target=poll) for _ in range(3)]
+        for thread in pollers:
+            thread.start()
+        time.sleep(1.0)  # the polls are open on the server
+        started = time.monotonic()
+        os.killpg(coordinator.popen.pid, signal.SIGTERM)
+        coordinator.popen.wait(timeout=15)
+        stopped_in = time.monotonic() - started
+        for thread in pollers:
+            thread.join(timeout=15)
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+    log = coordinator.log.read_text()
+    assert "Traceback" not in log
+    # uvicorn re-raises the signal once it has shut down cleanly, so the parent sees it.
+    assert coordinator.popen.returncode in (0, -signal.SIGTERM)
+    assert "Finished server process" in log
+    assert answers == [204, 204, 204]  # each poll told to come back, none cut off
+    assert stopped_in < 10.0, f"took {stopped_in:.1f} s to stop with open long-polls"

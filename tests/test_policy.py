@@ -709,3 +709,43 @@ def test_a_delta_too_large_for_the_site_is_refused_in_one_line(
     )
     assert refused.exit_code == 1, refused.output
     assert "privacy.budget-delta" in refused.output
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "",  # no approved_studies key at all
+        "approved_studies: []  # none yet\n",
+        "approved_studies:\n- hash: '" + "a" * 64 + "'\n  name: older\n  approved_by: Dr B\n"
+        "  approved_at: 2026-01-01T00:00:00Z\n",
+        "approved_studies:\n    - hash: '" + "b" * 64 + "'\n      name: older\n"
+        "      approved_by: Dr B\n      approved_at: 2026-01-01T00:00:00Z\n\n# end of file\n",
+    ],
+)
+def test_approve_keeps_the_officer_s_comments_and_style(
+    tmp_path: Path, study: Study, tail: str
+) -> None:
+    # The reported problem: `site approve` rewrote policy.yaml in another YAML style,
+    # dropping the officer's comments.
+    head = (
+        "# Policy of St Mary's, reviewed by the DPO on 2026-11-02.\n"
+        "site: northgate   # our consortium name\n"
+        "jurisdiction: hipaa\n"
+        'region: "US"\n'
+        "min_cohort_size: 11  # ethics committee minimum\n"
+        f"coordinators: ['{COORDINATOR}']\n"
+        "allowed_artefacts: [model_updates, metrics, counts]\n"
+        "privacy_budget:\n  admissions: {epsilon: 8.0, delta: 1.0e-5}\n"
+    )
+    path = tmp_path / "policy.yaml"
+    path.write_text(head + tail)
+    before = load_policy(path)
+    policy = approve(path, study, by="Dr A. Officer", note="IRB 2026-113", now=WHEN)
+    text = path.read_text()
+    assert text.startswith(head)
+    assert "# ethics committee minimum" in text
+    if "# end of file" in tail:
+        assert text.rstrip().endswith("# end of file")
+    assert load_policy(path) == policy
+    assert policy.approved_studies[: len(before.approved_studies)] == before.approved_studies
+    assert policy.approved_studies[-1].hash == study.content_hash

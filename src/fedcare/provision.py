@@ -175,8 +175,15 @@ coordinator: {_q(url)}
 # study: "study.yaml"
 # The site's local data (CSV or Parquet). It never leaves this machine.
 # data: "/path/to/local/data.csv"
-# How local columns and units map to the study's feature schema.
+# How local columns and units map to the study's feature schema
+# (start from `fedcare init mapping`; reference: docs/reference/mapping.md).
 # mapping: "mapping.yaml"
+# The site's own rules: approved studies, privacy budget, jurisdiction, gates. The
+# agent runs only studies this policy approves (start from `fedcare init policy`;
+# reference: docs/reference/policy.md).
+# policy: "policy.yaml"
+# Where the agent keeps its privacy ledger and fitted preprocessing.
+# state_dir: "state"
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated
@@ -164,12 +165,18 @@ def _simulate(
         f"{sum(s.n_train for s in sites)} training rows, {study.rounds.count} rounds",
         highlight=False,
     )
+    registry_dir = None if out is None else out / "registry"
+    if registry_dir is not None and registry_dir.exists():
+        # A simulation's releases are its own: a reused --out starts a fresh registry
+        # rather than numbering this run's releases after the last run's.
+        shutil.rmtree(registry_dir)
+        errors.print(f"replacing the previous run's registry in {registry_dir}", highlight=False)
     with progress_bar() as progress:
         options = SimulationOptions(
             baselines,
             descriptions,
             site_rules=rules,
-            registry_dir=None if out is None else out / "registry",
+            registry_dir=registry_dir,
         )
         result = run_simulation(study, sites, options, progress=progress)
     result = result.model_copy(update={"wall_s": time.perf_counter() - started})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, TypeVar
@@ -83,12 +84,16 @@ def _refusal(status: int) -> Callable[[Request, Exception], Awaitable[JSONRespon
     return handler
 
 
-async def _long_poll(fetch: Callable[[], T | None], wait_s: float) -> T | None:
-    """Call ``fetch`` (in a worker thread) until it has something or ``wait_s`` has passed."""
+async def _long_poll(
+    fetch: Callable[[], T | None], wait_s: float, stopping: threading.Event
+) -> T | None:
+    """Call ``fetch`` (in a worker thread) until it has something, ``wait_s`` has passed,
+    or the server is stopping (the site is told to come back, and shutdown waits for
+    no long-poll)."""
     until = time.monotonic() + wait_s
     while True:
         result = await run_in_threadpool(fetch)
-        if result is not None or time.monotonic() >= until:
+        if result is not None or time.monotonic() >= until or stopping.is_set():
             return result
         await asyncio.sleep(0.1)
 
@@ -128,8 +133,11 @@ def create_app(
     max_body_bytes: int = 64 * 1024 * 1024,
     poll_wait_s: float = 20.0,
     tick_s: float = 0.25,
+    stopping: threading.Event | None = None,
 ) -> FastAPI:
-    """The ASGI app for a set of studies, keyed by content hash."""
+    """The ASGI app for a set of studies, keyed by content hash. Setting ``stopping``
+    ends every open long-poll at once (the server sets it on SIGTERM)."""
+    stopping = stopping or threading.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -221,7 +229,9 @@ def create_app(
         """The current round's task for this site (long-polls up to ``wait`` seconds)."""
         site = _identity(request)
         coordinator = study_for(study_hash, site)
-        reply = await _long_poll(lambda: _ready(coordinator.task_for(site)), min(wait, poll_wait_s))
+        reply = await _long_poll(
+            lambda: _ready(coordinator.task_for(site)), min(wait, poll_wait_s), stopping
+        )
         if reply is None:
             return Response(status_code=204, headers={"Retry-After": "1"})
         if reply.state is TaskState.FINISHED:
@@ -330,7 +340,9 @@ def create_app(
         site = _identity(request)
         coordinator = study_for(study_hash, site)
         data = await _long_poll(
-            lambda: coordinator.secure_fetch(site, round_number, stage), min(wait, poll_wait_s)
+            lambda: coordinator.secure_fetch(site, round_number, stage),
+            min(wait, poll_wait_s),
+            stopping,
         )
         if data is None:
             return Response(status_code=204, headers={"Retry-After": "1"})

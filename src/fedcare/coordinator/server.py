@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
+from types import FrameType
 
 import uvicorn
 
@@ -47,14 +49,29 @@ def uvicorn_config(config: CoordinatorConfig, app: object) -> uvicorn.Config:
     )
 
 
+class _Server(uvicorn.Server):
+    """uvicorn that, on SIGTERM or Ctrl-C, first tells the app to end its long-polls, so
+    a stop takes a moment instead of the longest poll, and no request is cancelled
+    mid-way (which uvicorn logs as a traceback per open poll)."""
+
+    def __init__(self, config: uvicorn.Config, stopping: threading.Event) -> None:
+        super().__init__(config)
+        self.stopping = stopping
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+        super().handle_exit(sig, frame)
+
+
 def serve(config: CoordinatorConfig) -> None:
     """Run until stopped. State is committed as it changes; kill -9 loses nothing."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config.storage.mkdir(parents=True, exist_ok=True)
     store = SqlStore(config.database, config.storage)
+    stopping = threading.Event()
     try:
         coordinators = build_coordinators(config, store)
-        app = create_app(coordinators, config.max_body_bytes, config.poll_wait_s)
-        uvicorn.Server(uvicorn_config(config, app)).run()
+        app = create_app(coordinators, config.max_body_bytes, config.poll_wait_s, stopping=stopping)
+        _Server(uvicorn_config(config, app), stopping).run()
     finally:
         store.close()

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -193,8 +195,9 @@ def load_policy(path: Path) -> SitePolicy:
 
 _HEADER = (
     "# fedcare site policy: kept at this site and never sent.\n"
-    "# Written by fedcare (comments are not kept when fedcare rewrites this file;\n"
-    "# put reasons in the 'note' of an approval). See docs/governance.md.\n"
+    "# fedcare appends approvals to this file as written; any other change it makes\n"
+    "# rewrites the file in this style. Put reasons in the 'note' of an approval.\n"
+    "# See docs/reference/policy.md and docs/governance.md.\n"
 )
 
 
@@ -204,14 +207,81 @@ def dump_policy(policy: SitePolicy) -> str:
     return _HEADER + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
+def _approval_lines(entries: Sequence[ApprovedStudy], indent: str) -> list[str]:
+    data = [e.model_dump(mode="json", exclude_defaults=True) for e in entries]
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return [indent + line for line in text.splitlines()]
+
+
+def _with_approvals(text: str, entries: Sequence[ApprovedStudy]) -> str:
+    """``text`` with ``entries`` added to its ``approved_studies`` list, every other
+    line (comments, quoting, order) as the officer wrote it."""
+    lines = text.splitlines()
+    key = next((i for i, line in enumerate(lines) if re.match(r"approved_studies\s*:", line)), None)
+    if key is None:
+        return "\n".join([*lines, "approved_studies:", *_approval_lines(entries, "  ")]) + "\n"
+    if re.fullmatch(r"approved_studies\s*:\s*\[\s*\]\s*(#.*)?", lines[key]):
+        lines[key] = "approved_studies:"
+        return (
+            "\n".join([*lines[: key + 1], *_approval_lines(entries, "  "), *lines[key + 1 :]])
+            + "\n"
+        )
+    end = key + 1
+    indent = "  "
+    while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t#-"):
+        if lines[end].lstrip().startswith("- ") and end == key + 1:
+            indent = lines[end][: len(lines[end]) - len(lines[end].lstrip())]
+        end += 1
+    # Blank lines and column-0 comments after the last item stay after the new ones.
+    while end > key + 1 and (not lines[end - 1].strip() or lines[end - 1].startswith("#")):
+        end -= 1
+    new = _approval_lines(entries, indent)
+    return "\n".join([*lines[:end], *new, *lines[end:]]) + "\n"
+
+
+def policy_text(policy: SitePolicy, previous: str | None) -> str:
+    """The text to write for ``policy``. When it only adds approvals to the policy in
+    ``previous``, those are appended to that text, so the officer's comments and
+    style stay; otherwise (or if the append would not read back as ``policy``) the
+    whole policy is written in fedcare's style."""
+    if previous is not None:
+        try:
+            old = parse_policy(previous)
+        except PolicyError:
+            old = None
+        count = 0 if old is None else len(old.approved_studies)
+        if (
+            old is not None
+            and policy.approved_studies[:count] == old.approved_studies
+            and policy.model_copy(update={"approved_studies": old.approved_studies}) == old
+        ):
+            added = policy.approved_studies[count:]
+            text = _with_approvals(previous, added) if added else previous
+            try:
+                if parse_policy(text) == policy:
+                    return text
+            except PolicyError:
+                pass
+    return dump_policy(policy)
+
+
 def save_policy(policy: SitePolicy, path: Path) -> None:
     """Write the policy atomically: a reader sees the old file or the new one, never half.
+
+    A change that only adds approvals keeps the existing file's text and appends
+    them (:func:`policy_text`).
 
     The text goes to a temporary file in the same folder (same file system, so the
     rename is atomic), is flushed to disk, and replaces ``path`` with ``os.replace``.
     An existing file's permissions are kept; a new file is readable by its owner only.
     """
-    text = dump_policy(policy)
+    try:
+        previous: str | None = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        previous = None
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read the site policy: {exc.strerror}") from exc
+    text = policy_text(policy, previous)
     folder = path.resolve().parent
     try:
         mode = path.stat().st_mode & 0o777
