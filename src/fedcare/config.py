@@ -30,15 +30,15 @@ C = TypeVar("C", bound=_Config)
 class TlsFiles(_Config):
     """This party's certificate and key, and the consortium CA that vouches for its peers."""
 
-    cert: Path
-    key: Path
-    ca: Path
+    cert: Path = Field(description="This party's certificate (PEM).")
+    key: Path = Field(description="Its private key (PEM), readable by this party's user only.")
+    ca: Path = Field(description="The consortium CA's certificate, which vouches for every peer.")
 
 
 class StudyMembership(_Config):
     """A study the coordinator runs, and the sites that take part."""
 
-    file: Path
+    file: Path = Field(description="The study file, exactly as every site approved it.")
     sites: list[str] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -54,8 +54,10 @@ class StudyMembership(_Config):
 class CoordinatorConfig(_Config):
     """``coordinator.yaml``."""
 
-    consortium: str
-    host: str = "127.0.0.1"
+    consortium: str = Field(description="The consortium's name, as on its certificates.")
+    host: str = Field(
+        default="127.0.0.1", description="Address to listen on; 0.0.0.0 for every interface."
+    )
     port: int = Field(default=8443, ge=0, le=65535)
     tls: TlsFiles
     database: str = Field(
@@ -66,7 +68,9 @@ class CoordinatorConfig(_Config):
     audit_log: Path = Field(
         default=Path("audit.jsonl"), description="The coordinator's hash-chained audit trail."
     )
-    studies: list[StudyMembership] = Field(default_factory=list)
+    studies: list[StudyMembership] = Field(
+        description="The studies this coordinator runs, each with its sites.", default_factory=list
+    )
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     poll_wait_s: float = Field(default=20.0, gt=0, le=60, description="Longest long-poll.")
 
@@ -90,7 +94,13 @@ class SiteConfig(_Config):
         description="The data set's name in the policy's privacy_budget (default: the data "
         "file's name without its suffix).",
     )
-    state_dir: Path = Path("state")
+    state_dir: Path = Field(
+        default=Path("state"),
+        description=(
+            "Where the agent keeps its state: the privacy ledger, its secure-aggregation "
+            "record and the preprocessing it fitted per study."
+        ),
+    )
     retry_max_s: float = Field(
         default=600.0, gt=0, description="Give up after the coordinator is unreachable this long."
     )

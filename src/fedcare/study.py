@@ -31,7 +31,10 @@ class ModelKind(StrEnum):
 
 
 class ModelSpec(Strict):
-    kind: ModelKind = ModelKind.LOGISTIC_REGRESSION
+    kind: ModelKind = Field(
+        default=ModelKind.LOGISTIC_REGRESSION,
+        description="logistic_regression, or mlp with hidden layers.",
+    )
     hidden: tuple[int, ...] = Field(default=(), description="Hidden layer widths (MLP only).")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
@@ -57,7 +60,7 @@ class TrainingSpec(Strict):
     epochs: int | None = Field(default=1, ge=1)
     steps: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=64, ge=1)
-    optimizer: OptimizerKind = OptimizerKind.SGD
+    optimizer: OptimizerKind = Field(default=OptimizerKind.SGD, description="The local optimiser.")
     learning_rate: float = Field(default=0.05, gt=0.0)
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
@@ -111,7 +114,13 @@ DEFAULT_SERVER_LEARNING_RATE: dict[Strategy, float] = {
 
 class AggregationSpec(Strict):
     strategy: Strategy = Strategy.FEDAVG
-    weighting: Weighting = Weighting.SAMPLES
+    weighting: Weighting = Field(
+        default=Weighting.SAMPLES,
+        description=(
+            "Each site's weight in the average: by samples, equal, by square root of "
+            "samples, or samples capped at a share."
+        ),
+    )
     cap: float | None = Field(
         default=None, gt=0.0, le=1.0, description="Largest share of total weight any site may get."
     )
@@ -190,7 +199,9 @@ class SecAggGraph(StrEnum):
 class SecureAggregationSpec(Strict):
     """SecAgg+ (docs/secure_aggregation.md): the coordinator learns only the weighted sum."""
 
-    enabled: bool = False
+    enabled: bool = Field(
+        default=False, description="SecAgg+: the coordinator sees only the sum of updates."
+    )
     threshold: float = Field(
         default=0.6,
         gt=0.5,
@@ -198,13 +209,18 @@ class SecureAggregationSpec(Strict):
         description="Share of a site's neighbourhood (itself included) whose shares rebuild "
         "its secrets; above one half, so two disjoint groups can never both rebuild them.",
     )
-    graph: SecAggGraph = SecAggGraph.COMPLETE
+    graph: SecAggGraph = Field(
+        default=SecAggGraph.COMPLETE,
+        description="Who shares masks with whom: every pair, or a sparse graph.",
+    )
     degree: int | None = Field(
         default=None,
         ge=2,
         description="sparse only: neighbours per site, even (default ~3 log2 n).",
     )
-    bits: Literal[32, 64] = 32
+    bits: Literal[32, 64] = Field(
+        default=32, description="Width of the ring the masked sum is computed in."
+    )
     clip_norm: float | None = Field(
         default=None, gt=0.0, description="L2 bound each site clips its update delta to."
     )
@@ -286,7 +302,7 @@ class PrivacySpec(Strict):
     at ``delta`` for that site, by ``accountant``.
     """
 
-    dp: bool = False
+    dp: bool = Field(default=False, description="Train with DP-SGD at every site.")
     epsilon: float | None = Field(
         default=None,
         gt=0.0,
@@ -305,7 +321,9 @@ class PrivacySpec(Strict):
         description="Std of the Gaussian noise on the record count a site reports (released "
         "once per study and charged to its ledger).",
     )
-    accountant: AccountantKind = AccountantKind.RDP
+    accountant: AccountantKind = Field(
+        default=AccountantKind.RDP, description="How epsilon is computed: rdp, pld or prv."
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> Self:
@@ -327,13 +345,22 @@ class Study(Strict):
     """A federated study, as declared in ``study.yaml``."""
 
     name: str = Field(min_length=1, max_length=200)
-    description: str = ""
+    description: str = Field(
+        default="", description="What the study predicts, for the people who approve it."
+    )
     feature_schema: FeatureSchema = Field(alias="schema")
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = Field(default=ModelSpec(), description="The model every site trains.")
     training: TrainingSpec = TrainingSpec()
-    aggregation: AggregationSpec = AggregationSpec()
-    preprocessing: PreprocessingSpec = PreprocessingSpec()
-    rounds: RoundSpec = RoundSpec()
+    aggregation: AggregationSpec = Field(
+        default=AggregationSpec(), description="How the coordinator combines the sites' updates."
+    )
+    preprocessing: PreprocessingSpec = Field(
+        default=PreprocessingSpec(), description="Scaling and the held-out split at each site."
+    )
+    rounds: RoundSpec = Field(
+        default=RoundSpec(),
+        description="How many rounds, how many sites each needs, and deadlines.",
+    )
     disclosure: DisclosureSpec = DisclosureSpec()
     validation: ValidationSpec = ValidationSpec()
     secure_aggregation: SecureAggregationSpec = SecureAggregationSpec()

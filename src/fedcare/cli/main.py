@@ -11,6 +11,7 @@ from fedcare.cli.benchmark import benchmark_app
 from fedcare.cli.calibrate import calibrate
 from fedcare.cli.checks import data_app, study_app
 from fedcare.cli.deploy import coordinator_app, provision
+from fedcare.cli.init import init
 from fedcare.cli.predict import predict
 from fedcare.cli.privacy import privacy_app
 from fedcare.cli.release import release_app
@@ -43,6 +44,7 @@ app.command()(simulate)
 app.command()(provision)
 app.command()(calibrate)
 app.command()(predict)
+app.command()(init)
 app.add_typer(study_app, name="study")
 app.add_typer(data_app, name="data")
 app.add_typer(coordinator_app, name="coordinator")

@@ -66,7 +66,9 @@ class ApprovedStudy(Strict):
     name: str = Field(min_length=1, max_length=200)
     approved_by: str = Field(min_length=1, max_length=200)
     approved_at: AwareDatetime = Field(description="When, with a time zone; stored in UTC.")
-    note: str = ""
+    note: str = Field(
+        default="", description="Why (ethics approval number, reason for a forced approval)."
+    )
     overridden: tuple[str, ...] = Field(
         default=(),
         description="Refusing rules the officer approved despite (forced, reason in the note).",
@@ -126,17 +128,27 @@ class SitePolicy(Strict):
     coordinators: tuple[HttpUrl, ...] = Field(
         default=(), description="Coordinators this site may connect to (https only)."
     )
-    allowed_artefacts: tuple[Artefact, ...] = (Artefact.MODEL_UPDATES,)
+    allowed_artefacts: tuple[Artefact, ...] = Field(
+        default=(Artefact.MODEL_UPDATES,),
+        description=(
+            "What may leave the site: model_updates, metrics, counts, drift_summaries; a "
+            "study that sends more is refused."
+        ),
+    )
     privacy_budget: dict[DatasetName, DatasetBudget] = Field(
         default_factory=dict, description="Per data set, the total (epsilon, delta) allowed."
     )
-    transfer_safeguard: TransferSafeguard | None = None
+    transfer_safeguard: TransferSafeguard | None = Field(
+        default=None, description="The legal basis for a coordinator outside the site's region."
+    )
     validation_gates: tuple[GateSpec, ...] = Field(
         default=(),
         description="This site's own release gates, checked with the study's on its data.",
     )
     # Last, because fedcare appends to it and the file reads best with it at the end.
-    approved_studies: tuple[ApprovedStudy, ...] = ()
+    approved_studies: tuple[ApprovedStudy, ...] = Field(
+        default=(), description="Studies approved by exact hash; fedcare site approve appends here."
+    )
 
     @field_validator("coordinators")
     @classmethod

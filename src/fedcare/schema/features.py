@@ -90,10 +90,22 @@ class Feature(Strict):
     """One model input, in the consortium's agreed unit."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    type: FeatureType = FeatureType.CONTINUOUS
-    unit: str | None = None
+    type: FeatureType = Field(
+        default=FeatureType.CONTINUOUS,
+        description="continuous, binary (0/1) or categorical (one-hot encoded).",
+    )
+    unit: str | None = Field(
+        default=None,
+        description=(
+            "The consortium's unit (pint spelling, e.g. mg/dL, mmol/L, kg); each site's "
+            "mapping converts to it."
+        ),
+    )
     range: tuple[float, float] | None = None
-    categories: tuple[str, ...] | None = None
+    categories: tuple[str, ...] | None = Field(
+        default=None,
+        description="categorical only: the allowed values (integers are read as text).",
+    )
     drop_first: bool = Field(
         default=False, description="One-hot encode without the first category (reference level)."
     )
@@ -206,7 +218,9 @@ class Attribute(Strict):
     """A column carried for subgroup analysis only; never a model input."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    categories: tuple[str, ...] | None = None
+    categories: tuple[str, ...] | None = Field(
+        default=None, description="The allowed levels; any other value is refused."
+    )
 
     _categories_as_text = field_validator("categories", mode="before")(text_categories)
 
@@ -228,7 +242,7 @@ class Label(Strict):
     followed event-free for at least ``horizon`` days; see ``censored``."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    description: str = ""
+    description: str = Field(default="", description="What the outcome means, in words.")
     horizon: float | None = Field(
         default=None, gt=0, description="Days: the label is 'event within horizon'."
     )
@@ -243,7 +257,9 @@ class FeatureSchema(Strict):
 
     features: tuple[Feature, ...] = Field(min_length=1)
     label: Label
-    attributes: tuple[Attribute, ...] = ()
+    attributes: tuple[Attribute, ...] = Field(
+        default=(), description="Columns carried for subgroup analysis only; never model inputs."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> Self:

@@ -75,7 +75,9 @@ class ColumnMapping(Strict):
         "schema's analyte (urea_nitrogen for a BUN column mapped to urea).",
     )
     factor: float | None = Field(default=None, description="schema = local x factor + offset.")
-    offset: float | None = None
+    offset: float | None = Field(
+        default=None, description="Added after the factor (e.g. -32 for a shifted scale)."
+    )
     values: dict[str, Code] | None = Field(
         default=None,
         description="Recode local values, e.g. {M: 0, F: 1}; any value not listed is invalid.",
@@ -123,7 +125,9 @@ class ColumnMapping(Strict):
 class EventMapping(Strict):
     """A time-to-event label: the event indicator and the follow-up time columns."""
 
-    event: ColumnMapping | str
+    event: ColumnMapping | str = Field(
+        description="The event indicator: 1 (or a code mapped to 1 by values) if it happened."
+    )
     time: ColumnMapping | str = Field(
         description="Follow-up time; give its unit (days, weeks, months, years)."
     )
@@ -143,10 +147,24 @@ class SiteMapping(Strict):
     """A site's mapping for one study schema. Kept at the site; never sent."""
 
     site: str = Field(min_length=1)
-    features: dict[str, ColumnMapping | str]
-    label: EventMapping | ColumnMapping | str
-    attributes: dict[str, ColumnMapping | str] = Field(default_factory=dict)
-    missing_tokens: tuple[str, ...] = DEFAULT_MISSING_TOKENS
+    features: dict[str, ColumnMapping | str] = Field(
+        description=(
+            "Per schema feature: the local column (a name, or a mapping with unit, factor "
+            "or values)."
+        )
+    )
+    label: EventMapping | ColumnMapping | str = Field(
+        description="The label's column, or for a study with label.horizon its event and "
+        "follow-up time columns."
+    )
+    attributes: dict[str, ColumnMapping | str] = Field(
+        description="Per schema attribute (for subgroups only): the local column.",
+        default_factory=dict,
+    )
+    missing_tokens: tuple[str, ...] = Field(
+        default=DEFAULT_MISSING_TOKENS,
+        description="Cell texts that mean missing; they replace the default list.",
+    )
 
     def column(self, name: str) -> ColumnMapping:
         """The mapping for a schema feature, attribute or label name."""

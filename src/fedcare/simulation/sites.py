@@ -60,9 +60,9 @@ class SiteEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
-    data: Path
-    mapping: Path
-    description: str = ""
+    data: Path = Field(description="The site's data file (CSV or Parquet).")
+    mapping: Path = Field(description="The site's mapping.yaml.")
+    description: str = Field(default="", description="A line about the site, shown in reports.")
     policy: Path | None = Field(
         default=None, description="The site's policy.yaml: its own gates and minimum cohort."
     )

@@ -58,10 +58,19 @@ class GateSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: GateKind
+    kind: GateKind = Field(
+        description=(
+            "overall (the whole held-out set), every_subgroup, subgroup_gap (largest "
+            "minus smallest level) or no_drop (against the last promoted release)."
+        )
+    )
     metric: Metric
-    op: Literal[">=", "<="] | None = None
-    threshold: float | None = None
+    op: Literal[">=", "<="] | None = Field(
+        default=None, description="How the metric compares with threshold."
+    )
+    threshold: float | None = Field(
+        default=None, description="The bound the metric must meet (not for no_drop)."
+    )
     attribute: str | None = Field(default=None, description="A subgroup attribute, e.g. 'sex'.")
     min_positives: int = Field(
         default=0, ge=0, description="Subgroup cells with fewer positives are not checked."
@@ -128,7 +137,9 @@ class ValidationSpec(BaseModel):
         ge=1,
         description="Rounds between candidate releases (the last round always makes one).",
     )
-    gates: tuple[GateSpec, ...] = ()
+    gates: tuple[GateSpec, ...] = Field(
+        default=(), description="The study's release gates, checked by every site on its own data."
+    )
     quorum: int | None = Field(
         default=None, ge=1, description="Sites that must pass; default: every site of the study."
     )
