@@ -89,3 +89,43 @@ def test_operating_point_is_the_studys_validation_threshold_when_it_has_one(
     assert calibrate(validated, toy_sites, epsilons=(8.0,), n_seeds=1).threshold == 0.3
     given = calibrate(validated, toy_sites, epsilons=(8.0,), n_seeds=1, threshold=0.6)
     assert given.threshold == 0.6
+
+
+def _user_sites(tmp_path: Path) -> tuple[Path, Path]:
+    from .conftest import toy_frame
+
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: user-toy\nschema:\n  label: {name: y}\n"
+        "  features: [{name: a, reference: [0, 1]}, {name: b, reference: [0, 1]}]\n"
+        "preprocessing: {scaling: reference}\n"
+        "training: {epochs: 1, batch_size: 16, learning_rate: 0.1}\n"
+        "rounds: {count: 2, min_sites: 2}\naggregation: {weighting: equal}\n"
+    )
+    entries = []
+    for i, name in enumerate(["north", "south"]):
+        toy_frame(i, 200)[["A", "B", "Y"]].to_csv(tmp_path / f"{name}.csv", index=False)
+        (tmp_path / f"{name}.mapping.yaml").write_text(
+            f"site: {name}\nfeatures: {{a: A, b: B}}\nlabel: Y\n"
+        )
+        entries.append(f"  - {{name: {name}, data: {name}.csv, mapping: {name}.mapping.yaml}}")
+    sites = tmp_path / "sites.yaml"
+    sites.write_text("sites:\n" + "\n".join(entries) + "\n")
+    return study, sites
+
+
+def test_calibrate_runs_on_the_user_s_own_sites(tmp_path: Path) -> None:
+    # Reported: calibrate had no --sites and failed on the built-in hospitals' mappings.
+    study, sites = _user_sites(tmp_path)
+    out = tmp_path / "cal"
+    args = ["calibrate", "--study", str(study), "--sites", str(sites), "--seeds", "1"]
+    done = CliRunner().invoke(app, [*args, "--epsilon", "4", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    result = json.loads((out / "calibration.json").read_text())
+    assert result["study_name"] == "user-toy"
+    assert set(result["points"][0]["auroc_by_site"]) == {"north", "south"}
+    # Without --sites, the built-in hospitals cannot carry this schema: one clear line.
+    refused = CliRunner().invoke(app, ["calibrate", "--study", str(study), "--out", str(out)])
+    assert refused.exit_code == 2
+    assert "give --sites sites.yaml" in refused.output
+    assert "Traceback" not in refused.output

@@ -15,6 +15,12 @@ def calibrate(
     study_file: Annotated[
         Path | None, typer.Option("--study", help="study.yaml (default: the demo study).")
     ] = None,
+    sites_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--sites", help="sites.yaml listing data and mapping per site (your own data)."
+        ),
+    ] = None,
     heart_disease: Annotated[
         Path | None,
         typer.Option("--heart-disease", help="Run on Fed-Heart-Disease from this folder instead."),
@@ -47,13 +53,14 @@ def calibrate(
     from fedcare.simulation.calibrate import DEFAULT_EPSILONS, CalibrationResult
     from fedcare.simulation.calibrate import calibrate as sweep
 
-    if heart_disease is not None and study_file is not None:
-        fail("give --study or --heart-disease, not both")
+    if heart_disease is not None and (study_file is not None or sites_file is not None):
+        fail("give --study/--sites or --heart-disease, not both")
 
     def run() -> CalibrationResult:
         from fedcare.data import demo_study
         from fedcare.data.heart_disease import dp_safe, heart_disease_study, load_heart_disease
-        from fedcare.simulation.sites import builtin_sites
+        from fedcare.schema.mapping import MappingError
+        from fedcare.simulation.sites import builtin_sites, sites_from_file
         from fedcare.study import load_study
 
         if heart_disease is not None:
@@ -62,7 +69,16 @@ def calibrate(
             sites = load_heart_disease(heart_disease, study)
         else:
             study = load_study(study_file) if study_file is not None else demo_study()
-            sites, _ = builtin_sites(study, seed=2026, scale=scale)
+            if sites_file is not None:
+                sites, _ = sites_from_file(sites_file, study)
+            else:
+                try:
+                    sites, _ = builtin_sites(study, seed=2026, scale=scale)
+                except MappingError as exc:
+                    raise MappingError(
+                        f"{exc}\nthe built-in hospitals fit only the demo study's schema: "
+                        "give --sites sites.yaml with your own sites"
+                    ) from exc
         with progress_bar() as progress:
             return sweep(
                 study,
