@@ -5,14 +5,18 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from fedcare.cli.common import console, errors, fail, guarded, progress_bar
-from fedcare.simulation.results import ReleaseRecord, SimulationResult
 from fedcare.study import Strategy, Study, Weighting, load_study
+
+if TYPE_CHECKING:
+    # Imported where used: they pull in scikit-learn and SciPy, which every command
+    # would otherwise pay for at start-up.
+    from fedcare.simulation.results import ReleaseRecord, SimulationResult
 
 
 def _fmt(value: float | None) -> str:
@@ -280,6 +284,8 @@ def _coordinator_releases(folder: Path, study: Study) -> list[ReleaseRecord]:
     settings = load_config(folder / "coordinator.yaml", CoordinatorConfig)
     registry = ReleaseRegistry.open(settings.database, settings.storage / "releases")
     try:
+        from fedcare.simulation.results import ReleaseRecord
+
         return [ReleaseRecord.from_release(r) for r in registry.releases(study.content_hash)]
     finally:
         registry.close()

@@ -314,6 +314,9 @@ def _text(series: pd.Series) -> pd.Series:
 def _shown(raw: pd.Series, mask: pd.Series) -> str:
     """The distinct raw values under ``mask`` with their counts, most frequent first."""
     counts = _text(raw[mask]).value_counts()
+    if len(counts) == 1:
+        # One value: the row count after the rule already says how often.
+        return f"'{counts.index[0]}'"
     parts = [f"'{value}' ({count})" for value, count in counts.head(_SHOWN_VALUES).items()]
     more = len(counts) - _SHOWN_VALUES
     return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
