@@ -132,3 +132,27 @@ def test_site_refuses_a_task_for_another_study(
     worker = SiteWorker(toy_study, toy_sites[0], n_params)
     with pytest.raises(RoundError, match="refuses a task for study"):
         worker.handle(encode_task(task))
+
+
+def test_an_under_trained_run_says_so_and_a_settled_one_does_not(
+    toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    from fedcare.simulation.runner import SimulationOptions, run_simulation
+
+    slow = toy_study.replace(
+        rounds={"count": 4, "min_sites": 2},
+        training={"epochs": 1, "batch_size": 16, "learning_rate": 0.005},
+    )
+    result = run_simulation(slow, toy_sites, SimulationOptions(baselines=False))
+    losses = [r.mean_train_loss for r in result.rounds]
+    assert losses[0] is not None
+    assert losses[-1] is not None
+    assert losses[-1] < losses[0]
+    assert any("still fell" in w and "under-trained" in w for w in result.warnings)
+    settled = toy_study.replace(rounds={"count": 30, "min_sites": 2})
+    result = run_simulation(settled, toy_sites, SimulationOptions(baselines=False))
+    assert not any("still fell" in w for w in result.warnings)
+    # Every comparison row carries its held-out size and positives.
+    for row in result.comparison:
+        site = next(s for s in toy_sites if s.name == row.site)
+        assert (row.n, row.positives) == (site.n_test, int(site.y_test.sum()))
