@@ -339,6 +339,20 @@ def test_override_is_recorded_and_export_needs_a_promoted_release(
         assert "Manual override" in text
         assert "No differential privacy is configured" in card["privacy"]
         assert "## Site beta: FAILED" in text
+        # A small held-out set is flagged beside its numbers, and the suppression rule
+        # names events as well as patients.
+        assert "**Warning:**" not in text  # every site here has 20 or more positives
+        assert "positives or negatives, are suppressed" in text
+        from fedcare.releases.card import build_card, render_markdown
+
+        built = build_card(registry.get(release.id), registry.study_of(release))
+        first = built.sites[0]
+        small = first.report.overall.model_copy(update={"positives": 12})
+        section = first.model_copy(
+            update={"report": first.report.model_copy(update={"overall": small})}
+        )
+        flagged = render_markdown(built.model_copy(update={"sites": [section]}))
+        assert f"**Warning:** 12 positive(s) in {small.n} held-out patients" in flagged
         assert len(files) == 5
         assert (tmp_path / "out" / "release.json").exists()
     finally:

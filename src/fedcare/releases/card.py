@@ -15,7 +15,13 @@ from fedcare.releases.registry import RegistryError, Release, ReleaseRegistry
 from fedcare.study import Study
 from fedcare.validation.gates import Verdict
 from fedcare.validation.release import ReleaseState
-from fedcare.validation.report import CellReport, Estimate, SuppressedCell, ValidationReport
+from fedcare.validation.report import (
+    FEW_POSITIVES,
+    CellReport,
+    Estimate,
+    SuppressedCell,
+    ValidationReport,
+)
 from fedcare.validation.spec import GateSpec, Metric
 
 CARD_METRICS = (
@@ -169,7 +175,9 @@ def render_markdown(card: ModelCard) -> str:
         lines += [
             "",
             f"Held-out patients; 95 % bootstrap intervals ({section.report.n_bootstrap} "
-            f"resamples); cells under {section.report.min_cohort} patients are suppressed.",
+            f"resamples; n/a where too few resamples define the metric); cells under "
+            f"{section.report.min_cohort} patients, or with 1 to "
+            f"{section.report.min_events - 1} positives or negatives, are suppressed.",
             "",
             header,
             rule,
@@ -177,6 +185,13 @@ def render_markdown(card: ModelCard) -> str:
         ]
         for cells in section.report.subgroups.values():
             lines += [_row(cell) for cell in cells]
+        overall = section.report.overall
+        if isinstance(overall, CellReport) and overall.positives < FEW_POSITIVES:
+            lines += [
+                "",
+                f"**Warning:** {overall.positives} positive(s) in {overall.n} held-out patients "
+                f"(fewer than {FEW_POSITIVES}): read every number here with its interval.",
+            ]
     return "\n".join(lines) + "\n"
 
 

@@ -9,10 +9,6 @@ from fedcare.validation.metrics import BinaryMetrics
 
 RESULTS_SCHEMA_VERSION = 3
 
-FEW_POSITIVES = 20
-"""Fewer positives than this in a held-out set make its AUROC too imprecise to rank
-models by; the report says so beside the number."""
-
 
 class SiteSummary(BaseModel):
     name: str

@@ -31,7 +31,6 @@ from fedcare.privacy.dp.ledger import PrivacyLedger
 from fedcare.releases.desk import ReleaseDesk
 from fedcare.releases.registry import ReleaseRegistry
 from fedcare.simulation.results import (
-    FEW_POSITIVES,
     PrivacySummary,
     ReleaseRecord,
     RoundRecord,
@@ -47,6 +46,7 @@ from fedcare.study import Study, TrainingSpec
 from fedcare.training import predict_proba, train_local
 from fedcare.training.convergence import CONVERGENCE_WINDOW, still_falling
 from fedcare.validation.metrics import BinaryMetrics, binary_metrics
+from fedcare.validation.report import FEW_POSITIVES
 from fedcare.validation.spec import GateSpec
 
 FEDERATED = "federated"

@@ -45,6 +45,10 @@ from fedcare.validation.spec import AGE_BAND, Metric
 OVERALL = "all"
 """The group name of the cell that holds every patient."""
 
+FEW_POSITIVES = 20
+"""Fewer positives than this in a held-out set make its metrics too imprecise to rank
+models by; reports (the simulation's, the model card) say so beside the numbers."""
+
 ECE_BINS = 10
 CONFIDENCE = 0.95
 
