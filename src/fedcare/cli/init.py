@@ -29,7 +29,7 @@ def init(
 ) -> None:
     """Write a commented template for study.yaml, mapping.yaml, site.yaml, policy.yaml,
     sites.yaml or coordinator.yaml; docs/reference/ explains every field."""
-    from fedcare.report.reference import template_text
+    from fedcare.data import template_text
 
     target = out or Path(f"{kind.value}.yaml")
     if target.exists() and not force:

@@ -13,6 +13,12 @@ def demo_study_path() -> Path:
     return Path(str(files("fedcare.data").joinpath("studies/early_warning.yaml")))
 
 
+def template_text(name: str) -> str:
+    """The text of the packaged template ``name`` (study, mapping, site, policy, sites,
+    coordinator): what ``fedcare init`` writes and docs/reference/ ends with."""
+    return files("fedcare.data").joinpath("templates", f"{name}.yaml").read_text("utf-8")
+
+
 def demo_study() -> Study:
     """The packaged early-warning study, validated."""
     return load_study(demo_study_path())

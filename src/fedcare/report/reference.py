@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
+from fedcare.data import template_text
 
 JsonSchema = dict[str, Any]
 
@@ -36,11 +37,6 @@ class Page:
         """The complete example ``fedcare init`` writes for this file."""
         name = self.file.removesuffix(".yaml")
         return template_text(name)
-
-
-def template_text(name: str) -> str:
-    """The text of the packaged template ``name`` (study, mapping, site, policy, ...)."""
-    return (resources.files("fedcare.data") / "templates" / f"{name}.yaml").read_text("utf-8")
 
 
 def pages() -> list[Page]:
