@@ -58,6 +58,11 @@ def test_demo_writes_results_and_report(tmp_path: Path) -> None:
                 assert low <= row[model] <= high
         assert f"<td>{row['n']}</td><td>{row['positives']}</td>" in html
     assert any(row["federated_ci"] is not None for row in results["comparison"])
+    for model, row in results["matrix"].items():  # every model on every site, with its CI
+        for cell in row.values():
+            if cell["auroc_ci"] is not None:
+                low, high = cell["auroc_ci"]
+                assert f"{cell['auroc']:.3f} [{low:.3f}, {high:.3f}]" in html, model
     small = [r["site"] for r in results["comparison"] if r["positives"] < 20]
     for site in small:
         assert any(w.startswith(f"{site}: ") for w in results["warnings"])
