@@ -18,11 +18,17 @@ from fedcare.study import Study
 
 @pytest.mark.slow
 def test_sweep_covers_the_grid_and_noise_costs_auroc(
-    toy_study: Study, toy_sites: list[SiteDataset]
+    toy_study: Study, toy_sites: list[SiteDataset], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Equal weighting: no noisy count is released, so all of epsilon 0.01 goes to training.
-    # Each site's noise comes from a secret seed, so the noisy AUROC varies from run to
-    # run (about 0.5 +- 0.1 here; at 0.05 it reached 0.82, too close to the bound).
+    # Each site draws its noise seed from `secrets`, so a noisy model is a random linear
+    # direction whose pooled AUROC may land anywhere from 0.3 to 0.82 (seen in full
+    # runs): no bound holds for every draw. The draws are made repeatable here; the
+    # assertion still fails if the sweep trains without the noise.
+    import random
+
+    draws = random.Random(20261203)
+    monkeypatch.setattr("fedcare.site.worker.secrets.randbits", draws.getrandbits)
     study = toy_study.replace(
         rounds={"count": 3, "min_sites": 2}, aggregation={"weighting": "equal"}
     )
