@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -34,6 +36,20 @@ def toy_frame(seed: int, n: int, shift: float = 0.0) -> pd.DataFrame:
     c = x[:, 2].copy()
     c[rng.random(n) < 0.2] = np.nan
     return pd.DataFrame({"A": x[:, 0], "B": x[:, 1], "C": c, "Y": y})
+
+
+def write_toy_sites(folder: Path, names: tuple[str, ...], rows: int) -> Path:
+    """CSV files of toy data (columns A, B, Y) with their mappings, and a sites.yaml."""
+    entries = []
+    for i, name in enumerate(names):
+        toy_frame(i, rows)[["A", "B", "Y"]].to_csv(folder / f"{name}.csv", index=False)
+        (folder / f"{name}.mapping.yaml").write_text(
+            f"site: {name}\nfeatures: {{a: A, b: B}}\nlabel: Y\n"
+        )
+        entries.append(f"  - {{name: {name}, data: {name}.csv, mapping: {name}.mapping.yaml}}")
+    sites = folder / "sites.yaml"
+    sites.write_text("sites:\n" + "\n".join(entries) + "\n")
+    return sites
 
 
 def toy_mapping(site: str) -> SiteMapping:

@@ -100,7 +100,7 @@ def test_operating_point_is_the_studys_validation_threshold_when_it_has_one(
 
 
 def _user_sites(tmp_path: Path) -> tuple[Path, Path]:
-    from .conftest import toy_frame
+    from .conftest import write_toy_sites
 
     study = tmp_path / "study.yaml"
     study.write_text(
@@ -110,15 +110,7 @@ def _user_sites(tmp_path: Path) -> tuple[Path, Path]:
         "training: {epochs: 1, batch_size: 16, learning_rate: 0.1}\n"
         "rounds: {count: 2, min_sites: 2}\naggregation: {weighting: equal}\n"
     )
-    entries = []
-    for i, name in enumerate(["north", "south"]):
-        toy_frame(i, 200)[["A", "B", "Y"]].to_csv(tmp_path / f"{name}.csv", index=False)
-        (tmp_path / f"{name}.mapping.yaml").write_text(
-            f"site: {name}\nfeatures: {{a: A, b: B}}\nlabel: Y\n"
-        )
-        entries.append(f"  - {{name: {name}, data: {name}.csv, mapping: {name}.mapping.yaml}}")
-    sites = tmp_path / "sites.yaml"
-    sites.write_text("sites:\n" + "\n".join(entries) + "\n")
+    sites = write_toy_sites(tmp_path, ("north", "south"), 200)
     return study, sites
 
 

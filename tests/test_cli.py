@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from fedcare.cli import app
 from fedcare.data import demo_study_path
 
-from .conftest import toy_frame
+from .conftest import toy_frame, write_toy_sites
 
 runner = CliRunner()
 
@@ -212,15 +212,7 @@ def test_a_reused_out_folder_starts_a_fresh_registry(tmp_path: Path) -> None:
         "disclosure: {artefacts: [model_updates, metrics], min_cohort_size: 5}\n"
         "validation: {subgroups: []}\n"
     )
-    entries = []
-    for i, name in enumerate(["one", "two"]):
-        toy_frame(i, 150)[["A", "B", "Y"]].to_csv(tmp_path / f"{name}.csv", index=False)
-        (tmp_path / f"{name}.mapping.yaml").write_text(
-            f"site: {name}\nfeatures: {{a: A, b: B}}\nlabel: Y\n"
-        )
-        entries.append(f"  - {{name: {name}, data: {name}.csv, mapping: {name}.mapping.yaml}}")
-    sites = tmp_path / "sites.yaml"
-    sites.write_text("sites:\n" + "\n".join(entries) + "\n")
+    sites = write_toy_sites(tmp_path, ("one", "two"), 150)
     args = ["simulate", "--study", str(study), "--sites", str(sites), "--out", str(tmp_path / "o")]
     for _ in range(2):
         result = runner.invoke(app, args)

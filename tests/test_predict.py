@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import Result
 from typer.testing import CliRunner
 
 from fedcare.cli import app
@@ -130,31 +131,26 @@ def test_an_altered_release_file_is_refused(toy_study: Study, tmp_path: Path, na
         load_bundle(folder)
 
 
+def _predict_cli(
+    folder: Path, frame: pd.DataFrame, tmp_path: Path, *extra: str
+) -> tuple[Result, Path]:
+    """Run `fedcare predict` on ``frame`` with alpha's mapping; the result and the out path."""
+    data = tmp_path / "new.csv"
+    frame.to_csv(data, index=False)
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text("site: alpha\nfeatures: {a: A, b: B, c: C}\nlabel: Y\n")
+    out = tmp_path / "scores.csv"
+    args = ["--release", str(folder), "--data", str(data), "--mapping", str(mapping)]
+    return CliRunner().invoke(app, ["predict", *args, "--out", str(out), *extra]), out
+
+
 def test_data_that_breaks_the_schema_is_refused_and_nothing_is_written(
     toy_study: Study, tmp_path: Path
 ) -> None:
     folder = _export(toy_study, tmp_path)
     frame = toy_frame(0, 50).astype(object)
     frame.loc[0, "A"] = "high"
-    data = tmp_path / "new.csv"
-    frame.to_csv(data, index=False)
-    mapping = tmp_path / "mapping.yaml"
-    mapping.write_text("site: alpha\nfeatures: {a: A, b: B, c: C}\nlabel: Y\n")
-    out = tmp_path / "scores.csv"
-    result = CliRunner().invoke(
-        app,
-        [
-            "predict",
-            "--release",
-            str(folder),
-            "--data",
-            str(data),
-            "--mapping",
-            str(mapping),
-            "--out",
-            str(out),
-        ],
-    )
+    result, out = _predict_cli(folder, frame, tmp_path)
     assert result.exit_code == 2
     assert "column 'A': not a number: 'high'" in result.output
     assert "Traceback" not in result.output
@@ -174,27 +170,7 @@ def test_the_command_writes_scores_with_kept_columns_and_no_label_needed(
     folder = _export(toy_study, tmp_path)
     frame = toy_frame(2, 30).drop(columns=["Y"])
     frame.insert(0, "mrn", [f"P{i:03d}" for i in range(30)])
-    data = tmp_path / "new.csv"
-    frame.to_csv(data, index=False)
-    mapping = tmp_path / "mapping.yaml"
-    mapping.write_text("site: alpha\nfeatures: {a: A, b: B, c: C}\nlabel: Y\n")
-    out = tmp_path / "scores.csv"
-    result = CliRunner().invoke(
-        app,
-        [
-            "predict",
-            "--release",
-            str(folder),
-            "--data",
-            str(data),
-            "--mapping",
-            str(mapping),
-            "--out",
-            str(out),
-            "--keep",
-            "mrn",
-        ],
-    )
+    result, out = _predict_cli(folder, frame, tmp_path, "--keep", "mrn")
     assert result.exit_code == 0, result.output
     assert "scored 30 rows" in result.output
     scores = pd.read_csv(out)
