@@ -270,3 +270,25 @@ def test_molar_conversion_is_linear_and_monotone(values: list[float], analyte: s
 def test_fahrenheit_celsius_formula(celsius: float) -> None:
     fahrenheit = convert(np.array([celsius]), "degC", "degF")[0]
     assert math.isclose(fahrenheit, celsius * 1.8 + 32, rel_tol=1e-12, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "analyte", "source_analyte", "expected"),
+    [
+        ("g/dL", "mmol/L", "haemoglobin", None, 0.6206),  # per haem, the clinical convention
+        ("ug/dL", "nmol/L", "t4", None, 12.87),
+        ("ng/dL", "nmol/L", "t3", None, 0.01536),
+        ("mg/dL", "umol/L", "bilirubin", None, 17.10),
+        ("mg/dL", "mmol/L", "urea", "urea_nitrogen", 0.3570),  # BUN to urea
+        ("lb", "kg", None, None, 0.45359),
+        ("inch", "cm", None, None, 2.54),
+    ],
+)
+def test_published_conversion_factors(
+    source: str, target: str, analyte: str | None, source_analyte: str | None, expected: float
+) -> None:
+    from fedcare.schema.units import conversion
+
+    factor, offset = conversion(source, target, analyte, source_analyte)
+    assert factor == pytest.approx(expected, rel=1e-3)
+    assert offset == 0.0
