@@ -14,7 +14,7 @@ from fedcare.federation.engine import Federation
 from fedcare.federation.messages import decode_task, decode_update, encode_task
 from fedcare.privacy.dp.guard import PrivacyGuard
 from fedcare.privacy.dp.ledger import Budget, BudgetExceededError, PrivacyLedger
-from fedcare.privacy.secagg.local import make_identities
+from fedcare.privacy.secagg.inmemory import make_identities
 from fedcare.privacy.secagg.protocol import ServerSession, run_session
 from fedcare.privacy.secagg.quantize import decode_sum, quantize_weight
 from fedcare.privacy.secagg.site import SecureSite

@@ -16,7 +16,7 @@ import pytest
 
 from fedcare.privacy.secagg.client import SecAggClient
 from fedcare.privacy.secagg.keys import SecAggError
-from fedcare.privacy.secagg.local import Identities, client_for, make_identities
+from fedcare.privacy.secagg.inmemory import Identities, client_for, make_identities
 from fedcare.privacy.secagg.messages import (
     SurvivorSignature,
     SurvivorSignatures,

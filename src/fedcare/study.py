@@ -189,6 +189,13 @@ class RoundSpec(Strict):
         description="How often a round short of min_sites at its deadline gets another "
         "deadline_s before it fails.",
     )
+    inactive_after: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Consecutive rounds a selected site may miss before it is marked "
+        "inactive and no longer selected; it is active again once it next asks for work.",
+    )
 
 
 class SecAggGraph(StrEnum):

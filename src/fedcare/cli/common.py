@@ -31,7 +31,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """
     from fedcare.audit import AuditError
     from fedcare.config import ConfigError
-    from fedcare.coordinator.store import StoreError
+    from fedcare.federation.state import StateError
     from fedcare.privacy.dp.accountant import AccountingError
     from fedcare.privacy.dp.budget import BudgetExceededError
     from fedcare.privacy.dp.plan import PlanError
@@ -56,7 +56,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         ConfigError,
         SiteAgentError,
         CoordinatorError,
-        StoreError,
+        StateError,
         AuditError,
         ProvisionError,
         RegistryError,

@@ -21,20 +21,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from fedcare.coordinator.service import (
-    ForbiddenError,
-    StudyCoordinator,
-    StudyStatus,
-)
-from fedcare.coordinator.store import StoreError
 from fedcare.coordinator.tls import PEER_KEY
 from fedcare.federation.messages import SHA256_HEX, TaskReply, TaskState
-from fedcare.federation.rounds import RoundError
-from fedcare.models.wire import PayloadError
+from fedcare.federation.service import REFUSALS, StudyService, StudyStatus
+from fedcare.federation.state import StateError
 from fedcare.privacy.secagg.protocol import STAGES
-from fedcare.releases.desk import NotYoursError, ValidationRefusedError
-from fedcare.releases.registry import RegistryError
 from fedcare.validation.messages import MAX_REPLY_BYTES
+
+MAX_WITHDRAWAL_BYTES = 4096
 
 log = logging.getLogger("fedcare.coordinator")
 
@@ -47,6 +41,11 @@ ReleaseId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 SecureStage = Annotated[
     str, Path(pattern=f"^({'|'.join(STAGES)})$", description="SecAgg+ stage (protocol.STAGES).")
 ]
+
+
+class WithdrawReply(BaseModel):
+    recorded: bool
+    duplicate: bool
 
 
 class SubmitReply(BaseModel):
@@ -129,7 +128,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(
-    coordinators: dict[str, StudyCoordinator],
+    coordinators: dict[str, StudyService],
     max_body_bytes: int = 64 * 1024 * 1024,
     poll_wait_s: float = 20.0,
     tick_s: float = 0.25,
@@ -170,7 +169,7 @@ def create_app(
         },
     )
 
-    def study_for(study_hash: str, site: str) -> StudyCoordinator:
+    def study_for(study_hash: str, site: str) -> StudyService:
         coordinator = coordinators.get(study_hash)
         if coordinator is None or site not in coordinator.federation.sites:
             # The same answer for "no such study" and "not yours": no probing.
@@ -178,19 +177,11 @@ def create_app(
         return coordinator
 
     # Refusals a caller can act on: the reason goes back with a 4xx, never a 500.
-    refusals: dict[type[Exception], int] = {
-        ForbiddenError: 403,
-        NotYoursError: 403,
-        RoundError: 409,
-        RegistryError: 409,
-        ValidationRefusedError: 400,
-        PayloadError: 400,
-    }
-    for kind, status in refusals.items():
+    for kind, status in REFUSALS.items():
         app.add_exception_handler(kind, _refusal(status))
 
-    @app.exception_handler(StoreError)
-    async def _store(_: Request, exc: StoreError) -> JSONResponse:
+    @app.exception_handler(StateError)
+    async def _store(_: Request, exc: StateError) -> JSONResponse:
         log.error("storage problem: %s", exc)
         return JSONResponse({"detail": "coordinator storage unavailable"}, status_code=503)
 
@@ -207,15 +198,33 @@ def create_app(
     async def studies(request: Request) -> list[StudyStatus]:
         site = _identity(request)
         return [
-            await run_in_threadpool(c.status)
+            await run_in_threadpool(c.status, site)
             for c in coordinators.values()
             if site in c.federation.sites
         ]
 
     @app.get("/v1/studies/{study_hash}")
     async def study_status(request: Request, study_hash: StudyHash) -> StudyStatus:
-        coordinator = study_for(study_hash, _identity(request))
-        return await run_in_threadpool(coordinator.status)
+        site = _identity(request)
+        coordinator = study_for(study_hash, site)
+        return await run_in_threadpool(coordinator.status, site)
+
+    @app.post(
+        "/v1/studies/{study_hash}/withdraw",
+        status_code=201,
+        response_model=WithdrawReply,
+        responses={200: {"model": WithdrawReply, "description": "Already withdrawn"}},
+        openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
+    )
+    async def withdraw(request: Request, study_hash: StudyHash) -> Response:
+        """This site cannot take part any more (a reason category, nothing about its data):
+        it is not selected again and the open round stops waiting for it."""
+        site = _identity(request)
+        coordinator = study_for(study_hash, site)
+        body = await _read_body(request, MAX_WITHDRAWAL_BYTES)
+        recorded = await run_in_threadpool(coordinator.withdraw, site, body)
+        reply = WithdrawReply(recorded=recorded, duplicate=not recorded)
+        return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
 
     @app.get(
         "/v1/studies/{study_hash}/task",

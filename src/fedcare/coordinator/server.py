@@ -12,20 +12,28 @@ import uvicorn
 from fedcare.audit import AuditLog
 from fedcare.config import CoordinatorConfig
 from fedcare.coordinator.app import create_app
-from fedcare.coordinator.service import StudyCoordinator
-from fedcare.coordinator.store import SqlStore
 from fedcare.coordinator.tls import PeerIdentityProtocol
+from fedcare.federation.service import StudyService
+from fedcare.federation.state.sql import SqlState
+from fedcare.releases.registry import ReleaseRegistry
 from fedcare.study import load_study
 
 
-def build_coordinators(config: CoordinatorConfig, store: SqlStore) -> dict[str, StudyCoordinator]:
-    """One durable coordinator per configured study, resumed from the store."""
+def build_coordinators(config: CoordinatorConfig, state: SqlState) -> dict[str, StudyService]:
+    """One study service per configured study, resumed from the state; the release
+    registry shares the state's database."""
     audit = AuditLog(config.audit_log, "coordinator")
-    coordinators: dict[str, StudyCoordinator] = {}
+    registry = ReleaseRegistry(state.engine, state.storage / "releases")
+    coordinators: dict[str, StudyService] = {}
     for membership in config.studies:
         study = load_study(membership.file)
-        coordinators[study.content_hash] = StudyCoordinator(
-            study, membership.sites, store, max_update_bytes=config.max_body_bytes, audit=audit
+        coordinators[study.content_hash] = StudyService(
+            study,
+            membership.sites,
+            state,
+            max_update_bytes=config.max_body_bytes,
+            audit=audit,
+            registry=registry,
         )
     return coordinators
 
@@ -67,7 +75,7 @@ def serve(config: CoordinatorConfig) -> None:
     """Run until stopped. State is committed as it changes; kill -9 loses nothing."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config.storage.mkdir(parents=True, exist_ok=True)
-    store = SqlStore(config.database, config.storage)
+    store = SqlState(config.database, config.storage)
     stopping = threading.Event()
     try:
         coordinators = build_coordinators(config, store)

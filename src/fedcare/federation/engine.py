@@ -1,8 +1,8 @@
 """The coordinator's side of a study, independent of how bytes move.
 
 :class:`Federation` owns the global model, opens rounds, selects sites and
-applies the server optimiser when a round closes. The simulation and the
-networked coordinator both drive this one class.
+applies the server optimiser when a round closes. The study service
+(:mod:`fedcare.federation.service`) drives it, in simulation and over the network.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,17 +65,20 @@ class Federation:
     def done(self) -> bool:
         return self.round_number >= self.study.rounds.count
 
-    def select(self, number: int) -> tuple[str, ...]:
-        """Sites for round ``number``: all of them, or a seeded random fraction."""
+    def select(self, number: int, eligible: Sequence[str] | None = None) -> tuple[str, ...]:
+        """Sites for round ``number`` among ``eligible`` (default: every member): all of
+        them, or a seeded random fraction."""
+        pool = sorted(self.sites if eligible is None else eligible)
         fraction = self.study.rounds.fraction
         if fraction >= 1.0:
-            return tuple(self.sites)
-        k = max(self.study.rounds.min_sites, math.ceil(fraction * len(self.sites)))
+            return tuple(pool)
+        k = min(len(pool), max(self.study.rounds.min_sites, math.ceil(fraction * len(pool))))
         rng = np.random.default_rng(derive_seed(self.study.seed, "select", number))
-        return tuple(sorted(rng.choice(self.sites, size=k, replace=False).tolist()))
+        return tuple(sorted(rng.choice(pool, size=k, replace=False).tolist()))
 
-    def open_round(self, now: float) -> tuple[Round, Task]:
-        """Start the next round; returns it with the task every selected site receives."""
+    def open_round(self, now: float, eligible: Sequence[str] | None = None) -> tuple[Round, Task]:
+        """Start the next round among ``eligible`` sites; returns it with the task every
+        selected site receives."""
         if self.done:
             raise RoundError(f"the study has finished its {self.study.rounds.count} rounds")
         number = self.round_number + 1
@@ -82,7 +86,7 @@ class Federation:
         round_ = Round(
             study_hash=self.study.content_hash,
             number=number,
-            selected=self.select(number),
+            selected=self.select(number, eligible),
             min_sites=spec.min_sites,
             deadline=now + spec.deadline_s,
             extension_s=spec.deadline_s,

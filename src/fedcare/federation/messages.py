@@ -47,6 +47,36 @@ class UpdateHeader(BaseModel):
     )
 
 
+class WithdrawReason(StrEnum):
+    """Why a site cannot take part any more: a category, never anything about its data."""
+
+    BUDGET = "budget"
+    """Its privacy budget for the data set is spent."""
+    APPROVAL = "approval"
+    """Its approval of the study was withdrawn."""
+    DATA = "data"
+    """Its data no longer fits the study's schema."""
+
+
+class Withdrawal(BaseModel):
+    """A site telling the coordinator it stops taking part in a study."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    study_hash: str = Field(pattern=SHA256_HEX)
+    site: str = Field(pattern=SITE_NAME)
+    reason: WithdrawReason
+
+
+class ModelHeader(BaseModel):
+    """Header of a stored or served global model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    study_hash: str = Field(pattern=SHA256_HEX)
+    round: int = Field(ge=0)
+
+
 class TaskState(StrEnum):
     """What a site gets when it asks for work."""
 
@@ -92,3 +122,29 @@ def encode_update(update: SiteUpdate) -> bytes:
 def decode_update(data: bytes, n_params: int, max_bytes: int = DEFAULT_MAX_BYTES) -> SiteUpdate:
     header, vectors = decode(data, UpdateHeader, {"delta": n_params}, max_bytes)
     return SiteUpdate(header=header, delta=vectors["delta"])
+
+
+def encode_model(
+    study_hash: str,
+    number: int,
+    params: NDArray[np.float32],
+    state: dict[str, NDArray[np.float32]] | None = None,
+) -> bytes:
+    """A model payload: the parameters and, for the coordinator's own files, the server
+    optimiser's state."""
+    vectors = {"params": params, **{f"opt.{k}": v for k, v in (state or {}).items()}}
+    return encode(vectors, ModelHeader(study_hash=study_hash, round=number))
+
+
+def decode_model(
+    data: bytes, n_params: int, state_names: tuple[str, ...] = ()
+) -> tuple[ModelHeader, NDArray[np.float32], dict[str, NDArray[np.float32]]]:
+    """Parse a model payload holding the parameters and exactly ``state_names`` of state.
+
+    Stored model files carry the server optimiser's state (written after it has
+    stepped at least once); models served to sites carry parameters only (``()``).
+    """
+    expected = {"params": n_params, **{f"opt.{k}": n_params for k in state_names}}
+    header, vectors = decode(data, ModelHeader, expected, max_bytes=len(data))
+    state = {k.removeprefix("opt."): v for k, v in vectors.items() if k.startswith("opt.")}
+    return header, vectors["params"], state

@@ -58,6 +58,8 @@ class Round:
     reason: str = ""
     updates: dict[str, SiteUpdate] = field(default_factory=dict)
     summed: SummedUpdate | None = None
+    excused: set[str] = field(default_factory=set)
+    """Selected sites the round no longer waits for (withdrawn or dropped since it opened)."""
 
     def __post_init__(self) -> None:
         if not self.selected:
@@ -77,6 +79,16 @@ class Round:
         if self.summed is not None:
             return self.summed.participants
         return tuple(sorted(self.updates))
+
+    @property
+    def waiting_for(self) -> tuple[str, ...]:
+        """Selected sites that may still report."""
+        return tuple(sorted(set(self.selected) - set(self.reporters) - self.excused))
+
+    def excuse(self, site: str) -> None:
+        """Stop waiting for ``site``; an update it already sent still counts."""
+        if site in self.selected:
+            self.excused.add(site)
 
     def submit_sum(self, summed: SummedUpdate) -> None:
         """Accept the result of secure aggregation in place of individual updates."""
@@ -111,6 +123,8 @@ class Round:
             raise RoundError(f"round {self.number} is {self.status}; it takes no more updates")
         if header.site not in self.selected:
             raise RoundError(f"site '{header.site}' was not selected for round {self.number}")
+        if header.site in self.excused and header.site not in self.updates:
+            raise RoundError(f"site '{header.site}' no longer takes part in round {self.number}")
         previous = self.updates.get(header.site)
         if previous is not None:
             if previous.header == header and np.array_equal(previous.delta, update.delta):
@@ -121,12 +135,13 @@ class Round:
         return True
 
     def due(self, now: float) -> bool:
-        """True when the round should be closed now: everyone reported, or the deadline passed."""
+        """True when the round should be closed now: every selected site still taking part
+        reported, or the deadline passed."""
         if self.finished:
             return False
         if self.summed is not None:
             return True
-        return len(self.reporters) == len(self.selected) or now >= self.deadline
+        return not self.waiting_for or now >= self.deadline
 
     def close(
         self, now: float, weighting: Weighting, cap: float | None = None
@@ -144,15 +159,17 @@ class Round:
                 f"{len(self.selected)} site(s) reported and the deadline has not passed"
             )
         if len(self.reporters) < self.min_sites:
-            # A secure sum is final: waiting longer cannot add sites to it.
-            if self.extensions_left > 0 and self.summed is None:
+            # A secure sum is final, and sites that left will not report: waiting
+            # longer helps only when someone selected may still answer.
+            if self.extensions_left > 0 and self.summed is None and self.waiting_for:
                 self.extensions_left -= 1
                 self.deadline = now + self.extension_s
                 return None
             self.status = RoundStatus.FAILED
             self.reason = (
-                f"only {len(self.reporters)} of {len(self.selected)} site(s) reported by the "
-                f"deadline; at least {self.min_sites} needed"
+                f"only {len(self.reporters)} of {len(self.selected)} site(s) reported"
+                f"{' by the deadline' if self.waiting_for else ''}; at least "
+                f"{self.min_sites} needed"
             )
             return None
         if self.summed is not None:
@@ -173,7 +190,13 @@ class Round:
 
     def _closed(self, mean: NDArray[np.float32], sites: Sequence[str]) -> NDArray[np.float32]:
         self.status = RoundStatus.CLOSED
-        missing = sorted(set(self.selected) - set(sites))
+        gone = sorted((set(self.selected) - set(sites)) & self.excused)
+        missing = sorted(set(self.selected) - set(sites) - self.excused)
+        reasons = []
         if missing:
-            self.reason = f"closed without {', '.join(missing)} (no update by the deadline)"
+            reasons.append(f"{', '.join(missing)} (no update by the deadline)")
+        if gone:
+            reasons.append(f"{', '.join(gone)} (no longer taking part)")
+        if reasons:
+            self.reason = "closed without " + "; ".join(reasons)
         return mean

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from fedcare.coordinator.store import write_file_atomically
+from fedcare.durable import write_file_atomically
 from fedcare.releases.bundle import MANIFEST, MODEL, STUDY, manifest_for
 from fedcare.releases.registry import RegistryError, Release, ReleaseRegistry
 from fedcare.study import Study

@@ -220,6 +220,10 @@ class ReleaseDesk:
         self.settle(now)
         return recorded, verdict
 
+    def next_deadline(self) -> float | None:
+        """When the earliest open candidate is settled with whatever verdicts are in."""
+        return min((r.deadline for r in self.registry.candidates(self.hash)), default=None)
+
     def settle(self, now: float) -> list[Release]:
         """Decide every candidate whose verdicts are all in or whose deadline has passed."""
         decided = []

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedcare.coordinator.store import sha256_hex, sqlite_pragmas, write_file_atomically
+from fedcare.durable import sha256_hex, sqlite_pragmas, write_file_atomically
 from fedcare.models.wire import decode, encode
 from fedcare.releases.bundle import ModelHeader as ReleaseModelHeader
 from fedcare.study import Study

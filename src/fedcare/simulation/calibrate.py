@@ -30,7 +30,6 @@ from sklearn.metrics import roc_auc_score
 from fedcare.models.size import study_parameter_count
 from fedcare.privacy.dp.accountant import AccountantKind
 from fedcare.simulation.runner import run_federation
-from fedcare.simulation.transport import InProcessTransport
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study
@@ -181,7 +180,7 @@ def calibrate(
             run = _private_study(study, epsilon, delta, max_grad_norm, accountant)
             run = run.replace(seed=seed)
             workers = {s.name: SiteWorker(run, s, n_params) for s in sites}
-            params, _ = run_federation(run, sites, InProcessTransport(workers))
+            params = run_federation(run, sites, workers=workers).params
             scores = _score(run, params, sites)
             p_all = np.concatenate([scores[s.name] for s in sites])
             auroc.append(float(roc_auc_score(y_all, p_all)))

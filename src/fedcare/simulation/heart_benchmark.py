@@ -1,8 +1,8 @@
 """The Fed-Heart-Disease benchmark: pooled, local and every strategy, beside the published table.
 
 Every federated run goes through :func:`fedcare.simulation.runner.run_federation`
-with an :class:`InProcessTransport` of :class:`SiteWorker` objects, the code
-path of ``fedcare simulate``; pooled and local models come from
+(the study service with a :class:`SiteWorker` per centre), the code path of
+``fedcare simulate``; pooled and local models come from
 :func:`fedcare.simulation.runner.train_baselines`. Each method runs once per
 seed: the seed is the study seed (round seeds, local shuffling, baseline
 seeds); the train/test split stays at the protocol's seed 43.
@@ -23,7 +23,6 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, Field
 
 from fedcare.data.heart_disease import CENTER_NAMES, heart_disease_study
-from fedcare.models.size import study_parameter_count
 from fedcare.simulation.results import RoundRecord
 from fedcare.simulation.runner import (
     POOLED,
@@ -32,9 +31,7 @@ from fedcare.simulation.runner import (
     run_federation,
     train_baselines,
 )
-from fedcare.simulation.transport import InProcessTransport
 from fedcare.site.dataset import SiteDataset
-from fedcare.site.worker import SiteWorker
 from fedcare.study import Strategy, Study
 
 FEDPROX = "fedprox"
@@ -193,10 +190,8 @@ def federate(
     study: Study, sites: Sequence[SiteDataset], progress: Progress = _quiet
 ) -> FederatedRun:
     """One federated run, exactly as ``fedcare simulate`` runs it."""
-    n_params = study_parameter_count(study)
-    transport = InProcessTransport({s.name: SiteWorker(study, s, n_params) for s in sites})
-    params, records = run_federation(study, sites, transport, progress)
-    return FederatedRun(params, accuracies(study, params, sites), records)
+    run = run_federation(study, sites, progress)
+    return FederatedRun(run.params, accuracies(study, run.params, sites), run.rounds)
 
 
 def summarise(per_seed: Sequence[Mapping[str, float]], centers: Sequence[str]) -> Scores:

@@ -25,18 +25,16 @@ import yaml
 from pydantic import BaseModel
 
 from fedcare.config import CoordinatorConfig, SiteConfig, StudyMembership, TlsFiles, write_config
-from fedcare.coordinator.service import decode_model
-from fedcare.coordinator.store import SqlStore
 from fedcare.data.synthetic import HospitalCohort, generate_cohorts
+from fedcare.federation.messages import decode_model
+from fedcare.federation.state.sql import SqlState
 from fedcare.models.size import study_parameter_count
 from fedcare.policy import SitePolicy, approve, save_policy
 from fedcare.provision import provision
 from fedcare.simulation.runner import Progress, run_federation
 from fedcare.simulation.sites import BUILTIN_BUDGETS, BUILTIN_SITE_GATES
-from fedcare.simulation.transport import InProcessTransport
 from fedcare.site.client import CoordinatorClient, RetryableError
 from fedcare.site.dataset import prepare_site_data
-from fedcare.site.worker import SiteWorker
 from fedcare.study import Study
 
 
@@ -252,16 +250,12 @@ def stop(proc: _Proc, timeout_s: float = 10.0) -> None:
 
 def _round_times(folder: Path, study_hash: str) -> list[tuple[float, float]]:
     """(opened, closed) wall-clock times of every finished round, from the coordinator's store."""
-    store = SqlStore(f"sqlite:///{folder / 'coordinator.db'}", folder / "models")
+    state = SqlState(f"sqlite:///{folder / 'coordinator.db'}", folder / "models")
     try:
-        history = store.round_history(study_hash)
+        history = state.rounds(study_hash)
     finally:
-        store.close()
-    return [
-        (float(str(r["opened_at"])), float(str(r["closed_at"])))
-        for r in history
-        if r["closed_at"] is not None
-    ]
+        state.close()
+    return [(r.opened_at, r.closed_at) for r in history if r.closed_at is not None]
 
 
 def _train_times(site_dirs: list[Path]) -> dict[int, float]:
@@ -330,13 +324,12 @@ def run_network_demo(
             / "state"
             / (f"model-{study.content_hash[:16]}.safetensors")
         )
-        _, params, _ = decode_model(model_file.read_bytes(), study_parameter_count(study), ())
+        _, params, _ = decode_model(model_file.read_bytes(), study_parameter_count(study))
         models.append(params)
 
     reference_started = time.perf_counter()
     prepared = [prepare_site_data(c.frame, c.mapping, study) for c in cohorts]
-    workers = {s.name: SiteWorker(study, s, study_parameter_count(study)) for s in prepared}
-    reference, _ = run_federation(study, prepared, InProcessTransport(workers))
+    reference = run_federation(study, prepared).params
     in_process_wall = time.perf_counter() - reference_started
     difference = None
     if not study.privacy.dp:

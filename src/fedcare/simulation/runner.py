@@ -1,7 +1,8 @@
 """Run a study on one machine: the federation, and the baselines users compare it with.
 
-The federation goes through :class:`fedcare.federation.engine.Federation`, the
-same class the networked coordinator drives; sites answer through a transport.
+The federation runs through the study service, the driver the networked
+coordinator runs too, with every site's real worker answering in this process
+(:mod:`fedcare.simulation.inprocess`).
 The baselines are a local-only model per site and a pooled model trained on
 every site's training rows, each with the same number of local epochs (or
 steps) as the federation spends in total.
@@ -13,23 +14,21 @@ import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
-from fedcare.federation.engine import Federation
-from fedcare.federation.messages import decode_update, encode_task
-from fedcare.federation.rounds import RoundStatus
+from fedcare.federation.service import RoundReport
 from fedcare.models.builders import initial_parameters
 from fedcare.models.size import study_parameter_count
 from fedcare.privacy.dp.budget import Budget
 from fedcare.privacy.dp.guard import PrivacyGuard
 from fedcare.privacy.dp.ledger import PrivacyLedger
-from fedcare.releases.desk import ReleaseDesk
 from fedcare.releases.registry import ReleaseRegistry
+from fedcare.simulation.inprocess import run_in_process
 from fedcare.simulation.results import (
     PrivacySummary,
     ReleaseRecord,
@@ -38,8 +37,6 @@ from fedcare.simulation.results import (
     SiteComparison,
     SiteSummary,
 )
-from fedcare.simulation.secure import run_secure_round, secure_sites
-from fedcare.simulation.transport import InProcessTransport, Transport
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, TrainingSpec
@@ -82,6 +79,8 @@ class SimulationOptions:
     registry_dir: Path | None = None
     """Where the release registry is kept (``registry.db`` and model files); a
     temporary folder when not given."""
+    offline: frozenset[str] = frozenset()
+    """Sites that never answer (a site down for the whole study)."""
 
 
 def evaluate(
@@ -103,65 +102,37 @@ def evaluate(
     }
 
 
-def validate_release(
-    desk: ReleaseDesk, transport: Transport, round_number: int, params: NDArray[np.float32]
-) -> None:
-    """Make the model a candidate release, have every site validate it, and settle it."""
-    release = desk.open_candidate(round_number, params, now=time.time())
-    for site in desk.sites:
-        task = desk.task_for(site)
-        if task is None:
-            continue
-        reply = transport.validate(site, task[1])
-        if reply is not None:
-            desk.receive(site, task[0], reply, now=time.time())
-    # In one process every answer is in; sites that did not answer are past the deadline.
-    desk.settle(now=max(time.time(), release.deadline))
+@dataclass(frozen=True)
+class FederationRun:
+    """The final model of an in-process study, its rounds, and why it stopped early."""
+
+    params: NDArray[np.float32]
+    rounds: list[RoundRecord]
+    halted: str = ""
 
 
 def run_federation(
     study: Study,
     sites: Sequence[SiteDataset],
-    transport: Transport,
     progress: Progress = _quiet,
-    desk: ReleaseDesk | None = None,
-) -> tuple[NDArray[np.float32], list[RoundRecord]]:
-    """Drive every round of the study through ``transport``; returns the final model.
+    workers: Mapping[str, SiteWorker] | None = None,
+    offline: frozenset[str] = frozenset(),
+    registry: ReleaseRegistry | None = None,
+) -> FederationRun:
+    """Run every round of the study through the study service, in this process.
 
-    With a ``desk``, the model after each candidate round is validated by every
-    site and settled as a release (see docs/validation.md).
+    Each site is a real :class:`SiteWorker` (``workers``, or plain ones built from
+    ``sites``); sites in ``offline`` never answer. A study that validates releases
+    keeps them in ``registry`` (a temporary one when not given).
     """
-    n_inputs = study.feature_schema.n_inputs
-    initial = initial_parameters(study.model, n_inputs, study.seed)
-    federation = Federation(study, [s.name for s in sites], initial)
+    n_params = study_parameter_count(study)
+    if workers is None:
+        workers = {s.name: SiteWorker(study, s, n_params) for s in sites}
     records: list[RoundRecord] = []
     total = study.rounds.count
-    secure = None
-    if study.secure_aggregation.enabled:
-        if not isinstance(transport, InProcessTransport):
-            raise ValueError("secure aggregation in one process needs the in-process transport")
-        secure = secure_sites(transport.workers)
-    while not federation.done:
-        round_, task = federation.open_round(now=time.monotonic())
-        payload = encode_task(task)
-        if secure is None:
-            for site in round_.selected:
-                reply = transport.exchange(site, payload)
-                if reply is not None:
-                    round_.submit(decode_update(reply, initial.shape[0]))
-        else:
-            # The coordinator gets only the sum; individual updates stay at the sites.
-            assert isinstance(transport, InProcessTransport)
-            run_secure_round(study, round_, payload, secure, initial.shape[0], transport.offline)
-        # In one process every answer is in once the loop ends; sites that did
-        # not answer are treated as past the deadline.
-        outcome = federation.finish_round(round_, now=max(time.monotonic(), round_.deadline))
-        if (
-            desk is not None
-            and outcome.status is RoundStatus.CLOSED
-            and desk.is_candidate_round(outcome.number)
-        ):
-            validate_release(desk, transport, outcome.number, federation.params)
+
+    def on_round(report: RoundReport) -> None:
+        outcome = report.outcome
         records.append(
             RoundRecord(
                 number=outcome.number,
@@ -169,11 +140,18 @@ def run_federation(
                 participants=list(outcome.participants),
                 reason=outcome.reason,
                 mean_train_loss=outcome.mean_loss,
-                metrics=evaluate(study, federation.params, sites),
+                metrics=evaluate(study, report.params, sites),
             )
         )
         progress("federated rounds", outcome.number, total)
-    return federation.params, records
+
+    with contextlib.ExitStack() as stack:
+        if registry is None and study.validates_releases:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="registry-")))
+            registry = ReleaseRegistry.open(f"sqlite:///{folder / 'registry.db'}", folder)
+            stack.callback(registry.close)
+        service = run_in_process(study, workers, offline, registry, on_round)
+    return FederationRun(service.federation.params, records, service.halted)
 
 
 def _spend(guard: PrivacyGuard | None, study: Study, n_train: int) -> dict[str, float]:
@@ -200,11 +178,15 @@ def _privacy(study: Study) -> PrivacySummary | None:
     )
 
 
-def warnings(
-    study: Study, comparison: Sequence[SiteComparison], rounds: Sequence[RoundRecord]
-) -> list[str]:
+def warnings(study: Study, comparison: Sequence[SiteComparison], run: FederationRun) -> list[str]:
     """What a reader must know before trusting the numbers of a run."""
-    out = [
+    rounds = run.rounds
+    out = []
+    if run.halted:
+        out.append(
+            f"the study halted after round {len(rounds)} of {study.rounds.count}: {run.halted}"
+        )
+    out += [
         f"{row.site}: {row.positives} positive(s) in {row.n} held-out rows (fewer than "
         f"{FEW_POSITIVES}); its AUROC is imprecise, read the interval"
         for row in comparison
@@ -298,16 +280,14 @@ def run_simulation(
     sites: Sequence[SiteDataset],
     options: SimulationOptions = SimulationOptions(),
     progress: Progress = _quiet,
-    transport: Transport | None = None,
 ) -> SimulationResult:
     """The federation plus (optionally) its baselines, scored on every site's held-out data."""
     started = time.perf_counter()
     n_params = study_parameter_count(study)
     guards: dict[str, PrivacyGuard] = {}
     with contextlib.ExitStack() as stack:
-        if transport is None:
-            transport = _workers(study, sites, options, n_params, guards, stack)
-        return _run(study, sites, options, progress, transport, guards, n_params, started)
+        workers = _workers(study, sites, options, n_params, guards, stack)
+        return _run(study, sites, options, progress, workers, guards, n_params, started)
 
 
 def _workers(
@@ -317,7 +297,7 @@ def _workers(
     n_params: int,
     guards: dict[str, PrivacyGuard],
     stack: contextlib.ExitStack,
-) -> InProcessTransport:
+) -> dict[str, SiteWorker]:
     """A worker per site; under a DP study, a site with a budget gets a ledger (in a
     scratch folder: a simulation releases nothing, so nothing carries over to a next run)."""
     ledgers: Path | None = None
@@ -334,7 +314,7 @@ def _workers(
         workers[s.name] = SiteWorker(
             study, s, n_params, rules.gates, rules.min_cohort, privacy=guard
         )
-    return InProcessTransport(workers)
+    return workers
 
 
 def _run(
@@ -342,7 +322,7 @@ def _run(
     sites: Sequence[SiteDataset],
     options: SimulationOptions,
     progress: Progress,
-    transport: Transport,
+    workers: dict[str, SiteWorker],
     guards: dict[str, PrivacyGuard],
     n_params: int,
     started: float,
@@ -352,18 +332,15 @@ def _run(
         folder.mkdir(parents=True, exist_ok=True)
         registry = ReleaseRegistry.open(f"sqlite:///{folder / 'registry.db'}", folder)
         try:
-            desk = (
-                ReleaseDesk(study, [s.name for s in sites], registry)
-                if study.validates_releases
-                else None
+            run = run_federation(
+                study, sites, progress, workers, options.offline, registry=registry
             )
-            final, records = run_federation(study, sites, transport, progress, desk)
             releases = [
                 ReleaseRecord.from_release(r) for r in registry.releases(study.content_hash)
             ]
         finally:
             registry.close()
-    models = {FEDERATED: final}
+    models = {FEDERATED: run.params}
     if options.baselines:
         models.update(train_baselines(study, sites, progress))
     matrix = {
@@ -390,11 +367,11 @@ def _run(
             )
             for s in sites
         ],
-        rounds=records,
+        rounds=run.rounds,
         matrix=matrix,
         comparison=comparison,
         releases=releases,
         privacy=_privacy(study),
-        warnings=warnings(study, comparison, records),
+        warnings=warnings(study, comparison, run),
         wall_s=time.perf_counter() - started,
     )

@@ -1,4 +1,7 @@
-"""The site's HTTPS client for the coordinator: mutual TLS, outbound only."""
+"""The site's HTTPS client for the coordinator: mutual TLS, outbound only.
+
+It is the network's :class:`~fedcare.site.participant.CoordinatorLink`; the
+simulation's is a direct call into the study service."""
 
 from __future__ import annotations
 
@@ -154,6 +157,25 @@ class CoordinatorClient:
         if response.status_code != 200:
             raise CoordinatorError(response.status_code, _detail(response))
         return response.content
+
+    def withdraw(self, study_hash: str, message: bytes) -> bool:
+        """Tell the coordinator this site stops taking part; True if newly recorded."""
+        response = self._call(
+            "POST",
+            f"/v1/studies/{study_hash}/withdraw",
+            content=message,
+            headers={"Content-Type": "application/json"},
+        )
+        if response.status_code not in (200, 201):
+            raise CoordinatorError(response.status_code, _detail(response))
+        return bool(response.json()["recorded"])
+
+    def secure_sites(self, study_hash: str, round_number: int) -> tuple[str, ...]:
+        """The sites of the open secure round ``round_number`` (its session's participants)."""
+        open_round = self.status(study_hash).get("open_round") or {}
+        if open_round.get("number") != round_number:
+            raise CoordinatorError(409, f"round {round_number} is no longer open")
+        return tuple(open_round["selected"])
 
     def model(self, study_hash: str) -> bytes:
         response = self._call("GET", f"/v1/studies/{study_hash}/model")

@@ -22,10 +22,10 @@ from fedcare.privacy.dp.counts import bucket, noisy_count
 from fedcare.privacy.dp.guard import PrivacyGuard, dp_settings
 from fedcare.privacy.dp.plan import SitePlan, needs_count, plan_site
 from fedcare.site.dataset import SiteDataset
+from fedcare.site.validation import validate_candidate
 from fedcare.study import Study
 from fedcare.training import train_local
 from fedcare.training.dp_sgd import DpSgdSettings
-from fedcare.validation.local import validate_candidate
 from fedcare.validation.messages import decode_validation_task, encode_validation_reply
 from fedcare.validation.spec import GateSpec
 

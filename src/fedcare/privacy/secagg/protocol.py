@@ -24,6 +24,7 @@ is parsed and checked on arrival, in process as over the network.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -197,10 +198,12 @@ class ServerSession:
         index = STAGES.index(stage)
         return self.setup.sites if index == 0 else self.posted(STAGES[index - 1])
 
-    def complete(self) -> bool:
-        """True when everyone expected in the current stage has posted."""
+    def complete(self, excused: AbstractSet[str] = frozenset()) -> bool:
+        """True when everyone expected in the current stage has posted, but for the
+        ``excused`` (sites that said they left)."""
         stage = self.stage
-        return stage is not None and set(self.expected(stage)) <= set(self.posted(stage))
+        waiting = set(self.expected(stage)) - excused if stage is not None else set()
+        return stage is not None and waiting <= set(self.posted(stage))
 
     def post(self, site: str, stage: Stage, body: bytes) -> None:
         """Take one message from the authenticated ``site``; :class:`SecAggError` if refused."""

@@ -17,10 +17,12 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from fedcare import pki
+from fedcare.config import SiteConfig
 from fedcare.federation.engine import derive_seed
 from fedcare.federation.messages import SiteUpdate
 from fedcare.privacy.secagg.client import SecAggClient
-from fedcare.privacy.secagg.keys import IdentitySigner, IdentityVerifier, SecAggError
+from fedcare.privacy.secagg.keys import EcdsaSigner, IdentitySigner, IdentityVerifier, SecAggError
 from fedcare.privacy.secagg.protocol import ClientParty
 from fedcare.privacy.secagg.quantize import encode
 from fedcare.privacy.secagg.session import RoundSetup
@@ -129,3 +131,12 @@ class SecureSite:
     def _encode(self, update: SiteUpdate, seed: int) -> NDArray[np.unsignedinteger]:
         weight = site_weight(self.worker.study, update.header.n_samples)
         return encode(update.delta, weight, self.plan, np.random.default_rng(seed))
+
+
+def secure_site(config: SiteConfig, worker: SiteWorker, record: SessionRecord) -> SecureSite:
+    """The site's secure side, signing with its provisioned certificate key; ``record``
+    keeps, durably, the tasks it sent masked inputs for."""
+    cert = pki.load_certificate(config.tls.cert)
+    signer = EcdsaSigner(pki.load_private_key(config.tls.key), cert)
+    verifier = IdentityVerifier(pki.load_certificate(config.tls.ca))
+    return SecureSite(worker, signer, signer.certificate_pem, verifier, record)

@@ -1,4 +1,4 @@
-"""The coordinator's relay for a securely aggregated round (SecAgg+ over HTTP).
+"""The study service's relay for a securely aggregated round (SecAgg+, message by message).
 
 Sites post each stage's message and fetch what the next stage needs, as
 :mod:`fedcare.privacy.secagg.protocol` defines them; a stage closes when every
@@ -41,6 +41,11 @@ class SecureRelay:
         self.stage_deadline = max(round_.deadline, now)
 
     @property
+    def deadline(self) -> float:
+        """When the current stage closes with whoever has posted."""
+        return self.stage_deadline
+
+    @property
     def submitted(self) -> tuple[str, ...]:
         return self.session.server.submitted
 
@@ -70,7 +75,7 @@ class SecureRelay:
         session = self.session
         try:
             while session.stage is not None:
-                if not (now >= self.stage_deadline or session.complete()):
+                if not (now >= self.stage_deadline or session.complete(round_.excused)):
                     return False
                 session.close()
                 self.stage_deadline = now + self.stage_s

@@ -1,0 +1,719 @@
+"""The study service: the one driver of every study, in simulation and over the network.
+
+:class:`StudyService` wraps :class:`~fedcare.federation.engine.Federation` with a
+:class:`~fedcare.federation.state.StudyState` (in memory for a simulation, SQL
+for the networked coordinator), so every transition is recorded before it is
+acted on. It knows nothing about HTTP or processes: the coordinator's web layer
+calls it for each request, the simulation calls it for each in-process message,
+and both call :meth:`StudyService.tick` to enforce deadlines.
+
+It also keeps each site's standing. A site that says it cannot take part
+(:meth:`~StudyService.withdraw`), that missed ``rounds.inactive_after`` selected
+rounds in a row, or that the operator dropped is not selected again, and an
+open round stops waiting for it; a round whose remaining selected sites have
+all reported closes at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ValidationError
+
+from fedcare.aggregation import make_server_optimizer
+from fedcare.audit import AuditLog, JsonInput
+from fedcare.durable import sha256_hex
+from fedcare.federation.engine import Federation, RoundOutcome
+from fedcare.federation.messages import (
+    SiteUpdate,
+    Task,
+    TaskReply,
+    TaskState,
+    Withdrawal,
+    decode_model,
+    decode_update,
+    encode_model,
+    encode_task,
+)
+from fedcare.federation.rounds import Round, RoundError, RoundStatus
+from fedcare.federation.secure_relay import SecureRelay
+from fedcare.federation.state import SiteRecord, SiteState, StoredRound, StudyState
+from fedcare.models.builders import initial_parameters
+from fedcare.models.wire import PayloadError
+from fedcare.releases.desk import NotYoursError, ReleaseDesk, ValidationRefusedError
+from fedcare.releases.registry import RegistryError, ReleaseRegistry
+from fedcare.study import Study
+from fedcare.validation.gates import Verdict
+
+SEEN_EVERY_S = 5.0
+"""How often a site's last contact is written to the state (it is kept in memory between)."""
+
+GONE = (SiteState.WITHDRAWN, SiteState.DROPPED)
+"""Standings a round does not wait for."""
+
+
+class ForbiddenError(PermissionError):
+    """A caller acting outside its identity or its study membership."""
+
+
+class ConflictError(RoundError):
+    """An update for a round that is not open: late, replayed or premature."""
+
+
+class OpenRoundView(BaseModel):
+    number: int
+    status: str
+    selected: list[str]
+    reported: list[str]
+    waiting_for: list[str]
+    deadline: float
+
+
+class SiteView(BaseModel):
+    """A site's standing in a study, for status pages."""
+
+    site: str
+    state: str
+    reason: str
+    last_seen: float | None
+    missed: int
+    contributed: int
+
+
+class RoundView(BaseModel):
+    number: int
+    status: str
+    selected: list[str]
+    participants: list[str]
+    reason: str
+    opened_at: float
+    closed_at: float | None
+
+
+class StudyStatus(BaseModel):
+    """A study's progress: never an update. Sites see only their own standing."""
+
+    study_hash: str
+    name: str
+    status: str
+    rounds_total: int
+    last_round: int
+    sites: list[str]
+    open_round: OpenRoundView | None
+    history: list[RoundView]
+    standings: list[SiteView]
+
+
+def round_views(rounds: Sequence[StoredRound]) -> list[RoundView]:
+    return [
+        RoundView(
+            number=r.number,
+            status=r.status,
+            selected=list(r.selected),
+            participants=list(r.participants or sorted(r.submissions)),
+            reason=r.reason,
+            opened_at=r.opened_at,
+            closed_at=r.closed_at,
+        )
+        for r in rounds
+    ]
+
+
+def site_views(records: Sequence[SiteRecord]) -> list[SiteView]:
+    return [
+        SiteView(
+            site=r.site,
+            state=r.state.value,
+            reason=r.reason,
+            last_seen=r.last_seen,
+            missed=r.missed,
+            contributed=r.contributed,
+        )
+        for r in sorted(records, key=lambda r: r.site)
+    ]
+
+
+def set_standing(
+    state: StudyState,
+    study_hash: str,
+    site: str,
+    standing: SiteState,
+    reason: str,
+    now: float,
+    audit: AuditLog | None = None,
+) -> SiteRecord:
+    """The operator's drop or admit, from any process: recorded in the state (a running
+    service applies it at its next tick) and then in the audit trail."""
+    if standing not in (SiteState.DROPPED, SiteState.ACTIVE):
+        raise ValueError("the operator drops a site or admits it again")
+    state.study(study_hash)  # an unknown study is refused before anything is written
+    record = state.save_standing(
+        study_hash, site, standing, reason, now, reset_missed=standing is SiteState.ACTIVE
+    )
+    if audit is not None:
+        event = "site.dropped" if standing is SiteState.DROPPED else "site.admitted"
+        audit.append(event, study=study_hash, site=site, reason=reason, by="operator")
+    return record
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What an observer (the simulation) learns when a round ends."""
+
+    outcome: RoundOutcome
+    params: NDArray[np.float32]
+
+
+class StudyService:
+    """The durable coordinator of one study. Thread-safe: every call holds one lock."""
+
+    def __init__(
+        self,
+        study: Study,
+        sites: list[str],
+        state: StudyState,
+        clock: Callable[[], float] = time.time,
+        max_update_bytes: int = 64 * 1024 * 1024,
+        audit: AuditLog | None = None,
+        registry: ReleaseRegistry | None = None,
+        on_round: Callable[[RoundReport], None] | None = None,
+    ) -> None:
+        self.study = study
+        self.hash = study.content_hash
+        self.state = state
+        self.clock = clock
+        self.max_update_bytes = max_update_bytes
+        self._lock = threading.RLock()
+        self.audit = audit
+        self.on_round = on_round
+        initial = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
+        self.n_params = int(initial.shape[0])
+        spec = study.model_dump_json(by_alias=True)
+        if state.register_study(self.hash, study.name, spec, sites, clock()):
+            self._audit("study.registered", name=study.name, sites=sorted(sites))
+        last_round = state.study(self.hash).last_round
+        params = initial
+        opt_state: dict[str, NDArray[np.float32]] = {}
+        stored = state.latest_model(self.hash)
+        if stored is not None:
+            _, params, opt_state = decode_model(
+                stored.data, self.n_params, make_server_optimizer(study.aggregation).state_names
+            )
+        self.federation = Federation(study, sites, params, round_number=last_round)
+        self.federation.optimizer.load_state(opt_state)
+        self._sites: dict[str, SiteRecord] = dict(state.sites(self.hash))
+        self._seen_written: dict[str, float] = {}
+        self.releases: ReleaseDesk | None = None
+        if study.validates_releases:
+            if registry is None:
+                raise ValueError(f"study {study.name} validates releases: it needs a registry")
+            self.releases = ReleaseDesk(study, sites, registry, audit=self._audit)
+            if stored is not None and self.releases.is_candidate_round(stored.round):
+                # Idempotent: recreates the candidate only if a crash came between
+                # committing the round and recording its release.
+                self.releases.open_candidate(stored.round, params, self.clock())
+        self.round: Round | None = None
+        self.secure: SecureRelay | None = None
+        self._task: Task | None = None
+        self._task_bytes = b""
+        self.halted = ""
+        """Why no round can open (too few active sites), or empty."""
+        # The first round opens once min_sites sites have asked for work, so a
+        # deadline never runs out while the hospitals are still starting up.
+        self._present: set[str] = set()
+        open_round = state.open_round(self.hash)
+        if open_round is not None:
+            self._restore_round(open_round)
+        elif not self.federation.done and last_round > 0:
+            self._open_next()
+
+    # --- state of the study -------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.federation.done and self.round is None
+
+    @property
+    def waiting_for_sites(self) -> bool:
+        """True before the first round, until min_sites sites have checked in."""
+        return self.round is None and self.federation.round_number == 0 and not self.halted
+
+    @property
+    def settled(self) -> bool:
+        """Finished, with every candidate release decided."""
+        return self.finished and (
+            self.releases is None or not self.releases.registry.candidates(self.hash)
+        )
+
+    def standing(self, site: str) -> SiteRecord:
+        return self._sites.get(site, SiteRecord(site))
+
+    def next_deadline(self) -> float | None:
+        """The earliest moment at which time alone changes something: a round's or a
+        secure stage's deadline, or a candidate release's."""
+        with self._lock:
+            times = []
+            round_ = self.round
+            if round_ is not None and not round_.finished:
+                times.append(round_.deadline)
+                if self.secure is not None and round_.summed is None:
+                    times.append(self.secure.deadline)
+            if self.releases is not None:
+                release = self.releases.next_deadline()
+                if release is not None:
+                    times.append(release)
+            return min(times, default=None)
+
+    # --- rounds -------------------------------------------------------------------
+
+    def _eligible(self) -> list[str]:
+        return [s for s in self.federation.sites if self.standing(s).state is SiteState.ACTIVE]
+
+    def _restore_round(self, stored: StoredRound) -> None:
+        self.round, self._task = self.federation.open_round(now=self.clock())
+        if self.round.number != stored.number:
+            raise RoundError(
+                f"stored open round {stored.number} does not follow the last finished round "
+                f"{self.federation.round_number}"
+            )
+        self.round.selected = stored.selected
+        self.round.deadline = stored.deadline
+        self.round.extensions_left = stored.extensions_left
+        for payload in stored.submissions.values():
+            self.round.submit(decode_update(payload, self.n_params))
+        self._task_bytes = encode_task(self._task)
+        self._excuse_gone()
+        self._start_secure()
+
+    def _start_secure(self) -> None:
+        """A fresh SecAgg+ relay for the open round when the study aggregates securely."""
+        self.secure = None
+        if self.study.secure_aggregation.enabled and self.round is not None:
+            self.secure = SecureRelay(
+                self.study,
+                self.round,
+                self.n_params,
+                sha256_hex(self._task_bytes),
+                self.clock(),
+                self.max_update_bytes,
+            )
+
+    def _audit(self, event: str, **details: JsonInput) -> None:
+        """Record an event that has been committed (so the trail never claims more)."""
+        if self.audit is not None:
+            self.audit.append(event, study=self.hash, **details)
+
+    def _open_next(self) -> None:
+        eligible = self._eligible()
+        needed = self.study.rounds.min_sites
+        if len(eligible) < needed:
+            reason = (
+                f"only {len(eligible)} active site(s), the study needs {needed}: admit a "
+                "site (fedcare coordinator site admit) or wait for an inactive one"
+            )
+            if reason != self.halted:
+                self._audit("study.halted", round=self.federation.round_number + 1, reason=reason)
+            self.halted = reason
+            self.round = None
+            self.secure = None
+            return
+        self.halted = ""
+        now = self.clock()
+        self.round, self._task = self.federation.open_round(now=now, eligible=eligible)
+        self.state.save_opened_round(
+            self.hash,
+            self.round.number,
+            self.round.selected,
+            self.round.min_sites,
+            self.round.deadline,
+            self.round.extensions_left,
+            now,
+        )
+        self._task_bytes = encode_task(self._task)
+        self._start_secure()
+        self._audit(
+            "round.opened",
+            round=self.round.number,
+            selected=list(self.round.selected),
+            deadline=self.round.deadline,
+        )
+
+    def _seen(self, site: str) -> None:
+        """Note a contact; an inactive site that asks for work is active again."""
+        now = self.clock()
+        record = self.standing(site)
+        if record.state is SiteState.INACTIVE:
+            record = self.state.save_standing(
+                self.hash, site, SiteState.ACTIVE, "asked for work again", now, reset_missed=True
+            )
+            self._audit("site.active", site=site, reason=record.reason)
+        self._sites[site] = replace(record, last_seen=now)
+        if now - self._seen_written.get(site, -SEEN_EVERY_S) >= SEEN_EVERY_S:
+            self.state.save_seen(self.hash, site, now)
+            self._seen_written[site] = now
+
+    def task_for(self, site: str) -> TaskReply:
+        """The current task if ``site`` is selected, still taking part, and has not yet
+        reported."""
+        self._check_member(site)
+        with self._lock:
+            self._seen(site)
+            self._present.add(site)
+            if self.waiting_for_sites and len(self._present) >= self.study.rounds.min_sites:
+                self._open_next()
+            if self.finished:
+                return TaskReply(TaskState.FINISHED, round=self.federation.round_number)
+            round_ = self.round
+            if (
+                round_ is None
+                or site not in round_.selected
+                or site in round_.updates
+                or site in round_.excused
+            ):
+                return TaskReply(TaskState.WAIT)
+            if self.secure is not None and not self.secure.wants_task(site):
+                return TaskReply(TaskState.WAIT)
+            return TaskReply(TaskState.READY, self._task_bytes, round_.number)
+
+    def _check_member(self, site: str) -> None:
+        if site not in self.federation.sites:
+            raise ForbiddenError(f"site '{site}' is not a member of study {self.hash[:12]}")
+
+    def submit(self, identity: str, round_number: int, body: bytes) -> bool:
+        """Accept a site's update. Returns False for an exact resubmission.
+
+        ``identity`` is the authenticated site (its certificate's subject); an
+        update that claims any other site is refused.
+        """
+        self._check_member(identity)
+        self.refuse_plain_updates()
+        update: SiteUpdate = decode_update(body, self.n_params, self.max_update_bytes)
+        header = update.header
+        if header.site != identity:
+            raise ForbiddenError(
+                f"the client certificate identifies site '{identity}', "
+                f"but the update claims to come from '{header.site}'"
+            )
+        if header.study_hash != self.hash:
+            raise ConflictError(
+                f"the update is for study {header.study_hash[:12]}, not {self.hash[:12]}"
+            )
+        if header.round != round_number:
+            raise ConflictError(
+                f"the update says round {header.round} but was sent to round {round_number}"
+            )
+        with self._lock:
+            self._seen(identity)
+            round_ = self.round
+            if round_ is None or round_.number != round_number:
+                current = "none" if round_ is None else str(round_.number)
+                raise ConflictError(
+                    f"round {round_number} is not open (the open round is {current}); "
+                    "late or replayed updates are refused"
+                )
+            accepted = round_.submit(update)
+            if accepted:
+                try:
+                    self.state.save_submission(
+                        self.hash, round_.number, identity, header.n_samples, body, self.clock()
+                    )
+                except Exception:
+                    # Not durable means not accepted: the site will retry.
+                    del round_.updates[identity]
+                    raise
+                self._audit(
+                    "update.received",
+                    round=round_.number,
+                    site=identity,
+                    bytes=len(body),
+                    sha256=sha256_hex(body),
+                    n_samples=header.n_samples,
+                )
+            self._advance(self.clock())
+            return accepted
+
+    def refuse_plain_updates(self) -> None:
+        """Under secure aggregation an individual update is refused before it is read."""
+        if self.study.secure_aggregation.enabled:
+            raise ForbiddenError(
+                f"study {self.hash[:12]} uses secure aggregation: individual updates are "
+                "refused; sites send masked inputs to the secagg endpoints"
+            )
+
+    # --- standings ----------------------------------------------------------------
+
+    def withdraw(self, identity: str, body: bytes) -> bool:
+        """A site says it cannot take part any more. True when newly recorded.
+
+        The message carries a reason category only (:class:`Withdrawal`); the site
+        is not selected again and the open round stops waiting for it.
+        """
+        self._check_member(identity)
+        try:
+            message = Withdrawal.model_validate_json(body)
+        except ValidationError as exc:
+            raise PayloadError(f"not a withdrawal message: {exc.errors()[0]['msg']}") from exc
+        if message.site != identity:
+            raise ForbiddenError(
+                f"the client certificate identifies site '{identity}', "
+                f"but the withdrawal claims to come from '{message.site}'"
+            )
+        if message.study_hash != self.hash:
+            raise ConflictError(f"the withdrawal is for study {message.study_hash[:12]}")
+        with self._lock:
+            self._seen(identity)
+            record = self.standing(identity)
+            if record.state in GONE:
+                return False
+            now = self.clock()
+            reason = message.reason.value
+            self._sites[identity] = self.state.save_standing(
+                self.hash, identity, SiteState.WITHDRAWN, reason, now
+            )
+            self._audit("site.withdrawn", site=identity, reason=reason)
+            self._excuse_gone()
+            self._advance(now)
+            return True
+
+    def _refresh_sites(self) -> None:
+        """Pick up standings another process recorded (the operator's drop or admit)."""
+        stored = self.state.sites(self.hash)
+        for site, record in stored.items():
+            mine = self._sites.get(site)
+            seen = max((t for t in (record.last_seen, mine and mine.last_seen) if t), default=None)
+            self._sites[site] = replace(record, last_seen=seen)
+
+    def _excuse_gone(self) -> None:
+        round_ = self.round
+        if round_ is None or round_.finished:
+            return
+        for site in round_.selected:
+            if self.standing(site).state in GONE:
+                round_.excuse(site)
+
+    def _standings_after(self, round_: Round, outcome: RoundOutcome) -> list[SiteRecord]:
+        """Each selected site's counters after a finished round; inactive after too many
+        misses. A failed secure session says nothing about who was there: no misses."""
+        records = []
+        counted = (
+            outcome.status is RoundStatus.CLOSED
+            or round_.summed is not None
+            or (not self.study.secure_aggregation.enabled)
+        )
+        limit = self.study.rounds.inactive_after
+        now = self.clock()
+        for site in round_.selected:
+            record = self.standing(site)
+            if site in outcome.participants:
+                gained = 1 if outcome.status is RoundStatus.CLOSED else 0
+                record = replace(record, missed=0, contributed=record.contributed + gained)
+            elif site not in round_.excused and counted:
+                record = replace(record, missed=record.missed + 1)
+                if record.missed >= limit and record.state is SiteState.ACTIVE:
+                    record = replace(
+                        record,
+                        state=SiteState.INACTIVE,
+                        reason=f"missed {record.missed} selected round(s) in a row",
+                        changed_at=now,
+                    )
+            records.append(record)
+        return records
+
+    # --- secure aggregation -------------------------------------------------------
+
+    def _secure_round(self, identity: str, round_number: int) -> SecureRelay:
+        self._check_member(identity)
+        round_ = self.round
+        if self.secure is None or round_ is None or round_.number != round_number:
+            current = "none" if round_ is None else str(round_.number)
+            raise ConflictError(
+                f"no secure aggregation for round {round_number} (the open round is {current})"
+            )
+        return self.secure
+
+    def secure_post(self, identity: str, round_number: int, stage: str, body: bytes) -> None:
+        """A SecAgg+ message from ``identity`` (its certificate's site) for the open round."""
+        with self._lock:
+            relay = self._secure_round(identity, round_number)
+            self._seen(identity)
+            relay.post(identity, stage, body)
+            self._advance(self.clock())
+
+    def secure_fetch(self, identity: str, round_number: int, stage: str) -> bytes | None:
+        """What ``identity`` needs for its next SecAgg+ step; None until that stage opens."""
+        with self._lock:
+            self._advance(self.clock())
+            relay = self._secure_round(identity, round_number)
+            self._seen(identity)
+            return relay.fetch(identity, stage)
+
+    def secure_sites(self, identity: str, round_number: int) -> tuple[str, ...]:
+        """The sites selected for an open secure round (the session's participants)."""
+        with self._lock:
+            self._secure_round(identity, round_number)
+            assert self.round is not None
+            return self.round.selected
+
+    # --- releases -----------------------------------------------------------------
+
+    def validation_task_for(self, site: str) -> tuple[int, bytes] | None:
+        """(release id, validation task) this site still owes, or None."""
+        self._check_member(site)
+        if self.releases is None:
+            return None
+        with self._lock:
+            return self.releases.task_for(site)
+
+    def receive_verdict(self, identity: str, release_id: int, body: bytes) -> tuple[bool, Verdict]:
+        """Check and store a site's validation reply (see :class:`ReleaseDesk`)."""
+        self._check_member(identity)
+        if self.releases is None:
+            raise ConflictError(f"study {self.hash[:12]} does not validate releases")
+        with self._lock:
+            return self.releases.receive(identity, release_id, body, self.clock())
+
+    # --- time ---------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Apply standings recorded elsewhere, close the open round if it is due, open the
+        next one, settle due releases."""
+        with self._lock:
+            self._refresh_sites()
+            self._excuse_gone()
+            if self.halted and not self.federation.done:
+                self._open_next()
+            self._advance(self.clock())
+            if self.releases is not None:
+                self.releases.settle(self.clock())
+
+    def _advance(self, now: float) -> None:
+        round_ = self.round
+        if round_ is None:
+            return
+        secure = self.secure
+        running = secure is not None and not round_.finished and round_.summed is None
+        if running and secure is not None and not secure.advance(now, round_):
+            return
+        if not (round_.finished or round_.due(now)):
+            return
+        outcome = self.federation.finish_round(round_, now)
+        if outcome.status in (RoundStatus.OPEN, RoundStatus.COLLECTING):
+            self.state.save_extended(
+                self.hash, round_.number, round_.deadline, round_.extensions_left
+            )
+            self._audit("round.extended", round=round_.number, deadline=round_.deadline)
+            return
+        model = None
+        if outcome.status is RoundStatus.CLOSED:
+            model = encode_model(
+                self.hash,
+                round_.number,
+                self.federation.params,
+                self.federation.optimizer.state(),
+            )
+        standings = self._standings_after(round_, outcome)
+        self.state.save_finished_round(
+            self.hash,
+            round_.number,
+            outcome.status.value,
+            outcome.reason,
+            outcome.participants,
+            model,
+            study_finished=self.federation.done,
+            sites=standings,
+            now=now,
+        )
+        for record in standings:
+            previous = self.standing(record.site)
+            self._sites[record.site] = replace(record, last_seen=previous.last_seen)
+            if record.state is not previous.state:
+                self._audit("site.inactive", site=record.site, reason=record.reason)
+        self._audit(
+            f"round.{outcome.status.value}",
+            round=round_.number,
+            participants=list(outcome.participants),
+            reason=outcome.reason,
+        )
+        if (
+            model is not None
+            and self.releases is not None
+            and self.releases.is_candidate_round(round_.number)
+        ):
+            self.releases.open_candidate(round_.number, self.federation.params, now)
+        if self.federation.done:
+            self._audit("study.finished", rounds=self.federation.round_number)
+        self.round = None
+        self.secure = None
+        if self.on_round is not None:
+            self.on_round(RoundReport(outcome, self.federation.params))
+        if not self.federation.done:
+            self._open_next()
+
+    # --- what anyone may read -----------------------------------------------------
+
+    def model_bytes(self) -> bytes:
+        """The current global model (parameters only) as a checked payload."""
+        with self._lock:
+            return encode_model(self.hash, self.federation.round_number, self.federation.params)
+
+    def status(self, site: str | None = None) -> StudyStatus:
+        """The study's progress; for a ``site``, with its own standing only."""
+        with self._lock:
+            round_ = self.round
+            record = self.state.study(self.hash)
+            status = record.status
+            if status == "running" and self.halted:
+                status = f"halted: {self.halted}"
+            elif status == "running" and self.waiting_for_sites:
+                status = (
+                    f"waiting for sites ({len(self._present)} of "
+                    f"{self.study.rounds.min_sites} needed have checked in)"
+                )
+            shown = [self.standing(s) for s in self.federation.sites if site in (None, s)]
+            return StudyStatus(
+                study_hash=self.hash,
+                name=self.study.name,
+                status=status,
+                rounds_total=self.study.rounds.count,
+                last_round=record.last_round,
+                sites=self.federation.sites,
+                open_round=None
+                if round_ is None
+                else OpenRoundView(
+                    number=round_.number,
+                    status=round_.status.value,
+                    selected=list(round_.selected),
+                    reported=sorted(round_.updates)
+                    if self.secure is None
+                    else list(self.secure.submitted),
+                    waiting_for=list(round_.waiting_for),
+                    deadline=round_.deadline,
+                ),
+                history=round_views(self.state.rounds(self.hash)),
+                standings=site_views(shown),
+            )
+
+
+REFUSALS: dict[type[Exception], int] = {
+    ForbiddenError: 403,
+    NotYoursError: 403,
+    RoundError: 409,
+    RegistryError: 409,
+    ValidationRefusedError: 400,
+    PayloadError: 400,
+}
+"""The refusals a caller can act on, with the HTTP status the coordinator answers them
+with (the in-process transport reports the same status)."""
+
+
+def refusal_status(exc: Exception) -> int | None:
+    """The status for a refusal of the service, or None for anything else (a fault)."""
+    for kind, status in REFUSALS.items():
+        if isinstance(exc, kind):
+            return status
+    return None

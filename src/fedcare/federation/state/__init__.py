@@ -1,0 +1,24 @@
+"""The study state interface and its two implementations: in memory (simulation) and SQL
+(the networked coordinator). One test suite runs against both (tests/test_state.py)."""
+
+from fedcare.federation.state.base import (
+    SiteRecord,
+    SiteState,
+    StateError,
+    StoredModel,
+    StoredRound,
+    StudyRecord,
+    StudyState,
+)
+from fedcare.federation.state.memory import MemoryState
+
+__all__ = [
+    "MemoryState",
+    "SiteRecord",
+    "SiteState",
+    "StateError",
+    "StoredModel",
+    "StoredRound",
+    "StudyRecord",
+    "StudyState",
+]

@@ -1,0 +1,183 @@
+"""The study state in memory: the simulation's store. Same behaviour as the SQL store,
+gone when the process ends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from fedcare.federation.state.base import (
+    SiteRecord,
+    SiteState,
+    StateError,
+    StoredModel,
+    StoredRound,
+    StudyRecord,
+)
+
+
+@dataclass
+class _Study:
+    record: StudyRecord
+    rounds: dict[int, StoredRound] = field(default_factory=dict)
+    models: dict[int, bytes] = field(default_factory=dict)
+    sites: dict[str, SiteRecord] = field(default_factory=dict)
+
+
+class MemoryState:
+    """:class:`~fedcare.federation.state.base.StudyState` in dictionaries."""
+
+    def __init__(self) -> None:
+        self._studies: dict[str, _Study] = {}
+
+    def close(self) -> None:
+        return None
+
+    def _get(self, study_hash: str) -> _Study:
+        found = self._studies.get(study_hash)
+        if found is None:
+            raise StateError(f"unknown study {study_hash[:12]}")
+        return found
+
+    def register_study(
+        self, study_hash: str, name: str, spec_json: str, sites: Sequence[str], now: float
+    ) -> bool:
+        json.loads(spec_json)  # the SQL store keeps it; both refuse text that is not JSON
+        existing = self._studies.get(study_hash)
+        if existing is None:
+            record = StudyRecord(
+                study_hash, name, "running", 0, tuple(sorted(sites)), now, spec_json
+            )
+            self._studies[study_hash] = _Study(record)
+            return True
+        if list(existing.record.sites) != sorted(sites):
+            raise StateError(
+                f"study {study_hash[:12]} was started with sites {list(existing.record.sites)}; "
+                f"the config now lists {sorted(sites)}"
+            )
+        return False
+
+    def studies(self) -> list[StudyRecord]:
+        return sorted((s.record for s in self._studies.values()), key=lambda r: r.created_at)
+
+    def study(self, study_hash: str) -> StudyRecord:
+        return self._get(study_hash).record
+
+    def latest_model(self, study_hash: str) -> StoredModel | None:
+        models = self._get(study_hash).models
+        if not models:
+            return None
+        last = max(models)
+        return StoredModel(last, models[last])
+
+    def open_round(self, study_hash: str) -> StoredRound | None:
+        for stored in self._get(study_hash).rounds.values():
+            if stored.status in ("open", "collecting"):
+                return stored
+        return None
+
+    def save_opened_round(
+        self,
+        study_hash: str,
+        number: int,
+        selected: tuple[str, ...],
+        min_sites: int,
+        deadline: float,
+        extensions_left: int,
+        now: float,
+    ) -> None:
+        rounds = self._get(study_hash).rounds
+        if number in rounds:
+            raise StateError(f"round {number} of study {study_hash[:12]} was opened already")
+        rounds[number] = StoredRound(
+            number, "open", selected, min_sites, deadline, extensions_left, "", {}, opened_at=now
+        )
+
+    def _round(self, study_hash: str, number: int) -> StoredRound:
+        stored = self._get(study_hash).rounds.get(number)
+        if stored is None:
+            raise StateError(f"round {number} was never opened")
+        return stored
+
+    def save_submission(
+        self, study_hash: str, number: int, site: str, n_samples: int, payload: bytes, now: float
+    ) -> None:
+        del n_samples, now
+        stored = self._round(study_hash, number)
+        if site in stored.submissions:
+            raise StateError(f"round {number} already holds an update from {site}")
+        self._get(study_hash).rounds[number] = replace(
+            stored, status="collecting", submissions={**stored.submissions, site: payload}
+        )
+
+    def save_extended(self, study_hash: str, number: int, deadline: float, left: int) -> None:
+        stored = self._round(study_hash, number)
+        self._get(study_hash).rounds[number] = replace(
+            stored, deadline=deadline, extensions_left=left
+        )
+
+    def save_finished_round(
+        self,
+        study_hash: str,
+        number: int,
+        status: str,
+        reason: str,
+        participants: tuple[str, ...],
+        model_bytes: bytes | None,
+        study_finished: bool,
+        sites: Sequence[SiteRecord],
+        now: float,
+    ) -> None:
+        study = self._get(study_hash)
+        stored = self._round(study_hash, number)
+        study.rounds[number] = replace(
+            stored, status=status, reason=reason, closed_at=now, participants=participants
+        )
+        if model_bytes is not None:
+            study.models[number] = model_bytes
+        study.record = replace(
+            study.record,
+            last_round=number,
+            status="finished" if study_finished else study.record.status,
+        )
+        for record in sites:
+            study.sites[record.site] = record
+
+    def rounds(self, study_hash: str) -> list[StoredRound]:
+        study = self._get(study_hash)
+        return [replace(study.rounds[n], submissions={}) for n in sorted(study.rounds)]
+
+    def sites(self, study_hash: str) -> Mapping[str, SiteRecord]:
+        study = self._get(study_hash)
+        return {s: study.sites.get(s, SiteRecord(s)) for s in study.record.sites}
+
+    def _site(self, study_hash: str, site: str) -> SiteRecord:
+        study = self._get(study_hash)
+        if site not in study.record.sites:
+            raise StateError(f"site '{site}' is not a member of study {study_hash[:12]}")
+        return study.sites.get(site, SiteRecord(site))
+
+    def save_standing(
+        self,
+        study_hash: str,
+        site: str,
+        state: SiteState,
+        reason: str,
+        now: float,
+        reset_missed: bool = False,
+    ) -> SiteRecord:
+        old = self._site(study_hash, site)
+        new = replace(
+            old,
+            state=state,
+            reason=reason,
+            changed_at=now,
+            missed=0 if reset_missed else old.missed,
+        )
+        self._get(study_hash).sites[site] = new
+        return new
+
+    def save_seen(self, study_hash: str, site: str, now: float) -> None:
+        old = self._site(study_hash, site)
+        self._get(study_hash).sites[site] = replace(old, last_seen=now)

@@ -1,0 +1,435 @@
+"""The study state in SQL (SQLAlchemy 2; SQLite with WAL by default): the networked
+coordinator's store.
+
+Every change is one transaction, so after ``kill -9`` the coordinator resumes
+from the last committed change: a round is either closed with its model
+recorded, or still open with the submissions it had. Model files live on disk
+beside the database; the database holds their checksums.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    inspect,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from fedcare.durable import sha256_hex, sqlite_pragmas, write_file_atomically
+from fedcare.federation.state.base import (
+    SiteRecord,
+    SiteState,
+    StateError,
+    StoredModel,
+    StoredRound,
+    StudyRecord,
+)
+
+SCHEMA_VERSION = 2
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class MetaRow(Base):
+    __tablename__ = "state_meta"
+
+    key: Mapped[str] = mapped_column(String(40), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class StudyRow(Base):
+    __tablename__ = "studies"
+
+    hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    spec_json: Mapped[str] = mapped_column(Text)
+    sites_json: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    last_round: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class RoundRow(Base):
+    __tablename__ = "rounds"
+
+    study_hash: Mapped[str] = mapped_column(ForeignKey("studies.hash"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(20))
+    selected_json: Mapped[str] = mapped_column(Text)
+    participants_json: Mapped[str] = mapped_column(Text, default="[]")
+    min_sites: Mapped[int] = mapped_column(Integer)
+    deadline: Mapped[float] = mapped_column(Float)
+    extensions_left: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    opened_at: Mapped[float] = mapped_column(Float)
+    closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class SubmissionRow(Base):
+    __tablename__ = "submissions"
+
+    study_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site: Mapped[str] = mapped_column(String(64), primary_key=True)
+    n_samples: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+
+    study_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class SiteRow(Base):
+    __tablename__ = "study_sites"
+
+    study_hash: Mapped[str] = mapped_column(ForeignKey("studies.hash"), primary_key=True)
+    site: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    changed_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
+    missed: Mapped[int] = mapped_column(Integer, default=0)
+    contributed: Mapped[int] = mapped_column(Integer, default=0)
+
+
+def _record(row: SiteRow) -> SiteRecord:
+    return SiteRecord(
+        site=row.site,
+        state=SiteState(row.state),
+        reason=row.reason,
+        changed_at=row.changed_at,
+        last_seen=row.last_seen,
+        missed=row.missed,
+        contributed=row.contributed,
+    )
+
+
+def _study(row: StudyRow) -> StudyRecord:
+    sites = tuple(json.loads(row.sites_json))
+    return StudyRecord(
+        row.hash, row.name, row.status, row.last_round, sites, row.created_at, row.spec_json
+    )
+
+
+def _round(row: RoundRow, submissions: dict[str, bytes]) -> StoredRound:
+    return StoredRound(
+        number=row.number,
+        status=row.status,
+        selected=tuple(json.loads(row.selected_json)),
+        min_sites=row.min_sites,
+        deadline=row.deadline,
+        extensions_left=row.extensions_left,
+        reason=row.reason,
+        submissions=submissions,
+        opened_at=row.opened_at,
+        closed_at=row.closed_at,
+        participants=tuple(json.loads(row.participants_json)),
+    )
+
+
+class SqlState:
+    """:class:`~fedcare.federation.state.base.StudyState` in one SQL database."""
+
+    def __init__(self, url: str, storage: Path) -> None:
+        self.engine = create_engine(url)
+        if url.startswith("sqlite"):
+            sqlite_pragmas(self.engine)
+        self._check_version()
+        Base.metadata.create_all(self.engine)
+        with Session(self.engine) as session, session.begin():
+            if session.get(MetaRow, "schema_version") is None:
+                session.add(MetaRow(key="schema_version", value=str(SCHEMA_VERSION)))
+        self.storage = storage
+
+    def _check_version(self) -> None:
+        tables = set(inspect(self.engine).get_table_names())
+        if "studies" not in tables:
+            return
+        version = None
+        if "state_meta" in tables:
+            with Session(self.engine) as session:
+                row = session.get(MetaRow, "schema_version")
+                version = None if row is None else row.value
+        if version != str(SCHEMA_VERSION):
+            raise StateError(
+                f"{self.engine.url}: the coordinator database was written by another fedcare "
+                f"version (state schema {version or 1}, this one reads {SCHEMA_VERSION}); "
+                "point database: at a new file"
+            )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def register_study(
+        self, study_hash: str, name: str, spec_json: str, sites: Sequence[str], now: float
+    ) -> bool:
+        with Session(self.engine) as session, session.begin():
+            row = session.get(StudyRow, study_hash)
+            if row is None:
+                session.add(
+                    StudyRow(
+                        hash=study_hash,
+                        name=name,
+                        spec_json=spec_json,
+                        sites_json=json.dumps(sorted(sites)),
+                        status="running",
+                        last_round=0,
+                        created_at=now,
+                    )
+                )
+                return True
+            if json.loads(row.sites_json) != sorted(sites):
+                raise StateError(
+                    f"study {study_hash[:12]} was started with sites {json.loads(row.sites_json)}; "
+                    f"the config now lists {sorted(sites)}"
+                )
+            return False
+
+    def studies(self) -> list[StudyRecord]:
+        with Session(self.engine) as session:
+            rows = session.scalars(select(StudyRow).order_by(StudyRow.created_at)).all()
+            return [_study(r) for r in rows]
+
+    def study(self, study_hash: str) -> StudyRecord:
+        with Session(self.engine) as session:
+            row = session.get(StudyRow, study_hash)
+            if row is None:
+                raise StateError(f"unknown study {study_hash[:12]}")
+            return _study(row)
+
+    def latest_model(self, study_hash: str) -> StoredModel | None:
+        with Session(self.engine) as session:
+            row = session.scalars(
+                select(ModelRow)
+                .where(ModelRow.study_hash == study_hash)
+                .order_by(ModelRow.round.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            path, checksum, number = Path(row.path), row.sha256, row.round
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StateError(f"model file {path} is unreadable: {exc.strerror}") from exc
+        if sha256_hex(data) != checksum:
+            raise StateError(f"model file {path} does not match its recorded checksum")
+        return StoredModel(number, data)
+
+    def open_round(self, study_hash: str) -> StoredRound | None:
+        with Session(self.engine) as session:
+            row = session.scalars(
+                select(RoundRow).where(
+                    RoundRow.study_hash == study_hash,
+                    RoundRow.status.in_(("open", "collecting")),
+                )
+            ).first()
+            if row is None:
+                return None
+            subs = session.scalars(
+                select(SubmissionRow).where(
+                    SubmissionRow.study_hash == study_hash, SubmissionRow.round == row.number
+                )
+            ).all()
+            for sub in subs:
+                if sha256_hex(sub.payload) != sub.sha256:
+                    raise StateError(
+                        f"stored update of {sub.site} for round {sub.round} is corrupt"
+                    )
+            return _round(row, {s.site: s.payload for s in subs})
+
+    def save_opened_round(
+        self,
+        study_hash: str,
+        number: int,
+        selected: tuple[str, ...],
+        min_sites: int,
+        deadline: float,
+        extensions_left: int,
+        now: float,
+    ) -> None:
+        with Session(self.engine) as session, session.begin():
+            if session.get(RoundRow, (study_hash, number)) is not None:
+                raise StateError(f"round {number} of study {study_hash[:12]} was opened already")
+            session.add(
+                RoundRow(
+                    study_hash=study_hash,
+                    number=number,
+                    status="open",
+                    selected_json=json.dumps(list(selected)),
+                    participants_json="[]",
+                    min_sites=min_sites,
+                    deadline=deadline,
+                    extensions_left=extensions_left,
+                    reason="",
+                    opened_at=now,
+                )
+            )
+
+    def save_submission(
+        self, study_hash: str, number: int, site: str, n_samples: int, payload: bytes, now: float
+    ) -> None:
+        with Session(self.engine) as session, session.begin():
+            row = session.get(RoundRow, (study_hash, number))
+            if row is None:
+                raise StateError(f"round {number} was never opened")
+            if session.get(SubmissionRow, (study_hash, number, site)) is not None:
+                raise StateError(f"round {number} already holds an update from {site}")
+            session.add(
+                SubmissionRow(
+                    study_hash=study_hash,
+                    round=number,
+                    site=site,
+                    n_samples=n_samples,
+                    sha256=sha256_hex(payload),
+                    payload=payload,
+                    received_at=now,
+                )
+            )
+            row.status = "collecting"
+
+    def save_extended(self, study_hash: str, number: int, deadline: float, left: int) -> None:
+        with Session(self.engine) as session, session.begin():
+            row = session.get(RoundRow, (study_hash, number))
+            if row is None:
+                raise StateError(f"round {number} was never opened")
+            row.deadline = deadline
+            row.extensions_left = left
+
+    def save_finished_round(
+        self,
+        study_hash: str,
+        number: int,
+        status: str,
+        reason: str,
+        participants: tuple[str, ...],
+        model_bytes: bytes | None,
+        study_finished: bool,
+        sites: Sequence[SiteRecord],
+        now: float,
+    ) -> None:
+        """A crash between the model file and the commit leaves the round open; on restart
+        it is aggregated again from the same submissions and the file rewritten."""
+        model_path = self.storage / study_hash[:16] / f"round-{number:05d}.safetensors"
+        if model_bytes is not None:
+            write_file_atomically(model_path, model_bytes)
+        with Session(self.engine) as session, session.begin():
+            row = session.get(RoundRow, (study_hash, number))
+            study = session.get(StudyRow, study_hash)
+            if row is None or study is None:
+                raise StateError(f"round {number} of study {study_hash[:12]} is not recorded")
+            row.status = status
+            row.reason = reason
+            row.closed_at = now
+            row.participants_json = json.dumps(list(participants))
+            study.last_round = number
+            if study_finished:
+                study.status = "finished"
+            if model_bytes is not None:
+                session.add(
+                    ModelRow(
+                        study_hash=study_hash,
+                        round=number,
+                        path=str(model_path),
+                        sha256=sha256_hex(model_bytes),
+                        created_at=now,
+                    )
+                )
+            for record in sites:
+                self._put_site(session, study_hash, record)
+
+    def rounds(self, study_hash: str) -> list[StoredRound]:
+        with Session(self.engine) as session:
+            rows = session.scalars(
+                select(RoundRow).where(RoundRow.study_hash == study_hash).order_by(RoundRow.number)
+            ).all()
+            return [_round(r, {}) for r in rows]
+
+    def sites(self, study_hash: str) -> Mapping[str, SiteRecord]:
+        with Session(self.engine) as session:
+            study = session.get(StudyRow, study_hash)
+            if study is None:
+                raise StateError(f"unknown study {study_hash[:12]}")
+            rows = {
+                r.site: _record(r)
+                for r in session.scalars(
+                    select(SiteRow).where(SiteRow.study_hash == study_hash)
+                ).all()
+            }
+            return {s: rows.get(s, SiteRecord(s)) for s in json.loads(study.sites_json)}
+
+    @staticmethod
+    def _site_row(session: Session, study_hash: str, site: str) -> SiteRow:
+        study = session.get(StudyRow, study_hash)
+        if study is None or site not in json.loads(study.sites_json):
+            raise StateError(f"site '{site}' is not a member of study {study_hash[:12]}")
+        row = session.get(SiteRow, (study_hash, site))
+        if row is None:
+            row = SiteRow(
+                study_hash=study_hash,
+                site=site,
+                state=SiteState.ACTIVE.value,
+                reason="",
+                changed_at=0.0,
+                last_seen=None,
+                missed=0,
+                contributed=0,
+            )
+            session.add(row)
+        return row
+
+    def save_standing(
+        self,
+        study_hash: str,
+        site: str,
+        state: SiteState,
+        reason: str,
+        now: float,
+        reset_missed: bool = False,
+    ) -> SiteRecord:
+        with Session(self.engine) as session, session.begin():
+            row = self._site_row(session, study_hash, site)
+            row.state = state.value
+            row.reason = reason
+            row.changed_at = now
+            if reset_missed:
+                row.missed = 0
+            return _record(row)
+
+    def save_seen(self, study_hash: str, site: str, now: float) -> None:
+        with Session(self.engine) as session, session.begin():
+            self._site_row(session, study_hash, site).last_seen = now
+
+    @staticmethod
+    def _put_site(session: Session, study_hash: str, record: SiteRecord) -> None:
+        row = session.get(SiteRow, (study_hash, record.site))
+        if row is None:
+            row = SiteRow(study_hash=study_hash, site=record.site)
+            session.add(row)
+        row.state = record.state.value
+        row.reason = record.reason
+        row.changed_at = record.changed_at
+        row.last_seen = record.last_seen
+        row.missed = record.missed
+        row.contributed = record.contributed

@@ -1,0 +1,165 @@
+"""A study in one process: the study service over in-memory state, and every site's
+:class:`~fedcare.site.participant.Participant` calling it directly.
+
+Nothing here decides anything about rounds: the service opens, extends, closes
+and fails them exactly as the networked coordinator does, and each site runs the
+code a hospital's agent runs. Only the transport and the clock differ: a link is
+a function call (bytes in their wire form, refusals with the status the
+coordinator would answer), and when no site can do anything the clock jumps to
+the next deadline instead of waiting for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from fedcare.federation.messages import TaskReply
+from fedcare.federation.service import RoundReport, StudyService, refusal_status
+from fedcare.federation.state import MemoryState
+from fedcare.privacy.secagg.inmemory import make_identities
+from fedcare.releases.registry import ReleaseRegistry
+from fedcare.site.client import CoordinatorError
+from fedcare.site.participant import Participant, Step
+from fedcare.site.secagg import SecureSite
+from fedcare.site.worker import SiteWorker
+from fedcare.study import Study
+
+T = TypeVar("T")
+
+STEPS_PER_SITE_ROUND = 200
+"""Bound on the simulation's loop: steps per site per round (and release) before it is
+declared stuck. A round takes a handful."""
+
+
+class SimulationStuckError(RuntimeError):
+    """The in-process study stopped making progress (a bug, never a normal outcome)."""
+
+
+class SimClock:
+    """Wall-clock time plus every jump made so far: deadlines pass without waiting."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    def jump_to(self, moment: float) -> None:
+        gap = moment - self.now()
+        if gap > 0:
+            self.offset += gap
+
+
+class InProcessLink:
+    """A site's :class:`~fedcare.site.participant.CoordinatorLink` in this process: the
+    study service called as the authenticated ``site``."""
+
+    def __init__(self, service: StudyService, site: str) -> None:
+        self.service = service
+        self.site = site
+
+    def _call(self, study_hash: str, call: Callable[[], T]) -> T:
+        if study_hash != self.service.hash:
+            raise CoordinatorError(404, f"no study {study_hash[:12]} for site '{self.site}'")
+        try:
+            return call()
+        except Exception as exc:
+            status = refusal_status(exc)
+            if status is None:
+                raise
+            raise CoordinatorError(status, str(exc)) from exc
+
+    def task(self, study_hash: str) -> TaskReply:
+        return self._call(study_hash, lambda: self.service.task_for(self.site))
+
+    def submit(self, study_hash: str, round_number: int, payload: bytes) -> bool:
+        return self._call(study_hash, lambda: self.service.submit(self.site, round_number, payload))
+
+    def withdraw(self, study_hash: str, message: bytes) -> bool:
+        return self._call(study_hash, lambda: self.service.withdraw(self.site, message))
+
+    def secure_sites(self, study_hash: str, round_number: int) -> tuple[str, ...]:
+        return self._call(study_hash, lambda: self.service.secure_sites(self.site, round_number))
+
+    def secure_post(
+        self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
+    ) -> None:
+        del content_type
+        self._call(
+            study_hash, lambda: self.service.secure_post(self.site, round_number, stage, body)
+        )
+
+    def secure_fetch(self, study_hash: str, round_number: int, stage: str) -> bytes | None:
+        return self._call(
+            study_hash, lambda: self.service.secure_fetch(self.site, round_number, stage)
+        )
+
+    def validation_task(self, study_hash: str) -> tuple[int, bytes] | None:
+        return self._call(study_hash, lambda: self.service.validation_task_for(self.site))
+
+    def send_verdict(self, study_hash: str, release: int, payload: bytes) -> dict[str, Any]:
+        _, verdict = self._call(
+            study_hash, lambda: self.service.receive_verdict(self.site, release, payload)
+        )
+        return {"passed": verdict.passed, "reasons": list(verdict.reasons)}
+
+    def model(self, study_hash: str) -> bytes:
+        return self._call(study_hash, self.service.model_bytes)
+
+
+def secure_sites(workers: Mapping[str, SiteWorker]) -> dict[str, SecureSite]:
+    """Each worker as a secure site, with identity certificates from an in-memory CA."""
+    ids = make_identities(sorted(workers))
+    return {
+        name: SecureSite(worker, ids.signers[name], ids.signers[name].certificate_pem, ids.verifier)
+        for name, worker in workers.items()
+    }
+
+
+def run_in_process(
+    study: Study,
+    workers: Mapping[str, SiteWorker],
+    offline: frozenset[str] = frozenset(),
+    registry: ReleaseRegistry | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
+) -> StudyService:
+    """Run the study until it is finished and its releases settled, or until it halts
+    (too few active sites); returns the service with the final state. Sites in
+    ``offline`` never answer."""
+    clock = SimClock()
+    service = StudyService(
+        study, sorted(workers), MemoryState(), clock=clock.now, registry=registry, on_round=on_round
+    )
+    secure = secure_sites(workers) if study.secure_aggregation.enabled else {}
+    active = [
+        Participant(workers[name], InProcessLink(service, name), secure=secure.get(name))
+        for name in sorted(workers)
+        if name not in offline
+    ]
+    rounds = study.rounds.count * (1 + study.rounds.extensions) + 1
+    budget = STEPS_PER_SITE_ROUND * (len(workers) + 1) * 2 * rounds
+    for _ in range(budget):
+        worked = False
+        for participant in list(active):
+            step = participant.step()
+            if step is Step.FINISHED:
+                active.remove(participant)
+            worked = worked or step is Step.WORKED
+        service.tick()
+        if not active and service.settled:
+            return service
+        if worked:
+            continue
+        deadline = service.next_deadline()
+        if deadline is None:
+            # Nobody can act and no deadline will pass: the study halted (too few active
+            # sites), or it is over for every site that answers.
+            return service
+        clock.jump_to(deadline)
+        service.tick()
+    raise SimulationStuckError(
+        f"study {study.name} made no progress in {budget} steps (round "
+        f"{service.federation.round_number}); please report this"
+    )
