@@ -76,3 +76,25 @@ def _one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+class DropBefore:
+    """A site's link that goes away for good when the site would post ``stage`` of a
+    secure round (a site that loses power mid-session)."""
+
+    def __init__(self, inner: object, stage: str, from_round: int = 1) -> None:
+        self.inner = inner
+        self.stage = stage
+        self.from_round = from_round
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def secure_post(
+        self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
+    ) -> None:
+        from fedcare.simulation.inprocess import SiteGone
+
+        if stage == self.stage and round_number >= self.from_round:
+            raise SiteGone
+        self.inner.secure_post(study_hash, round_number, stage, body, content_type)  # type: ignore[attr-defined]

@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 from fedcare.audit import read_entries, verify
 from fedcare.cli import app
 from fedcare.config import TlsFiles
-from fedcare.coordinator.service import decode_model
 from fedcare.data.synthetic import HospitalCohort
 from fedcare.federation.messages import (
     SiteUpdate,
     TaskState,
     UpdateHeader,
+    decode_model,
     decode_task,
     encode_update,
 )
@@ -39,7 +39,6 @@ from fedcare.simulation.loopback import (
     wait_until_serving,
 )
 from fedcare.simulation.runner import run_federation
-from fedcare.simulation.transport import InProcessTransport
 from fedcare.site.client import CoordinatorClient, CoordinatorError, tls_context
 from fedcare.site.dataset import prepare_site_data
 from fedcare.site.worker import SiteWorker
@@ -99,8 +98,7 @@ def workers(study: Study) -> dict[str, SiteWorker]:
 
 def reference_model(study: Study) -> np.ndarray:
     prepared = [prepare_site_data(c.frame, c.mapping, study) for c in cohorts()]
-    params, _ = run_federation(study, prepared, InProcessTransport(workers(study)))
-    return params
+    return run_federation(study, prepared, workers=workers(study)).params
 
 
 def play_round(deployment: _Deployment, study: Study, sites: tuple[str, ...]) -> int:

@@ -17,9 +17,9 @@ from fedcare.privacy.dp.ledger import Budget, BudgetExceededError, PrivacyLedger
 from fedcare.privacy.secagg.inmemory import make_identities
 from fedcare.privacy.secagg.protocol import ServerSession, run_session
 from fedcare.privacy.secagg.quantize import decode_sum, quantize_weight
-from fedcare.privacy.secagg.site import SecureSite
 from fedcare.privacy.secagg.study import quantization_for, setup_for, site_weight
 from fedcare.privacy.secagg.wire import decode_masked
+from fedcare.site.secagg import SecureSite
 from fedcare.site.dataset import SiteDataset, prepare_site_data
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, StudyError

@@ -20,7 +20,6 @@ from fedcare.privacy.dp.guard import PrivacyGuard
 from fedcare.privacy.dp.ledger import Budget, BudgetExceededError, PrivacyLedger, Release
 from fedcare.privacy.dp.plan import plan_site
 from fedcare.simulation.runner import run_federation
-from fedcare.simulation.transport import InProcessTransport
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study
@@ -147,11 +146,9 @@ def test_worker_refuses_before_training_and_sends_nothing(
     guard = PrivacyGuard(ledger, "icu", Budget((one + two) / 2, 1e-4))
     n_params = initial_parameters(study.model, study.feature_schema.n_inputs, 0).shape[0]
     worker = SiteWorker(study, site, n_params, privacy=guard)
-    transport = InProcessTransport({site.name: worker})
-    assert transport.exchange(site.name, _task(study, 1)) is not None
+    assert worker.handle(_task(study, 1))
     with pytest.raises(BudgetExceededError, match="would be exceeded"):
-        worker.handle(_task(study, 2))
-    assert transport.exchange(site.name, _task(study, 2)) is None  # nothing leaves
+        worker.handle(_task(study, 2))  # nothing leaves
     assert ledger.mechanisms("icu") == [*plan.count, plan.round_mechanism]
 
 
@@ -198,7 +195,7 @@ def test_study_goes_on_without_a_site_whose_budget_is_spent(
         budget = Budget(two_rounds * 1.01 if site is small else 100.0, 1e-4)
         guard = PrivacyGuard(PrivacyLedger(tmp_path / f"{site.name}.sqlite"), "icu", budget)
         workers[site.name] = SiteWorker(study, site, n_params, privacy=guard)
-    _, records = run_federation(study, toy_sites, InProcessTransport(workers))
+    records = run_federation(study, toy_sites, workers=workers).rounds
     assert [r.status for r in records] == ["closed"] * 4
     assert [small.name in r.participants for r in records] == [True, True, False, False]
     assert all(len(r.participants) >= 2 for r in records)

@@ -8,18 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcare.coordinator.service import ForbiddenError, StudyCoordinator
-from fedcare.coordinator.store import SqlStore
+from fedcare.federation.service import ForbiddenError, StudyService
+from fedcare.federation.state.sql import SqlState
 from fedcare.federation.messages import TaskState
 from fedcare.federation.rounds import RoundError
 from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.privacy.secagg.protocol import STAGES, ClientParty, Party, Stage
-from fedcare.privacy.secagg.site import SecureSite
 from fedcare.privacy.secagg.study import setup_for
+from fedcare.simulation.inprocess import secure_sites
 from fedcare.simulation.runner import run_federation
-from fedcare.simulation.secure import secure_sites
-from fedcare.simulation.transport import InProcessTransport
 from fedcare.site.dataset import SiteDataset
+from fedcare.site.secagg import SecureSite
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study
 
@@ -46,13 +45,13 @@ def _sites(study: Study, toy_sites: list[SiteDataset]) -> dict[str, SecureSite]:
     return secure_sites({s.name: SiteWorker(study, s, n_params) for s in toy_sites})
 
 
-def _coordinator(study: Study, tmp_path: Path, clock: Clock) -> StudyCoordinator:
-    store = SqlStore(f"sqlite:///{tmp_path / 'c.db'}", tmp_path / "models")
-    return StudyCoordinator(study, ["alpha", "beta", "gamma"], store, clock=clock)
+def _coordinator(study: Study, tmp_path: Path, clock: Clock) -> StudyService:
+    state = SqlState(f"sqlite:///{tmp_path / 'c.db'}", tmp_path / "models")
+    return StudyService(study, ["alpha", "beta", "gamma"], state, clock=clock)
 
 
 def _advertise(
-    coord: StudyCoordinator, sites: dict[str, SecureSite], names: list[str]
+    coord: StudyService, sites: dict[str, SecureSite], names: list[str]
 ) -> tuple[int, dict[str, Party]]:
     """Each site takes its task, trains and advertises keys, as its agent would."""
     number = 0
@@ -72,7 +71,7 @@ def _advertise(
 
 
 def _finish(
-    coord: StudyCoordinator,
+    coord: StudyService,
     parties: dict[str, Party],
     number: int,
     clock: Clock,
@@ -105,10 +104,10 @@ def test_secure_rounds_at_the_coordinator_match_the_simulation(
     assert coord.finished
     n_params = study.feature_schema.n_inputs + 1
     workers = {s.name: SiteWorker(study, s, n_params) for s in toy_sites}
-    expected, _ = run_federation(study, toy_sites, InProcessTransport(workers))
+    expected = run_federation(study, toy_sites, workers=workers).params
     np.testing.assert_array_equal(coord.federation.params, expected)
-    history = coord.store.round_history(coord.hash)
-    assert [h["status"] for h in history] == ["closed", "closed"]
+    history = coord.state.rounds(coord.hash)
+    assert [h.status for h in history] == ["closed", "closed"]
 
 
 def test_dropout_at_the_coordinator_is_recovered(
@@ -120,9 +119,9 @@ def test_dropout_at_the_coordinator_is_recovered(
     number, parties = _advertise(coord, sites, ["alpha", "beta", "gamma"])
     _finish(coord, parties, number, clock, drop="gamma")
     assert coord.federation.round_number == 1
-    history = coord.store.round_history(coord.hash)[0]
-    assert history["status"] == "closed"
-    assert "gamma" in str(history["reason"])
+    history = coord.state.rounds(coord.hash)[0]
+    assert history.status == "closed"
+    assert "gamma" in history.reason
 
 
 def test_messages_claiming_another_site_and_plain_updates_are_refused(
@@ -156,7 +155,7 @@ def test_restarted_coordinator_issues_a_new_task_and_session(
     number, parties = _advertise(first, sites, names)
     before = parties["alpha"]
     assert first.secure_fetch("alpha", number, Stage.SHARES.value) is not None
-    first.store.close()
+    first.state.close()
     # A new process on the same database: the round is open, its secure state is gone.
     again = _coordinator(study, tmp_path, clock)
     with pytest.raises(RoundError, match="has not posted advertise"):

@@ -20,7 +20,7 @@ import pytest
 from fedcare.aggregation import make_server_optimizer
 from fedcare.audit import read_entries
 from fedcare.config import SiteConfig, load_config
-from fedcare.coordinator.service import decode_model
+from fedcare.federation.messages import decode_model
 from fedcare.federation.engine import derive_seed
 from fedcare.federation.messages import (
     SiteUpdate,

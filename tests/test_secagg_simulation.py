@@ -7,11 +7,13 @@ import pytest
 
 from fedcare.federation.engine import Federation
 from fedcare.federation.rounds import RoundError, SummedUpdate
+from fedcare.simulation.inprocess import run_in_process
 from fedcare.simulation.runner import SimulationOptions, run_federation, run_simulation
-from fedcare.simulation.transport import InProcessTransport
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, StudyError
+
+from .conftest import DropBefore
 
 SECURE = {"enabled": True, "clip_norm": 10.0, "max_sites": 10, "max_records": 1000}
 
@@ -23,7 +25,8 @@ def _secure(study: Study, **changes: object) -> Study:
 def _run(study: Study, sites: list[SiteDataset], offline: frozenset[str] = frozenset()):
     n_params = study.feature_schema.n_inputs + 1
     workers = {s.name: SiteWorker(study, s, n_params) for s in sites}
-    return run_federation(study, sites, InProcessTransport(workers, offline))
+    run = run_federation(study, sites, workers=workers, offline=offline)
+    return run.params, run.rounds
 
 
 def test_secure_federation_matches_plain_within_quantisation(
@@ -51,8 +54,25 @@ def test_secure_round_survives_an_offline_site_and_fails_below_threshold(
     _, records = _run(study, toy_sites, frozenset({"gamma"}))
     assert all(r.participants == ["alpha", "beta"] for r in records)
     assert all(r.status == "closed" for r in records)
-    params, records = _run(study, toy_sites, frozenset({"beta", "gamma"}))
-    assert all(r.status == "failed" for r in records)
+    # gamma never answers and beta loses power before masking: alpha alone cannot
+    # rebuild beta's masks, so no round can unmask its sum.
+    records = []
+    study = study.replace(rounds={**study.rounds.model_dump(), "count": 10})
+    n_params = study.feature_schema.n_inputs + 1
+    workers = {s.name: SiteWorker(study, s, n_params) for s in toy_sites}
+    service = run_in_process(
+        study,
+        workers,
+        frozenset({"gamma"}),
+        on_round=lambda report: records.append(report.outcome),
+        wrap=lambda name, link: DropBefore(link, "masked") if name == "beta" else link,
+    )
+    params = service.federation.params
+    # Rounds fail until beta and gamma have missed inactive_after rounds in a row (beta's
+    # first does not count: it advertised keys); then alpha alone is too few and it halts.
+    assert len(records) == study.rounds.inactive_after + 1
+    assert "only 1 active site(s)" in service.halted
+    assert all(r.status.value == "failed" for r in records)
     assert "secure aggregation failed" in records[0].reason
     assert "threshold" in records[0].reason
     assert not params.any()
@@ -114,22 +134,22 @@ def test_differencing_two_secure_sums_reveals_no_exact_record_count(
 ) -> None:
     """Issue 12, point 3: the weight sums of two rounds, one without a site, differ by that
     site's weight. Without DP that is its count's public bucket; under DP, its noisy count."""
+    from fedcare.federation.service import RoundReport
     from fedcare.privacy.dp.counts import bucket
-    from fedcare.simulation.secure import run_secure_round, secure_sites
+    from fedcare.simulation.inprocess import run_in_process
 
     def weight_sums(study: Study) -> tuple[float, float]:
         n_params = study.feature_schema.n_inputs + 1
-        workers = {s.name: SiteWorker(study, s, n_params) for s in toy_sites}
-        sites = secure_sites(workers)
-        federation = Federation(study, sorted(workers), np.zeros(n_params, np.float32))
-        sums = []
-        for offline in (frozenset(), frozenset({"gamma"})):
-            round_, task = federation.open_round(now=0.0)
-            from fedcare.federation.messages import encode_task
+        one_round = study.replace(rounds={**study.rounds.model_dump(), "count": 1})
+        workers = {s.name: SiteWorker(one_round, s, n_params) for s in toy_sites}
+        sums: list[float] = []
 
-            run_secure_round(study, round_, encode_task(task), sites, n_params, offline)
-            assert round_.summed is not None
-            sums.append(round_.summed.weight_sum)
+        def keep(report: RoundReport) -> None:
+            assert report.outcome.weight_sum is not None
+            sums.append(report.outcome.weight_sum)
+
+        for offline in (frozenset(), frozenset({"gamma"})):
+            run_in_process(one_round, workers, offline, on_round=keep)
         return sums[0], sums[1]
 
     gamma = next(s for s in toy_sites if s.name == "gamma")

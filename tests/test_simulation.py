@@ -11,7 +11,6 @@ from fedcare.simulation.runner import (
     SimulationOptions,
     run_simulation,
 )
-from fedcare.simulation.transport import InProcessTransport
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study
@@ -80,26 +79,19 @@ def test_one_round_equals_hand_computed_fedavg(
 def test_offline_site_round_closes_with_the_others(
     toy_study: Study, toy_sites: list[SiteDataset]
 ) -> None:
-    n_params = toy_study.feature_schema.n_inputs + 1
-    workers = {s.name: SiteWorker(toy_study, s, n_params) for s in toy_sites}
-    transport = InProcessTransport(workers, offline=frozenset({"gamma"}))
-    result = run_simulation(
-        toy_study, toy_sites, SimulationOptions(baselines=False), transport=transport
-    )
+    options = SimulationOptions(baselines=False, offline=frozenset({"gamma"}))
+    result = run_simulation(toy_study, toy_sites, options)
     assert all(r.status == "closed" for r in result.rounds)
     assert all(r.participants == ["alpha", "beta"] for r in result.rounds)
     assert "gamma" in result.rounds[0].reason
 
 
 def test_too_few_sites_fail_rounds_cleanly(toy_study: Study, toy_sites: list[SiteDataset]) -> None:
-    n_params = toy_study.feature_schema.n_inputs + 1
-    workers = {s.name: SiteWorker(toy_study, s, n_params) for s in toy_sites}
-    transport = InProcessTransport(workers, offline=frozenset({"beta", "gamma"}))
-    result = run_simulation(
-        toy_study, toy_sites, SimulationOptions(baselines=False), transport=transport
-    )
-    assert [r.status for r in result.rounds] == ["failed"] * toy_study.rounds.count
-    assert "at least 2 needed" in result.rounds[0].reason
+    # As over the network, the first round waits for min_sites sites to ask for work.
+    options = SimulationOptions(baselines=False, offline=frozenset({"beta", "gamma"}))
+    result = run_simulation(toy_study, toy_sites, options)
+    assert result.rounds == []
+    assert any("only 1 site(s) answered" in w for w in result.warnings)
     # The model never moved from its zero start: every prediction is 0.5.
     assert result.matrix[FEDERATED]["alpha"].brier == pytest.approx(0.25)
 

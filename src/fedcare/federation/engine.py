@@ -35,6 +35,9 @@ class RoundOutcome:
     participants: tuple[str, ...]
     reason: str
     mean_loss: float | None
+    weight_sum: float | None = None
+    """A secure round's sum of weights: the one number about the sites the coordinator
+    learns beside the summed update."""
 
 
 class Federation:
@@ -121,4 +124,5 @@ class Federation:
             participants=round_.reporters,
             reason=round_.reason,
             mean_loss=mean_loss,
+            weight_sum=None if round_.summed is None else round_.summed.weight_sum,
         )

@@ -45,6 +45,7 @@ from fedcare.federation.secure_relay import SecureRelay
 from fedcare.federation.state import SiteRecord, SiteState, StoredRound, StudyState
 from fedcare.models.builders import initial_parameters
 from fedcare.models.wire import PayloadError
+from fedcare.privacy.secagg.protocol import Stage
 from fedcare.releases.desk import NotYoursError, ReleaseDesk, ValidationRefusedError
 from fedcare.releases.registry import RegistryError, ReleaseRegistry
 from fedcare.study import Study
@@ -239,6 +240,11 @@ class StudyService:
         return self.federation.done and self.round is None
 
     @property
+    def checked_in(self) -> tuple[str, ...]:
+        """The sites that have asked for work since this service started."""
+        return tuple(sorted(self._present))
+
+    @property
     def waiting_for_sites(self) -> bool:
         """True before the first round, until min_sites sites have checked in."""
         return self.round is None and self.federation.round_number == 0 and not self.halted
@@ -260,9 +266,9 @@ class StudyService:
             times = []
             round_ = self.round
             if round_ is not None and not round_.finished:
-                times.append(round_.deadline)
-                if self.secure is not None and round_.summed is None:
-                    times.append(self.secure.deadline)
+                # While a secure session runs, its stage deadlines govern the round.
+                secure = self.secure is not None and round_.summed is None
+                times.append(self.secure.deadline if self.secure and secure else round_.deadline)
             if self.releases is not None:
                 release = self.releases.next_deadline()
                 if release is not None:
@@ -498,21 +504,24 @@ class StudyService:
 
     def _standings_after(self, round_: Round, outcome: RoundOutcome) -> list[SiteRecord]:
         """Each selected site's counters after a finished round; inactive after too many
-        misses. A failed secure session says nothing about who was there: no misses."""
-        records = []
-        counted = (
-            outcome.status is RoundStatus.CLOSED
-            or round_.summed is not None
-            or (not self.study.secure_aggregation.enabled)
-        )
+        misses. A site that advertised keys in a secure session was there, even if the
+        session failed later."""
+        present = set(outcome.participants)
+        if self.secure is not None:
+            present |= set(self.secure.session.posted(Stage.ADVERTISE))
         limit = self.study.rounds.inactive_after
         now = self.clock()
+        records = []
         for site in round_.selected:
             record = self.standing(site)
-            if site in outcome.participants:
-                gained = 1 if outcome.status is RoundStatus.CLOSED else 0
+            if site in present:
+                gained = (
+                    1
+                    if site in outcome.participants and outcome.status is RoundStatus.CLOSED
+                    else 0
+                )
                 record = replace(record, missed=0, contributed=record.contributed + gained)
-            elif site not in round_.excused and counted:
+            elif site not in round_.excused:
                 record = replace(record, missed=record.missed + 1)
                 if record.missed >= limit and record.state is SiteState.ACTIVE:
                     record = replace(

@@ -21,7 +21,7 @@ from fedcare.federation.state import MemoryState
 from fedcare.privacy.secagg.inmemory import make_identities
 from fedcare.releases.registry import ReleaseRegistry
 from fedcare.site.client import CoordinatorError
-from fedcare.site.participant import Participant, Step
+from fedcare.site.participant import CoordinatorLink, Participant, Step
 from fedcare.site.secagg import SecureSite
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study
@@ -35,6 +35,10 @@ declared stuck. A round takes a handful."""
 
 class SimulationStuckError(RuntimeError):
     """The in-process study stopped making progress (a bug, never a normal outcome)."""
+
+
+class SiteGone(Exception):  # noqa: N818 - an event, not an error: the site left
+    """Raised by a link whose site went away for good (a wrapped link in a fault test)."""
 
 
 class SimClock:
@@ -124,26 +128,35 @@ def run_in_process(
     offline: frozenset[str] = frozenset(),
     registry: ReleaseRegistry | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
+    wrap: Callable[[str, CoordinatorLink], CoordinatorLink] | None = None,
 ) -> StudyService:
     """Run the study until it is finished and its releases settled, or until it halts
     (too few active sites); returns the service with the final state. Sites in
-    ``offline`` never answer."""
+    ``offline`` never answer; ``wrap`` may put a site's link inside another (to make it
+    fail on cue: a link that raises :class:`SiteGone` takes its site out)."""
     clock = SimClock()
     service = StudyService(
         study, sorted(workers), MemoryState(), clock=clock.now, registry=registry, on_round=on_round
     )
     secure = secure_sites(workers) if study.secure_aggregation.enabled else {}
+    links: dict[str, CoordinatorLink] = {
+        name: InProcessLink(service, name) for name in sorted(workers) if name not in offline
+    }
+    if wrap is not None:
+        links = {name: wrap(name, link) for name, link in links.items()}
     active = [
-        Participant(workers[name], InProcessLink(service, name), secure=secure.get(name))
-        for name in sorted(workers)
-        if name not in offline
+        Participant(workers[name], link, secure=secure.get(name)) for name, link in links.items()
     ]
     rounds = study.rounds.count * (1 + study.rounds.extensions) + 1
     budget = STEPS_PER_SITE_ROUND * (len(workers) + 1) * 2 * rounds
     for _ in range(budget):
         worked = False
         for participant in list(active):
-            step = participant.step()
+            try:
+                step = participant.step()
+            except SiteGone:
+                active.remove(participant)
+                continue
             if step is Step.FINISHED:
                 active.remove(participant)
             worked = worked or step is Step.WORKED

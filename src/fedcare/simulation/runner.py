@@ -151,7 +151,13 @@ def run_federation(
             registry = ReleaseRegistry.open(f"sqlite:///{folder / 'registry.db'}", folder)
             stack.callback(registry.close)
         service = run_in_process(study, workers, offline, registry, on_round)
-    return FederationRun(service.federation.params, records, service.halted)
+    halted = service.halted
+    if service.waiting_for_sites:
+        halted = (
+            f"only {len(service.checked_in)} site(s) answered; the first round opens once "
+            f"{study.rounds.min_sites} have asked for work"
+        )
+    return FederationRun(service.federation.params, records, halted)
 
 
 def _spend(guard: PrivacyGuard | None, study: Study, n_train: int) -> dict[str, float]:
