@@ -37,7 +37,6 @@ from pathlib import Path
 import yaml
 
 import fedcare.data
-
 from fedcare.data.synthetic import generate_cohorts
 from fedcare.policy import load_policy, save_policy
 from fedcare.privacy.dp.budget import Budget

@@ -8,10 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from fedcare.privacy.dp.accountant import AccountantKind, Mechanism, epsilon
+from fedcare.privacy.dp.accountant import Mechanism, epsilon
 from fedcare.privacy.dp.plan import PlanError, plan_site
 from fedcare.site.dataset import SiteDataset
-from fedcare.study import ModelKind, ModelSpec, PrivacySpec, Study, StudyError, TrainingSpec
+from fedcare.study import (
+    AccountantKind,
+    ModelKind,
+    ModelSpec,
+    PrivacySpec,
+    Study,
+    StudyError,
+    TrainingSpec,
+)
 from fedcare.training import train_local
 from fedcare.training.dp_sgd import (
     DpSgdSettings,

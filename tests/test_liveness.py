@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedcare.audit import AuditLog, read_entries
-from fedcare.federation.messages import TaskState, WithdrawReason, Withdrawal
+from fedcare.federation.messages import TaskState, Withdrawal, WithdrawReason
 from fedcare.federation.rounds import RoundError
 from fedcare.federation.service import (
     ConflictError,
@@ -137,7 +137,8 @@ def test_a_round_closes_at_once_when_every_site_still_taking_part_reported(
     assert service.federation.round_number == 0  # still waiting for gamma
     service.withdraw("gamma", _withdrawal(study, "gamma", WithdrawReason.DATA))
     assert service.federation.round_number == 1  # no deadline passed
-    assert service.round is not None and service.round.selected == ("alpha", "beta")
+    assert service.round is not None
+    assert service.round.selected == ("alpha", "beta")
 
 
 def test_a_site_that_misses_rounds_is_inactive_until_it_asks_for_work_again(
@@ -168,14 +169,17 @@ def test_a_site_that_misses_rounds_is_inactive_until_it_asks_for_work_again(
     history = service.state.rounds(study.content_hash)
     assert [r.selected for r in history[:2]] == [tuple(NAMES)] * 2
     standing = service.standing("gamma")
-    assert standing.state is SiteState.INACTIVE and standing.missed == 2
-    assert service.round is not None and "gamma" not in service.round.selected
+    assert standing.state is SiteState.INACTIVE
+    assert standing.missed == 2
+    assert service.round is not None
+    assert "gamma" not in service.round.selected
     play(["alpha", "beta"])
     # gamma is back: it asks for work, is active again, and is selected at the next round.
     assert sites["gamma"].step() is Step.IDLE
     assert service.standing("gamma").state is SiteState.ACTIVE
     play(["alpha", "beta", "gamma"])
-    assert service.round is not None and "gamma" in service.round.selected
+    assert service.round is not None
+    assert "gamma" in service.round.selected
     play(["alpha", "beta", "gamma"])
     last = [r for r in service.state.rounds(study.content_hash) if r.closed_at][-1]
     assert last.participants == tuple(NAMES)
@@ -201,7 +205,8 @@ def test_the_operator_drops_and_admits_a_site_in_a_running_study(
     set_standing(state, study.content_hash, "gamma", SiteState.DROPPED, "site offline", 1.0, audit)
     service.tick()
     assert service.federation.round_number == 1
-    assert service.round is not None and service.round.selected == ("alpha", "beta")
+    assert service.round is not None
+    assert service.round.selected == ("alpha", "beta")
     assert service.task_for("gamma").state is TaskState.WAIT  # it asks; it stays dropped
     assert service.standing("gamma").state is SiteState.DROPPED
     set_standing(state, study.content_hash, "gamma", SiteState.ACTIVE, "back online", 2.0, audit)
@@ -209,10 +214,12 @@ def test_the_operator_drops_and_admits_a_site_in_a_running_study(
     for name in ("alpha", "beta"):
         reply = service.task_for(name)
         service.submit(name, reply.round, workers[name].handle(reply.payload))
-    assert service.round is not None and service.round.selected == tuple(NAMES)
+    assert service.round is not None
+    assert service.round.selected == tuple(NAMES)
     assert service.hash == study.content_hash
     events = [e.event for e in read_entries(tmp_path / "audit.log")]
-    assert events.count("site.dropped") == 1 and events.count("site.admitted") == 1
+    assert events.count("site.dropped") == 1
+    assert events.count("site.admitted") == 1
     with pytest.raises(ValueError, match="drops a site or admits"):
         set_standing(state, study.content_hash, "gamma", SiteState.WITHDRAWN, "", 3.0)
 

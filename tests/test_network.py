@@ -43,7 +43,7 @@ from fedcare.site.client import CoordinatorClient, CoordinatorError, tls_context
 from fedcare.site.dataset import prepare_site_data
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, parse_study
-from fedcare.validation.spec import GateKind, GateSpec, Metric
+from fedcare.validation_spec import GateKind, GateSpec, Metric
 
 from .conftest import toy_frame, toy_mapping
 
@@ -293,7 +293,7 @@ def test_duplicate_upload_is_not_counted_twice_and_replays_are_refused(live) -> 
             client.close()
     status = wait_for_round(deployment, study, first_round)
     history = {r["number"]: r for r in status["history"]}
-    assert history[first_round]["reported"] == sorted(SITES)
+    assert history[first_round]["participants"] == sorted(SITES)
     # Replaying the old round's update is refused now that the round is closed.
     alpha = client_for(deployment, "alpha")
     try:
@@ -414,7 +414,7 @@ def test_site_killed_mid_study_round_closes_at_deadline_and_site_resumes(tmp_pat
         status = wait_for_round(deployment, study, killed_at + 2, timeout=120)
         later = next(r for r in status["history"] if r["number"] == killed_at + 2)
         assert later["status"] == "closed", later
-        assert later["reported"] == ["alpha", "beta"], later
+        assert later["participants"] == ["alpha", "beta"], later
         assert "closed without gamma" in later["reason"]
         # gamma comes back and finishes the study with the others.
         restarted = start_site(deployment, "gamma")

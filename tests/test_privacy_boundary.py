@@ -19,8 +19,8 @@ from fedcare.privacy.secagg.protocol import ServerSession, run_session
 from fedcare.privacy.secagg.quantize import decode_sum, quantize_weight
 from fedcare.privacy.secagg.study import quantization_for, setup_for, site_weight
 from fedcare.privacy.secagg.wire import decode_masked
-from fedcare.site.secagg import SecureSite
 from fedcare.site.dataset import SiteDataset, prepare_site_data
+from fedcare.site.secagg import SecureSite
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, StudyError
 from tests.conftest import toy_frame, toy_mapping

@@ -15,14 +15,14 @@ import pytest
 
 from fedcare.federation.messages import Task, TaskHeader, encode_task
 from fedcare.models.builders import initial_parameters
-from fedcare.privacy.dp.accountant import AccountantKind, Mechanism, epsilon
+from fedcare.privacy.dp.accountant import Mechanism, epsilon
 from fedcare.privacy.dp.guard import PrivacyGuard
 from fedcare.privacy.dp.ledger import Budget, BudgetExceededError, PrivacyLedger, Release
 from fedcare.privacy.dp.plan import plan_site
 from fedcare.simulation.runner import run_federation
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
-from fedcare.study import Study
+from fedcare.study import AccountantKind, Study
 
 ROUND = Mechanism(0.1, 1.2, 10)
 STUDY_A = "a" * 64

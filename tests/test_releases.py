@@ -22,7 +22,7 @@ from fedcare.study import Study, parse_study
 from fedcare.validation.gates import Verdict
 from fedcare.validation.messages import ValidationReply, encode_validation_reply
 from fedcare.validation.release import ReleaseState, decide
-from fedcare.validation.spec import GateKind, GateSpec, Metric
+from fedcare.validation_spec import GateKind, GateSpec, Metric
 
 from .conftest import toy_frame
 

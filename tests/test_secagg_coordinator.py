@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcare.federation.service import ForbiddenError, StudyService
-from fedcare.federation.state.sql import SqlState
 from fedcare.federation.messages import TaskState
 from fedcare.federation.rounds import RoundError
+from fedcare.federation.service import ForbiddenError, StudyService
+from fedcare.federation.state.sql import SqlState
 from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.privacy.secagg.protocol import STAGES, ClientParty, Party, Stage
 from fedcare.privacy.secagg.study import setup_for

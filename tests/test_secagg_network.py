@@ -20,15 +20,15 @@ import pytest
 from fedcare.aggregation import make_server_optimizer
 from fedcare.audit import read_entries
 from fedcare.config import SiteConfig, load_config
-from fedcare.federation.messages import decode_model
-from fedcare.federation.engine import derive_seed
 from fedcare.federation.messages import (
     SiteUpdate,
     Task,
     TaskHeader,
+    decode_model,
     encode_task,
     encode_update,
 )
+from fedcare.ids import derive_seed
 from fedcare.models.builders import initial_parameters
 from fedcare.privacy.secagg.quantize import clip_l2, encode, quantize_weight
 from fedcare.privacy.secagg.study import quantization_for, site_weight

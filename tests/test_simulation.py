@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedcare.federation.engine import derive_seed
+from fedcare.ids import derive_seed
 from fedcare.models.builders import initial_parameters
 from fedcare.simulation.runner import (
     FEDERATED,

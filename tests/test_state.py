@@ -78,12 +78,14 @@ def test_a_finished_round_records_model_participants_and_standings(state: StudyS
     assert state.open_round(H) is None
     assert state.study(H).last_round == 1
     model = state.latest_model(H)
-    assert model is not None and (model.round, model.data) == (1, b"model-1")
+    assert model is not None
+    assert (model.round, model.data) == (1, b"model-1")
     _open(state, 2)
     state.save_finished_round(H, 2, "failed", "too few", (), None, True, [], 30.0)
     assert state.study(H).status == "finished"
     latest = state.latest_model(H)
-    assert latest is not None and latest.round == 1  # a failed round leaves the model
+    assert latest is not None
+    assert latest.round == 1
     history = state.rounds(H)
     assert [(r.number, r.status, r.participants, r.closed_at) for r in history] == [
         (1, "closed", ("alpha",), 20.0),
@@ -91,7 +93,8 @@ def test_a_finished_round_records_model_participants_and_standings(state: StudyS
     ]
     assert history[0].submissions == {}
     sites = state.sites(H)
-    assert sites["alpha"].contributed == 1 and sites["beta"].missed == 1
+    assert sites["alpha"].contributed == 1
+    assert sites["beta"].missed == 1
     assert sites["gamma"] == SiteRecord("gamma")
 
 
@@ -109,7 +112,8 @@ def test_standings_change_without_losing_counters(state: StudyState) -> None:
         2,
     )
     admitted = state.save_standing(H, "beta", SiteState.ACTIVE, "back", 7.0, reset_missed=True)
-    assert admitted.missed == 0 and state.sites(H)["beta"].state is SiteState.ACTIVE
+    assert admitted.missed == 0
+    assert state.sites(H)["beta"].state is SiteState.ACTIVE
     state.save_seen(H, "gamma", 8.0)
     assert state.sites(H)["gamma"].last_seen == 8.0
     with pytest.raises(StateError, match="not a member"):
@@ -136,7 +140,8 @@ def test_sql_state_survives_a_reopen_and_refuses_an_old_database(tmp_path: Path)
     first.close()
     again = SqlState(url, tmp_path / "models")
     stored = again.open_round(H)
-    assert stored is not None and stored.submissions == {"alpha": b"update-a"}
+    assert stored is not None
+    assert stored.submissions == {"alpha": b"update-a"}
     again.close()
     import sqlite3
 

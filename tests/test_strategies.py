@@ -16,7 +16,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from fedcare.aggregation.server import (
+from fedcare.aggregation.optimizers import (
     FedAdagrad,
     FedAdam,
     FedAvg,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedcare.aggregation import client_weights, make_server_optimizer, weighted_mean
-from fedcare.aggregation.server import FedAvg
+from fedcare.aggregation.optimizers import FedAvg
 from fedcare.aggregation.weighting import capped_shares
 from fedcare.study import AggregationSpec, Weighting
 

@@ -13,7 +13,7 @@ from typing import Self, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, model_validator
 
-from fedcare.federation.messages import SITE_NAME
+from fedcare.ids import SITE_NAME
 
 
 class ConfigError(ValueError):

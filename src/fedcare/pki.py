@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcare.federation.messages import SITE_NAME
+from fedcare.ids import SITE_NAME
 
 PrivateKey = ec.EllipticCurvePrivateKey
 

@@ -15,10 +15,18 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, ValidationError, model_validator
 
-from fedcare.privacy.dp.accountant import AccountantKind
+from fedcare.fixed_point import QuantizationError, plan_quantization
 from fedcare.schema.features import SITE_FITTED, FeatureSchema, FeatureType, Strict
-from fedcare.validation.spec import AGE_BAND, ValidationSpec
+from fedcare.validation_spec import AGE_BAND, ValidationSpec
 from fedcare.yamlfile import format_validation_errors, parse_yaml_model, read_yaml_model
+
+
+class AccountantKind(StrEnum):
+    """How a site's privacy spend is composed (docs/privacy.md)."""
+
+    RDP = "rdp"
+    PLD = "pld"
+    PRV = "prv"
 
 
 class StudyError(ValueError):
@@ -256,10 +264,6 @@ class SecureAggregationSpec(Strict):
             raise ValueError("degree is only used with graph 'sparse'")
         if self.degree is not None and self.degree % 2:
             raise ValueError(f"a sparse graph needs an even degree, not {self.degree}")
-        # Local import: the quantiser pulls in numpy and cryptography, which the
-        # study contract itself does not need.
-        from fedcare.privacy.secagg.quantize import QuantizationError, plan_quantization
-
         try:
             plan_quantization(self.bits, self.clip_norm, self.max_sites, self.fraction_bits)
         except QuantizationError as exc:

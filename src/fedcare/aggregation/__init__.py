@@ -1,7 +1,7 @@
 """Aggregation: client weighting, the weighted mean, and server optimisers."""
 
 from fedcare.aggregation.mean import weighted_mean
-from fedcare.aggregation.server import ServerOptimizer, make_server_optimizer
+from fedcare.aggregation.optimizers import ServerOptimizer, make_server_optimizer
 from fedcare.aggregation.weighting import client_weights
 
 __all__ = ["ServerOptimizer", "client_weights", "make_server_optimizer", "weighted_mean"]

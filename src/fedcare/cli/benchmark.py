@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from fedcare.cli.common import console, errors, fail, guarded, progress_bar
-from fedcare.privacy.dp.accountant import AccountantKind
+from fedcare.study import AccountantKind
 
 benchmark_app = typer.Typer(
     help="Reproduce published federated benchmarks on real hospital data.", no_args_is_help=True

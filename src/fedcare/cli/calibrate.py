@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from fedcare.cli.common import console, errors, fail, guarded, progress_bar
-from fedcare.privacy.dp.accountant import AccountantKind
+from fedcare.study import AccountantKind
 
 
 def calibrate(

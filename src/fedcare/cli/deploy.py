@@ -1,27 +1,172 @@
-"""``fedcare provision`` and ``fedcare coordinator serve``."""
+"""``fedcare provision`` and ``fedcare coordinator serve | status | site drop | site admit``."""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.table import Table
 
 from fedcare.cli.common import console, guarded, say
 
+if TYPE_CHECKING:
+    from fedcare.config import CoordinatorConfig
+    from fedcare.federation.service import StudyOverview
+    from fedcare.federation.state.sql import SqlState
+    from fedcare.releases.registry import ReleaseRegistry
+
 coordinator_app = typer.Typer(help="Run the consortium's coordinator.", no_args_is_help=True)
+membership_app = typer.Typer(
+    help="Drop a site from a running study, or admit it again (the study's hash stays).",
+    no_args_is_help=True,
+)
+coordinator_app.add_typer(membership_app, name="site")
+
+ConfigOption = Annotated[Path, typer.Option(help="coordinator.yaml (see 'fedcare provision').")]
 
 
 @coordinator_app.command("serve")
-def coordinator_serve(
-    config: Annotated[Path, typer.Option(help="coordinator.yaml (see 'fedcare provision').")],
-) -> None:
+def coordinator_serve(config: ConfigOption) -> None:
     """Serve the configured studies over mutual TLS until stopped."""
     from fedcare.config import CoordinatorConfig, load_config
     from fedcare.coordinator.server import serve
 
     parsed = guarded(lambda: load_config(config, CoordinatorConfig))
     guarded(lambda: serve(parsed))
+
+
+@contextmanager
+def _coordinator_state(
+    config: Path,
+) -> Iterator[tuple[CoordinatorConfig, SqlState, ReleaseRegistry]]:
+    """The coordinator's state and release registry, opened from its config (the service
+    may be running: every change is its own transaction)."""
+    from fedcare.config import CoordinatorConfig, load_config
+    from fedcare.federation.state.sql import SqlState
+    from fedcare.releases.registry import ReleaseRegistry
+
+    parsed = guarded(lambda: load_config(config, CoordinatorConfig))
+    state = guarded(lambda: SqlState(parsed.database, parsed.storage))
+    try:
+        registry = ReleaseRegistry(state.engine, state.storage / "releases")
+        yield parsed, state, registry
+    finally:
+        state.close()
+
+
+def _ago(moment: float | None, now: float) -> str:
+    if moment is None:
+        return "never"
+    seconds = max(0.0, now - moment)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def _print_overview(study: StudyOverview, now: float) -> None:
+    say(
+        f"study {study.name} ({study.study_hash[:12]}): {study.status}, round "
+        f"{study.last_round} of {study.rounds_total} done"
+    )
+    round_ = study.open_round
+    if round_ is not None:
+        left = round_.deadline - now
+        due = f"in {left:.0f} s" if left >= 0 else f"{-left:.0f} s ago"
+        say(
+            f"  open round {round_.number}: selected {', '.join(round_.selected)}; reported "
+            f"{', '.join(round_.reported) or 'none'}; waiting for "
+            f"{', '.join(round_.waiting_for) or 'nobody'}; deadline {due}"
+        )
+    table = Table("site", "state", "why", "last seen", "rounds contributed", "missed in a row")
+    for site in study.sites:
+        table.add_row(
+            site.site,
+            site.state,
+            site.reason or "-",
+            _ago(site.last_seen, now),
+            str(site.contributed),
+            str(site.missed),
+        )
+    console.print(table)
+    for release in study.releases:
+        say(f"  release {release.id} (round {release.round}): {release.state} {release.reason}")
+
+
+@coordinator_app.command("status")
+def coordinator_status(
+    config: ConfigOption,
+    study: Annotated[
+        str | None, typer.Option(help="One study, by name or hash (6+ characters).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Every study: its open round and deadline, each site's state, last contact, rounds
+    contributed, and the releases. Reads the coordinator's database; it may be running."""
+    from fedcare.federation.service import find_study, overview
+
+    with _coordinator_state(config) as (_, state, registry):
+        chosen = study
+        if chosen is None:
+            hashes = [s.hash for s in state.studies()]
+        else:
+            hashes = [guarded(lambda: find_study(state, chosen))]
+        views = guarded(lambda: [overview(state, h, registry) for h in hashes])
+    if as_json:
+        print(json.dumps([v.model_dump(mode="json") for v in views], indent=2))
+        return
+    if not views:
+        say("no studies yet: the coordinator records a study when it first serves it")
+    now = time.time()
+    for view in views:
+        _print_overview(view, now)
+
+
+def _set_standing(config: Path, study: str, site: str, reason: str, drop: bool) -> None:
+    from fedcare.audit import AuditLog
+    from fedcare.federation.service import find_study, set_standing
+    from fedcare.federation.state import SiteState
+
+    standing = SiteState.DROPPED if drop else SiteState.ACTIVE
+    with _coordinator_state(config) as (parsed, state, _):
+        study_hash = guarded(lambda: find_study(state, study))
+        audit = AuditLog(parsed.audit_log, "coordinator")
+        guarded(lambda: set_standing(state, study_hash, site, standing, reason, time.time(), audit))
+    verb = "dropped from" if drop else "admitted again to"
+    say(
+        f"{site} {verb} study {study_hash[:12]} (recorded in {parsed.audit_log}); a running "
+        "coordinator applies it within a second, from the next round on"
+    )
+
+
+@membership_app.command("drop")
+def site_drop(
+    study: Annotated[str, typer.Argument(help="The study, by name or hash (6+ characters).")],
+    site: Annotated[str, typer.Argument(help="The site to take out.")],
+    reason: Annotated[str, typer.Option(help="Why; goes into the audit trail.")],
+    config: ConfigOption,
+) -> None:
+    """Take a site out of a running study: it is not selected again and the open round
+    stops waiting for it. The study's hash does not change."""
+    _set_standing(config, study, site, reason, drop=True)
+
+
+@membership_app.command("admit")
+def site_admit(
+    study: Annotated[str, typer.Argument(help="The study, by name or hash (6+ characters).")],
+    site: Annotated[str, typer.Argument(help="The site to bring back.")],
+    reason: Annotated[str, typer.Option(help="Why; goes into the audit trail.")],
+    config: ConfigOption,
+) -> None:
+    """Bring a dropped, withdrawn or inactive site back into a running study from its next
+    round."""
+    _set_standing(config, study, site, reason, drop=False)
 
 
 def provision(

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from fedcare.cli.common import guarded, say
-from fedcare.privacy.dp.accountant import AccountantKind
+from fedcare.study import AccountantKind
 
 privacy_app = typer.Typer(
     help="Differential-privacy accounting for DP-SGD with Poisson sampling.",

@@ -16,6 +16,9 @@ site_app = typer.Typer(help="Run a hospital's site agent.", no_args_is_help=True
 @site_app.command("run")
 def site_run(
     config: Annotated[Path, typer.Option(help="This site's site.yaml.")],
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Log every HTTP request too (httpx at INFO).")
+    ] = False,
 ) -> None:
     """Take part in the configured study until it finishes (outbound connections only)."""
     import logging
@@ -24,6 +27,9 @@ def site_run(
     from fedcare.site.agent import run_site
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # One line per round event; a request line per long-poll would drown them.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.INFO if verbose else logging.WARNING)
     parsed = guarded(lambda: load_config(config, SiteConfig))
     summary = guarded(lambda: run_site(parsed))
     console.print(

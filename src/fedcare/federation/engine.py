@@ -7,7 +7,6 @@ applies the server optimiser when a round closes. The study service
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 from collections.abc import Sequence
@@ -19,13 +18,8 @@ from numpy.typing import NDArray
 from fedcare.aggregation import make_server_optimizer
 from fedcare.federation.messages import Task, TaskHeader
 from fedcare.federation.rounds import Round, RoundError, RoundStatus
+from fedcare.ids import derive_seed
 from fedcare.study import Study
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any labels; stable across processes and machines."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass(frozen=True)

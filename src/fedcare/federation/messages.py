@@ -9,10 +9,8 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedcare.ids import SHA256_HEX, SITE_NAME
 from fedcare.models.wire import DEFAULT_MAX_BYTES, decode, encode
-
-SHA256_HEX = r"^[0-9a-f]{64}$"
-SITE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class TaskHeader(BaseModel):

@@ -11,10 +11,17 @@ new session, which each site's ledger charges as a new release.
 
 from __future__ import annotations
 
-from fedcare.federation.rounds import Round, RoundError
+import statistics
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedcare.federation.rounds import Round, RoundError, SummedUpdate
 from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.privacy.secagg.protocol import ServerSession, Stage, stage_named
-from fedcare.privacy.secagg.study import secure_sum, setup_for
+from fedcare.privacy.secagg.quantize import decode_sum
+from fedcare.privacy.secagg.study import quantization_for, setup_for
 from fedcare.study import Study
 
 
@@ -85,3 +92,21 @@ class SecureRelay:
         total, survivors = session.result()
         round_.submit_sum(secure_sum(self.study, total, survivors, session.losses))
         return True
+
+
+def secure_sum(
+    study: Study,
+    total: NDArray[np.unsignedinteger],
+    survivors: Sequence[str],
+    losses: Mapping[str, float | None],
+) -> SummedUpdate:
+    """A session's unmasked total as the round's weighted sum (and the sites' mean loss,
+    when they reported one)."""
+    weighted, weight_sum = decode_sum(total, quantization_for(study))
+    reported = [v for s in survivors if (v := losses.get(s)) is not None]
+    return SummedUpdate(
+        participants=tuple(survivors),
+        weighted_sum=weighted,
+        weight_sum=weight_sum,
+        mean_loss=statistics.fmean(reported) if reported else None,
+    )

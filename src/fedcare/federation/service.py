@@ -16,6 +16,7 @@ all reported closes at once.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +43,13 @@ from fedcare.federation.messages import (
 )
 from fedcare.federation.rounds import Round, RoundError, RoundStatus
 from fedcare.federation.secure_relay import SecureRelay
-from fedcare.federation.state import SiteRecord, SiteState, StoredRound, StudyState
+from fedcare.federation.state import (
+    SiteRecord,
+    SiteState,
+    StateError,
+    StoredRound,
+    StudyState,
+)
 from fedcare.models.builders import initial_parameters
 from fedcare.models.wire import PayloadError
 from fedcare.privacy.secagg.protocol import Stage
@@ -726,3 +733,75 @@ def refusal_status(exc: Exception) -> int | None:
         if isinstance(exc, kind):
             return status
     return None
+
+
+class ReleaseView(BaseModel):
+    id: int
+    round: int
+    state: str
+    reason: str
+
+
+class StudyOverview(BaseModel):
+    """A study as the operator sees it, read from the state alone (no running service)."""
+
+    study_hash: str
+    name: str
+    status: str
+    rounds_total: int
+    last_round: int
+    open_round: OpenRoundView | None
+    sites: list[SiteView]
+    releases: list[ReleaseView]
+
+
+def overview(
+    state: StudyState, study_hash: str, registry: ReleaseRegistry | None = None
+) -> StudyOverview:
+    """Everything ``fedcare coordinator status`` shows for one study. Under secure
+    aggregation who has posted lives only in the running coordinator's memory, so an
+    open secure round shows no reports here."""
+    record = state.study(study_hash)
+    standings = state.sites(study_hash)
+    stored = state.open_round(study_hash)
+    open_round = None
+    if stored is not None:
+        gone = {s for s, r in standings.items() if r.state in GONE}
+        reported = sorted(stored.submissions)
+        open_round = OpenRoundView(
+            number=stored.number,
+            status=stored.status,
+            selected=list(stored.selected),
+            reported=reported,
+            waiting_for=sorted(set(stored.selected) - set(reported) - gone),
+            deadline=stored.deadline,
+        )
+    releases = [] if registry is None else registry.releases(study_hash)
+    return StudyOverview(
+        study_hash=study_hash,
+        name=record.name,
+        status=record.status,
+        rounds_total=int(json.loads(record.spec_json).get("rounds", {}).get("count", 0)),
+        last_round=record.last_round,
+        open_round=open_round,
+        sites=site_views(list(standings.values())),
+        releases=[
+            ReleaseView(id=r.id, round=r.round, state=r.state.value, reason=r.reason)
+            for r in releases
+        ],
+    )
+
+
+def find_study(state: StudyState, key: str) -> str:
+    """The hash of the study named ``key`` or whose hash starts with it (six or more
+    characters); a one-line error when none or several match."""
+    studies = state.studies()
+    matches = [s.hash for s in studies if s.name == key]
+    if not matches and len(key) >= 6:
+        matches = [s.hash for s in studies if s.hash.startswith(key.lower())]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(f"{s.name} ({s.hash[:12]})" for s in studies) or "none"
+    if not matches:
+        raise StateError(f"no study '{key}' at this coordinator (studies: {known})")
+    raise StateError(f"'{key}' matches {len(matches)} studies; give more of the hash")

@@ -31,11 +31,10 @@ from pydantic import (
 )
 
 from fedcare.config import ConfigError
-from fedcare.federation.messages import SHA256_HEX, SITE_NAME
-from fedcare.privacy.dp.accountant import AccountantKind
+from fedcare.ids import SHA256_HEX, SITE_NAME
 from fedcare.schema.features import Strict
-from fedcare.study import Artefact
-from fedcare.validation.spec import GateSpec
+from fedcare.study import AccountantKind, Artefact
+from fedcare.validation_spec import GateSpec
 from fedcare.yamlfile import parse_yaml_model, read_yaml_model
 
 # ISO 3166-1 alpha-2, plus "EU" (the study's coordinator_region allows it too).

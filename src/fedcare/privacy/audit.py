@@ -42,8 +42,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.stats import beta, chi2
 
-from fedcare.privacy.dp.accountant import AccountantKind, Mechanism, epsilon, noise_multiplier
-from fedcare.study import ModelSpec, TrainingSpec
+from fedcare.privacy.dp.accountant import Mechanism, epsilon, noise_multiplier
+from fedcare.study import AccountantKind, ModelSpec, TrainingSpec
 from fedcare.training import train_local
 from fedcare.training.dp_sgd import DpSgdSettings
 

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedcare.federation.messages import SHA256_HEX
+from fedcare.ids import SHA256_HEX
 from fedcare.models.size import study_parameter_count
 from fedcare.models.wire import PayloadError, decode
 from fedcare.schema.preprocess import Preprocessor, declared_preprocessor

@@ -22,7 +22,7 @@ from fedcare.validation.report import (
     SuppressedCell,
     ValidationReport,
 )
-from fedcare.validation.spec import GateSpec, Metric
+from fedcare.validation_spec import GateSpec, Metric
 
 CARD_METRICS = (
     Metric.AUROC,

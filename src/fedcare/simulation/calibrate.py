@@ -28,11 +28,10 @@ from pydantic import BaseModel, Field
 from sklearn.metrics import roc_auc_score
 
 from fedcare.models.size import study_parameter_count
-from fedcare.privacy.dp.accountant import AccountantKind
 from fedcare.simulation.runner import run_federation
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
-from fedcare.study import Study
+from fedcare.study import AccountantKind, Study
 from fedcare.training import predict_proba
 from fedcare.validation.report import age_band
 

@@ -44,7 +44,7 @@ from fedcare.training import predict_proba, train_local
 from fedcare.training.convergence import CONVERGENCE_WINDOW, still_falling
 from fedcare.validation.metrics import BinaryMetrics, binary_metrics
 from fedcare.validation.report import FEW_POSITIVES
-from fedcare.validation.spec import GateSpec
+from fedcare.validation_spec import GateSpec
 
 FEDERATED = "federated"
 POOLED = "pooled"

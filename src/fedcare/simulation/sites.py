@@ -16,7 +16,7 @@ from fedcare.schema.readers import read_table
 from fedcare.simulation.runner import SiteRules
 from fedcare.site.dataset import SiteDataset, prepare_site_data
 from fedcare.study import Study
-from fedcare.validation.spec import GateKind, GateSpec, Metric
+from fedcare.validation_spec import GateKind, GateSpec, Metric
 
 BUILTIN_MIN_COHORT = 11
 """The built-in hospitals' minimum cohort size (their policies follow HIPAA's small-cell rule)."""

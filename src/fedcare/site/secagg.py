@@ -19,8 +19,8 @@ from numpy.typing import NDArray
 
 from fedcare import pki
 from fedcare.config import SiteConfig
-from fedcare.federation.engine import derive_seed
 from fedcare.federation.messages import SiteUpdate
+from fedcare.ids import derive_seed
 from fedcare.privacy.secagg.client import SecAggClient
 from fedcare.privacy.secagg.keys import EcdsaSigner, IdentitySigner, IdentityVerifier, SecAggError
 from fedcare.privacy.secagg.protocol import ClientParty

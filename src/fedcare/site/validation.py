@@ -13,14 +13,14 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from fedcare.federation.engine import derive_seed
+from fedcare.ids import derive_seed
 from fedcare.site.dataset import SiteDataset
 from fedcare.study import Study
 from fedcare.training import predict_proba
 from fedcare.validation.gates import Verdict, evaluate_gates
 from fedcare.validation.messages import ValidationReply, ValidationTaskHeader
 from fedcare.validation.report import ValidationReport, validate
-from fedcare.validation.spec import GateSpec
+from fedcare.validation_spec import GateSpec
 
 
 def site_report(

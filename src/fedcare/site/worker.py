@@ -9,7 +9,6 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 
-from fedcare.federation.engine import derive_seed
 from fedcare.federation.messages import (
     SiteUpdate,
     Task,
@@ -18,6 +17,7 @@ from fedcare.federation.messages import (
     encode_update,
 )
 from fedcare.federation.rounds import RoundError
+from fedcare.ids import derive_seed
 from fedcare.privacy.dp.counts import bucket, noisy_count
 from fedcare.privacy.dp.guard import PrivacyGuard, dp_settings
 from fedcare.privacy.dp.plan import SitePlan, needs_count, plan_site
@@ -27,7 +27,7 @@ from fedcare.study import Study
 from fedcare.training import train_local
 from fedcare.training.dp_sgd import DpSgdSettings
 from fedcare.validation.messages import decode_validation_task, encode_validation_reply
-from fedcare.validation.spec import GateSpec
+from fedcare.validation_spec import GateSpec
 
 MAX_REPORTED_COUNT = 10**9
 """Upper clamp of a noisy count sent in the clear (plain aggregation)."""

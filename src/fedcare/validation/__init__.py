@@ -1,5 +1,5 @@
 """Validation: metrics on held-out data, subgroup reports, release gates and decisions.
 
-The package imports nothing heavy itself, so the study contract can use
-:mod:`fedcare.validation.spec` without loading scikit-learn.
+The package imports nothing heavy itself; the study's validation settings and gate
+specs live beneath it, in :mod:`fedcare.validation_spec`.
 """

@@ -6,7 +6,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedcare.federation.messages import SHA256_HEX, SITE_NAME
+from fedcare.ids import SHA256_HEX, SITE_NAME
 from fedcare.models.wire import PayloadError, decode, encode
 from fedcare.validation.gates import Verdict
 from fedcare.validation.report import ValidationReport

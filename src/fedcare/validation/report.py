@@ -40,7 +40,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from fedcare.validation.spec import AGE_BAND, Metric
+from fedcare.validation_spec import AGE_BAND, Metric
 
 OVERALL = "all"
 """The group name of the cell that holds every patient."""

@@ -20,14 +20,9 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
-
-class AccountantKind(StrEnum):
-    RDP = "rdp"
-    PLD = "pld"
-    PRV = "prv"
+from fedcare.study import AccountantKind
 
 
 class AccountingError(ValueError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedcare.privacy.dp.accountant import AccountantKind
+from fedcare.study import AccountantKind
 
 
 class BudgetExceededError(RuntimeError):

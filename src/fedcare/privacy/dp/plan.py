@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from fedcare.privacy.dp.accountant import AccountantKind, Mechanism, epsilon, noise_multiplier
+from fedcare.privacy.dp.accountant import Mechanism, epsilon, noise_multiplier
 from fedcare.privacy.dp.counts import count_mechanism
-from fedcare.study import Study, Weighting
+from fedcare.study import AccountantKind, Study, Weighting
 
 
 class PlanError(ValueError):

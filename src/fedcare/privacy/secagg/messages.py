@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedcare.federation.messages import SHA256_HEX, SITE_NAME
+from fedcare.ids import SHA256_HEX, SITE_NAME
 
 SHARE_HEX = r"^[0-9a-f]{1,66}$"
 Site = Annotated[str, Field(pattern=SITE_NAME)]

@@ -45,7 +45,7 @@ from fedcare.privacy.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from fedcare.privacy.secagg.server import SecAggServer, ServerStage
+from fedcare.privacy.secagg.aggregator import SecAggServer, ServerStage
 from fedcare.privacy.secagg.session import RoundSetup
 from fedcare.privacy.secagg.wire import MaskedHeader, decode_masked, encode_masked
 

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import numpy as np
-from numpy.typing import NDArray
-
-from fedcare.federation.engine import derive_seed
-from fedcare.federation.rounds import SummedUpdate
+from fedcare.fixed_point import Quantization, plan_quantization
+from fedcare.ids import derive_seed
 from fedcare.privacy.secagg.graph import default_degree
 from fedcare.privacy.secagg.keys import SecAggError
-from fedcare.privacy.secagg.quantize import Quantization, decode_sum, plan_quantization
 from fedcare.privacy.secagg.session import RoundSetup, round_setup
 from fedcare.study import SecAggGraph, Study, Weighting
 
@@ -64,21 +59,3 @@ def site_weight(study: Study, n_samples: int) -> float:
     if weighting is Weighting.EQUAL:
         return 1.0
     raise SecAggError(f"weighting '{weighting}' cannot be used with secure aggregation")
-
-
-def secure_sum(
-    study: Study,
-    total: NDArray[np.unsignedinteger],
-    survivors: Sequence[str],
-    losses: Mapping[str, float | None],
-) -> SummedUpdate:
-    """A session's unmasked total as the round's weighted sum (and the sites' mean loss,
-    when they reported one)."""
-    weighted, weight_sum = decode_sum(total, quantization_for(study))
-    reported = [v for s in survivors if (v := losses.get(s)) is not None]
-    return SummedUpdate(
-        participants=tuple(survivors),
-        weighted_sum=weighted,
-        weight_sum=weight_sum,
-        mean_loss=statistics.fmean(reported) if reported else None,
-    )

@@ -7,7 +7,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.numpy import save
 
-from fedcare.federation.messages import SHA256_HEX, SITE_NAME
+from fedcare.ids import SHA256_HEX, SITE_NAME
 from fedcare.models.wire import DEFAULT_MAX_BYTES, HEADER_KEY, PayloadError, open_payload
 from fedcare.privacy.secagg.prg import dtype_for
 
