@@ -580,10 +580,18 @@ def test_dp_study_over_the_network_site_refuses_when_its_budget_is_spent(
     ]
     assert sorted(r for s, r in received if s == "gamma") == [1]
     assert sorted(r for s, r in received if s == "alpha") == [1, 2, 3]
+    # gamma told the coordinator, by category only, and the study stopped waiting for it.
+    withdrawn = [
+        e.details
+        for e in read_entries(deployment.folder / "audit.jsonl")
+        if e.event == "site.withdrawn"
+    ]
+    assert withdrawn == [{"study": study.content_hash, "site": "gamma", "reason": "budget"}]
     gamma_dir = deployment.site_configs["gamma"].parent
     events = [(e.event, e.details.get("round")) for e in read_entries(gamma_dir / "audit.jsonl")]
     assert ("update.sent", 1) in events
     assert ("update.refused", 2) in events
+    assert ("study.withdrawn", None) in events
     assert ("update.sent", 2) not in events
     assert events[-1][0] == "model.received"
     ledger = PrivacyLedger(gamma_dir / "state" / "privacy-ledger.sqlite")

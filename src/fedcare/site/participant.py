@@ -163,6 +163,7 @@ class Participant:
             self._withdraw(
                 WithdrawReason.APPROVAL,
                 f"round {reply.round}: the site's approval of this study was withdrawn",
+                reply.round,
             )
             return Step.WORKED
         if self.secure is not None:
@@ -176,7 +177,7 @@ class Participant:
         try:
             update = self.worker.handle(reply.payload)
         except BudgetExceededError as exc:
-            self._withdraw(WithdrawReason.BUDGET, f"round {reply.round}: {exc}")
+            self._withdraw(WithdrawReason.BUDGET, f"round {reply.round}: {exc}", reply.round)
             return Step.WORKED
         train_s = time.perf_counter() - started
         # Recorded before the first byte leaves: a crash can only over-report.
@@ -215,11 +216,13 @@ class Participant:
                 entry = {"round": number, "train_s": train_s, "accepted": accepted}
                 handle.write(json.dumps(entry) + "\n")
 
-    def _withdraw(self, reason: WithdrawReason, detail: str) -> None:
-        """Stop sending updates and tell the coordinator why, by category only."""
+    def _withdraw(self, reason: WithdrawReason, detail: str, number: int) -> None:
+        """Refuse this round's update and every later one, and tell the coordinator why, by
+        category only (the detail stays in the site's own audit trail)."""
         self.withdrawn = reason
         self.refused = detail
-        self._record("study.withdrawn", reason=reason.value, detail=detail)
+        self._record("update.refused", round=number, reason=detail)
+        self._record("study.withdrawn", reason=reason.value)
         message = Withdrawal(study_hash=self.study_hash, site=self.name, reason=reason)
         try:
             self.retry(
@@ -252,7 +255,7 @@ class Participant:
         try:
             party = self.secure.start(reply.payload, setup, on_masked=self._masked_sent(reply))
         except BudgetExceededError as exc:
-            self._withdraw(WithdrawReason.BUDGET, f"round {reply.round}: {exc}")
+            self._withdraw(WithdrawReason.BUDGET, f"round {reply.round}: {exc}", reply.round)
             return Step.WORKED
         except SecAggError as exc:
             self._sit_out(reply.round, task_sha256, exc)
