@@ -38,7 +38,7 @@ import yaml
 
 import fedcare.data
 from fedcare.data.synthetic import generate_cohorts
-from fedcare.policy import load_policy, save_policy
+from fedcare.policy import DatasetBudget, load_policy, save_policy
 from fedcare.privacy.dp.budget import Budget
 from fedcare.privacy.dp.plan import plan_site
 from fedcare.simulation.loopback import (
@@ -106,13 +106,8 @@ def network(the_study: Study, eps: dict[str, float], folder: Path) -> dict[str, 
     deployment = prepare_deployment(folder, the_study, cohorts, free_port())
     for name in SITES:
         path = deployment.site_configs[name].parent / "policy.yaml"
-        policy = load_policy(path)
-        raw = policy.model_dump(mode="json", exclude_none=True)
-        raw["privacy_budget"] = {"data": {"epsilon": eps[name], "delta": DELTA}}
-        text = path.read_text(encoding="utf-8")
-        approvals = yaml.safe_load(text).get("approvals", [])
-        raw["approvals"] = approvals
-        save_policy(type(policy).model_validate(raw), path)
+        budget = {"data": DatasetBudget(epsilon=eps[name], delta=DELTA)}
+        save_policy(load_policy(path).model_copy(update={"privacy_budget": budget}), path)
     started = time.perf_counter()
     coordinator = start_coordinator(deployment)
     try:

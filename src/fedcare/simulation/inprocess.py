@@ -11,8 +11,10 @@ the next deadline instead of waiting for it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from fedcare.federation.messages import TaskReply
@@ -149,6 +151,26 @@ def run_in_process(
     ]
     rounds = study.rounds.count * (1 + study.rounds.extensions) + 1
     budget = STEPS_PER_SITE_ROUND * (len(workers) + 1) * 2 * rounds
+    with _quiet_sites():
+        return _drive(service, active, clock, budget)
+
+
+@contextlib.contextmanager
+def _quiet_sites() -> Iterator[None]:
+    """A site's agent logs each round event; in one process the simulation's results say
+    what happened (who withdrew, which rounds failed), so only errors are logged."""
+    site_log = logging.getLogger("fedcare.site")
+    level = site_log.level
+    site_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        site_log.setLevel(level)
+
+
+def _drive(
+    service: StudyService, active: list[Participant], clock: SimClock, budget: int
+) -> StudyService:
     for _ in range(budget):
         worked = False
         for participant in list(active):
@@ -173,6 +195,6 @@ def run_in_process(
         clock.jump_to(deadline)
         service.tick()
     raise SimulationStuckError(
-        f"study {study.name} made no progress in {budget} steps (round "
+        f"study {service.study.name} made no progress in {budget} steps (round "
         f"{service.federation.round_number}); please report this"
     )

@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcare.federation.service import RoundReport
+from fedcare.federation.state import SiteState
 from fedcare.models.builders import initial_parameters
 from fedcare.models.size import study_parameter_count
 from fedcare.privacy.dp.budget import Budget
@@ -109,6 +110,8 @@ class FederationRun:
     params: NDArray[np.float32]
     rounds: list[RoundRecord]
     halted: str = ""
+    left: dict[str, str] = field(default_factory=dict)
+    """Sites that stopped taking part, with their standing and why (e.g. withdrawn: budget)."""
 
 
 def run_federation(
@@ -157,7 +160,12 @@ def run_federation(
             f"only {len(service.checked_in)} site(s) answered; the first round opens once "
             f"{study.rounds.min_sites} have asked for work"
         )
-    return FederationRun(service.federation.params, records, halted)
+    left = {
+        name: f"{record.state.value} ({record.reason})"
+        for name in service.federation.sites
+        if (record := service.standing(name)).state is not SiteState.ACTIVE
+    }
+    return FederationRun(service.federation.params, records, halted, left)
 
 
 def _spend(guard: PrivacyGuard | None, study: Study, n_train: int) -> dict[str, float]:
@@ -192,6 +200,10 @@ def warnings(study: Study, comparison: Sequence[SiteComparison], run: Federation
         out.append(
             f"the study halted after round {len(rounds)} of {study.rounds.count}: {run.halted}"
         )
+    out += [
+        f"{site} stopped taking part: {why}; later rounds went on without it"
+        for site, why in run.left.items()
+    ]
     out += [
         f"{row.site}: {row.positives} positive(s) in {row.n} held-out rows (fewer than "
         f"{FEW_POSITIVES}); its AUROC is imprecise, read the interval"

@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 from pydantic import TypeAdapter, ValidationError
 
 from fedcare.models.wire import DEFAULT_MAX_BYTES, PayloadError
+from fedcare.privacy.secagg.aggregator import SecAggServer, ServerStage
 from fedcare.privacy.secagg.client import SecAggClient
 from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.privacy.secagg.messages import (
@@ -45,7 +46,6 @@ from fedcare.privacy.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from fedcare.privacy.secagg.aggregator import SecAggServer, ServerStage
 from fedcare.privacy.secagg.session import RoundSetup
 from fedcare.privacy.secagg.wire import MaskedHeader, decode_masked, encode_masked
 
