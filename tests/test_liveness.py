@@ -269,3 +269,39 @@ class _SilentAfter:
         if reply.round > self.last:
             raise SiteGone
         return reply
+
+
+def test_a_site_whose_approval_is_withdrawn_says_so_before_training(
+    toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    service = StudyService(toy_study, NAMES, MemoryState())
+    workers = _workers(toy_study, toy_sites)
+    approved = {"gamma": True}
+    sites = {
+        n: Participant(
+            workers[n],
+            InProcessLink(service, n),
+            approved=(lambda: approved["gamma"]) if n == "gamma" else None,
+        )
+        for n in NAMES
+    }
+    for name in NAMES:
+        service.task_for(name)  # every site checks in; the first round opens
+    for participant in sites.values():
+        assert participant.step() is Step.WORKED  # round 1, trained and sent
+    assert service.federation.round_number == 1
+    approved["gamma"] = False  # the officer revoked the approval between rounds
+    assert sites["gamma"].step() is Step.WORKED
+    assert sites["gamma"].withdrawn is WithdrawReason.APPROVAL
+    assert sites["gamma"].trained == 1
+    assert service.standing("gamma").reason == "approval"
+    assert service.round is not None
+    assert service.round.excused == {"gamma"}
+
+
+def test_a_site_sees_only_its_own_standing(toy_study: Study) -> None:
+    service = StudyService(toy_study, NAMES, MemoryState())
+    service.withdraw("gamma", _withdrawal(toy_study, "gamma"))
+    assert [s.site for s in service.status("alpha").standings] == ["alpha"]
+    assert [s.site for s in service.status("gamma").standings] == ["gamma"]
+    assert [s.site for s in service.status().standings] == NAMES

@@ -640,3 +640,38 @@ def test_sigterm_stops_the_coordinator_quickly_without_tracebacks_for_open_long_
     assert "Finished server process" in log
     assert answers == [204, 204, 204]  # each poll told to come back, none cut off
     assert stopped_in < 10.0, f"took {stopped_in:.1f} s to stop with open long-polls"
+
+
+def test_a_site_whose_data_no_longer_fits_withdraws_and_the_study_goes_on(
+    tmp_path: Path,
+) -> None:
+    """gamma's new extract breaks the schema: its agent says so to the coordinator (the
+    category only) and stops with the data error; alpha and beta finish without waiting
+    out gamma's 600 s deadline."""
+    import pandas as pd
+
+    study = network_study(rounds=2, min_sites=2, deadline_s=600)
+    deployment = deploy(tmp_path, study)
+    data = deployment.site_configs["gamma"].parent / "data.csv"
+    frame = pd.read_csv(data)
+    frame.loc[0, "Y"] = 7
+    frame.to_csv(data, index=False)
+    start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, SITES[0])
+        gamma = start_site(deployment, "gamma")
+        assert gamma.popen.wait(timeout=120) == 2
+        log = gamma.log.read_text()
+        assert "does not fit study" in log
+        assert "told the coordinator this site withdraws" in log
+        others = [start_site(deployment, name) for name in ("alpha", "beta")]
+        for proc in others:
+            assert proc.popen.wait(timeout=120) == 0, proc.log.read_text()[-3000:]
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+    entries = read_entries(deployment.folder / "audit.jsonl")
+    withdrawn = [e.details for e in entries if e.event == "site.withdrawn"]
+    assert withdrawn == [{"study": study.content_hash, "site": "gamma", "reason": "data"}]
+    opened = [e.details["selected"] for e in entries if e.event == "round.opened"]
+    assert opened == [["alpha", "beta"], ["alpha", "beta"]]

@@ -12,13 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedcare import pki
+from fedcare.privacy.secagg.aggregator import SecAggFailedError, SecAggServer, ServerStage
 from fedcare.privacy.secagg.client import SecAggClient
 from fedcare.privacy.secagg.inmemory import Identities, make_identities, run_local_round
 from fedcare.privacy.secagg.keys import EcdsaSigner, IdentityVerifier, SecAggError
 from fedcare.privacy.secagg.messages import UnmaskRequest
 from fedcare.privacy.secagg.protocol import Stage
 from fedcare.privacy.secagg.quantize import decode_sum, encode, plan_quantization, quantize_weight
-from fedcare.privacy.secagg.aggregator import SecAggFailedError, SecAggServer, ServerStage
 from fedcare.privacy.secagg.session import RoundSetup, round_setup
 
 STUDY = "ab" * 32
