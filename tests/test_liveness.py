@@ -52,6 +52,19 @@ def _withdrawal(study: Study, site: str, reason: WithdrawReason = WithdrawReason
     return message.model_dump_json().encode()
 
 
+def _report(service: StudyService, workers: dict[str, SiteWorker], names: tuple[str, ...]) -> None:
+    for name in names:
+        reply = service.task_for(name)
+        service.submit(name, reply.round, workers[name].handle(reply.payload))
+
+
+def _alpha_and_beta_report(service: StudyService, workers: dict[str, SiteWorker]) -> None:
+    """Every site checks in (the first round opens); alpha and beta report, gamma not yet."""
+    for name in NAMES:
+        service.task_for(name)
+    _report(service, workers, ("alpha", "beta"))
+
+
 def test_a_site_whose_budget_is_spent_withdraws_and_the_study_stops_waiting(
     tmp_path: Path, toy_study: Study, toy_sites: list[SiteDataset]
 ) -> None:
@@ -129,11 +142,7 @@ def test_a_round_closes_at_once_when_every_site_still_taking_part_reported(
     study = _rounds(toy_study, deadline_s=600)
     service = StudyService(study, NAMES, MemoryState(), clock=clock.now)
     workers = _workers(study, toy_sites)
-    for name in NAMES:
-        service.task_for(name)
-    for name in ("alpha", "beta"):
-        reply = service.task_for(name)
-        service.submit(name, reply.round, workers[name].handle(reply.payload))
+    _alpha_and_beta_report(service, workers)
     assert service.federation.round_number == 0  # still waiting for gamma
     service.withdraw("gamma", _withdrawal(study, "gamma", WithdrawReason.DATA))
     assert service.federation.round_number == 1  # no deadline passed
@@ -195,11 +204,7 @@ def test_the_operator_drops_and_admits_a_site_in_a_running_study(
     audit = AuditLog(tmp_path / "audit.log", "coordinator")
     service = StudyService(study, NAMES, state, clock=clock.now, audit=audit)
     workers = _workers(study, toy_sites)
-    for name in NAMES:
-        service.task_for(name)
-    for name in ("alpha", "beta"):
-        reply = service.task_for(name)
-        service.submit(name, reply.round, workers[name].handle(reply.payload))
+    _alpha_and_beta_report(service, workers)
     assert service.federation.round_number == 0
     # From another process (the CLI): only the state and the audit trail are touched.
     set_standing(state, study.content_hash, "gamma", SiteState.DROPPED, "site offline", 1.0, audit)
@@ -211,9 +216,7 @@ def test_the_operator_drops_and_admits_a_site_in_a_running_study(
     assert service.standing("gamma").state is SiteState.DROPPED
     set_standing(state, study.content_hash, "gamma", SiteState.ACTIVE, "back online", 2.0, audit)
     service.tick()
-    for name in ("alpha", "beta"):
-        reply = service.task_for(name)
-        service.submit(name, reply.round, workers[name].handle(reply.payload))
+    _report(service, workers, ("alpha", "beta"))
     assert service.round is not None
     assert service.round.selected == tuple(NAMES)
     assert service.hash == study.content_hash

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from fedcare.federation.state import MemoryState, SiteRecord, SiteState, StateError, StudyState
+from fedcare.federation.state import (
+    FinishedRound,
+    MemoryState,
+    OpenedRound,
+    SiteRecord,
+    SiteState,
+    StateError,
+    StudyState,
+)
 from fedcare.federation.state.sql import SqlState
 
 H = "a" * 64
@@ -31,7 +39,9 @@ def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StudyState
 
 
 def _open(state: StudyState, number: int = 1) -> None:
-    state.save_opened_round(H, number, ("alpha", "beta"), 2, 100.0 + number, 1, 10.0 * number)
+    state.save_opened_round(
+        H, OpenedRound(number, ("alpha", "beta"), 2, 100.0 + number, 1, 10.0 * number)
+    )
 
 
 def test_a_study_is_registered_once_and_its_site_list_cannot_change(state: StudyState) -> None:
@@ -74,14 +84,16 @@ def test_a_finished_round_records_model_participants_and_standings(state: StudyS
     state.register_study(H, "toy", "{}", SITES, 1.0)
     _open(state)
     records = [SiteRecord("alpha", contributed=1), SiteRecord("beta", missed=1)]
-    state.save_finished_round(H, 1, "closed", "", ("alpha",), b"model-1", False, records, 20.0)
+    state.save_finished_round(
+        H, FinishedRound(1, "closed", "", ("alpha",), b"model-1", False, records, 20.0)
+    )
     assert state.open_round(H) is None
     assert state.study(H).last_round == 1
     model = state.latest_model(H)
     assert model is not None
     assert (model.round, model.data) == (1, b"model-1")
     _open(state, 2)
-    state.save_finished_round(H, 2, "failed", "too few", (), None, True, [], 30.0)
+    state.save_finished_round(H, FinishedRound(2, "failed", "too few", (), None, True, [], 30.0))
     assert state.study(H).status == "finished"
     latest = state.latest_model(H)
     assert latest is not None
@@ -102,7 +114,10 @@ def test_standings_change_without_losing_counters(state: StudyState) -> None:
     state.register_study(H, "toy", "{}", SITES, 1.0)
     _open(state)
     state.save_finished_round(
-        H, 1, "closed", "", ("alpha",), b"m", False, [SiteRecord("beta", missed=2)], 5.0
+        H,
+        FinishedRound(
+            1, "closed", "", ("alpha",), b"m", False, [SiteRecord("beta", missed=2)], 5.0
+        ),
     )
     dropped = state.save_standing(H, "beta", SiteState.DROPPED, "operator", 6.0)
     assert (dropped.state, dropped.reason, dropped.changed_at, dropped.missed) == (
@@ -155,7 +170,9 @@ def test_sql_state_refuses_a_model_file_that_changed(tmp_path: Path) -> None:
     state = SqlState(f"sqlite:///{tmp_path / 'state.db'}", tmp_path / "models")
     state.register_study(H, "toy", "{}", SITES, 1.0)
     _open(state)
-    state.save_finished_round(H, 1, "closed", "", ("alpha",), b"model", False, [], 2.0)
+    state.save_finished_round(
+        H, FinishedRound(1, "closed", "", ("alpha",), b"model", False, [], 2.0)
+    )
     path = next((tmp_path / "models").rglob("*.safetensors"))
     path.write_bytes(b"tampered")
     with pytest.raises(StateError, match="does not match its recorded checksum"):

@@ -44,6 +44,8 @@ from fedcare.federation.messages import (
 from fedcare.federation.rounds import Round, RoundError, RoundStatus
 from fedcare.federation.secure_relay import SecureRelay
 from fedcare.federation.state import (
+    FinishedRound,
+    OpenedRound,
     SiteRecord,
     SiteState,
     StateError,
@@ -340,12 +342,14 @@ class StudyService:
         self.round, self._task = self.federation.open_round(now=now, eligible=eligible)
         self.state.save_opened_round(
             self.hash,
-            self.round.number,
-            self.round.selected,
-            self.round.min_sites,
-            self.round.deadline,
-            self.round.extensions_left,
-            now,
+            OpenedRound(
+                self.round.number,
+                self.round.selected,
+                self.round.min_sites,
+                self.round.deadline,
+                self.round.extensions_left,
+                now,
+            ),
         )
         self._task_bytes = encode_task(self._task)
         self._start_secure()
@@ -635,14 +639,16 @@ class StudyService:
         standings = self._standings_after(round_, outcome)
         self.state.save_finished_round(
             self.hash,
-            round_.number,
-            outcome.status.value,
-            outcome.reason,
-            outcome.participants,
-            model,
-            study_finished=self.federation.done,
-            sites=standings,
-            now=now,
+            FinishedRound(
+                round_.number,
+                outcome.status.value,
+                outcome.reason,
+                outcome.participants,
+                model,
+                study_finished=self.federation.done,
+                sites=standings,
+                closed_at=now,
+            ),
         )
         for record in standings:
             previous = self.standing(record.site)

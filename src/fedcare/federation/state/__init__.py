@@ -2,6 +2,8 @@
 (the networked coordinator). One test suite runs against both (tests/test_state.py)."""
 
 from fedcare.federation.state.base import (
+    FinishedRound,
+    OpenedRound,
     SiteRecord,
     SiteState,
     StateError,
@@ -13,7 +15,9 @@ from fedcare.federation.state.base import (
 from fedcare.federation.state.memory import MemoryState
 
 __all__ = [
+    "FinishedRound",
     "MemoryState",
+    "OpenedRound",
     "SiteRecord",
     "SiteState",
     "StateError",

@@ -72,6 +72,32 @@ class StoredRound:
 
 
 @dataclass(frozen=True)
+class OpenedRound:
+    """A round as it opens."""
+
+    number: int
+    selected: tuple[str, ...]
+    min_sites: int
+    deadline: float
+    extensions_left: int
+    opened_at: float
+
+
+@dataclass(frozen=True)
+class FinishedRound:
+    """How a round ended, with the model it made and the sites' standings after it."""
+
+    number: int
+    status: str
+    reason: str
+    participants: tuple[str, ...]
+    model_bytes: bytes | None
+    study_finished: bool
+    sites: Sequence[SiteRecord]
+    closed_at: float
+
+
+@dataclass(frozen=True)
 class StoredModel:
     round: int
     data: bytes
@@ -107,16 +133,7 @@ class StudyState(Protocol):
         """The round that is open or collecting, with its submissions, if any."""
         ...
 
-    def save_opened_round(
-        self,
-        study_hash: str,
-        number: int,
-        selected: tuple[str, ...],
-        min_sites: int,
-        deadline: float,
-        extensions_left: int,
-        now: float,
-    ) -> None: ...
+    def save_opened_round(self, study_hash: str, opened: OpenedRound) -> None: ...
 
     def save_submission(
         self, study_hash: str, number: int, site: str, n_samples: int, payload: bytes, now: float
@@ -126,18 +143,7 @@ class StudyState(Protocol):
 
     def save_extended(self, study_hash: str, number: int, deadline: float, left: int) -> None: ...
 
-    def save_finished_round(
-        self,
-        study_hash: str,
-        number: int,
-        status: str,
-        reason: str,
-        participants: tuple[str, ...],
-        model_bytes: bytes | None,
-        study_finished: bool,
-        sites: Sequence[SiteRecord],
-        now: float,
-    ) -> None:
+    def save_finished_round(self, study_hash: str, finished: FinishedRound) -> None:
         """Close or fail a round, with its model and the sites' new standings, at once."""
         ...
 

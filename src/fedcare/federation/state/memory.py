@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from fedcare.federation.state.base import (
+    FinishedRound,
+    OpenedRound,
     SiteRecord,
     SiteState,
     StateError,
@@ -77,21 +79,20 @@ class MemoryState:
                 return stored
         return None
 
-    def save_opened_round(
-        self,
-        study_hash: str,
-        number: int,
-        selected: tuple[str, ...],
-        min_sites: int,
-        deadline: float,
-        extensions_left: int,
-        now: float,
-    ) -> None:
+    def save_opened_round(self, study_hash: str, opened: OpenedRound) -> None:
         rounds = self._get(study_hash).rounds
-        if number in rounds:
-            raise StateError(f"round {number} of study {study_hash[:12]} was opened already")
-        rounds[number] = StoredRound(
-            number, "open", selected, min_sites, deadline, extensions_left, "", {}, opened_at=now
+        if opened.number in rounds:
+            raise StateError(f"round {opened.number} of study {study_hash[:12]} was opened already")
+        rounds[opened.number] = StoredRound(
+            opened.number,
+            "open",
+            opened.selected,
+            opened.min_sites,
+            opened.deadline,
+            opened.extensions_left,
+            "",
+            {},
+            opened_at=opened.opened_at,
         )
 
     def _round(self, study_hash: str, number: int) -> StoredRound:
@@ -117,31 +118,24 @@ class MemoryState:
             stored, deadline=deadline, extensions_left=left
         )
 
-    def save_finished_round(
-        self,
-        study_hash: str,
-        number: int,
-        status: str,
-        reason: str,
-        participants: tuple[str, ...],
-        model_bytes: bytes | None,
-        study_finished: bool,
-        sites: Sequence[SiteRecord],
-        now: float,
-    ) -> None:
+    def save_finished_round(self, study_hash: str, finished: FinishedRound) -> None:
         study = self._get(study_hash)
-        stored = self._round(study_hash, number)
+        number = finished.number
         study.rounds[number] = replace(
-            stored, status=status, reason=reason, closed_at=now, participants=participants
+            self._round(study_hash, number),
+            status=finished.status,
+            reason=finished.reason,
+            closed_at=finished.closed_at,
+            participants=finished.participants,
         )
-        if model_bytes is not None:
-            study.models[number] = model_bytes
+        if finished.model_bytes is not None:
+            study.models[number] = finished.model_bytes
         study.record = replace(
             study.record,
             last_round=number,
-            status="finished" if study_finished else study.record.status,
+            status="finished" if finished.study_finished else study.record.status,
         )
-        for record in sites:
+        for record in finished.sites:
             study.sites[record.site] = record
 
     def rounds(self, study_hash: str) -> list[StoredRound]:

@@ -28,6 +28,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedcare.durable import sha256_hex, sqlite_pragmas, write_file_atomically
 from fedcare.federation.state.base import (
+    FinishedRound,
+    OpenedRound,
     SiteRecord,
     SiteState,
     StateError,
@@ -259,31 +261,24 @@ class SqlState:
                     )
             return _round(row, {s.site: s.payload for s in subs})
 
-    def save_opened_round(
-        self,
-        study_hash: str,
-        number: int,
-        selected: tuple[str, ...],
-        min_sites: int,
-        deadline: float,
-        extensions_left: int,
-        now: float,
-    ) -> None:
+    def save_opened_round(self, study_hash: str, opened: OpenedRound) -> None:
         with Session(self.engine) as session, session.begin():
-            if session.get(RoundRow, (study_hash, number)) is not None:
-                raise StateError(f"round {number} of study {study_hash[:12]} was opened already")
+            if session.get(RoundRow, (study_hash, opened.number)) is not None:
+                raise StateError(
+                    f"round {opened.number} of study {study_hash[:12]} was opened already"
+                )
             session.add(
                 RoundRow(
                     study_hash=study_hash,
-                    number=number,
+                    number=opened.number,
                     status="open",
-                    selected_json=json.dumps(list(selected)),
+                    selected_json=json.dumps(list(opened.selected)),
                     participants_json="[]",
-                    min_sites=min_sites,
-                    deadline=deadline,
-                    extensions_left=extensions_left,
+                    min_sites=opened.min_sites,
+                    deadline=opened.deadline,
+                    extensions_left=opened.extensions_left,
                     reason="",
-                    opened_at=now,
+                    opened_at=opened.opened_at,
                 )
             )
 
@@ -317,46 +312,36 @@ class SqlState:
             row.deadline = deadline
             row.extensions_left = left
 
-    def save_finished_round(
-        self,
-        study_hash: str,
-        number: int,
-        status: str,
-        reason: str,
-        participants: tuple[str, ...],
-        model_bytes: bytes | None,
-        study_finished: bool,
-        sites: Sequence[SiteRecord],
-        now: float,
-    ) -> None:
+    def save_finished_round(self, study_hash: str, finished: FinishedRound) -> None:
         """A crash between the model file and the commit leaves the round open; on restart
         it is aggregated again from the same submissions and the file rewritten."""
+        number, model = finished.number, finished.model_bytes
         model_path = self.storage / study_hash[:16] / f"round-{number:05d}.safetensors"
-        if model_bytes is not None:
-            write_file_atomically(model_path, model_bytes)
+        if model is not None:
+            write_file_atomically(model_path, model)
         with Session(self.engine) as session, session.begin():
             row = session.get(RoundRow, (study_hash, number))
             study = session.get(StudyRow, study_hash)
             if row is None or study is None:
                 raise StateError(f"round {number} of study {study_hash[:12]} is not recorded")
-            row.status = status
-            row.reason = reason
-            row.closed_at = now
-            row.participants_json = json.dumps(list(participants))
+            row.status = finished.status
+            row.reason = finished.reason
+            row.closed_at = finished.closed_at
+            row.participants_json = json.dumps(list(finished.participants))
             study.last_round = number
-            if study_finished:
+            if finished.study_finished:
                 study.status = "finished"
-            if model_bytes is not None:
+            if model is not None:
                 session.add(
                     ModelRow(
                         study_hash=study_hash,
                         round=number,
                         path=str(model_path),
-                        sha256=sha256_hex(model_bytes),
-                        created_at=now,
+                        sha256=sha256_hex(model),
+                        created_at=finished.closed_at,
                     )
                 )
-            for record in sites:
+            for record in finished.sites:
                 self._put_site(session, study_hash, record)
 
     def rounds(self, study_hash: str) -> list[StoredRound]:
