@@ -49,10 +49,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from fedcare.federation.messages import SiteUpdate, UpdateHeader, encode_update
+from fedcare.fixed_point import plan_quantization
 from fedcare.privacy.secagg.graph import default_degree
 from fedcare.privacy.secagg.inmemory import client_for, make_identities
 from fedcare.privacy.secagg.protocol import ClientParty, Party, ServerSession, Stage, run_session
-from fedcare.privacy.secagg.quantize import decode_sum, encode, plan_quantization
+from fedcare.privacy.secagg.quantize import decode_sum, encode
 from fedcare.privacy.secagg.session import RoundSetup, round_setup
 
 T = TypeVar("T")

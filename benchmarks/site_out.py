@@ -8,8 +8,8 @@ Run from the repository root with the project's venv::
 Workload
     Four of the built-in hospitals (northgate, riverside, ashby-general,
     kestrel-renal), a DP study of ``--rounds`` rounds (epsilon 20 per site, delta
-    1e-5, secure aggregation off, min_sites 2, deadline ``--deadline`` s, no
-    extensions). Every site's budget affords the whole study except
+    1e-5, secure aggregation off, min_sites ``--min-sites`` (2), deadline
+    ``--deadline`` s, ``--extensions`` (0)). Every site's budget affords the whole study except
     kestrel-renal's, which is set so that its ledger refuses round
     ``--spent-at`` (it affords exactly ``spent-at - 1`` rounds after its count).
 
@@ -59,11 +59,16 @@ DELTA = 1e-5
 BUILTIN = Path(fedcare.data.__file__).parent / "studies" / "early_warning.yaml"
 
 
-def study(rounds: int, deadline_s: float) -> Study:
+def study(rounds: int, deadline_s: float, min_sites: int = 2, extensions: int = 0) -> Study:
     """The built-in demo study, with these rounds and deadline, DP and no secure aggregation."""
     spec = yaml.safe_load(BUILTIN.read_text(encoding="utf-8"))
     spec["name"] = "site-out"
-    spec["rounds"] = {"count": rounds, "min_sites": 2, "deadline_s": deadline_s}
+    spec["rounds"] = {
+        "count": rounds,
+        "min_sites": min_sites,
+        "deadline_s": deadline_s,
+        "extensions": extensions,
+    }
     spec["privacy"] = {"dp": True, "epsilon": 20, "delta": DELTA, "max_grad_norm": 5}
     spec["secure_aggregation"] = {"enabled": False}
     spec.pop("validation", None)
@@ -114,9 +119,15 @@ def network(the_study: Study, eps: dict[str, float], folder: Path) -> dict[str, 
         wait_until_serving(deployment, SITES[0])
         procs = [start_site(deployment, name) for name in SITES]
         until = time.monotonic() + 3600
+        halted = False
         while any(p.popen.poll() is None for p in procs):
             if coordinator.popen.poll() is not None or time.monotonic() > until:
                 raise RuntimeError(f"the network run did not finish; see {folder}")
+            # A halted study (too few active sites) waits for the operator: stop there.
+            audit = folder / "audit.jsonl"
+            if audit.exists() and '"study.halted"' in audit.read_text(encoding="utf-8"):
+                halted = True
+                break
             time.sleep(0.2)
         wall = time.perf_counter() - started
     finally:
@@ -129,6 +140,7 @@ def network(the_study: Study, eps: dict[str, float], folder: Path) -> dict[str, 
         "rounds_closed": statuses.count("closed"),
         "rounds": len(statuses),
         "site_exit_codes": [p.popen.returncode for p in procs],  # type: ignore[dict-item]
+        "halted": halted,
     }
 
 
@@ -137,10 +149,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--spent-at", type=int, default=18)
     parser.add_argument("--deadline", type=float, default=15.0)
+    parser.add_argument("--min-sites", type=int, default=2)
+    parser.add_argument("--extensions", type=int, default=0)
     parser.add_argument("--skip-network", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    the_study = study(args.rounds, args.deadline)
+    the_study = study(args.rounds, args.deadline, args.min_sites, args.extensions)
     eps = budgets(the_study, args.spent_at)
     print(f"budgets: {json.dumps({k: round(v, 3) for k, v in eps.items()})}")
     figures: dict[str, object] = {"rounds": args.rounds, "spent_at": args.spent_at}

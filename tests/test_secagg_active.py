@@ -14,6 +14,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
+from fedcare.fixed_point import plan_quantization
 from fedcare.privacy.secagg.aggregator import SecAggServer
 from fedcare.privacy.secagg.client import SecAggClient
 from fedcare.privacy.secagg.inmemory import Identities, client_for, make_identities
@@ -24,7 +25,7 @@ from fedcare.privacy.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from fedcare.privacy.secagg.quantize import encode, plan_quantization
+from fedcare.privacy.secagg.quantize import encode
 from fedcare.privacy.secagg.session import RoundSetup, round_setup
 
 STUDY = "ab" * 32

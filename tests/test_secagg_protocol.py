@@ -12,13 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedcare import pki
+from fedcare.fixed_point import plan_quantization
 from fedcare.privacy.secagg.aggregator import SecAggFailedError, SecAggServer, ServerStage
 from fedcare.privacy.secagg.client import SecAggClient
 from fedcare.privacy.secagg.inmemory import Identities, make_identities, run_local_round
 from fedcare.privacy.secagg.keys import EcdsaSigner, IdentityVerifier, SecAggError
 from fedcare.privacy.secagg.messages import UnmaskRequest
 from fedcare.privacy.secagg.protocol import Stage
-from fedcare.privacy.secagg.quantize import decode_sum, encode, plan_quantization, quantize_weight
+from fedcare.privacy.secagg.quantize import decode_sum, encode, quantize_weight
 from fedcare.privacy.secagg.session import RoundSetup, round_setup
 
 STUDY = "ab" * 32
@@ -294,7 +295,7 @@ def test_largest_values_from_every_site_do_not_wrap():
 
 
 def test_overflowing_configurations_are_refused():
-    from fedcare.privacy.secagg.quantize import QuantizationError
+    from fedcare.fixed_point import QuantizationError
 
     with pytest.raises(QuantizationError, match="could reach"):
         plan_quantization(32, 1.0, 100, fraction_bits=30)
@@ -333,7 +334,7 @@ def test_sixty_four_bit_ring_sums_exactly_within_the_bound():
 
 
 def test_scales_beyond_exact_floats_are_refused():
-    from fedcare.privacy.secagg.quantize import QuantizationError
+    from fedcare.fixed_point import QuantizationError
 
     with pytest.raises(QuantizationError, match="2\\^52"):
         plan_quantization(64, 1.0, 4, fraction_bits=55)
