@@ -16,8 +16,8 @@ from fedcare.cli.common import console, guarded, say
 
 if TYPE_CHECKING:
     from fedcare.config import CoordinatorConfig
-    from fedcare.federation.service import StudyOverview
     from fedcare.federation.state.sql import SqlState
+    from fedcare.federation.status import StudyOverview
     from fedcare.releases.registry import ReleaseRegistry
 
 coordinator_app = typer.Typer(help="Run the consortium's coordinator.", no_args_is_help=True)
@@ -109,7 +109,7 @@ def coordinator_status(
 ) -> None:
     """Every study: its open round and deadline, each site's state, last contact, rounds
     contributed, and the releases. Reads the coordinator's database; it may be running."""
-    from fedcare.federation.service import find_study, overview
+    from fedcare.federation.status import find_study, overview
 
     with _coordinator_state(config) as (_, state, registry):
         chosen = study
@@ -130,8 +130,9 @@ def coordinator_status(
 
 def _set_standing(config: Path, study: str, site: str, reason: str, drop: bool) -> None:
     from fedcare.audit import AuditLog
-    from fedcare.federation.service import find_study, set_standing
+    from fedcare.federation.service import set_standing
     from fedcare.federation.state import SiteState
+    from fedcare.federation.status import find_study
 
     standing = SiteState.DROPPED if drop else SiteState.ACTIVE
     with _coordinator_state(config) as (parsed, state, _):

@@ -23,8 +23,9 @@ from pydantic import BaseModel
 
 from fedcare.coordinator.tls import PEER_KEY
 from fedcare.federation.messages import TaskReply, TaskState
-from fedcare.federation.service import REFUSALS, StudyService, StudyStatus
+from fedcare.federation.service import REFUSALS, StudyService
 from fedcare.federation.state import StateError
+from fedcare.federation.status import StudyStatus
 from fedcare.ids import SHA256_HEX
 from fedcare.privacy.secagg.protocol import STAGES
 from fedcare.validation.messages import MAX_REPLY_BYTES

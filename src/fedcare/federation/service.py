@@ -16,15 +16,14 @@ all reported closes at once.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from fedcare.aggregation import make_server_optimizer
 from fedcare.audit import AuditLog, JsonInput
@@ -48,9 +47,15 @@ from fedcare.federation.state import (
     OpenedRound,
     SiteRecord,
     SiteState,
-    StateError,
     StoredRound,
     StudyState,
+)
+from fedcare.federation.status import (
+    GONE,
+    OpenRoundView,
+    StudyStatus,
+    round_views,
+    site_views,
 )
 from fedcare.models.builders import initial_parameters
 from fedcare.models.wire import PayloadError
@@ -63,9 +68,6 @@ from fedcare.validation.gates import Verdict
 SEEN_EVERY_S = 5.0
 """How often a site's last contact is written to the state (it is kept in memory between)."""
 
-GONE = (SiteState.WITHDRAWN, SiteState.DROPPED)
-"""Standings a round does not wait for."""
-
 
 class ForbiddenError(PermissionError):
     """A caller acting outside its identity or its study membership."""
@@ -73,79 +75,6 @@ class ForbiddenError(PermissionError):
 
 class ConflictError(RoundError):
     """An update for a round that is not open: late, replayed or premature."""
-
-
-class OpenRoundView(BaseModel):
-    number: int
-    status: str
-    selected: list[str]
-    reported: list[str]
-    waiting_for: list[str]
-    deadline: float
-
-
-class SiteView(BaseModel):
-    """A site's standing in a study, for status pages."""
-
-    site: str
-    state: str
-    reason: str
-    last_seen: float | None
-    missed: int
-    contributed: int
-
-
-class RoundView(BaseModel):
-    number: int
-    status: str
-    selected: list[str]
-    participants: list[str]
-    reason: str
-    opened_at: float
-    closed_at: float | None
-
-
-class StudyStatus(BaseModel):
-    """A study's progress: never an update. Sites see only their own standing."""
-
-    study_hash: str
-    name: str
-    status: str
-    rounds_total: int
-    last_round: int
-    sites: list[str]
-    open_round: OpenRoundView | None
-    history: list[RoundView]
-    standings: list[SiteView]
-
-
-def round_views(rounds: Sequence[StoredRound]) -> list[RoundView]:
-    return [
-        RoundView(
-            number=r.number,
-            status=r.status,
-            selected=list(r.selected),
-            participants=list(r.participants or sorted(r.submissions)),
-            reason=r.reason,
-            opened_at=r.opened_at,
-            closed_at=r.closed_at,
-        )
-        for r in rounds
-    ]
-
-
-def site_views(records: Sequence[SiteRecord]) -> list[SiteView]:
-    return [
-        SiteView(
-            site=r.site,
-            state=r.state.value,
-            reason=r.reason,
-            last_seen=r.last_seen,
-            missed=r.missed,
-            contributed=r.contributed,
-        )
-        for r in sorted(records, key=lambda r: r.site)
-    ]
 
 
 def set_standing(
@@ -739,75 +668,3 @@ def refusal_status(exc: Exception) -> int | None:
         if isinstance(exc, kind):
             return status
     return None
-
-
-class ReleaseView(BaseModel):
-    id: int
-    round: int
-    state: str
-    reason: str
-
-
-class StudyOverview(BaseModel):
-    """A study as the operator sees it, read from the state alone (no running service)."""
-
-    study_hash: str
-    name: str
-    status: str
-    rounds_total: int
-    last_round: int
-    open_round: OpenRoundView | None
-    sites: list[SiteView]
-    releases: list[ReleaseView]
-
-
-def overview(
-    state: StudyState, study_hash: str, registry: ReleaseRegistry | None = None
-) -> StudyOverview:
-    """Everything ``fedcare coordinator status`` shows for one study. Under secure
-    aggregation who has posted lives only in the running coordinator's memory, so an
-    open secure round shows no reports here."""
-    record = state.study(study_hash)
-    standings = state.sites(study_hash)
-    stored = state.open_round(study_hash)
-    open_round = None
-    if stored is not None:
-        gone = {s for s, r in standings.items() if r.state in GONE}
-        reported = sorted(stored.submissions)
-        open_round = OpenRoundView(
-            number=stored.number,
-            status=stored.status,
-            selected=list(stored.selected),
-            reported=reported,
-            waiting_for=sorted(set(stored.selected) - set(reported) - gone),
-            deadline=stored.deadline,
-        )
-    releases = [] if registry is None else registry.releases(study_hash)
-    return StudyOverview(
-        study_hash=study_hash,
-        name=record.name,
-        status=record.status,
-        rounds_total=int(json.loads(record.spec_json).get("rounds", {}).get("count", 0)),
-        last_round=record.last_round,
-        open_round=open_round,
-        sites=site_views(list(standings.values())),
-        releases=[
-            ReleaseView(id=r.id, round=r.round, state=r.state.value, reason=r.reason)
-            for r in releases
-        ],
-    )
-
-
-def find_study(state: StudyState, key: str) -> str:
-    """The hash of the study named ``key`` or whose hash starts with it (six or more
-    characters); a one-line error when none or several match."""
-    studies = state.studies()
-    matches = [s.hash for s in studies if s.name == key]
-    if not matches and len(key) >= 6:
-        matches = [s.hash for s in studies if s.hash.startswith(key.lower())]
-    if len(matches) == 1:
-        return matches[0]
-    known = ", ".join(f"{s.name} ({s.hash[:12]})" for s in studies) or "none"
-    if not matches:
-        raise StateError(f"no study '{key}' at this coordinator (studies: {known})")
-    raise StateError(f"'{key}' matches {len(matches)} studies; give more of the hash")
