@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import ssl
@@ -209,6 +210,26 @@ def test_site_a_cannot_submit_as_site_b(live) -> None:
         assert "'beta'" in refused.value.detail
         status = alpha.status(study.content_hash)
         assert status["open_round"]["reported"] == []
+    finally:
+        alpha.close()
+
+
+def test_site_a_cannot_withdraw_site_b_nor_say_more_than_a_category(live) -> None:
+    deployment, study = live
+    alpha = client_for(deployment, "alpha")
+    try:
+        for body, status, reason in [
+            ({"site": "beta", "reason": "budget"}, 403, "claims to come from 'beta'"),
+            ({"site": "alpha", "reason": "budget", "spent": 7.9}, 400, "not a withdrawal"),
+            ({"site": "alpha", "reason": "my budget is 7.9 of 8"}, 400, "not a withdrawal"),
+        ]:
+            message = json.dumps({"study_hash": study.content_hash, **body}).encode()
+            with pytest.raises(CoordinatorError) as refused:
+                alpha.withdraw(study.content_hash, message)
+            assert refused.value.status == status
+            assert reason in refused.value.detail
+        standings = alpha.status(study.content_hash)["standings"]
+        assert [(s["site"], s["state"]) for s in standings] == [("alpha", "active")]
     finally:
         alpha.close()
 
