@@ -139,10 +139,15 @@ def _set_standing(config: Path, study: str, site: str, reason: str, drop: bool) 
         study_hash = guarded(lambda: find_study(state, study))
         audit = AuditLog(parsed.audit_log, "coordinator")
         guarded(lambda: set_standing(state, study_hash, site, standing, reason, time.time(), audit))
+    effect = (
+        "the open round stops waiting for it and it is not selected again"
+        if drop
+        else "it can be selected again from the next round"
+    )
     verb = "dropped from" if drop else "admitted again to"
     say(
-        f"{site} {verb} study {study_hash[:12]} (recorded in {parsed.audit_log}); a running "
-        "coordinator applies it within a second, from the next round on"
+        f"{site} {verb} study {study_hash[:12]} (recorded in {parsed.audit_log}); at a "
+        f"running coordinator's next tick {effect}"
     )
 
 
