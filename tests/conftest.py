@@ -93,8 +93,8 @@ class DropBefore:
     def secure_post(
         self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
     ) -> None:
-        from fedcare.simulation.inprocess import SiteGone
+        from fedcare.simulation.inprocess import SiteGoneError
 
         if stage == self.stage and round_number >= self.from_round:
-            raise SiteGone
+            raise SiteGoneError
         self.inner.secure_post(study_hash, round_number, stage, body, content_type)  # type: ignore[attr-defined]

@@ -266,11 +266,11 @@ class _SilentAfter:
         return getattr(self.inner, name)
 
     def task(self, study_hash: str):  # type: ignore[no-untyped-def]
-        from fedcare.simulation.inprocess import SiteGone
+        from fedcare.simulation.inprocess import SiteGoneError
 
         reply = self.inner.task(study_hash)
         if reply.round > self.last:
-            raise SiteGone
+            raise SiteGoneError
         return reply
 
 

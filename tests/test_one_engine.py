@@ -27,7 +27,7 @@ from fedcare.privacy.dp.budget import Budget
 from fedcare.privacy.dp.guard import PrivacyGuard
 from fedcare.privacy.dp.ledger import PrivacyLedger
 from fedcare.privacy.dp.plan import plan_site
-from fedcare.simulation.inprocess import SiteGone, run_in_process
+from fedcare.simulation.inprocess import SiteGoneError, run_in_process
 from fedcare.simulation.loopback import (
     free_port,
     prepare_deployment,
@@ -120,7 +120,7 @@ def _network(
             while not stop_sites.is_set():
                 if participant.step() is Step.FINISHED:
                     return
-        except SiteGone:
+        except SiteGoneError:
             return
         except BaseException as exc:  # reported by the test, not lost in a thread
             errors.append(exc)

@@ -39,7 +39,7 @@ class SimulationStuckError(RuntimeError):
     """The in-process study stopped making progress (a bug, never a normal outcome)."""
 
 
-class SiteGone(Exception):  # noqa: N818 - an event, not an error: the site left
+class SiteGoneError(Exception):
     """Raised by a link whose site went away for good (a wrapped link in a fault test)."""
 
 
@@ -135,7 +135,7 @@ def run_in_process(
     """Run the study until it is finished and its releases settled, or until it halts
     (too few active sites); returns the service with the final state. Sites in
     ``offline`` never answer; ``wrap`` may put a site's link inside another (to make it
-    fail on cue: a link that raises :class:`SiteGone` takes its site out)."""
+    fail on cue: a link that raises :class:`SiteGoneError` takes its site out)."""
     clock = SimClock()
     service = StudyService(
         study, sorted(workers), MemoryState(), clock=clock.now, registry=registry, on_round=on_round
@@ -176,7 +176,7 @@ def _drive(
         for participant in list(active):
             try:
                 step = participant.step()
-            except SiteGone:
+            except SiteGoneError:
                 active.remove(participant)
                 continue
             if step is Step.FINISHED:

@@ -3,7 +3,6 @@ gone when the process ends."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -45,7 +44,6 @@ class MemoryState:
     def register_study(
         self, study_hash: str, name: str, spec_json: str, sites: Sequence[str], now: float
     ) -> bool:
-        json.loads(spec_json)  # the SQL store keeps it; both refuse text that is not JSON
         existing = self._studies.get(study_hash)
         if existing is None:
             record = StudyRecord(
