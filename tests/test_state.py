@@ -67,17 +67,20 @@ def test_an_open_round_keeps_its_submissions_until_it_finishes(state: StudyState
     _open(state)
     with pytest.raises(StateError, match="opened already"):
         _open(state)
-    state.save_submission(H, 1, "alpha", 40, b"update-a", 11.0)
+    state.save_submission(H, 1, "alpha", 40, b"update-a", 11.0, 1)
     with pytest.raises(StateError, match="already holds an update"):
-        state.save_submission(H, 1, "alpha", 40, b"other", 11.5)
+        state.save_submission(H, 1, "alpha", 40, b"other", 11.5, 1)
     state.save_extended(H, 1, 250.0, 0)
     stored = state.open_round(H)
     assert stored is not None
     assert (stored.number, stored.status, stored.selected) == (1, "collecting", ("alpha", "beta"))
     assert (stored.deadline, stored.extensions_left, stored.min_sites) == (250.0, 0, 2)
     assert stored.submissions == {"alpha": b"update-a"}
+    # The round the update was trained for is kept with the site: a replay check.
+    assert state.sites(H)["alpha"].trained_for == 1
+    assert state.sites(H)["beta"].trained_for == 0
     with pytest.raises(StateError, match="never opened"):
-        state.save_submission(H, 7, "alpha", 40, b"x", 12.0)
+        state.save_submission(H, 7, "alpha", 40, b"x", 12.0, 7)
 
 
 def test_a_finished_round_records_model_participants_and_standings(state: StudyState) -> None:
@@ -151,7 +154,7 @@ def test_sql_state_survives_a_reopen_and_refuses_an_old_database(tmp_path: Path)
     first = SqlState(url, tmp_path / "models")
     first.register_study(H, "toy", "{}", SITES, 1.0)
     _open(first)
-    first.save_submission(H, 1, "alpha", 40, b"update-a", 11.0)
+    first.save_submission(H, 1, "alpha", 40, b"update-a", 11.0, 1)
     first.close()
     again = SqlState(url, tmp_path / "models")
     stored = again.open_round(H)

@@ -206,6 +206,54 @@ class RoundSpec(Strict):
     )
 
 
+class ParticipationMode(StrEnum):
+    SYNC = "sync"
+    """Rounds: every selected site trains on the same model and the round waits for them."""
+    ASYNC = "async"
+    """Buffered asynchronous aggregation (FedBuff): each site trains whenever it is ready;
+    the model moves on each time ``buffer`` updates have arrived."""
+
+
+class StalenessKind(StrEnum):
+    POLYNOMIAL = "polynomial"
+    """Weight (1 + s)^-exponent for an update s model versions old."""
+    CONSTANT = "constant"
+    """Every accepted update counts fully, however old."""
+
+
+class StalenessSpec(Strict):
+    kind: StalenessKind = StalenessKind.POLYNOMIAL
+    exponent: float = Field(
+        default=0.5, ge=0.0, le=10.0, description="The polynomial's exponent a."
+    )
+
+
+class ParticipationSpec(Strict):
+    """How sites take part: in rounds (sync, the default) or at their own pace (async)."""
+
+    mode: ParticipationMode = ParticipationMode.SYNC
+    buffer: int | None = Field(
+        default=None,
+        ge=1,
+        description="Async: updates that make one new model version (K). Each site counts "
+        "once per version.",
+    )
+    max_staleness: int = Field(
+        default=10,
+        ge=0,
+        le=1000,
+        description="Async: an update trained on a model more than this many versions old "
+        "is refused.",
+    )
+    staleness: StalenessSpec = Field(
+        default=StalenessSpec(), description="Async: how an old update is down-weighted."
+    )
+
+    @property
+    def is_async(self) -> bool:
+        return self.mode is ParticipationMode.ASYNC
+
+
 class SecAggGraph(StrEnum):
     COMPLETE = "complete"
     SPARSE = "sparse"
@@ -374,6 +422,10 @@ class Study(Strict):
     )
     disclosure: DisclosureSpec = DisclosureSpec()
     validation: ValidationSpec = ValidationSpec()
+    participation: ParticipationSpec = Field(
+        default=ParticipationSpec(),
+        description="Rounds (sync) or buffered asynchronous aggregation (async).",
+    )
     secure_aggregation: SecureAggregationSpec = SecureAggregationSpec()
     privacy: PrivacySpec = PrivacySpec()
     seed: int = Field(default=0, ge=0, lt=2**32)
@@ -386,6 +438,30 @@ class Study(Strict):
             raise ValueError(
                 f"aggregation.cap {cap} is below 1/rounds.min_sites "
                 f"(1/{self.rounds.min_sites}); raise the cap or min_sites"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _participation_consistent(self) -> Self:
+        spec = self.participation
+        if not spec.is_async:
+            if spec.buffer is not None:
+                raise ValueError(
+                    "participation.buffer applies to mode 'async' only; remove it or set "
+                    "participation.mode: async"
+                )
+            return self
+        if spec.buffer is None:
+            raise ValueError("participation.mode 'async' needs participation.buffer (K)")
+        if spec.buffer < self.rounds.min_sites:
+            raise ValueError(
+                f"participation.buffer {spec.buffer} is below rounds.min_sites "
+                f"{self.rounds.min_sites}: no version could ever be made"
+            )
+        if self.rounds.fraction < 1.0:
+            raise ValueError(
+                "rounds.fraction selects sites for synchronous rounds; in async mode every "
+                "active site takes part at its own pace: remove it"
             )
         return self
 

@@ -40,6 +40,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedcare.releases.registry import RegistryError
     from fedcare.schema.mapping import DataValidationError, MappingError
     from fedcare.schema.readers import DataFileError
+    from fedcare.simulation.pace import PaceError
     from fedcare.simulation.sites import SitesFileError
     from fedcare.site.agent import SiteAgentError
     from fedcare.site.client import CoordinatorError
@@ -53,6 +54,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         DataFileError,
         SiteDataError,
         SitesFileError,
+        PaceError,
         ConfigError,
         SiteAgentError,
         CoordinatorError,

@@ -147,6 +147,7 @@ def _simulate(
     baselines: bool,
     scale: float,
     data_seed: int,
+    pace: Path | None = None,
 ) -> SimulationResult:
     from fedcare.report import write_results
     from fedcare.simulation.runner import SimulationOptions, run_simulation
@@ -164,6 +165,11 @@ def _simulate(
     else:
         sites, descriptions = sites_from_file(sites_file, study)
         rules = rules_from_file(sites_file)
+    pacing = None
+    if pace is not None:
+        from fedcare.simulation.pace import load_pacing
+
+        pacing = load_pacing(pace, [s.name for s in sites])
     errors.print(
         f"study [bold]{study.name}[/] ({study.content_hash[:12]}), {len(sites)} sites, "
         f"{sum(s.n_train for s in sites)} training rows, {study.rounds.count} rounds",
@@ -181,6 +187,7 @@ def _simulate(
             descriptions,
             site_rules=rules,
             registry_dir=registry_dir,
+            pacing=pacing,
         )
         result = run_simulation(study, sites, options, progress=progress)
     result = result.model_copy(update={"wall_s": time.perf_counter() - started})
@@ -325,6 +332,12 @@ def simulate(
     ] = None,
     data_seed: Annotated[int, typer.Option(help="Seed for the built-in hospitals.")] = 2026,
     scale: Annotated[float, typer.Option(min=0.01, max=10.0, help="Built-in size factor.")] = 1.0,
+    pace: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML with each site's speed, latency_s and availability (virtual clock)."
+        ),
+    ] = None,
 ) -> None:
     """Run a study's federation on one machine, through the coordinator's round logic."""
 
@@ -342,7 +355,7 @@ def simulate(
             server_lr=server_lr,
             proximal_mu=proximal_mu,
         )
-        return _simulate(study, sites_file, out, baselines, scale, data_seed)
+        return _simulate(study, sites_file, out, baselines, scale, data_seed, pace)
 
     result = guarded(run)
     print_comparison(result)

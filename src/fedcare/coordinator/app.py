@@ -30,7 +30,8 @@ from fedcare.ids import SHA256_HEX
 from fedcare.privacy.secagg.protocol import STAGES
 from fedcare.validation.messages import MAX_REPLY_BYTES
 
-MAX_WITHDRAWAL_BYTES = 4096
+MAX_NOTICE_BYTES = 4096
+"""Largest withdrawal or ready message (a few short fields)."""
 
 log = logging.getLogger("fedcare.coordinator")
 
@@ -45,7 +46,9 @@ SecureStage = Annotated[
 ]
 
 
-class WithdrawReply(BaseModel):
+class RecordedReply(BaseModel):
+    """The answer to a withdrawal or a ready message."""
+
     recorded: bool
     duplicate: bool
 
@@ -214,8 +217,8 @@ def create_app(
     @app.post(
         "/v1/studies/{study_hash}/withdraw",
         status_code=201,
-        response_model=WithdrawReply,
-        responses={200: {"model": WithdrawReply, "description": "Already withdrawn"}},
+        response_model=RecordedReply,
+        responses={200: {"model": RecordedReply, "description": "Already withdrawn"}},
         openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
     )
     async def withdraw(request: Request, study_hash: StudyHash) -> Response:
@@ -223,9 +226,26 @@ def create_app(
         it is not selected again and the open round stops waiting for it."""
         site = _identity(request)
         coordinator = study_for(study_hash, site)
-        body = await _read_body(request, MAX_WITHDRAWAL_BYTES)
+        body = await _read_body(request, MAX_NOTICE_BYTES)
         recorded = await run_in_threadpool(coordinator.withdraw, site, body)
-        reply = WithdrawReply(recorded=recorded, duplicate=not recorded)
+        reply = RecordedReply(recorded=recorded, duplicate=not recorded)
+        return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
+
+    @app.post(
+        "/v1/studies/{study_hash}/ready",
+        status_code=201,
+        response_model=RecordedReply,
+        responses={200: {"model": RecordedReply, "description": "Already ready"}},
+        openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
+    )
+    async def ready(request: Request, study_hash: StudyHash) -> Response:
+        """Asynchronous secure aggregation: this site holds an update trained for the
+        round named and can join a flush (the update itself never comes here)."""
+        site = _identity(request)
+        coordinator = study_for(study_hash, site)
+        body = await _read_body(request, MAX_NOTICE_BYTES)
+        recorded = await run_in_threadpool(coordinator.ready, site, body)
+        reply = RecordedReply(recorded=recorded, duplicate=not recorded)
         return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
 
     @app.get(
@@ -248,6 +268,12 @@ def create_app(
         if reply.state is TaskState.FINISHED:
             return JSONResponse(
                 {"detail": f"study finished after round {reply.round}"}, status_code=410
+            )
+        if reply.state is TaskState.JOIN:
+            return Response(
+                reply.payload,
+                media_type="application/json",
+                headers={"X-Fedcare-Round": str(reply.round), "X-Fedcare-Kind": "flush"},
             )
         return Response(
             reply.payload, media_type=PAYLOAD, headers={"X-Fedcare-Round": str(reply.round)}

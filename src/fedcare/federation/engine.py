@@ -11,11 +11,12 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from numpy.typing import NDArray
 
-from fedcare.aggregation import make_server_optimizer
+from fedcare.aggregation import make_server_optimizer, staleness_factor
 from fedcare.federation.messages import Task, TaskHeader
 from fedcare.federation.rounds import Round, RoundError, RoundStatus
 from fedcare.ids import derive_seed
@@ -80,6 +81,7 @@ class Federation:
             raise RoundError(f"the study has finished its {self.study.rounds.count} rounds")
         number = self.round_number + 1
         spec = self.study.rounds
+        participation = self.study.participation
         round_ = Round(
             study_hash=self.study.content_hash,
             number=number,
@@ -88,6 +90,8 @@ class Federation:
             deadline=now + spec.deadline_s,
             extension_s=spec.deadline_s,
             extensions_left=spec.extensions,
+            buffer=participation.buffer if participation.is_async else None,
+            max_staleness=participation.max_staleness if participation.is_async else 0,
         )
         header = TaskHeader(
             study_hash=self.study.content_hash,
@@ -102,7 +106,13 @@ class Federation:
         if round_.number != self.round_number + 1:
             raise RoundError(f"round {round_.number} is not the open round")
         agg = self.study.aggregation
-        mean_delta = None if round_.finished else round_.close(now, agg.weighting, agg.cap)
+        participation = self.study.participation
+        factor = (
+            partial(staleness_factor, spec=participation.staleness)
+            if participation.is_async
+            else None
+        )
+        mean_delta = None if round_.finished else round_.close(now, agg.weighting, agg.cap, factor)
         if mean_delta is not None:
             self.params = self.optimizer.step(self.params, mean_delta)
             self.round_number = round_.number

@@ -66,6 +66,30 @@ class Withdrawal(BaseModel):
     reason: WithdrawReason
 
 
+class Ready(BaseModel):
+    """Asynchronous secure aggregation: a site holds an update trained for ``round`` and
+    can join the next flush's secure session. The update itself stays at the site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    study_hash: str = Field(pattern=SHA256_HEX)
+    site: str = Field(pattern=SITE_NAME)
+    round: int = Field(ge=1)
+
+
+class Flush(BaseModel):
+    """Asynchronous secure aggregation: the secure session that makes model version
+    ``round``, among exactly ``sites``. Its SHA-256 binds the session, so a coordinator that
+    shows two sites different flushes gets two sessions that cannot complete."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    study_hash: str = Field(pattern=SHA256_HEX)
+    round: int = Field(ge=1)
+    sites: tuple[str, ...] = Field(min_length=1)
+    nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
+
+
 class ModelHeader(BaseModel):
     """Header of a stored or served global model."""
 
@@ -81,11 +105,14 @@ class TaskState(StrEnum):
     READY = "ready"
     WAIT = "wait"
     FINISHED = "finished"
+    JOIN = "join"
+    """Asynchronous secure aggregation: join the flush in the payload (a :class:`Flush`)."""
 
 
 @dataclass(frozen=True)
 class TaskReply:
-    """The answer to "is there work for me?": the encoded task when ``READY``."""
+    """The answer to "is there work for me?": the encoded task when ``READY``, the
+    flush's JSON when ``JOIN``."""
 
     state: TaskState
     payload: bytes = b""

@@ -1,14 +1,17 @@
 """The round state machine: open -> collecting -> aggregating -> closed (or failed).
 
-Pure state, no I/O and no clock of its own: callers pass ``now``. The
-simulation drives it in a loop; the coordinator drives it from HTTP handlers
-and persists it. Nothing waits forever: at the deadline a round closes with
-whoever reported, is extended, or fails with a reason.
+Pure state, no I/O and no clock of its own: callers pass ``now``. The study
+service drives and persists it. Nothing waits forever: at the deadline a round
+closes with whoever reported, is extended, or fails with a reason.
+
+In asynchronous mode a round is one buffer flush: it takes updates trained on
+any of the last ``max_staleness`` model versions, closes as soon as ``buffer``
+of them are in, and weights each by its staleness.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -60,6 +63,10 @@ class Round:
     summed: SummedUpdate | None = None
     excused: set[str] = field(default_factory=set)
     """Selected sites the round no longer waits for (withdrawn or dropped since it opened)."""
+    buffer: int | None = None
+    """Asynchronous mode: the round closes once this many updates are in."""
+    max_staleness: int = 0
+    """How many versions older than this round's model an update may be trained on."""
 
     def __post_init__(self) -> None:
         if not self.selected:
@@ -84,6 +91,10 @@ class Round:
     def waiting_for(self) -> tuple[str, ...]:
         """Selected sites that may still report."""
         return tuple(sorted(set(self.selected) - set(self.reporters) - self.excused))
+
+    def staleness(self, update: SiteUpdate) -> int:
+        """How many model versions old the model ``update`` was trained on is."""
+        return self.number - update.header.round
 
     def excuse(self, site: str) -> None:
         """Stop waiting for ``site``; an update it already sent still counts."""
@@ -117,8 +128,16 @@ class Round:
         header = update.header
         if header.study_hash != self.study_hash:
             raise RoundError("update is for a different study")
-        if header.round != self.number:
+        if header.round > self.number:
             raise RoundError(f"update is for round {header.round}, this is round {self.number}")
+        if self.number - header.round > self.max_staleness:
+            if self.max_staleness == 0:
+                raise RoundError(f"update is for round {header.round}, this is round {self.number}")
+            raise RoundError(
+                f"stale: the update was trained for round {header.round}, "
+                f"{self.number - header.round} model versions ago; the study accepts at most "
+                f"{self.max_staleness} (participation.max_staleness): train on the current model"
+            )
         if self.status not in (RoundStatus.OPEN, RoundStatus.COLLECTING):
             raise RoundError(f"round {self.number} is {self.status}; it takes no more updates")
         if header.site not in self.selected:
@@ -141,15 +160,23 @@ class Round:
             return False
         if self.summed is not None:
             return True
+        if self.buffer is not None and len(self.updates) >= self.buffer:
+            return True
         return not self.waiting_for or now >= self.deadline
 
     def close(
-        self, now: float, weighting: Weighting, cap: float | None = None
+        self,
+        now: float,
+        weighting: Weighting,
+        cap: float | None = None,
+        stale_factor: Callable[[int], float] | None = None,
     ) -> NDArray[np.float32] | None:
         """Aggregate if enough sites reported; otherwise extend or fail.
 
         Returns the weighted mean delta when the round closes, None when it was
-        extended or failed (see ``status`` and ``reason``).
+        extended or failed (see ``status`` and ``reason``). ``stale_factor`` scales
+        each update's client weight by its staleness (asynchronous mode); under secure
+        aggregation each site applied it before masking.
         """
         if self.finished:
             raise RoundError(f"round {self.number} is already {self.status}")
@@ -184,6 +211,9 @@ class Round:
             self.status = RoundStatus.FAILED
             self.reason = f"cannot weight the {len(sites)} update(s): {exc}"
             return None
+        if stale_factor is not None:
+            factors = [stale_factor(self.staleness(self.updates[s])) for s in sites]
+            weights = weights * np.asarray(factors, dtype=np.float64)
         self.status = RoundStatus.AGGREGATING
         mean = weighted_mean([self.updates[s].delta for s in sites], weights)
         return self._closed(mean, sites)
@@ -191,7 +221,9 @@ class Round:
     def _closed(self, mean: NDArray[np.float32], sites: Sequence[str]) -> NDArray[np.float32]:
         self.status = RoundStatus.CLOSED
         gone = sorted((set(self.selected) - set(sites)) & self.excused)
-        missing = sorted(set(self.selected) - set(sites) - self.excused)
+        # An asynchronous flush never waits for everyone: a site not in it is no news.
+        waited = self.buffer is None
+        missing = sorted(set(self.selected) - set(sites) - self.excused) if waited else []
         reasons = []
         if missing:
             reasons.append(f"{', '.join(missing)} (no update by the deadline)")

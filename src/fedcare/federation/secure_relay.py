@@ -40,12 +40,17 @@ class SecureRelay:
         task_sha256: str,
         now: float,
         max_bytes: int,
+        participants: Sequence[str] | None = None,
     ) -> None:
+        """A session among ``participants`` (default: every site selected for the round);
+        an asynchronous flush's session gets a full stage deadline from ``now``."""
         self.study = study
-        self.setup = setup_for(study, round_.number, round_.selected, n_params, task_sha256)
+        self.participants = tuple(round_.selected if participants is None else participants)
+        self.setup = setup_for(study, round_.number, self.participants, n_params, task_sha256)
         self.session = ServerSession(self.setup, max_bytes)
         self.stage_s = study.rounds.deadline_s
-        self.stage_deadline = max(round_.deadline, now)
+        first = round_.deadline if participants is None else now + self.stage_s
+        self.stage_deadline = max(first, now)
 
     @property
     def deadline(self) -> float:

@@ -7,6 +7,13 @@ acted on. It knows nothing about HTTP or processes: the coordinator's web layer
 calls it for each request, the simulation calls it for each in-process message,
 and both call :meth:`StudyService.tick` to enforce deadlines.
 
+In asynchronous mode (``participation.mode: async``) each round is one buffer
+flush: a site takes the current model whenever it is ready, and the round closes
+once ``participation.buffer`` updates are in, each no more than
+``max_staleness`` versions old. Under secure aggregation a site that has trained
+says it is ready (:meth:`~StudyService.ready`); once enough are, the flush is one
+SecAgg+ session among exactly them.
+
 It also keeps each site's standing. A site that says it cannot take part
 (:meth:`~StudyService.withdraw`), that missed ``rounds.inactive_after`` selected
 rounds in a row, or that the operator dropped is not selected again, and an
@@ -16,6 +23,7 @@ all reported closes at once.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +38,8 @@ from fedcare.audit import AuditLog, JsonInput
 from fedcare.durable import sha256_hex
 from fedcare.federation.engine import Federation, RoundOutcome
 from fedcare.federation.messages import (
+    Flush,
+    Ready,
     SiteUpdate,
     Task,
     TaskReply,
@@ -106,6 +116,8 @@ class RoundReport:
 
     outcome: RoundOutcome
     params: NDArray[np.float32]
+    elapsed_s: float = 0.0
+    """Seconds on the service's clock since the study was registered."""
 
 
 class StudyService:
@@ -158,6 +170,15 @@ class StudyService:
                 self.releases.open_candidate(stored.round, params, self.clock())
         self.round: Round | None = None
         self.secure: SecureRelay | None = None
+        self.asynchronous = study.participation.is_async
+        self._ready: dict[str, int] = {}
+        """Asynchronous secure aggregation: sites holding an update, in the order they said
+        so, with the round each was trained for. Kept in memory only: after a restart the
+        sites say so again."""
+        self._flush = b""
+        self._flush_rounds: dict[str, int] = {}
+        self.stale: dict[str, int] = {}
+        """Updates (or ready messages) refused as too stale, per site, since this started."""
         self._task: Task | None = None
         self._task_bytes = b""
         self.halted = ""
@@ -235,17 +256,64 @@ class StudyService:
         self._start_secure()
 
     def _start_secure(self) -> None:
-        """A fresh SecAgg+ relay for the open round when the study aggregates securely."""
+        """A fresh SecAgg+ relay for the open round when the study aggregates securely (in
+        asynchronous mode, once enough sites are ready: :meth:`_fill_flush`)."""
         self.secure = None
-        if self.study.secure_aggregation.enabled and self.round is not None:
-            self.secure = SecureRelay(
-                self.study,
-                self.round,
-                self.n_params,
-                sha256_hex(self._task_bytes),
-                self.clock(),
-                self.max_update_bytes,
-            )
+        self._flush = b""
+        self._flush_rounds = {}
+        if not self.study.secure_aggregation.enabled or self.round is None:
+            return
+        if self.asynchronous:
+            self._drop_stale_ready(self.round)
+            return
+        self.secure = SecureRelay(
+            self.study,
+            self.round,
+            self.n_params,
+            sha256_hex(self._task_bytes),
+            self.clock(),
+            self.max_update_bytes,
+        )
+
+    def _drop_stale_ready(self, round_: Round) -> None:
+        """Forget ready sites that can no longer join (too stale, gone): they train anew."""
+        for site, trained_for in list(self._ready.items()):
+            too_old = round_.number - trained_for > round_.max_staleness
+            if too_old or site not in round_.selected or site in round_.excused:
+                del self._ready[site]
+
+    def _fill_flush(self, now: float) -> None:
+        """Asynchronous secure aggregation: start the open flush's session once ``buffer``
+        sites are ready, or at the deadline with at least ``min_sites``, or when every site
+        the flush still waits for is ready."""
+        round_ = self.round
+        if not self.asynchronous or self.secure is not None or self._flush_rounds:
+            return
+        if round_ is None or round_.finished or not self.study.secure_aggregation.enabled:
+            return
+        self._drop_stale_ready(round_)
+        ready = list(self._ready)
+        buffer = round_.buffer or len(round_.selected)
+        everyone = set(round_.waiting_for) <= set(ready)
+        enough = len(ready) >= round_.min_sites and (now >= round_.deadline or everyone)
+        if len(ready) < buffer and not enough:
+            return
+        sites = tuple(sorted(ready[:buffer]))
+        self._flush_rounds = {site: self._ready.pop(site) for site in sites}
+        flush = Flush(
+            study_hash=self.hash, round=round_.number, sites=sites, nonce=secrets.token_hex(16)
+        )
+        self._flush = flush.model_dump_json().encode()
+        self.secure = SecureRelay(
+            self.study,
+            round_,
+            self.n_params,
+            sha256_hex(self._flush),
+            now,
+            self.max_update_bytes,
+            participants=sites,
+        )
+        self._audit("flush.started", round=round_.number, sites=list(sites))
 
     def _audit(self, event: str, **details: JsonInput) -> None:
         """Record an event that has been committed (so the trail never claims more)."""
@@ -322,9 +390,81 @@ class StudyService:
                 or site in round_.excused
             ):
                 return TaskReply(TaskState.WAIT)
+            if self.asynchronous and self.study.secure_aggregation.enabled:
+                return self._flush_task_for(site, round_)
             if self.secure is not None and not self.secure.wants_task(site):
                 return TaskReply(TaskState.WAIT)
             return TaskReply(TaskState.READY, self._task_bytes, round_.number)
+
+    def _flush_task_for(self, site: str, round_: Round) -> TaskReply:
+        """Join the flush's session, wait for one, or train on the current model."""
+        secure = self.secure
+        if secure is not None and site in secure.participants:
+            if secure.wants_task(site):
+                return TaskReply(TaskState.JOIN, self._flush, round_.number)
+            return TaskReply(TaskState.WAIT)
+        if site in self._ready or site in self._flush_rounds:
+            return TaskReply(TaskState.WAIT)
+        return TaskReply(TaskState.READY, self._task_bytes, round_.number)
+
+    def ready(self, identity: str, body: bytes) -> bool:
+        """Asynchronous secure aggregation: ``identity`` holds an update trained for the
+        round its message names and can join a flush. True when newly recorded."""
+        self._check_member(identity)
+        try:
+            message = Ready.model_validate_json(body)
+        except ValidationError as exc:
+            raise PayloadError(f"not a ready message: {exc.errors()[0]['msg']}") from exc
+        if message.site != identity:
+            raise ForbiddenError(
+                f"the client certificate identifies site '{identity}', "
+                f"but the ready message claims to come from '{message.site}'"
+            )
+        if message.study_hash != self.hash:
+            raise ConflictError(f"the ready message is for study {message.study_hash[:12]}")
+        if not (self.asynchronous and self.study.secure_aggregation.enabled):
+            raise ConflictError(
+                f"study {self.hash[:12]} is not asynchronous with secure aggregation: "
+                "sites send their updates instead"
+            )
+        with self._lock:
+            self._seen(identity)
+            round_ = self.round
+            if round_ is None or round_.finished:
+                raise ConflictError("no flush is open; ask for the next task")
+            if identity not in round_.selected or identity in round_.excused:
+                raise ConflictError(
+                    f"site '{identity}' does not take part in round {round_.number}"
+                )
+            if identity in self._flush_rounds or self._ready.get(identity) == message.round:
+                return False
+            self._check_fresh(identity, message.round, round_)
+            self._ready[identity] = message.round
+            self._advance(self.clock())
+            return True
+
+    def _check_fresh(self, site: str, trained_for: int, round_: Round) -> None:
+        """Refuse an update (or its ready message) from a later round, a replay of one
+        already aggregated, or one staler than the study accepts."""
+        if trained_for > round_.number:
+            raise ConflictError(
+                f"round {trained_for} is not open yet (the open round is {round_.number})"
+            )
+        last = self.standing(site).trained_for
+        if trained_for <= last:
+            raise ConflictError(
+                f"site '{site}' already had an update trained for round {last} aggregated; "
+                f"an update trained for round {trained_for} is a replay and is refused"
+            )
+        staleness = round_.number - trained_for
+        if staleness > round_.max_staleness:
+            self.stale[site] = self.stale.get(site, 0) + 1
+            self._audit("update.stale", round=round_.number, site=site, trained_for=trained_for)
+            raise ConflictError(
+                f"stale: the update was trained for round {trained_for}, {staleness} model "
+                f"version(s) ago; the study accepts at most {round_.max_staleness} "
+                "(participation.max_staleness): train on the current model"
+            )
 
     def _check_member(self, site: str) -> None:
         if site not in self.federation.sites:
@@ -356,22 +496,34 @@ class StudyService:
         with self._lock:
             self._seen(identity)
             round_ = self.round
-            if round_ is None or round_.number != round_number:
+            if round_ is None or (not self.asynchronous and round_.number != round_number):
                 current = "none" if round_ is None else str(round_.number)
                 raise ConflictError(
                     f"round {round_number} is not open (the open round is {current}); "
                     "late or replayed updates are refused"
                 )
+            if self.asynchronous and identity not in round_.updates:
+                self._check_fresh(identity, round_number, round_)
             accepted = round_.submit(update)
             if accepted:
                 try:
                     self.state.save_submission(
-                        self.hash, round_.number, identity, header.n_samples, body, self.clock()
+                        self.hash,
+                        round_.number,
+                        identity,
+                        header.n_samples,
+                        body,
+                        self.clock(),
+                        trained_for=round_number,
                     )
                 except Exception:
                     # Not durable means not accepted: the site will retry.
                     del round_.updates[identity]
                     raise
+                record = self.standing(identity)
+                self._sites[identity] = replace(
+                    record, trained_for=max(record.trained_for, round_number)
+                )
                 self._audit(
                     "update.received",
                     round=round_.number,
@@ -379,6 +531,7 @@ class StudyService:
                     bytes=len(body),
                     sha256=sha256_hex(body),
                     n_samples=header.n_samples,
+                    trained_for=round_number,
                 )
             self._advance(self.clock())
             return accepted
@@ -449,6 +602,9 @@ class StudyService:
         present = set(outcome.participants)
         if self.secure is not None:
             present |= set(self.secure.session.posted(Stage.ADVERTISE))
+        if self.asynchronous:
+            # Each site contributes at its own pace: a flush it was not in is no miss.
+            present |= set(round_.selected)
         limit = self.study.rounds.inactive_after
         now = self.clock()
         records = []
@@ -460,7 +616,13 @@ class StudyService:
                     if site in outcome.participants and outcome.status is RoundStatus.CLOSED
                     else 0
                 )
-                record = replace(record, missed=0, contributed=record.contributed + gained)
+                trained_for = max(record.trained_for, self._flush_rounds.get(site, 0))
+                record = replace(
+                    record,
+                    missed=0,
+                    contributed=record.contributed + gained,
+                    trained_for=trained_for if gained else record.trained_for,
+                )
             elif site not in round_.excused:
                 record = replace(record, missed=record.missed + 1)
                 if record.missed >= limit and record.state is SiteState.ACTIVE:
@@ -504,9 +666,7 @@ class StudyService:
     def secure_sites(self, identity: str, round_number: int) -> tuple[str, ...]:
         """The sites selected for an open secure round (the session's participants)."""
         with self._lock:
-            self._secure_round(identity, round_number)
-            assert self.round is not None
-            return self.round.selected
+            return self._secure_round(identity, round_number).participants
 
     # --- releases -----------------------------------------------------------------
 
@@ -544,6 +704,7 @@ class StudyService:
         round_ = self.round
         if round_ is None:
             return
+        self._fill_flush(now)
         secure = self.secure
         running = secure is not None and not round_.finished and round_.summed is None
         if running and secure is not None and not secure.advance(now, round_):
@@ -601,7 +762,8 @@ class StudyService:
         self.round = None
         self.secure = None
         if self.on_round is not None:
-            self.on_round(RoundReport(outcome, self.federation.params))
+            started = self.state.study(self.hash).created_at
+            self.on_round(RoundReport(outcome, self.federation.params, now - started))
         if not self.federation.done:
             self._open_next()
 

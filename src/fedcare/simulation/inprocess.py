@@ -5,16 +5,21 @@ Nothing here decides anything about rounds: the service opens, extends, closes
 and fails them exactly as the networked coordinator does, and each site runs the
 code a hospital's agent runs. Only the transport and the clock differ: a link is
 a function call (bytes in their wire form, refusals with the status the
-coordinator would answer), and when no site can do anything the clock jumps to
-the next deadline instead of waiting for it.
+coordinator would answer), and the clock is virtual. Each site acts when its
+last action is done (training and messages take the time its
+:class:`~fedcare.simulation.pace.SitePace` declares; nothing without one) and
+while it is online; when no site can act, the clock jumps to the next moment
+one can, or to the next deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fedcare.federation.messages import TaskReply
@@ -22,6 +27,7 @@ from fedcare.federation.service import RoundReport, StudyService, refusal_status
 from fedcare.federation.state import MemoryState
 from fedcare.privacy.secagg.inmemory import make_identities
 from fedcare.releases.registry import ReleaseRegistry
+from fedcare.simulation.pace import Pacing, Schedule, SitePace
 from fedcare.site.client import CoordinatorError
 from fedcare.site.participant import CoordinatorLink, Participant, Step
 from fedcare.site.secagg import SecureSite
@@ -44,13 +50,18 @@ class SiteGoneError(Exception):
 
 
 class SimClock:
-    """Wall-clock time plus every jump made so far: deadlines pass without waiting."""
+    """Virtual time: it starts at the wall clock's reading and moves only by jumps."""
 
     def __init__(self) -> None:
+        self.start = time.time()
         self.offset = 0.0
 
     def now(self) -> float:
-        return time.time() + self.offset
+        return self.start + self.offset
+
+    @property
+    def elapsed(self) -> float:
+        return self.offset
 
     def jump_to(self, moment: float) -> None:
         gap = moment - self.now()
@@ -85,6 +96,9 @@ class InProcessLink:
 
     def withdraw(self, study_hash: str, message: bytes) -> bool:
         return self._call(study_hash, lambda: self.service.withdraw(self.site, message))
+
+    def ready(self, study_hash: str, message: bytes) -> bool:
+        return self._call(study_hash, lambda: self.service.ready(self.site, message))
 
     def secure_sites(self, study_hash: str, round_number: int) -> tuple[str, ...]:
         return self._call(study_hash, lambda: self.service.secure_sites(self.site, round_number))
@@ -124,6 +138,30 @@ def secure_sites(workers: Mapping[str, SiteWorker]) -> dict[str, SecureSite]:
     }
 
 
+@dataclass
+class _Paced:
+    """A participant with its pace: when it is free to act again, and when it is online."""
+
+    participant: Participant
+    pace: SitePace
+    schedule: Schedule
+    train_s: float
+    free_at: float
+
+    def cost(self, step: Step) -> float:
+        """Virtual seconds the step kept the site busy."""
+        if step is Step.TRAINED:
+            return self.train_s / self.pace.speed + self.pace.latency_s
+        return self.pace.latency_s if step is Step.WORKED else 0.0
+
+    def can_act(self, now: float) -> bool:
+        return self.free_at <= now and self.schedule.online(now)
+
+    def next_moment(self, now: float) -> float:
+        """When this site can next act, if not now."""
+        return self.schedule.next_online(max(self.free_at, now))
+
+
 def run_in_process(
     study: Study,
     workers: Mapping[str, SiteWorker],
@@ -131,11 +169,14 @@ def run_in_process(
     registry: ReleaseRegistry | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
     wrap: Callable[[str, CoordinatorLink], CoordinatorLink] | None = None,
+    pacing: Pacing | None = None,
 ) -> StudyService:
     """Run the study until it is finished and its releases settled, or until it halts
     (too few active sites); returns the service with the final state. Sites in
     ``offline`` never answer; ``wrap`` may put a site's link inside another (to make it
-    fail on cue: a link that raises :class:`SiteGoneError` takes its site out)."""
+    fail on cue: a link that raises :class:`SiteGoneError` takes its site out);
+    ``pacing`` gives sites their speed, latency and availability (without it every
+    action is instantaneous)."""
     clock = SimClock()
     service = StudyService(
         study, sorted(workers), MemoryState(), clock=clock.now, registry=registry, on_round=on_round
@@ -146,13 +187,22 @@ def run_in_process(
     }
     if wrap is not None:
         links = {name: wrap(name, link) for name, link in links.items()}
-    active = [
-        Participant(workers[name], link, secure=secure.get(name)) for name, link in links.items()
-    ]
+    paced = []
+    for name, link in links.items():
+        pace = SitePace() if pacing is None else pacing.pace(name)
+        paced.append(
+            _Paced(
+                Participant(workers[name], link, secure=secure.get(name)),
+                pace,
+                Schedule(pace, clock.now(), study.seed, name),
+                0.0 if pacing is None else pacing.reference_train_s,
+                clock.now(),
+            )
+        )
     rounds = study.rounds.count * (1 + study.rounds.extensions) + 1
     budget = STEPS_PER_SITE_ROUND * (len(workers) + 1) * 2 * rounds
     with _quiet_sites():
-        return _drive(service, active, clock, budget)
+        return _drive(service, paced, clock, budget)
 
 
 @contextlib.contextmanager
@@ -169,30 +219,38 @@ def _quiet_sites() -> Iterator[None]:
 
 
 def _drive(
-    service: StudyService, active: list[Participant], clock: SimClock, budget: int
+    service: StudyService, sites: list[_Paced], clock: SimClock, budget: int
 ) -> StudyService:
     for _ in range(budget):
-        worked = False
-        for participant in list(active):
+        now = clock.now()
+        acted = False
+        for site in [s for s in sites if s.can_act(now)]:
             try:
-                step = participant.step()
+                step = site.participant.step()
             except SiteGoneError:
-                active.remove(participant)
+                sites.remove(site)
                 continue
             if step is Step.FINISHED:
-                active.remove(participant)
-            worked = worked or step is Step.WORKED
+                sites.remove(site)
+                continue
+            acted = acted or step in (Step.WORKED, Step.TRAINED)
+            site.free_at = now + site.cost(step)
         service.tick()
-        if not active and service.settled:
+        if not sites and service.settled:
             return service
-        if worked:
+        if acted:
             continue
+        # Nobody can act now: move to the first moment someone can, or a deadline passes.
+        moments = [s.next_moment(now) for s in sites if not s.can_act(now)]
         deadline = service.next_deadline()
-        if deadline is None:
-            # Nobody can act and no deadline will pass: the study halted (too few active
+        if deadline is not None:
+            moments.append(deadline)
+        moment = min((m for m in moments if m > now), default=math.inf)
+        if math.isinf(moment):
+            # Nobody will act and no deadline will pass: the study halted (too few active
             # sites), or it is over for every site that answers.
             return service
-        clock.jump_to(deadline)
+        clock.jump_to(moment)
         service.tick()
     raise SimulationStuckError(
         f"study {service.study.name} made no progress in {budget} steps (round "

@@ -30,6 +30,8 @@ class RoundRecord(BaseModel):
     reason: str
     mean_train_loss: float | None
     metrics: dict[str, BinaryMetrics]
+    elapsed_s: float | None = None
+    """Virtual seconds from the study's start to the round's end (with site paces)."""
 
 
 class SiteComparison(BaseModel):
@@ -111,3 +113,6 @@ class SimulationResult(BaseModel):
     """What a reader must know before trusting a number: small held-out sets, a loss
     still falling at the last round."""
     wall_s: float
+    virtual_s: float | None = None
+    """How long the federation took on the virtual clock, with the sites' declared
+    paces (``fedcare simulate --pace``); None without them."""

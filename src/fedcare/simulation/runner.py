@@ -30,6 +30,7 @@ from fedcare.privacy.dp.guard import PrivacyGuard
 from fedcare.privacy.dp.ledger import PrivacyLedger
 from fedcare.releases.registry import ReleaseRegistry
 from fedcare.simulation.inprocess import run_in_process
+from fedcare.simulation.pace import Pacing
 from fedcare.simulation.results import (
     PrivacySummary,
     ReleaseRecord,
@@ -82,6 +83,8 @@ class SimulationOptions:
     temporary folder when not given."""
     offline: frozenset[str] = frozenset()
     """Sites that never answer (a site down for the whole study)."""
+    pacing: Pacing | None = None
+    """Each site's compute speed, latency and availability on the virtual clock."""
 
 
 def evaluate(
@@ -112,6 +115,8 @@ class FederationRun:
     halted: str = ""
     left: dict[str, str] = field(default_factory=dict)
     """Sites that stopped taking part, with their standing and why (e.g. withdrawn: budget)."""
+    elapsed_s: float = 0.0
+    """Virtual seconds the study took (0 without site paces)."""
 
 
 def run_federation(
@@ -121,12 +126,14 @@ def run_federation(
     workers: Mapping[str, SiteWorker] | None = None,
     offline: frozenset[str] = frozenset(),
     registry: ReleaseRegistry | None = None,
+    pacing: Pacing | None = None,
 ) -> FederationRun:
     """Run every round of the study through the study service, in this process.
 
     Each site is a real :class:`SiteWorker` (``workers``, or plain ones built from
     ``sites``); sites in ``offline`` never answer. A study that validates releases
-    keeps them in ``registry`` (a temporary one when not given).
+    keeps them in ``registry`` (a temporary one when not given). ``pacing`` gives the
+    sites their speed, latency and availability on the virtual clock.
     """
     n_params = study_parameter_count(study)
     if workers is None:
@@ -144,6 +151,7 @@ def run_federation(
                 reason=outcome.reason,
                 mean_train_loss=outcome.mean_loss,
                 metrics=evaluate(study, report.params, sites),
+                elapsed_s=report.elapsed_s if pacing is not None else None,
             )
         )
         progress("federated rounds", outcome.number, total)
@@ -153,7 +161,7 @@ def run_federation(
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="registry-")))
             registry = ReleaseRegistry.open(f"sqlite:///{folder / 'registry.db'}", folder)
             stack.callback(registry.close)
-        service = run_in_process(study, workers, offline, registry, on_round)
+        service = run_in_process(study, workers, offline, registry, on_round, pacing=pacing)
     halted = service.halted
     if service.waiting_for_sites:
         halted = (
@@ -165,7 +173,8 @@ def run_federation(
         for name in service.federation.sites
         if (record := service.standing(name)).state is not SiteState.ACTIVE
     }
-    return FederationRun(service.federation.params, records, halted, left)
+    elapsed = service.clock() - service.state.study(service.hash).created_at
+    return FederationRun(service.federation.params, records, halted, left, elapsed)
 
 
 def _spend(guard: PrivacyGuard | None, study: Study, n_train: int) -> dict[str, float]:
@@ -351,7 +360,13 @@ def _run(
         registry = ReleaseRegistry.open(f"sqlite:///{folder / 'registry.db'}", folder)
         try:
             run = run_federation(
-                study, sites, progress, workers, options.offline, registry=registry
+                study,
+                sites,
+                progress,
+                workers,
+                options.offline,
+                registry=registry,
+                pacing=options.pacing,
             )
             releases = [
                 ReleaseRecord.from_release(r) for r in registry.releases(study.content_hash)
@@ -392,4 +407,5 @@ def _run(
         privacy=_privacy(study),
         warnings=warnings(study, comparison, run),
         wall_s=time.perf_counter() - started,
+        virtual_s=run.elapsed_s if options.pacing is not None else None,
     )

@@ -89,8 +89,11 @@ class CoordinatorClient:
             "GET", f"/v1/studies/{study_hash}/task", params={"wait": self.poll_wait_s}
         )
         if response.status_code == 200:
+            joins = response.headers.get("X-Fedcare-Kind") == "flush"
             return TaskReply(
-                TaskState.READY, response.content, int(response.headers["X-Fedcare-Round"])
+                TaskState.JOIN if joins else TaskState.READY,
+                response.content,
+                int(response.headers["X-Fedcare-Round"]),
             )
         if response.status_code == 204:
             return TaskReply(TaskState.WAIT)
@@ -158,17 +161,21 @@ class CoordinatorClient:
             raise CoordinatorError(response.status_code, _detail(response))
         return response.content
 
-    def withdraw(self, study_hash: str, message: bytes) -> bool:
-        """Tell the coordinator this site stops taking part; True if newly recorded."""
+    def _notice(self, path: str, message: bytes) -> bool:
         response = self._call(
-            "POST",
-            f"/v1/studies/{study_hash}/withdraw",
-            content=message,
-            headers={"Content-Type": "application/json"},
+            "POST", path, content=message, headers={"Content-Type": "application/json"}
         )
         if response.status_code not in (200, 201):
             raise CoordinatorError(response.status_code, _detail(response))
         return bool(response.json()["recorded"])
+
+    def withdraw(self, study_hash: str, message: bytes) -> bool:
+        """Tell the coordinator this site stops taking part; True if newly recorded."""
+        return self._notice(f"/v1/studies/{study_hash}/withdraw", message)
+
+    def ready(self, study_hash: str, message: bytes) -> bool:
+        """Say this site holds an update for a flush (asynchronous secure aggregation)."""
+        return self._notice(f"/v1/studies/{study_hash}/ready", message)
 
     def secure_sites(self, study_hash: str, round_number: int) -> tuple[str, ...]:
         """The sites of the open secure round ``round_number`` (its session's participants)."""

@@ -11,7 +11,13 @@ when it cannot go on (its privacy budget is spent, its approval was withdrawn).
 Each :meth:`Participant.step` does what can be done now and says whether it did
 anything. Over the network the link's calls long-poll, so an idle step has
 waited; in a simulation an idle step returns at once and the simulation moves
-its clock.
+its clock. Training is a step of its own (:attr:`Step.TRAINED`): what it made
+leaves on the next step, so a simulation can charge the training's time between.
+
+In an asynchronous study a site trains on whatever model is current when it is
+ready and sends the update tagged with that round; under secure aggregation it
+keeps the update, says it is ready, and joins the flush the coordinator then
+offers, weighting its input by its staleness.
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
+from fedcare.aggregation import staleness_factor
 from fedcare.audit import AuditLog
 from fedcare.federation.messages import (
+    Flush,
+    Ready,
     TaskReply,
     TaskState,
     Withdrawal,
@@ -43,7 +52,7 @@ from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.privacy.secagg.protocol import STAGES, ClientParty, Stage
 from fedcare.privacy.secagg.study import setup_for
 from fedcare.site.client import PAYLOAD, CoordinatorError
-from fedcare.site.secagg import SecureSite
+from fedcare.site.secagg import SecureSite, TrainedUpdate
 from fedcare.site.worker import SiteWorker
 
 log = logging.getLogger("fedcare.site")
@@ -60,6 +69,8 @@ class CoordinatorLink(Protocol):
     def submit(self, study_hash: str, round_number: int, payload: bytes) -> bool: ...
 
     def withdraw(self, study_hash: str, message: bytes) -> bool: ...
+
+    def ready(self, study_hash: str, message: bytes) -> bool: ...
 
     def secure_sites(self, study_hash: str, round_number: int) -> tuple[str, ...]: ...
 
@@ -95,6 +106,17 @@ class Step(StrEnum):
     """Offered work this site will not take (it withdrew, or sat that task out): ask
     again later, not at once."""
     FINISHED = "finished"
+    TRAINED = "trained"
+    """Trained an update; it leaves on the next step."""
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    """A trained plain update not yet sent."""
+
+    round: int
+    payload: bytes
+    train_s: float
 
 
 @dataclass
@@ -127,9 +149,13 @@ class Participant:
     """Why this site stopped sending updates, in full (it stays here)."""
     final_round: int = 0
     final_model: bytes = b""
+    discarded: int = 0
+    """Trained updates that never counted (refused as stale, or their flush failed)."""
     _declined: set[str] = field(default_factory=set)
     _validated: set[int] = field(default_factory=set)
     _session: _Session | None = None
+    _outgoing: _Outgoing | None = None
+    _held: TrainedUpdate | None = None
 
     @property
     def study_hash(self) -> str:
@@ -149,6 +175,8 @@ class Participant:
             return Step.WORKED
         if self._session is not None:
             return self._advance_session()
+        if self._outgoing is not None:
+            return self._send(self._outgoing)
         reply = self.retry(lambda: self.link.task(self.study_hash), "polling for a task")
         if reply.state is TaskState.FINISHED:
             if self.worker.study.validates_releases and self._validate():
@@ -159,6 +187,8 @@ class Participant:
             return Step.IDLE
         if self.withdrawn is not None:
             return Step.HOLD
+        if reply.state is TaskState.JOIN:
+            return self._join_flush(reply)
         if self.approved is not None and not self.approved():
             self._withdraw(
                 WithdrawReason.APPROVAL,
@@ -166,6 +196,8 @@ class Participant:
                 reply.round,
             )
             return Step.WORKED
+        if self.secure is not None and self.worker.study.participation.is_async:
+            return self._ready_or_train(reply)
         if self.secure is not None:
             return self._start_session(reply)
         return self._train(reply)
@@ -179,30 +211,38 @@ class Participant:
         except BudgetExceededError as exc:
             self._withdraw(WithdrawReason.BUDGET, f"round {reply.round}: {exc}", reply.round)
             return Step.WORKED
-        train_s = time.perf_counter() - started
+        self._outgoing = _Outgoing(reply.round, update, time.perf_counter() - started)
+        return Step.TRAINED
+
+    def _send(self, outgoing: _Outgoing) -> Step:
+        number, update = outgoing.round, outgoing.payload
         # Recorded before the first byte leaves: a crash can only over-report.
         self._record(
             "update.sent",
-            round=reply.round,
+            round=number,
             to=self.recipient,
             bytes=len(update),
             sha256=hashlib.sha256(update).hexdigest(),
         )
         try:
             accepted = self.retry(
-                partial(self.link.submit, self.study_hash, reply.round, update),
-                f"uploading round {reply.round}",
+                partial(self.link.submit, self.study_hash, number, update),
+                f"uploading round {number}",
             )
         except CoordinatorError as exc:
             if exc.status != 409:
                 raise
-            # The round closed while we trained (deadline): wait for the next one.
-            log.warning("round %d: update not taken: %s", reply.round, exc.detail)
+            # The round closed while we trained (deadline), or the update is too stale
+            # for an asynchronous study: train on the current model next.
+            self._outgoing = None
+            self.discarded += 1
+            log.warning("round %d: update not taken: %s", number, exc.detail)
             return Step.WORKED
-        self._trained(reply.round, train_s, accepted)
+        self._outgoing = None
+        self._trained(number, outgoing.train_s, accepted)
         log.info(
             "round %d: trained on %d rows, update %s",
-            reply.round,
+            number,
             self.worker.data.n_train,
             "accepted" if accepted else "already recorded",
         )
@@ -261,8 +301,80 @@ class Participant:
             self._sit_out(reply.round, task_sha256, exc)
             return Step.WORKED
         self._session = _Session(party, reply.round, task_sha256)
-        self._advance_session()
+        return Step.TRAINED
+
+    # --- asynchronous secure aggregation --------------------------------------------
+
+    def _ready_or_train(self, reply: TaskReply) -> Step:
+        """Offered the current model: say the update kept here is ready, or train one."""
+        assert self.secure is not None
+        held = self._held
+        limit = self.worker.study.participation.max_staleness
+        if held is not None and reply.round - held.round > limit:
+            self._discard(f"trained for round {held.round}, too stale for round {reply.round}")
+            held = None
+        if held is None:
+            try:
+                self._held = self.secure.train(reply.payload)
+            except BudgetExceededError as exc:
+                self._withdraw(WithdrawReason.BUDGET, f"round {reply.round}: {exc}", reply.round)
+                return Step.WORKED
+            except SecAggError as exc:
+                self._sit_out(reply.round, hashlib.sha256(reply.payload).hexdigest(), exc)
+                return Step.HOLD
+            return Step.TRAINED
+        message = Ready(study_hash=self.study_hash, site=self.name, round=held.round)
+        try:
+            self.retry(
+                partial(self.link.ready, self.study_hash, message.model_dump_json().encode()),
+                f"saying the update for round {held.round} is ready",
+            )
+        except CoordinatorError as exc:
+            if exc.status != 409:
+                raise
+            self._discard(exc.detail)
         return Step.WORKED
+
+    def _discard(self, why: str) -> None:
+        self._held = None
+        self.discarded += 1
+        self._record("update.discarded", reason=why)
+        log.warning("update discarded: %s", why)
+
+    def _join_flush(self, reply: TaskReply) -> Step:
+        """Join the secure session of one flush with the update kept here, or sit it out."""
+        assert self.secure is not None
+        flush_sha256 = hashlib.sha256(reply.payload).hexdigest()
+        if flush_sha256 in self._declined:
+            return Step.HOLD
+        study = self.worker.study
+        held, self._held = self._held, None
+        try:
+            flush = Flush.model_validate_json(reply.payload)
+            if flush.study_hash != self.study_hash or flush.round != reply.round:
+                raise SecAggError("the flush is for another study or round than announced")
+            if self.name not in flush.sites:
+                raise SecAggError("the flush does not list this site")
+            if held is None:
+                raise SecAggError("no update is kept here for a flush (the site restarted)")
+            staleness = flush.round - held.round
+            if not 0 <= staleness <= study.participation.max_staleness:
+                raise SecAggError(
+                    f"the update was trained for round {held.round}: it cannot join the flush "
+                    f"of round {flush.round}"
+                )
+            setup = setup_for(
+                study, flush.round, list(flush.sites), self.worker.n_params, flush_sha256
+            )
+            factor = staleness_factor(staleness, study.participation.staleness)
+            party = self.secure.join(held, setup, factor, on_masked=self._masked_sent(reply))
+        except (SecAggError, ValidationError) as exc:
+            # Whatever went wrong, the update is not offered again: the site trains anew.
+            self.discarded += held is not None
+            self._sit_out(reply.round, flush_sha256, exc)
+            return Step.WORKED
+        self._session = _Session(party, flush.round, flush_sha256)
+        return self._advance_session()
 
     def _masked_sent(self, reply: TaskReply) -> Callable[[bytes], None]:
         def record(body: bytes) -> None:
@@ -316,6 +428,7 @@ class Participant:
                 if exc.status != 409:
                     raise
                 log.warning("round %d: secure round not completed: %s", session.round, exc.detail)
+                self.discarded += 1
                 self._declined.add(session.task_sha256)
                 self._session = None
                 return Step.WORKED

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -66,6 +67,17 @@ def already_sent(task_sha256: str) -> str:
     )
 
 
+@dataclass(frozen=True)
+class TrainedUpdate:
+    """An update trained at the site and kept there until a secure session takes it."""
+
+    task_sha256: str
+    round: int
+    """The round of the task it was trained on."""
+    seed: int
+    update: SiteUpdate
+
+
 class SecureSite:
     """One site across secure sessions; one :class:`SecAggClient` per session."""
 
@@ -91,45 +103,69 @@ class SecureSite:
     def name(self) -> str:
         return self.worker.data.name
 
-    def start(
+    def train(self, task_bytes: bytes) -> TrainedUpdate:
+        """Train on a task and keep the update here (its ledger entry is written first)."""
+        study_hash = self.worker.study.content_hash
+        task_sha256 = hashlib.sha256(task_bytes).hexdigest()
+        if self.record.masked_sent(study_hash, task_sha256):
+            raise SecAggError(already_sent(task_sha256))
+        started = time.perf_counter()
+        task, update = self.worker.train(task_bytes)
+        self.train_s = time.perf_counter() - started
+        return TrainedUpdate(task_sha256, task.header.round, task.header.seed, update)
+
+    def join(
         self,
-        task_bytes: bytes,
+        trained: TrainedUpdate,
         setup: RoundSetup,
+        weight_factor: float = 1.0,
         on_masked: Callable[[bytes], None] | None = None,
     ) -> ClientParty:
-        """Train on the task, keep the update here; the party for this session.
+        """The party that brings ``trained`` into one session, its weight scaled by
+        ``weight_factor`` (an asynchronous update's staleness factor, in (0, 1]).
 
         ``on_masked`` sees the masked input after the send is recorded, before it
         leaves (the site agent writes its audit entry there)."""
         study_hash = self.worker.study.content_hash
         if setup.study_hash != study_hash:
             raise SecAggError("the secure round is for another study")
-        task_sha256 = hashlib.sha256(task_bytes).hexdigest()
-        if setup.task_sha256 != task_sha256:
-            raise SecAggError("the secure session is for another task than the one received")
-        if self.record.masked_sent(study_hash, task_sha256):
-            raise SecAggError(already_sent(task_sha256))
-        started = time.perf_counter()
-        task, update = self.worker.train(task_bytes)
-        self.train_s = time.perf_counter() - started
-        if task.header.round != setup.round:
-            raise SecAggError(f"the task is for round {task.header.round}, not {setup.round}")
-        rounding = derive_seed(task.header.seed, self.name, "secagg-rounding")
+        if not 0.0 < weight_factor <= 1.0:
+            raise SecAggError(f"a weight factor of {weight_factor} is outside (0, 1]")
+        if self.record.masked_sent(study_hash, trained.task_sha256):
+            raise SecAggError(already_sent(trained.task_sha256))
+        rounding = derive_seed(trained.seed, self.name, "secagg-rounding")
         client = SecAggClient(setup, self.name, self.signer, self.certificate_pem, self.verifier)
 
         def source() -> tuple[NDArray[np.unsignedinteger], float | None]:
-            return self._encode(update, rounding), update.header.loss
+            return self._encode(trained.update, rounding, weight_factor), trained.update.header.loss
 
         def before_masked(body: bytes) -> None:
-            if not self.record.record_masked(study_hash, task_sha256, setup.session):
-                raise SecAggError(already_sent(task_sha256))
+            if not self.record.record_masked(study_hash, trained.task_sha256, setup.session):
+                raise SecAggError(already_sent(trained.task_sha256))
             if on_masked is not None:
                 on_masked(body)
 
         return ClientParty(client, source, before_masked)
 
-    def _encode(self, update: SiteUpdate, seed: int) -> NDArray[np.unsignedinteger]:
-        weight = site_weight(self.worker.study, update.header.n_samples)
+    def start(
+        self,
+        task_bytes: bytes,
+        setup: RoundSetup,
+        on_masked: Callable[[bytes], None] | None = None,
+    ) -> ClientParty:
+        """A synchronous round: train on the task and join its session (the one for this
+        very task)."""
+        if setup.study_hash != self.worker.study.content_hash:
+            raise SecAggError("the secure round is for another study")
+        if setup.task_sha256 != hashlib.sha256(task_bytes).hexdigest():
+            raise SecAggError("the secure session is for another task than the one received")
+        trained = self.train(task_bytes)
+        if trained.round != setup.round:
+            raise SecAggError(f"the task is for round {trained.round}, not {setup.round}")
+        return self.join(trained, setup, on_masked=on_masked)
+
+    def _encode(self, update: SiteUpdate, seed: int, factor: float) -> NDArray[np.unsignedinteger]:
+        weight = site_weight(self.worker.study, update.header.n_samples) * factor
         return encode(update.delta, weight, self.plan, np.random.default_rng(seed))
 
 

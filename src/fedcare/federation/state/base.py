@@ -43,6 +43,9 @@ class SiteRecord:
     """Selected rounds missed in a row."""
     contributed: int = 0
     """Rounds whose aggregate includes this site."""
+    trained_for: int = 0
+    """The round the site's latest accepted update was trained for: an update trained for
+    it or an earlier one again is a replay (asynchronous mode takes older rounds' updates)."""
 
 
 @dataclass(frozen=True)
@@ -136,9 +139,17 @@ class StudyState(Protocol):
     def save_opened_round(self, study_hash: str, opened: OpenedRound) -> None: ...
 
     def save_submission(
-        self, study_hash: str, number: int, site: str, n_samples: int, payload: bytes, now: float
+        self,
+        study_hash: str,
+        number: int,
+        site: str,
+        n_samples: int,
+        payload: bytes,
+        now: float,
+        trained_for: int,
     ) -> None:
-        """Keep an accepted update and move the round to collecting."""
+        """Keep an accepted update, trained for round ``trained_for``, record that round as
+        the site's latest, and move round ``number`` to collecting."""
         ...
 
     def save_extended(self, study_hash: str, number: int, deadline: float, left: int) -> None: ...

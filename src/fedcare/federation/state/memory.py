@@ -100,15 +100,25 @@ class MemoryState:
         return stored
 
     def save_submission(
-        self, study_hash: str, number: int, site: str, n_samples: int, payload: bytes, now: float
+        self,
+        study_hash: str,
+        number: int,
+        site: str,
+        n_samples: int,
+        payload: bytes,
+        now: float,
+        trained_for: int,
     ) -> None:
         del n_samples, now
         stored = self._round(study_hash, number)
         if site in stored.submissions:
             raise StateError(f"round {number} already holds an update from {site}")
-        self._get(study_hash).rounds[number] = replace(
+        record = self._site(study_hash, site)
+        study = self._get(study_hash)
+        study.rounds[number] = replace(
             stored, status="collecting", submissions={**stored.submissions, site: payload}
         )
+        study.sites[site] = replace(record, trained_for=max(record.trained_for, trained_for))
 
     def save_extended(self, study_hash: str, number: int, deadline: float, left: int) -> None:
         stored = self._round(study_hash, number)

@@ -38,7 +38,7 @@ from fedcare.federation.state.base import (
     StudyRecord,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Base(DeclarativeBase):
@@ -113,6 +113,7 @@ class SiteRow(Base):
     last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
     missed: Mapped[int] = mapped_column(Integer, default=0)
     contributed: Mapped[int] = mapped_column(Integer, default=0)
+    trained_for: Mapped[int] = mapped_column(Integer, default=0)
 
 
 def _record(row: SiteRow) -> SiteRecord:
@@ -124,6 +125,7 @@ def _record(row: SiteRow) -> SiteRecord:
         last_seen=row.last_seen,
         missed=row.missed,
         contributed=row.contributed,
+        trained_for=row.trained_for,
     )
 
 
@@ -283,7 +285,14 @@ class SqlState:
             )
 
     def save_submission(
-        self, study_hash: str, number: int, site: str, n_samples: int, payload: bytes, now: float
+        self,
+        study_hash: str,
+        number: int,
+        site: str,
+        n_samples: int,
+        payload: bytes,
+        now: float,
+        trained_for: int,
     ) -> None:
         with Session(self.engine) as session, session.begin():
             row = session.get(RoundRow, (study_hash, number))
@@ -303,6 +312,8 @@ class SqlState:
                 )
             )
             row.status = "collecting"
+            site_row = self._site_row(session, study_hash, site)
+            site_row.trained_for = max(site_row.trained_for, trained_for)
 
     def save_extended(self, study_hash: str, number: int, deadline: float, left: int) -> None:
         with Session(self.engine) as session, session.begin():
@@ -380,6 +391,7 @@ class SqlState:
                 last_seen=None,
                 missed=0,
                 contributed=0,
+                trained_for=0,
             )
             session.add(row)
         return row
@@ -418,3 +430,4 @@ class SqlState:
         row.last_seen = record.last_seen
         row.missed = record.missed
         row.contributed = record.contributed
+        row.trained_for = record.trained_for
