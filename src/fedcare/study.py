@@ -222,7 +222,11 @@ class StalenessKind(StrEnum):
 
 
 class StalenessSpec(Strict):
-    kind: StalenessKind = StalenessKind.POLYNOMIAL
+    kind: StalenessKind = Field(
+        default=StalenessKind.POLYNOMIAL,
+        description="polynomial: weight (1 + s)^-exponent for an update s versions old; "
+        "constant: weight 1.",
+    )
     exponent: float = Field(
         default=0.5, ge=0.0, le=10.0, description="The polynomial's exponent a."
     )
@@ -231,7 +235,11 @@ class StalenessSpec(Strict):
 class ParticipationSpec(Strict):
     """How sites take part: in rounds (sync, the default) or at their own pace (async)."""
 
-    mode: ParticipationMode = ParticipationMode.SYNC
+    mode: ParticipationMode = Field(
+        default=ParticipationMode.SYNC,
+        description="sync: rounds that wait for their selected sites; async: each site "
+        "trains when ready and a new model version is made from every `buffer` updates.",
+    )
     buffer: int | None = Field(
         default=None,
         ge=1,

@@ -116,3 +116,5 @@ class SimulationResult(BaseModel):
     virtual_s: float | None = None
     """How long the federation took on the virtual clock, with the sites' declared
     paces (``fedcare simulate --pace``); None without them."""
+    stale_refused: dict[str, int] = {}
+    """Asynchronous mode: each site's updates refused as staler than the study accepts."""

@@ -117,6 +117,8 @@ class FederationRun:
     """Sites that stopped taking part, with their standing and why (e.g. withdrawn: budget)."""
     elapsed_s: float = 0.0
     """Virtual seconds the study took (0 without site paces)."""
+    stale: dict[str, int] = field(default_factory=dict)
+    """Asynchronous mode: updates refused as too stale, per site."""
 
 
 def run_federation(
@@ -174,7 +176,9 @@ def run_federation(
         if (record := service.standing(name)).state is not SiteState.ACTIVE
     }
     elapsed = service.clock() - service.state.study(service.hash).created_at
-    return FederationRun(service.federation.params, records, halted, left, elapsed)
+    return FederationRun(
+        service.federation.params, records, halted, left, elapsed, dict(service.stale)
+    )
 
 
 def _spend(guard: PrivacyGuard | None, study: Study, n_train: int) -> dict[str, float]:
@@ -408,4 +412,5 @@ def _run(
         warnings=warnings(study, comparison, run),
         wall_s=time.perf_counter() - started,
         virtual_s=run.elapsed_s if options.pacing is not None else None,
+        stale_refused=run.stale,
     )
