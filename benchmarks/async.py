@@ -84,9 +84,12 @@ def synchronous(study: Study, args: argparse.Namespace) -> Study:
     return study.replace(rounds={**study.rounds.model_dump(), "deadline_s": deadline})
 
 
-def asynchronous(study: Study, args: argparse.Namespace, buffer: int) -> Study:
-    """The study in async mode; a version needs ``buffer`` updates (and min_sites no more)."""
-    rounds = study.rounds.model_dump()
+def asynchronous(
+    study: Study, args: argparse.Namespace, buffer: int, min_sites: int, flushes: int
+) -> Study:
+    """The synchronous study (same deadline) in async mode: a version needs ``buffer``
+    updates, or ``min_sites`` at the deadline."""
+    rounds = synchronous(study, args).rounds.model_dump()
     return study.replace(
         participation={
             "mode": "async",
@@ -94,12 +97,12 @@ def asynchronous(study: Study, args: argparse.Namespace, buffer: int) -> Study:
             "max_staleness": args.max_staleness,
             "staleness": {"kind": "polynomial", "exponent": 0.5},
         },
-        rounds={**rounds, "count": args.flushes, "min_sites": min(rounds["min_sites"], buffer)},
+        rounds={**rounds, "count": flushes, "min_sites": min_sites},
     )
 
 
 def shares(rounds: Sequence[RoundRecord], sites: Sequence[str]) -> dict[str, float]:
-    counts = {s: 0 for s in sites}
+    counts = dict.fromkeys(sites, 0)
     for record in rounds:
         if record.status == "closed":
             for site in record.participants:
@@ -154,7 +157,7 @@ def builtin(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for kind, study in (
         ("sync", synchronous(base, args)),
-        ("async", asynchronous(base, args, args.buffer)),
+        ("async", asynchronous(base, args, args.buffer, args.min_sites, args.flushes)),
     ):
         started = time.perf_counter()
         options = SimulationOptions(baselines=False, site_rules=builtin_rules(names), pacing=paced)
@@ -196,7 +199,10 @@ def heart(args: argparse.Namespace) -> dict[str, Any]:
         seeded = base.replace(seed=base.seed + i)
         sync, sync_avg = heart_run("sync", synchronous(seeded, args), sites, paced)
         async_, async_avg = heart_run(
-            "async", asynchronous(seeded, args, args.heart_buffer), sites, paced
+            "async",
+            asynchronous(seeded, args, args.heart_buffer, args.heart_min_sites, args.heart_flushes),
+            sites,
+            paced,
         )
         row = compare(sync, async_, names, SLOW_HEART)
         row["sync_avg_accuracy"], row["async_avg_accuracy"] = sync_avg, async_avg
@@ -247,10 +253,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--availability", type=float, default=0.7)
     parser.add_argument("--offline-s", type=float, default=600.0)
     parser.add_argument("--train-s", type=float, default=60.0)
-    parser.add_argument("--buffer", type=int, default=3)
-    parser.add_argument("--heart-buffer", type=int, default=2)
+    parser.add_argument("--buffer", type=int, default=4)
+    parser.add_argument("--min-sites", type=int, default=3)
+    parser.add_argument("--flushes", type=int, default=60)
+    parser.add_argument("--heart-buffer", type=int, default=3)
+    parser.add_argument("--heart-min-sites", type=int, default=2)
+    parser.add_argument("--heart-flushes", type=int, default=20)
     parser.add_argument("--max-staleness", type=int, default=20)
-    parser.add_argument("--flushes", type=int, default=80)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--heart-data", type=Path, default=HEART_DATA)
     parser.add_argument("--skip-builtin", action="store_true")

@@ -50,11 +50,16 @@ pytestmark = pytest.mark.slow
 ROUNDS = 2
 
 
-def secure_study() -> Study:
+def secure_study(participation: str = "sync") -> Study:
     secure = {"enabled": True, "clip_norm": 10.0, "max_sites": 10, "max_records": 1000}
-    return network_study(rounds=ROUNDS, min_sites=3, deadline_s=120).replace(
+    study = network_study(rounds=ROUNDS, min_sites=3, deadline_s=120).replace(
         secure_aggregation=secure
     )
+    if participation == "async":
+        # Every flush among all three sites: the same sums as the synchronous rounds,
+        # through the ready-and-join path.
+        study = study.replace(participation={"mode": "async", "buffer": 3, "max_staleness": 2})
+    return study
 
 
 def _windows(data: bytes, width: int = 8) -> set[bytes]:
@@ -108,10 +113,11 @@ def _found(haystack: bytes, needles: dict[str, set[bytes]]) -> list[str]:
     return [name for name, forms in needles.items() if any(f in haystack for f in forms)]
 
 
+@pytest.mark.parametrize("participation", ["sync", "async"])
 def test_coordinator_never_holds_an_individual_update(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, participation: str
 ) -> None:
-    study = secure_study()
+    study = secure_study(participation)
     deployment = deploy(tmp_path, study)
     bodies: list[bytes] = []
     lock = threading.Lock()
@@ -168,6 +174,7 @@ def test_coordinator_never_holds_an_individual_update(
     assert all(_found(encode_update(u), needles) for u in updates)
     assert len(bodies) > 10
     assert any(b"/secagg/masked" in b for b in bodies)
+    assert any(b"/ready" in b for b in bodies) == (participation == "async")
     for body in bodies:
         assert _found(body, needles) == [], body[:200]
     coordinator_files = [

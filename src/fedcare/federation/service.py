@@ -313,7 +313,12 @@ class StudyService:
             self.max_update_bytes,
             participants=sites,
         )
-        self._audit("flush.started", round=round_.number, sites=list(sites))
+        self._audit(
+            "flush.started",
+            round=round_.number,
+            sites=list(sites),
+            trained_for={site: self._flush_rounds[site] for site in sites},
+        )
 
     def _audit(self, event: str, **details: JsonInput) -> None:
         """Record an event that has been committed (so the trail never claims more)."""
