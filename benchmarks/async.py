@@ -172,10 +172,8 @@ def builtin(args: argparse.Namespace) -> dict[str, Any]:
                 time.perf_counter() - started,
             )
         )
-        print(
-            f"builtin {kind}: {result.virtual_s:.0f} virtual s, {time.perf_counter() - started:.1f} s wall",
-            flush=True,
-        )
+        wall = time.perf_counter() - started
+        print(f"builtin {kind}: {result.virtual_s:.0f} virtual s, {wall:.1f} s wall", flush=True)
     return compare(runs[0], runs[1], names, SLOW_BUILTIN)
 
 
@@ -224,27 +222,25 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 def report(name: str, row: dict[str, Any], slow: Sequence[str]) -> None:
     print(f"\n== {name} ==")
+    closed, virtual = row["sync_rounds_closed"], row["sync_virtual_s"]
+    print(f"sync: {closed} rounds closed in {virtual:.0f} virtual s")
+    reached = _fmt(row["async_time_to_sync_final_s"], ".0f")
     print(
-        f"sync: {row['sync_rounds_closed']} rounds closed in {row['sync_virtual_s']:.0f} virtual s"
-    )
-    print(
-        f"async: {row['async_versions_closed']} versions in {row['async_virtual_s']:.0f} virtual s; "
-        f"reached the sync final AUROC at every site after {_fmt(row['async_time_to_sync_final_s'], '.0f')} s "
+        f"async: {row['async_versions_closed']} versions in {row['async_virtual_s']:.0f} "
+        f"virtual s; reached the sync final AUROC at every site after {reached} s "
         f"(ratio to sync {_fmt(row['time_ratio'])}; goal <= 0.333)"
     )
-    print(
-        f"{'site':<18}{'sync AUROC':>11}{'async AUROC':>12}{'sync share':>11}{'async share':>12}{'stale':>7}"
-    )
+    columns = ("sync AUROC", "async AUROC", "sync share", "async share", "stale")
+    print(f"{'site':<18}" + "".join(f"{c:>12}" for c in columns))
     for site, target in row["target_auroc"].items():
         print(
-            f"{site:<18}{target:>11.3f}{row['async_final_auroc'][site]:>12.3f}"
-            f"{row['sync_share'][site]:>11.3f}{row['async_share'][site]:>12.3f}"
-            f"{row['stale_refused'].get(site, 0):>7d}"
+            f"{site:<18}{target:>12.3f}{row['async_final_auroc'][site]:>12.3f}"
+            f"{row['sync_share'][site]:>12.3f}{row['async_share'][site]:>12.3f}"
+            f"{row['stale_refused'].get(site, 0):>12d}"
         )
     for site in slow:
-        print(
-            f"{site}: async share / sync share = {_fmt(row['slow_share_ratio'][site])} (goal >= 0.5)"
-        )
+        ratio = _fmt(row["slow_share_ratio"][site])
+        print(f"{site}: async share / sync share = {ratio} (goal >= 0.5)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
