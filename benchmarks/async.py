@@ -3,8 +3,10 @@
 Run from the repository root with the project's venv::
 
     .venv/bin/python benchmarks/async.py [--slow-factor 10] [--availability 0.7]
-        [--offline-s 600] [--train-s 60] [--buffer 3] [--max-staleness 20]
-        [--heart-buffer 2] [--flushes 80] [--seeds 1] [--skip-builtin] [--skip-heart] [--json FILE]
+        [--offline-s 600] [--train-s 60] [--buffer 4] [--min-sites 3] [--flushes 60]
+        [--heart-buffer 3] [--heart-min-sites 2] [--heart-flushes 20]
+        [--max-staleness 20] [--async-deadline-s S] [--seeds 1]
+        [--skip-builtin] [--skip-heart] [--json FILE]
 
 Workload
     builtin: the demo study (``fedcare demo``: MLP, secure aggregation, DP-SGD at
@@ -16,11 +18,14 @@ Workload
         deadline raised to cover the slow sites' training (so each round waits for
         them: the synchronous share is kept). Async: the same study with
         ``participation: {mode: async, buffer: K, max_staleness: S, staleness:
-        polynomial 0.5}`` for ``--flushes`` model versions (DP planned for that many).
+        polynomial 0.5}``, min_sites ``--min-sites``, for ``--flushes`` model versions
+        (DP planned for that many); the flush deadline is the synchronous one unless
+        ``--async-deadline-s``.
     heart: the heart-disease benchmark's study and centres, the two smallest
         (Switzerland, VA Long Beach) slow and intermittent in the same way, plain FedAvg
         (no DP, no secure aggregation, as the published protocol), ``--seeds`` seeds;
-        async versions need ``--heart-buffer`` updates (min_sites lowered to it).
+        async versions need ``--heart-buffer`` updates, or ``--heart-min-sites`` at the
+        deadline, for ``--heart-flushes`` versions.
 
 What is measured, on one virtual clock per run
     sync time: virtual seconds until the last synchronous round closed; the target is
@@ -87,9 +92,11 @@ def synchronous(study: Study, args: argparse.Namespace) -> Study:
 def asynchronous(
     study: Study, args: argparse.Namespace, buffer: int, min_sites: int, flushes: int
 ) -> Study:
-    """The synchronous study (same deadline) in async mode: a version needs ``buffer``
-    updates, or ``min_sites`` at the deadline."""
+    """The synchronous study in async mode: a version needs ``buffer`` updates, or
+    ``min_sites`` at the deadline (the synchronous one unless ``--async-deadline-s``)."""
     rounds = synchronous(study, args).rounds.model_dump()
+    if args.async_deadline_s is not None:
+        rounds["deadline_s"] = args.async_deadline_s
     return study.replace(
         participation={
             "mode": "async",
@@ -256,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--heart-min-sites", type=int, default=2)
     parser.add_argument("--heart-flushes", type=int, default=20)
     parser.add_argument("--max-staleness", type=int, default=20)
+    parser.add_argument("--async-deadline-s", type=float, default=None)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--heart-data", type=Path, default=HEART_DATA)
     parser.add_argument("--skip-builtin", action="store_true")

@@ -26,7 +26,9 @@ from fedcare.federation.state.sql import SqlState
 from fedcare.privacy.dp.budget import Budget
 from fedcare.privacy.dp.guard import PrivacyGuard
 from fedcare.privacy.dp.ledger import PrivacyLedger
-from fedcare.simulation.inprocess import InProcessLink, SimClock, run_in_process
+from fedcare.privacy.secagg.keys import SecAggError
+from fedcare.privacy.secagg.study import setup_for
+from fedcare.simulation.inprocess import InProcessLink, SimClock, run_in_process, secure_sites
 from fedcare.simulation.pace import Pacing, Schedule, SitePace
 from fedcare.site.client import CoordinatorError
 from fedcare.site.dataset import SiteDataset
@@ -353,3 +355,59 @@ def test_ready_messages_are_checked(toy_study: Study, toy_sites: list[SiteDatase
     with pytest.raises(CoordinatorError) as refused:
         link.submit(h, 1, b"anything")
     assert refused.value.status == 403  # no individual update under secure aggregation
+
+
+def test_one_update_joins_one_session_only(toy_study: Study, toy_sites: list[SiteDataset]) -> None:
+    """An active coordinator that puts a kept update in a second flush gets a refusal."""
+    study = _async(toy_study, buffer=3, max_staleness=3).replace(secure_aggregation=SECURE)
+    workers = _workers(study, toy_sites)
+    site = secure_sites(workers)["alpha"]
+    service, _ = _start(study)
+    trained = site.train(service.task_for("alpha").payload)
+    first = setup_for(study, 1, NAMES, service.n_params, "ab" * 32)
+    second = setup_for(study, 2, NAMES, service.n_params, "cd" * 32)
+    site.join(trained, first)
+    # The first session's masked input leaves: the site records it before the send.
+    assert site.record.record_masked(study.content_hash, trained.task_sha256, first.session)
+    with pytest.raises(SecAggError, match="already left this site"):
+        site.join(trained, second)
+
+
+class _ReplaysReady:
+    """A link that, each time its site says it is ready again, first resends its first
+    ready message (an update already aggregated)."""
+
+    def __init__(self, link: CoordinatorLink) -> None:
+        self.link = link
+        self.first: bytes | None = None
+        self.refusals: list[CoordinatorError] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.link, name)
+
+    def ready(self, study_hash: str, message: bytes) -> bool:
+        if self.first is None:
+            self.first = message
+        elif message != self.first:
+            try:
+                self.link.ready(study_hash, self.first)
+            except CoordinatorError as exc:
+                self.refusals.append(exc)
+        return self.link.ready(study_hash, message)
+
+
+def test_a_replayed_ready_message_is_refused(
+    toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    study = _async(toy_study, buffer=3, max_staleness=3, count=3).replace(secure_aggregation=SECURE)
+    replays: dict[str, _ReplaysReady] = {}
+
+    def wrap(name: str, link: CoordinatorLink) -> CoordinatorLink:
+        replays[name] = _ReplaysReady(link)
+        return replays[name]  # type: ignore[return-value]
+
+    service = run_in_process(study, _workers(study, toy_sites), wrap=wrap)
+    assert [r.status for r in service.state.rounds(study.content_hash)] == ["closed"] * 3
+    refusals = replays["alpha"].refusals
+    assert len(refusals) == 2
+    assert all(r.status == 409 and "replay" in r.detail for r in refusals)
