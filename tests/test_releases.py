@@ -456,3 +456,17 @@ def test_the_desk_refuses_a_report_with_a_cell_of_one_positive() -> None:
     forged = report.model_copy(update={"min_events": study.disclosure.min_cell_events})
     with pytest.raises(ValidationRefusedError, match="1 of 80 positive"):
         check_report(forged, study)
+
+
+def test_async_studies_make_a_candidate_every_n_versions_validated_by_every_site(
+    study: Study, sites: list[SiteDataset], tmp_path: Path
+) -> None:
+    asynchronous = study.replace(
+        participation={"mode": "async", "buffer": 2, "max_staleness": 3},
+        rounds={**study.rounds.model_dump(), "count": 6},
+    )
+    releases = _simulate(asynchronous, sites, tmp_path, {})
+    # validation.every 2: versions 2, 4 and 6 are candidates; every site gave a verdict.
+    assert [r["round"] for r in releases] == [2, 4, 6]
+    assert all(sorted(r["verdicts"]) == sorted(SITES) for r in releases)
+    assert all(r["state"] in ("promoted", "rejected") for r in releases)
