@@ -5,8 +5,6 @@ slow link."""
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
 import sqlite3
 import threading
@@ -37,6 +35,7 @@ from fedcare.privacy.secagg.quantize import clip_l2, quantize_weight
 from fedcare.privacy.secagg.study import quantization_for, site_weight
 from fedcare.simulation.loopback import (
     free_port,
+    kill_and_restart_coordinator,
     prepare_deployment,
     start_coordinator,
     start_site,
@@ -77,7 +76,7 @@ def test_coordinator_killed_with_a_partly_filled_buffer_loses_and_repeats_nothin
 ) -> None:
     study = _async(network_study(rounds=3, min_sites=3, deadline_s=3600), 3, 2)
     deployment = deploy(tmp_path, study)
-    coordinator = start_coordinator(deployment)
+    start_coordinator(deployment)
     try:
         wait_until_serving(deployment, SITES[0])
         check_in(deployment, study)
@@ -91,11 +90,7 @@ def test_coordinator_killed_with_a_partly_filled_buffer_loses_and_repeats_nothin
             assert alpha.submit(study.content_hash, task.round, upload)
         finally:
             alpha.close()
-        os.killpg(coordinator.popen.pid, signal.SIGKILL)
-        coordinator.popen.wait()
-        deployment.procs.remove(coordinator)
-        coordinator = start_coordinator(deployment)
-        wait_until_serving(deployment, SITES[0])
+        kill_and_restart_coordinator(deployment, SITES[0])
         alpha = client_for(deployment, "alpha")
         try:
             status = alpha.status(study.content_hash)

@@ -33,6 +33,7 @@ from fedcare.releases.registry import ReleaseRegistry
 from fedcare.simulation.loopback import (
     _Deployment,
     free_port,
+    kill_and_restart_coordinator,
     prepare_deployment,
     start_coordinator,
     start_site,
@@ -378,7 +379,7 @@ def test_coordinator_killed_mid_round_resumes_without_loss_or_double_counting(
 ) -> None:
     study = network_study(rounds=3, min_sites=3, deadline_s=3600)
     deployment = deploy(tmp_path, study)
-    coordinator = start_coordinator(deployment)
+    start_coordinator(deployment)
     try:
         wait_until_serving(deployment, SITES[0])
         check_in(deployment, study)
@@ -386,11 +387,7 @@ def test_coordinator_killed_mid_round_resumes_without_loss_or_double_counting(
         wait_for_round(deployment, study, 1)
         # Round 2: one site reports, then the coordinator dies without warning.
         assert play_round(deployment, study, ("alpha",)) == 2
-        os.killpg(coordinator.popen.pid, signal.SIGKILL)
-        coordinator.popen.wait()
-        deployment.procs.remove(coordinator)
-        coordinator = start_coordinator(deployment)
-        wait_until_serving(deployment, SITES[0])
+        kill_and_restart_coordinator(deployment, SITES[0])
         alpha = client_for(deployment, "alpha")
         try:
             status = alpha.status(study.content_hash)

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -74,6 +75,8 @@ from fedcare.releases.desk import NotYoursError, ReleaseDesk, ValidationRefusedE
 from fedcare.releases.registry import RegistryError, ReleaseRegistry
 from fedcare.study import Study
 from fedcare.validation.gates import Verdict
+
+_SiteMessage = TypeVar("_SiteMessage", Ready, Withdrawal)
 
 SEEN_EVERY_S = 5.0
 """How often a site's last contact is written to the state (it is kept in memory between)."""
@@ -412,21 +415,29 @@ class StudyService:
             return TaskReply(TaskState.WAIT)
         return TaskReply(TaskState.READY, self._task_bytes, round_.number)
 
-    def ready(self, identity: str, body: bytes) -> bool:
-        """Asynchronous secure aggregation: ``identity`` holds an update trained for the
-        round its message names and can join a flush. True when newly recorded."""
+    def _site_message(
+        self, identity: str, body: bytes, kind: type[_SiteMessage], what: str
+    ) -> _SiteMessage:
+        """Parse a small message a member site sends about itself in this study: it must
+        name the site its certificate identifies and this study's hash."""
         self._check_member(identity)
         try:
-            message = Ready.model_validate_json(body)
+            message = kind.model_validate_json(body)
         except ValidationError as exc:
-            raise PayloadError(f"not a ready message: {exc.errors()[0]['msg']}") from exc
+            raise PayloadError(f"not a {what}: {exc.errors()[0]['msg']}") from exc
         if message.site != identity:
             raise ForbiddenError(
                 f"the client certificate identifies site '{identity}', "
-                f"but the ready message claims to come from '{message.site}'"
+                f"but the {what} claims to come from '{message.site}'"
             )
         if message.study_hash != self.hash:
-            raise ConflictError(f"the ready message is for study {message.study_hash[:12]}")
+            raise ConflictError(f"the {what} is for study {message.study_hash[:12]}")
+        return message
+
+    def ready(self, identity: str, body: bytes) -> bool:
+        """Asynchronous secure aggregation: ``identity`` holds an update trained for the
+        round its message names and can join a flush. True when newly recorded."""
+        message = self._site_message(identity, body, Ready, "ready message")
         if not (self.asynchronous and self.study.secure_aggregation.enabled):
             raise ConflictError(
                 f"study {self.hash[:12]} is not asynchronous with secure aggregation: "
@@ -557,18 +568,7 @@ class StudyService:
         The message carries a reason category only (:class:`Withdrawal`); the site
         is not selected again and the open round stops waiting for it.
         """
-        self._check_member(identity)
-        try:
-            message = Withdrawal.model_validate_json(body)
-        except ValidationError as exc:
-            raise PayloadError(f"not a withdrawal message: {exc.errors()[0]['msg']}") from exc
-        if message.site != identity:
-            raise ForbiddenError(
-                f"the client certificate identifies site '{identity}', "
-                f"but the withdrawal claims to come from '{message.site}'"
-            )
-        if message.study_hash != self.hash:
-            raise ConflictError(f"the withdrawal is for study {message.study_hash[:12]}")
+        message = self._site_message(identity, body, Withdrawal, "withdrawal")
         with self._lock:
             self._seen(identity)
             record = self.standing(identity)

@@ -59,10 +59,6 @@ class SimClock:
     def now(self) -> float:
         return self.start + self.offset
 
-    @property
-    def elapsed(self) -> float:
-        return self.offset
-
     def jump_to(self, moment: float) -> None:
         gap = moment - self.now()
         if gap > 0:

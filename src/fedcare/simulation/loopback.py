@@ -203,6 +203,18 @@ def start_coordinator(deployment: _Deployment) -> _Proc:
     return proc
 
 
+def kill_and_restart_coordinator(deployment: _Deployment, site: str) -> _Proc:
+    """Kill the coordinator with SIGKILL (no chance to tidy up), start it again on the same
+    state and wait until it answers ``site``: the crash a fault test needs."""
+    old = next(p for p in deployment.procs if p.name == "coordinator")
+    os.killpg(old.popen.pid, signal.SIGKILL)
+    old.popen.wait()
+    deployment.procs.remove(old)
+    proc = start_coordinator(deployment)
+    wait_until_serving(deployment, site)
+    return proc
+
+
 def start_site(deployment: _Deployment, site: str) -> _Proc:
     config = deployment.site_configs[site]
     proc = _start(site, ["site", "run", "--config", str(config)], config.parent / "site.log")
