@@ -333,6 +333,7 @@ class Artefact(StrEnum):
     MODEL_UPDATES = "model_updates"
     METRICS = "metrics"
     COUNTS = "counts"
+    DRIFT_SUMMARIES = "drift_summaries"
 
 
 class DisclosureSpec(Strict):
@@ -408,6 +409,44 @@ class PrivacySpec(Strict):
         return self
 
 
+class TrainingDriftSpec(Strict):
+    """When a site counts as pulling away from the consortium during training."""
+
+    min_cosine: float = Field(
+        default=0.0,
+        ge=-1.0,
+        le=1.0,
+        description="A round in which the cosine between a site's update and the "
+        "consortium's step is below this counts against the site.",
+    )
+    rounds: int = Field(
+        default=3, ge=1, description="That many such rounds in a row flag the site."
+    )
+
+
+class MonitoringSpec(Strict):
+    """Drift monitoring (docs/drift.md): what each site's monitor tests at, what it
+    sends, and what the coordinator does with it. Needs ``drift_summaries`` among
+    ``disclosure.artefacts``."""
+
+    alpha: float = Field(
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+        description="False-discovery rate of the monitor's tests (Benjamini-Hochberg); "
+        "on data without drift the overall verdict alarms at most this often.",
+    )
+    permutations: int = Field(
+        default=1000, ge=99, le=100_000, description="Permutations of the score-shift test."
+    )
+    suspend_on_gate_failure: bool = Field(
+        default=True,
+        description="A release whose live performance at a site fails that site's gates "
+        "is marked suspended at that site in the registry.",
+    )
+    training: TrainingDriftSpec = TrainingDriftSpec()
+
+
 class Study(Strict):
     """A federated study, as declared in ``study.yaml``."""
 
@@ -436,6 +475,11 @@ class Study(Strict):
     )
     secure_aggregation: SecureAggregationSpec = SecureAggregationSpec()
     privacy: PrivacySpec = PrivacySpec()
+    monitoring: MonitoringSpec | None = Field(
+        default=None,
+        description="Drift monitoring whose summaries leave the sites; absent, a site "
+        "monitors for itself and nothing about drift leaves it.",
+    )
     seed: int = Field(default=0, ge=0, lt=2**32)
 
     @model_validator(mode="after")
@@ -446,6 +490,18 @@ class Study(Strict):
             raise ValueError(
                 f"aggregation.cap {cap} is below 1/rounds.min_sites "
                 f"(1/{self.rounds.min_sites}); raise the cap or min_sites"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _monitoring_disclosed(self) -> Self:
+        if (
+            self.monitoring is not None
+            and Artefact.DRIFT_SUMMARIES not in self.disclosure.artefacts
+        ):
+            raise ValueError(
+                "monitoring sends drift summaries and training-drift figures out of each "
+                "site: add drift_summaries to disclosure.artefacts"
             )
         return self
 

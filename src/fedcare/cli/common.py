@@ -31,6 +31,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """
     from fedcare.audit import AuditError
     from fedcare.config import ConfigError
+    from fedcare.drift.summary import SummaryRefusedError
     from fedcare.federation.state import StateError
     from fedcare.privacy.dp.accountant import AccountingError
     from fedcare.privacy.dp.budget import BudgetExceededError
@@ -45,10 +46,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedcare.site.agent import SiteAgentError
     from fedcare.site.client import CoordinatorError
     from fedcare.site.dataset import SiteDataError
+    from fedcare.site.profiles import ProfileError
     from fedcare.study import StudyError
 
     return (
         StudyError,
+        ProfileError,
+        SummaryRefusedError,
         MappingError,
         DataValidationError,
         DataFileError,

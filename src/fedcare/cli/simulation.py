@@ -219,10 +219,24 @@ def demo(
             "and compare the model with the in-process simulation.",
         ),
     ] = False,
+    drift: Annotated[
+        bool,
+        typer.Option(
+            "--drift",
+            help="Train, freeze the model at one hospital as a promoted release, and run "
+            "the drift monitor on later admissions for every built-in drift scenario.",
+        ),
+    ] = False,
+    drift_site: Annotated[
+        str, typer.Option(help="The hospital --drift monitors.")
+    ] = "ashby-general",
 ) -> None:
     """Train the built-in early-warning study across five synthetic hospitals, with baselines."""
     from fedcare.data import demo_study
 
+    if drift:
+        _drift_demo(_override(demo_study(), rounds=rounds), out / "drift", seed, scale, drift_site)
+        return
     if network:
         _network_demo(_override(demo_study(), rounds=rounds), out / "network", seed, scale)
         return
@@ -235,6 +249,40 @@ def demo(
     print_comparison(result)
     print_releases(result.releases)
     console.print(f"done in {result.wall_s:.1f} s; open {out / 'report.html'}")
+
+
+def _drift_demo(study: Study, folder: Path, seed: int, scale: float, hospital: str) -> None:
+    from fedcare.data.drift import hospital_profile
+    from fedcare.simulation.drift_demo import freeze_reference, monitor_scenarios
+    from fedcare.simulation.runner import run_federation
+    from fedcare.simulation.sites import builtin_sites
+
+    guarded(lambda: hospital_profile(hospital))
+    sites, _ = builtin_sites(study, seed, scale)
+    data = next(s for s in sites if s.name == hospital)
+    with progress_bar() as progress:
+        run = run_federation(study, sites, progress)
+    store = freeze_reference(study, data, run.params, len(run.rounds), folder / "state")
+    outcomes = monitor_scenarios(study, store, hospital, 1000, seed, folder)
+    table = Table(title=f"Drift monitor at {hospital}: 1,000 later admissions per scenario")
+    for column in ("scenario", "strength", "verdict", "flagged tests", "AUROC est.", "measured"):
+        table.add_column(
+            column, justify="left" if column in {"scenario", "flagged tests"} else "right"
+        )
+    for outcome in outcomes:
+        checks = outcome.result.checks
+        flagged = [f"{c.name} ({c.kind.value})" for c in checks.checks if c.flagged]
+        estimates = checks.estimates
+        table.add_row(
+            outcome.scenario.value,
+            f"{outcome.strength:g}",
+            "[bold red]drift[/]" if checks.drift else "[green]stable[/]",
+            ", ".join(flagged) or "—",
+            f"{estimates.estimated_auroc:.3f}" if estimates.estimated_auroc is not None else "—",
+            f"{estimates.measured_auroc:.3f}" if estimates.measured_auroc is not None else "—",
+        )
+    console.print(table)
+    console.print(f"pages: {folder}/<scenario>/monitor-*.html", markup=False)
 
 
 def _network_demo(study: Study, folder: Path, seed: int, scale: float) -> None:

@@ -189,3 +189,32 @@ def site_budget(
     console.print(totals)
     if studies.row_count:
         console.print(studies)
+
+
+@site_app.command("monitor")
+def site_monitor(
+    config: Annotated[Path, typer.Option(help="This site's site.yaml.")],
+    data: Annotated[Path, typer.Option("--data", help="New patients (CSV or Parquet).")],
+    release: Annotated[
+        int | None, typer.Option(help="The release to monitor (default: the latest frozen).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where the JSON and HTML go (default: STATE_DIR/monitor).")
+    ] = None,
+    send: Annotated[
+        bool,
+        typer.Option(
+            "--send/--no-send",
+            help="Send the drift summary when the study declares monitoring (default).",
+        ),
+    ] = True,
+) -> None:
+    """Test new patients against a release's reference profile; exit 1 on drift or a
+    failed gate. Labels are optional: without them performance is estimated."""
+    from fedcare.cli.monitor import print_monitor, run_monitor_command
+
+    run = guarded(lambda: run_monitor_command(config, data, release, out, send))
+    print_monitor(run, console)
+    result = run.run.result
+    if result.checks.drift or result.performance_passed is False or result.estimated_gates:
+        raise typer.Exit(code=1)

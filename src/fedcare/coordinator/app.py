@@ -30,6 +30,8 @@ from fedcare.ids import SHA256_HEX
 from fedcare.privacy.secagg.protocol import STAGES
 from fedcare.validation.messages import MAX_REPLY_BYTES
 
+MAX_REPORT_BYTES = 256 * 1024
+"""A drift summary: a few hundred tests at most."""
 MAX_NOTICE_BYTES = 4096
 """Largest withdrawal or ready message (a few short fields)."""
 
@@ -228,6 +230,39 @@ def create_app(
         coordinator = study_for(study_hash, site)
         body = await _read_body(request, MAX_NOTICE_BYTES)
         recorded = await run_in_threadpool(coordinator.withdraw, site, body)
+        reply = RecordedReply(recorded=recorded, duplicate=not recorded)
+        return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
+
+    @app.post(
+        "/v1/studies/{study_hash}/drift",
+        status_code=201,
+        response_model=RecordedReply,
+        responses={200: {"model": RecordedReply, "description": "Already kept"}},
+        openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
+    )
+    async def drift(request: Request, study_hash: StudyHash) -> Response:
+        """A site's drift summary of a promoted release (flags, p-values, PSI, AUROC):
+        kept over time; a failed live gate suspends the release at that site."""
+        site = _identity(request)
+        coordinator = study_for(study_hash, site)
+        body = await _read_body(request, MAX_REPORT_BYTES)
+        recorded = await run_in_threadpool(coordinator.receive_drift, site, body)
+        reply = RecordedReply(recorded=recorded, duplicate=not recorded)
+        return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
+
+    @app.post(
+        "/v1/studies/{study_hash}/alignment",
+        status_code=201,
+        response_model=RecordedReply,
+        responses={200: {"model": RecordedReply, "description": "Already kept"}},
+        openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
+    )
+    async def alignment(request: Request, study_hash: StudyHash) -> Response:
+        """A site's alignment with the consortium's step for one aggregated round."""
+        site = _identity(request)
+        coordinator = study_for(study_hash, site)
+        body = await _read_body(request, MAX_NOTICE_BYTES)
+        recorded = await run_in_threadpool(coordinator.receive_alignment, site, body)
         reply = RecordedReply(recorded=recorded, duplicate=not recorded)
         return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
 

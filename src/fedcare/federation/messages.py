@@ -77,6 +77,25 @@ class Ready(BaseModel):
     round: int = Field(ge=1)
 
 
+class RoundAlignment(BaseModel):
+    """Drift during training: how a site's update for ``round`` relates to the
+    consortium's step from the model it trained on to the next one (docs/drift.md).
+    The site computes it; under secure aggregation the update itself never leaves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    study_hash: str = Field(pattern=SHA256_HEX)
+    site: str = Field(pattern=SITE_NAME)
+    round: int = Field(ge=1)
+    cosine: float = Field(ge=-1.0, le=1.0)
+    loss: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="The new global model's loss on the site's held-out rows; withheld "
+        "under DP and below the minimum cohort.",
+    )
+
+
 class Flush(BaseModel):
     """Asynchronous secure aggregation: the secure session that makes model version
     ``round``, among exactly ``sites``. Its SHA-256 binds the session, so a coordinator that

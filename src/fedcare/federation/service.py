@@ -36,11 +36,13 @@ from pydantic import ValidationError
 
 from fedcare.aggregation import make_server_optimizer
 from fedcare.audit import AuditLog, JsonInput
+from fedcare.drift.summary import DriftSummary
 from fedcare.durable import sha256_hex
 from fedcare.federation.engine import Federation, RoundOutcome
 from fedcare.federation.messages import (
     Flush,
     Ready,
+    RoundAlignment,
     SiteUpdate,
     Task,
     TaskReply,
@@ -73,10 +75,10 @@ from fedcare.models.wire import PayloadError
 from fedcare.privacy.secagg.protocol import Stage
 from fedcare.releases.desk import NotYoursError, ReleaseDesk, ValidationRefusedError
 from fedcare.releases.registry import RegistryError, ReleaseRegistry
-from fedcare.study import Study
+from fedcare.study import MonitoringSpec, Study, TrainingDriftSpec
 from fedcare.validation.gates import Verdict
 
-_SiteMessage = TypeVar("_SiteMessage", Ready, Withdrawal)
+_SiteMessage = TypeVar("_SiteMessage", Ready, Withdrawal, RoundAlignment, DriftSummary)
 
 SEEN_EVERY_S = 5.0
 """How often a site's last contact is written to the state (it is kept in memory between)."""
@@ -778,6 +780,127 @@ class StudyService:
         """The current global model (parameters only) as a checked payload."""
         with self._lock:
             return encode_model(self.hash, self.federation.round_number, self.federation.params)
+
+    def _monitoring(self) -> MonitoringSpec:
+        if self.study.monitoring is None:
+            raise ConflictError(
+                f"study {self.hash[:12]} declares no monitoring: drift reports are not taken"
+            )
+        return self.study.monitoring
+
+    def receive_drift(self, identity: str, body: bytes) -> bool:
+        """Keep a site's drift summary of a promoted release; suspend the release at that
+        site when its live performance failed the site's gates and the study says so.
+        True when newly kept."""
+        message = self._site_message(identity, body, DriftSummary, "drift summary")
+        spec = self._monitoring()
+        if self.releases is None:
+            raise ConflictError(f"study {self.hash[:12]} makes no releases to monitor")
+        registry = self.releases.registry
+        try:
+            release = registry.get(message.release)
+        except RegistryError as exc:
+            raise ConflictError(f"release {message.release}: {exc}") from exc
+        if release.study_hash != self.hash or release.state.value != "promoted":
+            raise ConflictError(
+                f"release {message.release} is not a promoted release of this study"
+            )
+        with self._lock:
+            now = self.clock()
+            kept = self.state.save_report(
+                self.hash, identity, "drift", message.release, message.model_dump_json(), now
+            )
+            if not kept:
+                return False
+            flagged = [f"{c.name}:{c.kind.value}" for c in message.checks if c.flagged]
+            self._audit(
+                "drift.received",
+                site=identity,
+                release=message.release,
+                drift=message.drift,
+                flagged=flagged,
+                performance_passed=message.performance_passed,
+            )
+            if spec.suspend_on_gate_failure and message.performance_passed is False:
+                reason = "live performance failed the site's gates: " + "; ".join(
+                    message.reasons or ["(no reason given)"]
+                )
+                if registry.suspend(message.release, identity, reason, now):
+                    self._audit(
+                        "release.suspended", site=identity, release=message.release, reason=reason
+                    )
+            return True
+
+    def receive_alignment(self, identity: str, body: bytes) -> bool:
+        """Keep a site's alignment with the consortium for one round; flag the site as
+        drifting once it stays below ``monitoring.training.min_cosine`` for
+        ``monitoring.training.rounds`` reported rounds in a row. True when newly kept."""
+        message = self._site_message(identity, body, RoundAlignment, "round alignment")
+        spec = self._monitoring().training
+        with self._lock:
+            record = self.state.study(self.hash)
+            if message.round > record.last_round:
+                raise ConflictError(
+                    f"round {message.round} has not been aggregated yet (last: {record.last_round})"
+                )
+            before = self.drifting()
+            if not self.state.save_report(
+                self.hash,
+                identity,
+                "alignment",
+                message.round,
+                message.model_dump_json(),
+                self.clock(),
+            ):
+                return False
+            if identity in self.drifting(spec) and identity not in before:
+                self._audit(
+                    "site.drifting",
+                    site=identity,
+                    round=message.round,
+                    min_cosine=spec.min_cosine,
+                    rounds=spec.rounds,
+                )
+            return True
+
+    def alignments(self) -> dict[str, list[RoundAlignment]]:
+        """Each site's reported alignment, by round."""
+        out: dict[str, dict[int, RoundAlignment]] = {}
+        for report in self.state.reports(self.hash, "alignment"):
+            out.setdefault(report.site, {})[report.ref] = RoundAlignment.model_validate_json(
+                report.body
+            )
+        return {site: [by[r] for r in sorted(by)] for site, by in sorted(out.items())}
+
+    def drifting(self, spec: TrainingDriftSpec | None = None) -> dict[str, int]:
+        """Sites pulling away from the consortium: site -> the round that flagged it."""
+        if spec is None:
+            if self.study.monitoring is None:
+                return {}
+            spec = self.study.monitoring.training
+        flagged: dict[str, int] = {}
+        for site, rows in self.alignments().items():
+            run = 0
+            for row in rows:
+                run = run + 1 if row.cosine < spec.min_cosine else 0
+                if run >= spec.rounds:
+                    flagged[site] = row.round
+                    break
+        return flagged
+
+    def drift_summaries(self) -> list[DriftSummary]:
+        """Every drift summary the sites sent, oldest first."""
+        return [
+            DriftSummary.model_validate_json(r.body) for r in self.state.reports(self.hash, "drift")
+        ]
+
+    def release_states(self, identity: str) -> dict[int, str]:
+        """Each release's state (candidate, promoted, rejected) for a member site: how a
+        site learns which of the candidates it validated became releases."""
+        self._check_member(identity)
+        if self.releases is None:
+            return {}
+        return {r.id: r.state.value for r in self.releases.registry.releases(self.hash)}
 
     def status(self, site: str | None = None) -> StudyStatus:
         """The study's progress; for a ``site``, with its own standing only."""

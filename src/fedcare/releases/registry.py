@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,24 @@ class VerdictRow(_Base):
     received_at: Mapped[float] = mapped_column(Float)
 
 
+class SuspensionRow(_Base):
+    __tablename__ = "release_suspensions"
+
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"), primary_key=True)
+    site: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    suspended_at: Mapped[float] = mapped_column(Float)
+
+
+class Suspension(BaseModel):
+    """A promoted release suspended at one site: its live performance there failed the
+    site's gates (docs/drift.md)."""
+
+    site: str
+    reason: str
+    suspended_at: float
+
+
 class SiteVerdict(BaseModel):
     """One site's verdict on a release, with the report it rests on."""
 
@@ -104,12 +123,15 @@ class Release(BaseModel):
     decided_at: float | None
     override: Override | None
     verdicts: list[SiteVerdict]
+    suspended: list[Suspension] = []
 
     def verdict_of(self, site: str) -> SiteVerdict | None:
         return next((v for v in self.verdicts if v.site == site), None)
 
 
-def _view(row: ReleaseRow, verdicts: list[VerdictRow]) -> Release:
+def _view(
+    row: ReleaseRow, verdicts: list[VerdictRow], suspensions: Sequence[SuspensionRow] = ()
+) -> Release:
     override = None
     if row.override_by is not None:
         override = Override(by=row.override_by, reason=row.override_reason or "")
@@ -136,6 +158,10 @@ def _view(row: ReleaseRow, verdicts: list[VerdictRow]) -> Release:
                 received_at=v.received_at,
             )
             for v in sorted(verdicts, key=lambda v: v.site)
+        ],
+        suspended=[
+            Suspension(site=x.site, reason=x.reason, suspended_at=x.suspended_at)
+            for x in sorted(suspensions, key=lambda x: x.site)
         ],
     )
 
@@ -175,6 +201,12 @@ class ReleaseRegistry:
             raise RegistryError(f"there is no release {release_id}")
         return row
 
+    def _full(self, session: Session, row: ReleaseRow) -> Release:
+        suspensions = session.scalars(
+            select(SuspensionRow).where(SuspensionRow.release_id == row.id)
+        ).all()
+        return _view(row, self._verdicts(session, row.id), suspensions)
+
     def _verdicts(self, session: Session, release_id: int) -> list[VerdictRow]:
         return list(session.scalars(select(VerdictRow).where(VerdictRow.release_id == release_id)))
 
@@ -210,7 +242,7 @@ class ReleaseRegistry:
                         f"round {round_number} of study {study_hash[:12]} already has a release "
                         "with a different model"
                     )
-                return _view(existing, self._verdicts(session, existing.id))
+                return self._full(session, existing)
             path = self.storage / f"release-{study_hash[:16]}-r{round_number}.safetensors"
             write_file_atomically(path, payload)
             parent = self._last_promoted_row(session, study_hash)
@@ -262,6 +294,21 @@ class ReleaseRegistry:
             )
             return True
 
+    def suspend(self, release_id: int, site: str, reason: str, now: float) -> bool:
+        """Mark a promoted release suspended at ``site``; False if it already is."""
+        with Session(self.engine) as session, session.begin():
+            row = self._load(session, release_id)
+            if row.state != ReleaseState.PROMOTED.value:
+                raise RegistryError(
+                    f"release {release_id} is {row.state}: only a promoted release is suspended"
+                )
+            if session.get(SuspensionRow, (release_id, site)) is not None:
+                return False
+            session.add(
+                SuspensionRow(release_id=release_id, site=site, reason=reason, suspended_at=now)
+            )
+            return True
+
     def decide(self, release_id: int, state: ReleaseState, reason: str) -> Release:
         """Settle a candidate by the validation rules."""
         if state is ReleaseState.CANDIDATE:
@@ -273,7 +320,7 @@ class ReleaseRegistry:
             row.state = state.value
             row.reason = reason
             row.decided_at = time.time()
-            return _view(row, self._verdicts(session, release_id))
+            return self._full(session, row)
 
     def override(self, release_id: int, state: ReleaseState, by: str, reason: str) -> Release:
         """An operator's decision against (or ahead of) the gates, recorded with who and why."""
@@ -293,7 +340,7 @@ class ReleaseRegistry:
             row.decided_at = time.time()
             row.override_by = by
             row.override_reason = reason
-            return _view(row, self._verdicts(session, release_id))
+            return self._full(session, row)
 
     def study_of(self, release: Release) -> Study:
         """The study the release was trained under, as it was then."""
@@ -304,7 +351,7 @@ class ReleaseRegistry:
     def get(self, release_id: int) -> Release:
         with Session(self.engine) as session:
             row = self._load(session, release_id)
-            return _view(row, self._verdicts(session, release_id))
+            return self._full(session, row)
 
     def releases(self, study_hash: str | None = None) -> list[Release]:
         """Every release (of one study), oldest first."""
@@ -312,7 +359,7 @@ class ReleaseRegistry:
             query = select(ReleaseRow).order_by(ReleaseRow.id)
             if study_hash is not None:
                 query = query.where(ReleaseRow.study_hash == study_hash)
-            return [_view(row, self._verdicts(session, row.id)) for row in session.scalars(query)]
+            return [self._full(session, row) for row in session.scalars(query)]
 
     def candidates(self, study_hash: str) -> list[Release]:
         """Releases of the study still waiting for their decision, oldest first."""
@@ -325,7 +372,7 @@ class ReleaseRegistry:
                 )
                 .order_by(ReleaseRow.id)
             )
-            return [_view(row, self._verdicts(session, row.id)) for row in session.scalars(query)]
+            return [self._full(session, row) for row in session.scalars(query)]
 
     def _last_promoted_row(self, session: Session, study_hash: str) -> ReleaseRow | None:
         return session.scalars(
@@ -341,7 +388,7 @@ class ReleaseRegistry:
     def last_promoted(self, study_hash: str) -> Release | None:
         with Session(self.engine) as session:
             row = self._last_promoted_row(session, study_hash)
-            return None if row is None else _view(row, self._verdicts(session, row.id))
+            return None if row is None else self._full(session, row)
 
     def model(
         self, release: Release, n_params: int | None = None

@@ -434,14 +434,19 @@ def _binary(column: _Column, entry: ColumnMapping, what: str) -> pd.Series:
 
 
 def apply_mapping(
-    frame: pd.DataFrame, mapping: SiteMapping, schema: FeatureSchema, features_only: bool = False
+    frame: pd.DataFrame,
+    mapping: SiteMapping,
+    schema: FeatureSchema,
+    features_only: bool = False,
+    label: bool = True,
 ) -> MappedTable:
     """Turn a site's table into the schema's columns and units, or refuse it.
 
     The frame has one column per feature (float, or text for categorical), per
     attribute (text) and the label (0/1 integers); with ``features_only`` (new
-    patients to score) only the features, by the same rules. Raises
-    :class:`DataValidationError` listing every broken rule.
+    patients to score) only the features, by the same rules; with ``label=False``
+    (new patients whose outcomes are not known yet) the features and attributes.
+    Raises :class:`DataValidationError` listing every broken rule.
     """
     check_mapping(mapping, schema)
     if frame.empty:
@@ -474,7 +479,11 @@ def apply_mapping(
                 text = column.categories(text, attribute.categories)
             out[attribute.name] = _text(text.astype(object))
 
-    keep = None if features_only else _label(mapping, schema, source, violations, notices, out)
+    keep = (
+        None
+        if features_only or not label
+        else _label(mapping, schema, source, violations, notices, out)
+    )
     if violations:
         raise DataValidationError(mapping.site, violations)
     mapped = pd.DataFrame(out, index=frame.index)

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fedcare.federation.messages import TaskReply
@@ -30,6 +31,7 @@ from fedcare.releases.registry import ReleaseRegistry
 from fedcare.simulation.pace import Pacing, Schedule, SitePace
 from fedcare.site.client import CoordinatorError
 from fedcare.site.participant import CoordinatorLink, Participant, Step
+from fedcare.site.profiles import ProfileStore
 from fedcare.site.secagg import SecureSite
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study
@@ -121,6 +123,12 @@ class InProcessLink:
         )
         return {"passed": verdict.passed, "reasons": list(verdict.reasons)}
 
+    def send_alignment(self, study_hash: str, body: bytes) -> bool:
+        return self._call(study_hash, lambda: self.service.receive_alignment(self.site, body))
+
+    def release_states(self, study_hash: str) -> dict[int, str]:
+        return self._call(study_hash, lambda: self.service.release_states(self.site))
+
     def model(self, study_hash: str) -> bytes:
         return self._call(study_hash, self.service.model_bytes)
 
@@ -166,13 +174,15 @@ def run_in_process(
     on_round: Callable[[RoundReport], None] | None = None,
     wrap: Callable[[str, CoordinatorLink], CoordinatorLink] | None = None,
     pacing: Pacing | None = None,
+    profiles_dir: Path | None = None,
 ) -> StudyService:
     """Run the study until it is finished and its releases settled, or until it halts
     (too few active sites); returns the service with the final state. Sites in
     ``offline`` never answer; ``wrap`` may put a site's link inside another (to make it
     fail on cue: a link that raises :class:`SiteGoneError` takes its site out);
     ``pacing`` gives sites their speed, latency and availability (without it every
-    action is instantaneous)."""
+    action is instantaneous); with ``profiles_dir`` each site freezes the reference
+    profile of every release it validated and saw promoted in ``profiles_dir/<site>``."""
     clock = SimClock()
     service = StudyService(
         study, sorted(workers), MemoryState(), clock=clock.now, registry=registry, on_round=on_round
@@ -188,7 +198,14 @@ def run_in_process(
         pace = SitePace() if pacing is None else pacing.pace(name)
         paced.append(
             _Paced(
-                Participant(workers[name], link, secure=secure.get(name)),
+                Participant(
+                    workers[name],
+                    link,
+                    secure=secure.get(name),
+                    profiles=None
+                    if profiles_dir is None
+                    else ProfileStore(profiles_dir / name, study.content_hash),
+                ),
                 pace,
                 Schedule(pace, clock.now(), study.seed, name),
                 0.0 if pacing is None else pacing.reference_train_s,

@@ -35,6 +35,7 @@ from fedcare.site.client import CoordinatorClient, CoordinatorError, RetryableEr
 from fedcare.site.dataset import SiteDataError, prepare_site_data
 from fedcare.site.gate import admit_study
 from fedcare.site.participant import Participant, Step
+from fedcare.site.profiles import ProfileStore
 from fedcare.site.secagg import secure_site
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, load_study
@@ -142,6 +143,7 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
             retry=retry,
             approved=lambda: is_approved(load_policy(policy_path), study_hash),
             rounds_log=config.state_dir / "rounds.jsonl",
+            profiles=ProfileStore(config.state_dir, study_hash),
         )
         while (step := participant.step()) is not Step.FINISHED:
             if step is Step.HOLD:

@@ -184,6 +184,21 @@ class CoordinatorClient:
             raise CoordinatorError(409, f"round {round_number} is no longer open")
         return tuple(open_round["selected"])
 
+    def send_drift(self, study_hash: str, body: bytes) -> bool:
+        """Send a drift summary; True when newly kept."""
+        return self._notice(f"/v1/studies/{study_hash}/drift", body)
+
+    def send_alignment(self, study_hash: str, body: bytes) -> bool:
+        """Send a round's alignment; True when newly kept."""
+        return self._notice(f"/v1/studies/{study_hash}/alignment", body)
+
+    def release_states(self, study_hash: str) -> dict[int, str]:
+        """Each release's id and state (candidate, promoted, rejected)."""
+        response = self._call("GET", f"/v1/studies/{study_hash}/releases")
+        if response.status_code != 200:
+            raise CoordinatorError(response.status_code, _detail(response))
+        return {int(r["id"]): str(r["state"]) for r in response.json()}
+
     def model(self, study_hash: str) -> bytes:
         response = self._call("GET", f"/v1/studies/{study_hash}/model")
         if response.status_code != 200:

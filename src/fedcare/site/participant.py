@@ -52,8 +52,10 @@ from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.privacy.secagg.protocol import STAGES, ClientParty, Stage
 from fedcare.privacy.secagg.study import setup_for
 from fedcare.site.client import PAYLOAD, CoordinatorError
+from fedcare.site.profiles import ProfileStore, candidate_profile
 from fedcare.site.secagg import SecureSite, TrainedUpdate
 from fedcare.site.worker import SiteWorker
+from fedcare.validation.messages import encode_validation_reply
 
 log = logging.getLogger("fedcare.site")
 T = TypeVar("T")
@@ -83,6 +85,10 @@ class CoordinatorLink(Protocol):
     def validation_task(self, study_hash: str) -> tuple[int, bytes] | None: ...
 
     def send_verdict(self, study_hash: str, release: int, payload: bytes) -> dict[str, Any]: ...
+
+    def release_states(self, study_hash: str) -> dict[int, str]: ...
+
+    def send_alignment(self, study_hash: str, body: bytes) -> bool: ...
 
     def model(self, study_hash: str) -> bytes: ...
 
@@ -143,6 +149,9 @@ class Participant:
     """Asked before each round: False once the site's approval of the study is gone."""
     rounds_log: Path | None = None
     """Where to append one JSON line per round trained (the site's own record)."""
+    profiles: ProfileStore | None = None
+    """Where this site freezes the reference profile of each release it validated once
+    the release is promoted (drift monitoring, docs/drift.md)."""
     trained: int = 0
     withdrawn: WithdrawReason | None = None
     refused: str | None = None
@@ -171,6 +180,7 @@ class Participant:
 
     def step(self) -> Step:
         """Do what can be done now."""
+        self._send_alignment()
         if self.worker.study.validates_releases and self._validate():
             return Step.WORKED
         if self._session is not None:
@@ -181,6 +191,7 @@ class Participant:
         if reply.state is TaskState.FINISHED:
             if self.worker.study.validates_releases and self._validate():
                 return Step.WORKED
+            self._settle_profiles()
             self._fetch_model()
             return Step.FINISHED
         if reply.state is TaskState.WAIT:
@@ -444,10 +455,50 @@ class Participant:
         self._session = None
         return Step.WORKED
 
+    # --- drift during training -------------------------------------------------------
+
+    def _send_alignment(self) -> None:
+        """Send the last update's alignment with the consortium when the study monitors
+        drift; it is recorded in the audit trail before it leaves."""
+        alignment = self.worker.alignment
+        if alignment is None:
+            return
+        self.worker.alignment = None
+        if self.worker.study.monitoring is None:
+            return
+        body = alignment.model_dump_json().encode("utf-8")
+        self._record(
+            "alignment.sent",
+            round=alignment.round,
+            recipient=self.recipient,
+            bytes=len(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+        )
+        try:
+            self.retry(
+                partial(self.link.send_alignment, self.study_hash, body),
+                f"sending round {alignment.round}'s alignment",
+            )
+        except CoordinatorError as exc:
+            log.warning("round %d: alignment not taken: %s", alignment.round, exc.detail)
+
     # --- releases and the end -------------------------------------------------------
+
+    def _settle_profiles(self) -> None:
+        """Freeze the profiles of candidates that were promoted, drop the rejected ones."""
+        if self.profiles is None or not self.profiles.pending():
+            return
+        states = self.retry(
+            lambda: self.link.release_states(self.study_hash), "asking how releases settled"
+        )
+        for release in self.profiles.pending():
+            state = states.get(release)
+            if state is not None and self.profiles.settle(release, state):
+                self._record("profile.frozen", release=release)
 
     def _validate(self) -> bool:
         """Validate the next candidate release this site owes (once each). True if it did."""
+        self._settle_profiles()
         task = self.retry(
             lambda: self.link.validation_task(self.study_hash), "asking for validation work"
         )
@@ -455,7 +506,12 @@ class Participant:
             return False
         release, payload = task
         self._validated.add(release)
-        reply = self.worker.validate(payload)
+        candidate = self.worker.validation(payload)
+        if self.profiles is not None:
+            self.profiles.keep_candidate(
+                candidate_profile(self.worker, candidate), candidate.params
+            )
+        reply = encode_validation_reply(candidate.reply)
         # Recorded before the first byte leaves, like every update.
         self._record(
             "validation.sent",

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
+from numpy.typing import NDArray
+
+from fedcare.drift.alignment import cosine, log_loss
 from fedcare.federation.messages import (
+    RoundAlignment,
     SiteUpdate,
     Task,
     UpdateHeader,
@@ -24,13 +30,27 @@ from fedcare.privacy.dp.plan import SitePlan, needs_count, plan_site
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.validation import validate_candidate
 from fedcare.study import Study
-from fedcare.training import train_local
+from fedcare.training import predict_proba, train_local
 from fedcare.training.dp_sgd import DpSgdSettings
-from fedcare.validation.messages import decode_validation_task, encode_validation_reply
+from fedcare.validation.messages import (
+    ValidationReply,
+    ValidationTaskHeader,
+    decode_validation_task,
+    encode_validation_reply,
+)
 from fedcare.validation_spec import GateSpec
 
 MAX_REPORTED_COUNT = 10**9
 """Upper clamp of a noisy count sent in the clear (plain aggregation)."""
+
+
+@dataclass(frozen=True)
+class CandidateValidation:
+    """A candidate release as this site validated it."""
+
+    header: ValidationTaskHeader
+    params: NDArray[np.float32]
+    reply: ValidationReply
 
 
 class SiteWorker:
@@ -57,6 +77,9 @@ class SiteWorker:
         self.min_cohort = min_cohort
         self.privacy = privacy
         self._plan: SitePlan | None = None
+        self._last: tuple[int, NDArray[np.float32], NDArray[np.float32]] | None = None
+        self.alignment: RoundAlignment | None = None
+        """The last update's alignment with the consortium's step, until it is sent."""
         self._noisy_count: int | None = None
 
     def _check_study(self, study_hash: str) -> None:
@@ -66,6 +89,29 @@ class SiteWorker:
                 f"it runs study {self.study.content_hash[:12]}"
             )
 
+    def _align(self, task: Task) -> None:
+        """Before training on a later model: how this site's last update relates to the
+        step the consortium took from the model it was trained on (docs/drift.md)."""
+        if self._last is None or task.header.round <= self._last[0]:
+            return
+        number, start, delta = self._last
+        similarity = cosine(delta, task.params - start)
+        if similarity is None:
+            return
+        loss = None
+        cohort = max(self.min_cohort, self.study.disclosure.min_cohort_size)
+        # Under DP only what DP-SGD released may leave; the loss on raw rows is not that.
+        if not self.study.privacy.dp and self.data.n_test >= cohort:
+            scores = predict_proba(self.study.model, task.params, self.data.x_test)
+            loss = log_loss(self.data.y_test, scores)
+        self.alignment = RoundAlignment(
+            study_hash=self.study.content_hash,
+            site=self.data.name,
+            round=number,
+            cosine=similarity,
+            loss=loss,
+        )
+
     def handle(self, task_bytes: bytes) -> bytes:
         """Train on local data from the task's global model; return the encoded delta."""
         return encode_update(self.train(task_bytes)[1])
@@ -74,6 +120,7 @@ class SiteWorker:
         """The decoded task and this site's update for it (kept local under secure aggregation)."""
         task = decode_task(task_bytes, self.n_params)
         self._check_study(task.header.study_hash)
+        self._align(task)
         reported = self.reported_count()
         result = train_local(
             self.study.model,
@@ -95,16 +142,21 @@ class SiteWorker:
             ),
             delta=result.params - task.params,
         )
+        self._last = (task.header.round, task.params, update.delta)
         return task, update
 
     def validate(self, task_bytes: bytes) -> bytes:
         """Validate a candidate release on held-out data; return the encoded report and verdict."""
+        return encode_validation_reply(self.validation(task_bytes).reply)
+
+    def validation(self, task_bytes: bytes) -> CandidateValidation:
+        """Validate a candidate release on held-out data: the candidate and the reply."""
         header, params = decode_validation_task(task_bytes, self.n_params)
         self._check_study(header.study_hash)
         reply = validate_candidate(
             self.study, self.data, header, params, self.site_gates, self.min_cohort
         )
-        return encode_validation_reply(reply)
+        return CandidateValidation(header, params, reply)
 
     def reported_count(self) -> int:
         """The record count this site reports (docs/privacy.md): under DP a noisy count,

@@ -498,7 +498,7 @@ def age_band(age: pd.Series) -> pd.Series:
     return pd.Series(np.where(np.isnan(values), MISSING_LEVEL, banded), index=age.index)
 
 
-def _levels(attributes: pd.DataFrame, name: str) -> NDArray[np.str_]:
+def subgroup_levels(attributes: pd.DataFrame, name: str) -> NDArray[np.str_]:
     """The level of attribute ``name`` for each row, as text."""
     if name in attributes.columns:
         column = attributes[name]
@@ -509,11 +509,11 @@ def _levels(attributes: pd.DataFrame, name: str) -> NDArray[np.str_]:
         raise ValueError(f"subgroup attribute '{name}' is not a column{derivable}")
     # Compare levels as text so 1 and "1" (or a category dtype) are one level, and
     # write a 0/1 column read as floats as 0/1 rather than "sex_female=0.0".
-    labelled = column.astype(object).map(_level_text, na_action="ignore")
+    labelled = column.astype(object).map(level_text, na_action="ignore")
     return labelled.where(column.notna(), MISSING_LEVEL).astype(str).to_numpy(dtype=np.str_)
 
 
-def _level_text(value: object) -> str:
+def level_text(value: object) -> str:
     if isinstance(value, float | np.floating) and float(value).is_integer():
         return str(int(value))
     return str(value)
@@ -574,7 +574,7 @@ def validate(
 
     cells: dict[str, list[CellReport | SuppressedCell]] = {}
     for name in subgroups:
-        levels = _levels(attributes, name)
+        levels = subgroup_levels(attributes, name)
         cells[name] = [
             cell(f"{name}={level}", levels == level) for level in sorted(set(levels.tolist()))
         ]

@@ -107,6 +107,18 @@ class StoredModel:
     """The model payload, checked against its recorded checksum."""
 
 
+@dataclass(frozen=True)
+class StoredReport:
+    """A small report a site sent about itself (a drift summary, a round's alignment),
+    kept over time. ``ref`` is the release or round it is about."""
+
+    site: str
+    kind: str
+    ref: int
+    body: str
+    received_at: float
+
+
 class StudyState(Protocol):
     """Studies, rounds, submissions, models and site standings."""
 
@@ -181,4 +193,14 @@ class StudyState(Protocol):
 
     def save_seen(self, study_hash: str, site: str, now: float) -> None:
         """Record when a site was last heard from."""
+        ...
+
+    def save_report(
+        self, study_hash: str, site: str, kind: str, ref: int, body: str, now: float
+    ) -> bool:
+        """Keep a site's report; False when the identical report is already kept."""
+        ...
+
+    def reports(self, study_hash: str, kind: str) -> list[StoredReport]:
+        """Every report of ``kind`` for the study, oldest first."""
         ...

@@ -13,6 +13,7 @@ from fedcare.federation.state.base import (
     SiteState,
     StateError,
     StoredModel,
+    StoredReport,
     StoredRound,
     StudyRecord,
 )
@@ -24,6 +25,7 @@ class _Study:
     rounds: dict[int, StoredRound] = field(default_factory=dict)
     models: dict[int, bytes] = field(default_factory=dict)
     sites: dict[str, SiteRecord] = field(default_factory=dict)
+    reports: list[StoredReport] = field(default_factory=list)
 
 
 class MemoryState:
@@ -183,3 +185,15 @@ class MemoryState:
     def save_seen(self, study_hash: str, site: str, now: float) -> None:
         old = self._site(study_hash, site)
         self._get(study_hash).sites[site] = replace(old, last_seen=now)
+
+    def save_report(
+        self, study_hash: str, site: str, kind: str, ref: int, body: str, now: float
+    ) -> bool:
+        kept = self._get(study_hash).reports
+        if any((r.site, r.kind, r.ref, r.body) == (site, kind, ref, body) for r in kept):
+            return False
+        kept.append(StoredReport(site, kind, ref, body, now))
+        return True
+
+    def reports(self, study_hash: str, kind: str) -> list[StoredReport]:
+        return [r for r in self._get(study_hash).reports if r.kind == kind]

@@ -34,6 +34,7 @@ from fedcare.federation.state.base import (
     SiteState,
     StateError,
     StoredModel,
+    StoredReport,
     StoredRound,
     StudyRecord,
 )
@@ -114,6 +115,18 @@ class SiteRow(Base):
     missed: Mapped[int] = mapped_column(Integer, default=0)
     contributed: Mapped[int] = mapped_column(Integer, default=0)
     trained_for: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ReportRow(Base):
+    __tablename__ = "site_reports"
+
+    study_hash: Mapped[str] = mapped_column(ForeignKey("studies.hash"), primary_key=True)
+    site: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    ref: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    body: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[float] = mapped_column(Float)
 
 
 def _record(row: SiteRow) -> SiteRecord:
@@ -431,3 +444,35 @@ class SqlState:
         row.missed = record.missed
         row.contributed = record.contributed
         row.trained_for = record.trained_for
+
+    def save_report(
+        self, study_hash: str, site: str, kind: str, ref: int, body: str, now: float
+    ) -> bool:
+        digest = sha256_hex(body.encode("utf-8"))
+        with Session(self.engine) as session, session.begin():
+            if session.get(ReportRow, (study_hash, site, kind, ref, digest)) is not None:
+                return False
+            session.add(
+                ReportRow(
+                    study_hash=study_hash,
+                    site=site,
+                    kind=kind,
+                    ref=ref,
+                    sha256=digest,
+                    body=body,
+                    received_at=now,
+                )
+            )
+            return True
+
+    def reports(self, study_hash: str, kind: str) -> list[StoredReport]:
+        query = (
+            select(ReportRow)
+            .where(ReportRow.study_hash == study_hash, ReportRow.kind == kind)
+            .order_by(ReportRow.received_at, ReportRow.site, ReportRow.ref)
+        )
+        with Session(self.engine) as session:
+            return [
+                StoredReport(r.site, r.kind, r.ref, r.body, r.received_at)
+                for r in session.scalars(query)
+            ]
