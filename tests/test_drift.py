@@ -127,7 +127,8 @@ def test_no_drift_raises_no_alarm_and_the_estimate_tracks_the_labels(frozen) -> 
     labelled = monitor_table(study, mapping, None, store, frame, "1" * 64)
     assert not labelled.checks.drift
     estimates = labelled.checks.estimates
-    assert estimates.estimated_auroc is not None and estimates.measured_auroc is not None
+    assert estimates.estimated_auroc is not None
+    assert estimates.measured_auroc is not None
     assert abs(estimates.estimated_auroc - estimates.measured_auroc) < 0.06
     # Without the label column: the same estimate, no measured numbers, no label test.
     unlabelled = monitor_table(study, mapping, None, store, frame.drop(columns="outcome"), "1" * 64)
@@ -157,8 +158,19 @@ def test_the_summary_carries_no_values_and_is_refused_under_the_cohort(frozen) -
     # Flags, p-values, PSI and AUROC only: nothing per row or per level, no statistic
     # that a count could be recovered from, no prevalence.
     assert set(dumped) == {
-        "study_hash", "site", "release", "monitored_at", "n", "labelled", "alpha", "drift",
-        "checks", "estimated_auroc", "measured_auroc", "performance_passed", "reasons",
+        "study_hash",
+        "site",
+        "release",
+        "monitored_at",
+        "n",
+        "labelled",
+        "alpha",
+        "drift",
+        "checks",
+        "estimated_auroc",
+        "measured_auroc",
+        "performance_passed",
+        "reasons",
     }
     for check in dumped["checks"]:
         assert set(check) == {"name", "kind", "p_value", "p_adjusted", "flagged", "psi"}
@@ -198,6 +210,9 @@ seed: 3
 """
 
 
+UNMONITORED = MONITORED.replace("monitoring: {training: {min_cosine: 0.0, rounds: 2}}\n", "")
+
+
 def _frame(seed: int, n: int, flip: bool = False) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     a, b = rng.normal(0, 1, n), rng.normal(0, 1, n)
@@ -227,21 +242,25 @@ def monitored(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def _summary(study: Study, site: str, release: int, passed: bool | None) -> bytes:
-    return DriftSummary(
-        study_hash=study.content_hash,
-        site=site,
-        release=release,
-        monitored_at=datetime.now(UTC),
-        n=500,
-        labelled=passed is not None,
-        alpha=0.05,
-        drift=True,
-        checks=[],
-        estimated_auroc=0.55,
-        measured_auroc=0.52 if passed is not None else None,
-        performance_passed=passed,
-        reasons=[] if passed is not False else ["site alpha: auroc 0.520 is not >= 0.6"],
-    ).model_dump_json().encode()
+    return (
+        DriftSummary(
+            study_hash=study.content_hash,
+            site=site,
+            release=release,
+            monitored_at=datetime.now(UTC),
+            n=500,
+            labelled=passed is not None,
+            alpha=0.05,
+            drift=True,
+            checks=[],
+            estimated_auroc=0.55,
+            measured_auroc=0.52 if passed is not None else None,
+            performance_passed=passed,
+            reasons=[] if passed is not False else ["site alpha: auroc 0.520 is not >= 0.6"],
+        )
+        .model_dump_json()
+        .encode()
+    )
 
 
 def test_sites_freeze_promoted_releases_and_a_failed_live_gate_suspends_at_that_site_only(
@@ -271,7 +290,9 @@ def test_a_site_cannot_report_drift_as_another_or_for_a_release_never_promoted(
     monitored,
 ) -> None:  # type: ignore[no-untyped-def]
     study, service, registry, _ = monitored
-    release = next(r.id for r in registry.releases(study.content_hash) if r.state.value == "promoted")
+    release = next(
+        r.id for r in registry.releases(study.content_hash) if r.state.value == "promoted"
+    )
     with pytest.raises(ForbiddenError):
         service.receive_drift("beta", _summary(study, "alpha", release, False))
     with pytest.raises(ConflictError, match="release 99"):
@@ -282,7 +303,7 @@ def test_a_site_cannot_report_drift_as_another_or_for_a_release_never_promoted(
 
 
 def test_a_study_without_monitoring_takes_no_drift_reports(tmp_path: Path) -> None:
-    study = parse_study(MONITORED.replace("monitoring: {training: {min_cosine: 0.0, rounds: 2}}\n", ""))
+    study = parse_study(UNMONITORED)
     assert study.monitoring is None
     workers = {
         name: SiteWorker(study, prepare_site_data(_frame(i, 300), _mapping(name), study), 3)
@@ -312,8 +333,8 @@ def test_a_site_whose_data_pull_away_is_flagged_during_training(monitored) -> No
     assert all(a.cosine < 0 for a in alignments["gamma"])  # its labels are flipped
     assert all(a.loss is not None for a in alignments["gamma"])
     assert set(service.drifting()) == {"gamma"}
+    body = alignments["alpha"][0].model_copy(update={"round": 50}).model_dump_json()
     with pytest.raises(ConflictError, match="not been aggregated"):
-        body = alignments["alpha"][0].model_copy(update={"round": 50}).model_dump_json()
         service.receive_alignment("alpha", body.encode())
 
 
@@ -326,7 +347,9 @@ def test_site_monitor_command_writes_json_html_audit_and_exits_1_on_drift(
     state = store.folder.parent.parent
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study.canonical(), sort_keys=False))
     (tmp_path / "mapping.yaml").write_text(yaml.safe_dump(mapping.model_dump(mode="json")))
-    later_admissions(HOSPITAL, 600, 21, DriftScenario.ASSAY).frame.to_csv(tmp_path / "new.csv", index=False)
+    later_admissions(HOSPITAL, 600, 21, DriftScenario.ASSAY).frame.to_csv(
+        tmp_path / "new.csv", index=False
+    )
     (tmp_path / "policy.yaml").write_text(template_text("policy"))
     config = tmp_path / "site.yaml"
     config.write_text(
@@ -345,7 +368,16 @@ def test_site_monitor_command_writes_json_html_audit_and_exits_1_on_drift(
     out = tmp_path / "out"
     result = CliRunner().invoke(
         app,
-        ["site", "monitor", "--config", str(config), "--data", str(tmp_path / "new.csv"), "--out", str(out)],
+        [
+            "site",
+            "monitor",
+            "--config",
+            str(config),
+            "--data",
+            str(tmp_path / "new.csv"),
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 1, result.output
     assert "verdict: DRIFT" in result.output
@@ -362,4 +394,30 @@ def test_site_monitor_command_writes_json_html_audit_and_exits_1_on_drift(
     missing = CliRunner().invoke(
         app, ["site", "monitor", "--config", str(config), "--data", str(tmp_path / "nope.csv")]
     )
-    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    assert missing.exit_code == 2
+    assert "Traceback" not in missing.output
+
+
+def test_site_review_lists_the_drift_outflows() -> None:
+    from fedcare.policy import load_policy, review_study
+
+    study = parse_study(MONITORED)
+    policy_text = template_text("policy")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "policy.yaml"
+        path.write_text(policy_text)
+        review = review_study(study, load_policy(path), None)
+    drift = [o for o in review.outflows if o.artefact.value == "drift_summaries"]
+    assert len(drift) == 1
+    assert "cosine" in drift[0].description
+    assert "p-value" in drift[0].description
+    plain = parse_study(UNMONITORED)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "policy.yaml"
+        path.write_text(policy_text)
+        assert all(
+            o.artefact.value != "drift_summaries"
+            for o in review_study(plain, load_policy(path), None).outflows
+        )

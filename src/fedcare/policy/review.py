@@ -248,6 +248,21 @@ def _outflows(study: Study, n_params: int, url: str | None) -> tuple[list[Outflo
                 description=f"to {where}: patient counts, each of at least {minimum} patients",
             )
         )
+    if study.monitoring is not None:
+        loss = (
+            "" if study.privacy.dp else " and the new model's loss on its held-out patients"
+        )
+        outflows.append(
+            Outflow(
+                artefact=Artefact.DRIFT_SUMMARIES,
+                description=f"to {where}: after each aggregated round, the cosine between "
+                f"this site's update and the consortium's step{loss} (also under secure "
+                "aggregation); and for each `fedcare site monitor` run on a promoted "
+                "release, a drift summary: per test its flag, p-value and PSI, the "
+                "estimated and measured AUROC and the live gate verdict with its reasons; "
+                f"nothing from a run on fewer than {minimum} patients",
+            )
+        )
     notes = []
     if Artefact.MODEL_UPDATES not in declared:
         notes.append(
