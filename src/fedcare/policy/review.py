@@ -249,9 +249,7 @@ def _outflows(study: Study, n_params: int, url: str | None) -> tuple[list[Outflo
             )
         )
     if study.monitoring is not None:
-        loss = (
-            "" if study.privacy.dp else " and the new model's loss on its held-out patients"
-        )
+        loss = "" if study.privacy.dp else " and the new model's loss on its held-out patients"
         outflows.append(
             Outflow(
                 artefact=Artefact.DRIFT_SUMMARIES,
