@@ -421,3 +421,20 @@ def test_site_review_lists_the_drift_outflows() -> None:
             o.artefact.value != "drift_summaries"
             for o in review_study(plain, load_policy(path), None).outflows
         )
+
+
+def test_the_simulation_round_history_and_warnings_name_the_drifting_site(tmp_path: Path) -> None:
+    from fedcare.simulation.runner import SimulationOptions, run_simulation
+
+    study = parse_study(MONITORED)
+    sites = [
+        prepare_site_data(_frame(i, 600, flip=name == "gamma"), _mapping(name), study)
+        for i, name in enumerate(("alpha", "beta", "gamma"))
+    ]
+    result = run_simulation(study, sites, SimulationOptions(baselines=False, registry_dir=tmp_path))
+    first, last = result.rounds[0], result.rounds[-1]
+    assert set(first.alignment) == {"alpha", "beta", "gamma"}
+    assert first.alignment["gamma"] < 0 < first.alignment["alpha"]
+    assert first.drifting == []
+    assert last.drifting == ["gamma"]
+    assert any(w.startswith("gamma pulls away") for w in result.warnings)

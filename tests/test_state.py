@@ -149,6 +149,26 @@ def test_studies_are_kept_apart(state: StudyState) -> None:
     assert list(state.sites(OTHER)) == ["alpha"]
 
 
+def test_site_reports_are_kept_over_time_once_each_and_per_study(state: StudyState) -> None:
+    state.register_study(H, "one", "{}", SITES, 1.0)
+    state.register_study(OTHER, "two", "{}", ["alpha"], 2.0)
+    assert state.save_report(H, "alpha", "drift", 1, '{"n": 1}', 10.0)
+    assert not state.save_report(H, "alpha", "drift", 1, '{"n": 1}', 11.0)  # exact retry
+    assert state.save_report(H, "alpha", "drift", 1, '{"n": 2}', 12.0)  # a later run
+    assert state.save_report(H, "beta", "alignment", 3, '{"c": 0.5}', 13.0)
+    drift = state.reports(H, "drift")
+    assert [(r.site, r.ref, r.body, r.received_at) for r in drift] == [
+        ("alpha", 1, '{"n": 1}', 10.0),
+        ("alpha", 1, '{"n": 2}', 12.0),
+    ]
+    assert [r.kind for r in state.reports(H, "alignment")] == ["alignment"]
+    assert state.reports(OTHER, "drift") == []
+    with pytest.raises(StateError, match="unknown study"):
+        state.reports("c" * 64, "drift")
+    with pytest.raises(StateError, match="unknown study"):
+        state.save_report("c" * 64, "alpha", "drift", 1, "{}", 14.0)
+
+
 def test_sql_state_survives_a_reopen_and_refuses_an_old_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'state.db'}"
     first = SqlState(url, tmp_path / "models")

@@ -97,6 +97,8 @@ def _print_overview(study: StudyOverview, now: float) -> None:
     console.print(table)
     for release in study.releases:
         say(f"  release {release.id} (round {release.round}): {release.state} {release.reason}")
+        for where, why in release.suspended_at.items():
+            say(f"    suspended at {where}: {why}")
 
 
 @coordinator_app.command("status")

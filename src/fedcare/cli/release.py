@@ -139,6 +139,11 @@ def release_show(
             say(f"    - {reason}")
         for note in verdict.verdict.notes:
             say(f"    note: {note}")
+    for suspension in r.suspended:
+        say(
+            f"  SUSPENDED at {suspension.site} since {_when(suspension.suspended_at)}: "
+            f"{suspension.reason}"
+        )
 
 
 def _decide(

@@ -93,6 +93,8 @@ class ReleaseView(BaseModel):
     round: int
     state: str
     reason: str
+    suspended_at: dict[str, str] = {}
+    """Sites where the promoted release is suspended, with why (docs/drift.md)."""
 
 
 class StudyOverview(BaseModel):
@@ -139,7 +141,13 @@ def overview(
         open_round=open_round,
         sites=site_views(list(standings.values())),
         releases=[
-            ReleaseView(id=r.id, round=r.round, state=r.state.value, reason=r.reason)
+            ReleaseView(
+                id=r.id,
+                round=r.round,
+                state=r.state.value,
+                reason=r.reason,
+                suspended_at={x.site: x.reason for x in r.suspended},
+            )
             for r in releases
         ],
     )

@@ -142,7 +142,10 @@ def prepare_deployment(
                     "region": "US",
                     "min_cohort_size": 11,
                     "coordinators": [url],
-                    "allowed_artefacts": ["model_updates", "metrics", "counts"],
+                    # This demo officer allows what the demo studies send; drift summaries
+                    # only when the study declares them.
+                    "allowed_artefacts": ["model_updates", "metrics", "counts"]
+                    + (["drift_summaries"] if study.monitoring is not None else []),
                     "validation_gates": [
                         g.model_dump(mode="json", exclude_none=True)
                         for g in BUILTIN_SITE_GATES.get(cohort.name, ())

@@ -32,6 +32,11 @@ class RoundRecord(BaseModel):
     metrics: dict[str, BinaryMetrics]
     elapsed_s: float | None = None
     """Virtual seconds from the study's start to the round's end (with site paces)."""
+    alignment: dict[str, float] = {}
+    """Each reporting site's cosine between its update and the consortium's step (with
+    ``monitoring``; docs/drift.md)."""
+    drifting: list[str] = []
+    """Sites flagged as pulling away from the consortium by this round."""
 
 
 class SiteComparison(BaseModel):

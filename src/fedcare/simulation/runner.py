@@ -119,6 +119,8 @@ class FederationRun:
     """Virtual seconds the study took (0 without site paces)."""
     stale: dict[str, int] = field(default_factory=dict)
     """Asynchronous mode: updates refused as too stale, per site."""
+    drifting: dict[str, int] = field(default_factory=dict)
+    """Sites pulling away from the consortium, with the round that flagged them."""
 
 
 def run_federation(
@@ -176,8 +178,29 @@ def run_federation(
         if (record := service.standing(name)).state is not SiteState.ACTIVE
     }
     elapsed = service.clock() - service.state.study(service.hash).created_at
+    drifting = service.drifting()
+    cosines = {
+        site: {a.round: a.cosine for a in rows} for site, rows in service.alignments().items()
+    }
+    records = [
+        record.model_copy(
+            update={
+                "alignment": {
+                    site: by[record.number] for site, by in cosines.items() if record.number in by
+                },
+                "drifting": sorted(s for s, since in drifting.items() if since <= record.number),
+            }
+        )
+        for record in records
+    ]
     return FederationRun(
-        service.federation.params, records, halted, left, elapsed, dict(service.stale)
+        service.federation.params,
+        records,
+        halted,
+        left,
+        elapsed,
+        dict(service.stale),
+        drifting,
     )
 
 
@@ -222,6 +245,13 @@ def warnings(study: Study, comparison: Sequence[SiteComparison], run: Federation
         f"{FEW_POSITIVES}); its AUROC is imprecise, read the interval"
         for row in comparison
         if row.positives < FEW_POSITIVES
+    ]
+    out += [
+        f"{site} pulls away from the consortium: its updates pointed away from the "
+        f"consortium's step for {study.monitoring.training.rounds} rounds in a row by round "
+        f"{since} (docs/drift.md); check its data and mapping"
+        for site, since in run.drifting.items()
+        if study.monitoring is not None
     ]
     fall = still_falling([r.mean_train_loss for r in rounds])
     if fall is not None:

@@ -450,6 +450,8 @@ class SqlState:
     ) -> bool:
         digest = sha256_hex(body.encode("utf-8"))
         with Session(self.engine) as session, session.begin():
+            if session.get(StudyRow, study_hash) is None:
+                raise StateError(f"unknown study {study_hash[:12]}")
             if session.get(ReportRow, (study_hash, site, kind, ref, digest)) is not None:
                 return False
             session.add(
@@ -472,6 +474,8 @@ class SqlState:
             .order_by(ReportRow.received_at, ReportRow.site, ReportRow.ref)
         )
         with Session(self.engine) as session:
+            if session.get(StudyRow, study_hash) is None:
+                raise StateError(f"unknown study {study_hash[:12]}")
             return [
                 StoredReport(r.site, r.kind, r.ref, r.body, r.received_at)
                 for r in session.scalars(query)

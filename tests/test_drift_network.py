@@ -1,0 +1,138 @@
+"""Drift over the network: real coordinator and site processes over mutual TLS. Sites
+freeze the promoted release, report their alignment each round, and ``fedcare site
+monitor`` (its own process) sends a drift summary that suspends the release at that site
+only. A site posting a summary as another is refused in the request."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from fedcare.audit import read_entries, verify
+from fedcare.drift.summary import DriftSummary
+from fedcare.federation.state.sql import SqlState
+from fedcare.releases.registry import ReleaseRegistry
+from fedcare.simulation.loopback import start_coordinator, start_site, stop, wait_until_serving
+from fedcare.site.client import CoordinatorError
+from fedcare.site.profiles import ProfileStore
+
+from .conftest import toy_frame
+from .test_network import SITES, client_for, deploy, network_study
+
+pytestmark = pytest.mark.slow
+
+MONITORED = """
+validation:
+  threshold: 0.5
+  every: 3
+  subgroups: []
+  n_bootstrap: 50
+  gates: [{kind: overall, metric: auroc, op: ">=", threshold: 0.6}]
+"""
+
+
+def test_monitor_over_mutual_tls_suspends_the_release_at_that_site_only(tmp_path: Path) -> None:
+    study = network_study(rounds=3, min_sites=3, deadline_s=60, extra=MONITORED)
+    study = study.replace(
+        disclosure={
+            **study.canonical()["disclosure"],
+            "artefacts": ["model_updates", "metrics", "drift_summaries"],
+        },
+        monitoring={"training": {"min_cosine": 0.0, "rounds": 2}},
+    )
+    deployment = deploy(tmp_path, study)
+    start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, SITES[0])
+        for proc in [start_site(deployment, name) for name in SITES]:
+            assert proc.popen.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
+        config = deployment.site_configs["alpha"]
+        store = ProfileStore(config.parent / "state", study.content_hash)
+        assert store.frozen() == [1]
+        assert store.pending() == []
+        # New patients at alpha whose outcomes the model now gets backwards.
+        later = toy_frame(40, 400)
+        later["Y"] = 1 - later["Y"]
+        data = tmp_path / "later.csv"
+        later.to_csv(data, index=False)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedcare",
+                "site",
+                "monitor",
+                "--config",
+                str(config),
+                "--data",
+                str(data),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "drift summary sent to https://" in done.stdout
+        assert "gates with labels: FAIL" in done.stdout
+        # beta's certificate cannot speak for alpha.
+        forged = (
+            DriftSummary(
+                study_hash=study.content_hash,
+                site="alpha",
+                release=1,
+                monitored_at=datetime.now(UTC),
+                n=400,
+                labelled=True,
+                alpha=0.05,
+                drift=True,
+                checks=[],
+                performance_passed=False,
+                reasons=["forged"],
+            )
+            .model_dump_json()
+            .encode()
+        )
+        beta = client_for(deployment, "beta")
+        try:
+            with pytest.raises(CoordinatorError) as refused:
+                beta.send_drift(study.content_hash, forged)
+            assert refused.value.status == 403
+        finally:
+            beta.close()
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+    database = f"sqlite:///{deployment.folder / 'coordinator.db'}"
+    registry = ReleaseRegistry.open(database, deployment.folder / "models" / "releases")
+    try:
+        release = registry.get(1)
+        assert release.state.value == "promoted"
+        assert [s.site for s in release.suspended] == ["alpha"]
+        assert "auroc" in release.suspended[0].reason
+    finally:
+        registry.close()
+    state = SqlState(database, deployment.folder / "models")
+    try:
+        kept = state.reports(study.content_hash, "drift")
+        assert [r.site for r in kept] == ["alpha"]
+        alignments = state.reports(study.content_hash, "alignment")
+        assert {(r.site, r.ref) for r in alignments} == {(s, n) for s in SITES for n in (1, 2)}
+    finally:
+        state.close()
+    trail = deployment.folder / "audit.jsonl"
+    assert verify(trail).ok
+    events = [e.event for e in read_entries(trail)]
+    assert events.count("drift.received") == 1
+    assert events.count("release.suspended") == 1
+    site_trail = read_entries(deployment.site_configs["alpha"].parent / "audit.jsonl")
+    sent = [e for e in site_trail if e.event == "drift.sent"]
+    assert len(sent) == 1
+    assert sent[0].details["sha256"] == hashlib.sha256(kept[0].body.encode()).hexdigest()
+    assert [e.event for e in site_trail].count("alignment.sent") == 2
+    assert "profile.frozen" in [e.event for e in site_trail]
