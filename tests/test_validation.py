@@ -98,7 +98,7 @@ def test_bootstrap_metrics_agree_with_scikit_learn_on_resamples_with_ties() -> N
     y, p, _ = _cohort(300, seed=3)
     p = np.round(p, 1)
     index = np.random.default_rng(0).integers(0, y.size, size=(5, y.size))
-    batch = batch_metrics(y[index], p[index], 0.3)
+    batch = batch_metrics(y, p, index, 0.3)
     for row in range(index.shape[0]):
         ys, ps = y[index[row]], p[index[row]]
         for name, expected in _sklearn_reference(ys, ps, 0.3).items():

@@ -9,13 +9,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedcare.config import SiteConfig, load_config
+from fedcare.config import ConfigError, SiteConfig, load_config
 from fedcare.drift.monitor import TEST_NAMES
 from fedcare.policy import SitePolicy, load_policy
 from fedcare.policy.approval import site_audit_path
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
-from fedcare.site.agent import SiteAgentError
 from fedcare.site.monitor import MonitorRun, data_digest, monitor_table, write_monitor
 from fedcare.site.profiles import ProfileStore
 from fedcare.study import load_study
@@ -37,11 +36,11 @@ def run_monitor_command(
 
     config = load_config(config_path, SiteConfig)
     if config.study is None or config.mapping is None:
-        raise SiteAgentError(f"{config_path}: the site config needs study and mapping files")
+        raise ConfigError(f"{config_path}: the site config needs study and mapping files")
     study = load_study(config.study)
     mapping = load_mapping(config.mapping)
     if mapping.site != config.site:
-        raise SiteAgentError(
+        raise ConfigError(
             f"the mapping is for site '{mapping.site}' but this site is '{config.site}'"
         )
     policy: SitePolicy | None = load_policy(config.policy) if config.policy else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -17,8 +18,10 @@ from safetensors.numpy import save as save_tensors
 
 from fedcare.drift.profile import ReferenceProfile, build_profile
 from fedcare.durable import write_file_atomically
-from fedcare.site.worker import CandidateValidation, SiteWorker
 from fedcare.training import predict_proba
+
+if TYPE_CHECKING:
+    from fedcare.site.worker import CandidateValidation, SiteWorker
 
 PARAMS = "params"
 _FROZEN = re.compile(r"^release-(\d+)\.json$")

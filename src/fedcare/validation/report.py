@@ -30,7 +30,6 @@ import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.special import expit, logit
-from scipy.stats import rankdata
 from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
@@ -220,69 +219,81 @@ def _point_estimates(
 def batch_metrics(
     y: NDArray[np.int64],
     p: NDArray[np.float64],
+    index: NDArray[np.intp],
     threshold: float,
     calibration_start: tuple[float, float] | None = None,
 ) -> dict[Metric, NDArray[np.float64]]:
-    """Every metric for each row of ``y`` and ``p`` (shape: resamples x patients).
+    """Every metric for each resample of ``y`` and ``p``: row r of ``index`` names the
+    patients of resample r (shape: resamples x patients).
 
     A metric that is undefined in a row is NaN there (the caller drops it);
     this is internal to the bootstrap, the report itself never holds NaN.
     ``calibration_start`` is where the calibration fits start (the full
     sample's intercept and slope).
     """
+    ys, ps = y[index], p[index]
     with np.errstate(divide="ignore", invalid="ignore"):
-        yf = y.astype(np.float64)
+        yf = ys.astype(np.float64)
         positives = yf.sum(axis=1)
-        negatives = y.shape[1] - positives
-        predicted = p >= threshold
-        tp = np.sum(predicted & (y == 1), axis=1).astype(np.float64)
-        fp = np.sum(predicted & (y == 0), axis=1).astype(np.float64)
+        negatives = ys.shape[1] - positives
+        predicted = ps >= threshold
+        tp = np.sum(predicted & (ys == 1), axis=1).astype(np.float64)
+        fp = np.sum(predicted & (ys == 0), axis=1).astype(np.float64)
         tn = negatives - fp
-        intercept, slope = _batch_calibration(y, p, calibration_start)
+        intercept, slope = _batch_calibration(ys, ps, calibration_start)
+        pos, neg = _tied_counts(y, p, index)
         return {
-            Metric.AUROC: _batch_auroc(yf, p, positives, negatives),
-            Metric.AUPRC: _batch_average_precision(yf, p, positives),
+            Metric.AUROC: _counted_auroc(pos, neg),
+            Metric.AUPRC: _counted_average_precision(pos, neg),
             Metric.SENSITIVITY: tp / positives,
             Metric.SPECIFICITY: tn / negatives,
             Metric.PPV: tp / (tp + fp),
-            Metric.ECE: _batch_ece(yf, p),
+            Metric.ECE: _batch_ece(yf, ps),
             Metric.CALIBRATION_SLOPE: slope,
             Metric.CALIBRATION_INTERCEPT: intercept,
-            Metric.BRIER: np.mean((p - yf) ** 2, axis=1),
+            Metric.BRIER: np.mean((ps - yf) ** 2, axis=1),
         }
 
 
-def _batch_auroc(
-    y: NDArray[np.float64],
-    p: NDArray[np.float64],
-    positives: NDArray[np.float64],
-    negatives: NDArray[np.float64],
-) -> NDArray[np.float64]:
-    # Mann-Whitney U with mid-ranks for ties: exactly roc_auc_score.
-    ranks = rankdata(p, axis=1)
-    u = np.sum(ranks * y, axis=1) - positives * (positives + 1) / 2
+def _tied_counts(
+    y: NDArray[np.int64], p: NDArray[np.float64], index: NDArray[np.intp]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per resample, how many positives and negatives sit at each distinct score,
+    scores ascending. A resample draws from the patients' own scores, so sorting
+    them once and counting replaces a sort per resample."""
+    unique, inverse = np.unique(p, return_inverse=True)
+    rows, width = index.shape[0], unique.size
+    keys = (np.arange(rows)[:, None] * width + inverse[index]).ravel()
+    size = rows * width
+    total = np.bincount(keys, minlength=size).reshape(rows, width).astype(np.float64)
+    pos = np.bincount(keys, weights=y[index].ravel().astype(np.float64), minlength=size)
+    positives: NDArray[np.float64] = pos.reshape(rows, width).astype(np.float64)
+    negatives: NDArray[np.float64] = total - positives
+    return positives, negatives
+
+
+def _counted_auroc(pos: NDArray[np.float64], neg: NDArray[np.float64]) -> NDArray[np.float64]:
+    # Mann-Whitney U with ties counted a half: exactly roc_auc_score.
+    positives, negatives = pos.sum(axis=1), neg.sum(axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    u = np.sum(pos * (below + 0.5 * neg), axis=1)
     auroc: NDArray[np.float64] = u / (positives * negatives)
     return np.where((positives > 0) & (negatives > 0), auroc, np.nan)
 
 
-def _batch_average_precision(
-    y: NDArray[np.float64], p: NDArray[np.float64], positives: NDArray[np.float64]
+def _counted_average_precision(
+    pos: NDArray[np.float64], neg: NDArray[np.float64]
 ) -> NDArray[np.float64]:
-    # average_precision_score = sum over distinct thresholds of
-    # (recall gain) x (precision at that threshold). Each positive adds 1/P of
-    # recall at the threshold equal to its own score, so AP is the mean, over
-    # positives, of the precision at the end of the block of tied scores it is in.
-    rows, n = y.shape
-    order = np.argsort(-p, axis=1, kind="stable")
-    ps = np.take_along_axis(p, order, axis=1)
-    ys = np.take_along_axis(y, order, axis=1)
-    precision = np.cumsum(ys, axis=1) / np.arange(1, n + 1)
-    block_end = np.ones((rows, n), dtype=bool)
-    block_end[:, :-1] = ps[:, :-1] != ps[:, 1:]
-    position = np.broadcast_to(np.arange(n), (rows, n))
-    end_index = np.minimum.accumulate(np.where(block_end, position, n)[:, ::-1], axis=1)[:, ::-1]
-    at_end = np.take_along_axis(precision, end_index, axis=1)
-    ap: NDArray[np.float64] = np.sum(ys * at_end, axis=1) / positives
+    # average_precision_score = sum over distinct thresholds of (recall gain) x
+    # (precision at that threshold): each positive adds 1/P of recall at its own
+    # score, with the precision of everyone scored at or above it.
+    down_pos, down_all = pos[:, ::-1], (pos + neg)[:, ::-1]
+    flagged = np.cumsum(down_all, axis=1)
+    precision = np.divide(
+        np.cumsum(down_pos, axis=1), flagged, out=np.zeros_like(flagged), where=flagged > 0
+    )
+    positives, n = pos.sum(axis=1), down_all.sum(axis=1)
+    ap: NDArray[np.float64] = np.sum(down_pos * precision, axis=1) / positives
     return np.where((positives > 0) & (positives < n), ap, np.nan)
 
 
@@ -414,7 +425,7 @@ def _bootstrap(
     for start in range(0, n_bootstrap, chunk):
         rows = min(chunk, n_bootstrap - start)
         index = rng.integers(0, n, size=(rows, n))
-        batch = batch_metrics(y[index], p[index], threshold, calibration_start)
+        batch = batch_metrics(y, p, index, threshold, calibration_start)
         for metric, values in batch.items():
             parts[metric].append(values)
     return {
@@ -435,9 +446,7 @@ def auroc_interval(
     parts = []
     for start in range(0, n_bootstrap, chunk):
         index = rng.integers(0, y.size, size=(min(chunk, n_bootstrap - start), y.size))
-        ys, ps = y[index].astype(np.float64), p[index]
-        positives = ys.sum(axis=1)
-        parts.append(_batch_auroc(ys, ps, positives, y.size - positives))
+        parts.append(_counted_auroc(*_tied_counts(y, p, index)))
     point = float(roc_auc_score(y, p))
     low, high = _interval(point, np.concatenate(parts))
     return None if low is None or high is None else (low, high)
