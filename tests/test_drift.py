@@ -95,6 +95,8 @@ def frozen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Study, ProfileStor
     base = demo_study()
     study = base.replace(rounds={**base.canonical()["rounds"], "count": 3})
     sites, _ = builtin_sites(study, 2026)
+    # The three smaller hospitals are enough to train a model worth monitoring.
+    sites = [s for s in sites if s.name not in ("northgate", "riverside")]
     run = run_federation(study, sites)
     data = next(s for s in sites if s.name == HOSPITAL)
     store = freeze_reference(
@@ -224,8 +226,9 @@ def _mapping(site: str) -> SiteMapping:
     return SiteMapping(site=site, features={"a": "A", "b": "B"}, label="Y", attributes={"grp": "G"})
 
 
-@pytest.fixture
-def monitored(tmp_path: Path):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    tmp_path = tmp_path_factory.mktemp("monitored")
     study = parse_study(MONITORED)
     sizes = {"alpha": 600, "beta": 600, "gamma": 600}
     workers = {
@@ -293,13 +296,14 @@ def test_a_site_cannot_report_drift_as_another_or_for_a_release_never_promoted(
     release = next(
         r.id for r in registry.releases(study.content_hash) if r.state.value == "promoted"
     )
+    before = registry.get(release).suspended
     with pytest.raises(ForbiddenError):
         service.receive_drift("beta", _summary(study, "alpha", release, False))
     with pytest.raises(ConflictError, match="release 99"):
         service.receive_drift("alpha", _summary(study, "alpha", 99, False))
     with pytest.raises(ForbiddenError):
         service.receive_drift("mallory", _summary(study, "mallory", release, False))
-    assert registry.get(release).suspended == []
+    assert registry.get(release).suspended == before
 
 
 def test_a_study_without_monitoring_takes_no_drift_reports(tmp_path: Path) -> None:
@@ -438,3 +442,49 @@ def test_the_simulation_round_history_and_warnings_name_the_drifting_site(tmp_pa
     assert first.drifting == []
     assert last.drifting == ["gamma"]
     assert any(w.startswith("gamma pulls away") for w in result.warnings)
+
+
+def test_alignment_is_reported_under_secure_aggregation_and_dp_withholds_the_loss(
+    tmp_path: Path,
+) -> None:
+    secure = parse_study(
+        UNMONITORED.replace(
+            "seed: 3",
+            "secure_aggregation: {enabled: true, clip_norm: 5.0}\n"
+            "monitoring: {training: {min_cosine: 0.0, rounds: 2}}\nseed: 3",
+        )
+    )
+    workers = {
+        name: SiteWorker(
+            secure,
+            prepare_site_data(_frame(i, 400, flip=name == "gamma"), _mapping(name), secure),
+            study_parameter_count(secure),
+        )
+        for i, name in enumerate(("alpha", "beta", "gamma"))
+    }
+    registry = ReleaseRegistry.open(f"sqlite:///{tmp_path / 'r.db'}", tmp_path)
+    service = run_in_process(secure, workers, registry=registry)
+    alignments = service.alignments()
+    assert {s: [a.round for a in rows] for s, rows in alignments.items()} == {
+        s: [1, 2, 3] for s in ("alpha", "beta", "gamma")
+    }
+    assert all(a.cosine < 0 for a in alignments["gamma"])
+    assert set(service.drifting()) == {"gamma"}
+    # Under DP the loss on the site's rows is not what DP-SGD released: it stays.
+    from fedcare.federation.messages import Task, TaskHeader, encode_task
+
+    dp = secure.replace(
+        privacy={"dp": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5},
+        preprocessing={**secure.canonical()["preprocessing"], "scaling": "none", "split": "keyed"},
+    )
+    data = prepare_site_data(_frame(0, 400), _mapping("alpha"), dp)
+    private = SiteWorker(dp, data, study_parameter_count(dp))
+    params = np.zeros(study_parameter_count(dp), np.float32)
+    for number in (1, 2):
+        header = TaskHeader(study_hash=dp.content_hash, round=number, seed=number, nonce="a" * 32)
+        _, update = private.train(encode_task(Task(header, params)))
+        params = params + 0.5 * update.delta
+    assert private.alignment is not None
+    assert private.alignment.round == 1
+    assert private.alignment.cosine == pytest.approx(1.0, abs=1e-6)
+    assert private.alignment.loss is None
