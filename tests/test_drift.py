@@ -188,6 +188,25 @@ def test_no_frozen_profile_is_a_clear_error(tmp_path: Path) -> None:
         ProfileStore(tmp_path, "a" * 64).load()
 
 
+def test_profiles_keep_no_row_order_and_rejected_candidates_are_dropped(
+    frozen, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    study, store, _ = frozen
+    profile, params = store.load()
+    for name, feature in profile.features.items():
+        if feature.kind == "numeric":
+            assert feature.values == sorted(feature.values), name
+    # A second candidate, then rejected: its files go.
+    other = ProfileStore(tmp_path, study.content_hash)
+    other.keep_candidate(profile.model_copy(update={"release": 2}), params)
+    assert other.pending() == [2]
+    assert not other.settle(2, "rejected")
+    assert other.pending() == []
+    assert list(other.folder.iterdir()) == []
+    with pytest.raises(ProfileError, match="release 2 has no frozen profile"):
+        store.load(2)
+
+
 # --- through the service: profiles frozen, summaries kept, releases suspended ------
 
 MONITORED = """
@@ -337,6 +356,13 @@ def test_a_site_whose_data_pull_away_is_flagged_during_training(monitored) -> No
     assert all(a.cosine < 0 for a in alignments["gamma"])  # its labels are flipped
     assert all(a.loss is not None for a in alignments["gamma"])
     assert set(service.drifting()) == {"gamma"}
+    # The operator's status (from the state alone) shows it; another site does not see it.
+    from fedcare.federation.status import overview
+
+    assert set(overview(service.state, study.content_hash).drifting) == {"gamma"}
+    assert set(service.status().drifting) == {"gamma"}
+    assert service.status("alpha").drifting == {}
+    assert set(service.status("gamma").drifting) == {"gamma"}
     body = alignments["alpha"][0].model_copy(update={"round": 50}).model_dump_json()
     with pytest.raises(ConflictError, match="not been aggregated"):
         service.receive_alignment("alpha", body.encode())

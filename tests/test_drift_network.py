@@ -80,6 +80,25 @@ def test_monitor_over_mutual_tls_suspends_the_release_at_that_site_only(tmp_path
         assert done.returncode == 1, done.stdout + done.stderr
         assert "drift summary sent to https://" in done.stdout
         assert "gates with labels: FAIL" in done.stdout
+        kept_local = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedcare",
+                "site",
+                "monitor",
+                "--config",
+                str(config),
+                "--data",
+                str(data),
+                "--no-send",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert "not sent (--no-send)" in kept_local.stdout, kept_local.stdout + kept_local.stderr
         # beta's certificate cannot speak for alpha.
         forged = (
             DriftSummary(

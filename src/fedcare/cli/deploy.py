@@ -95,6 +95,8 @@ def _print_overview(study: StudyOverview, now: float) -> None:
             str(site.missed),
         )
     console.print(table)
+    for where, since in study.drifting.items():
+        say(f"  {where} pulls away from the consortium since round {since} (docs/drift.md)")
     for release in study.releases:
         say(f"  release {release.id} (round {release.round}): {release.state} {release.reason}")
         for where, why in release.suspended_at.items():

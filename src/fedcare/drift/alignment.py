@@ -3,6 +3,8 @@ the consortium took from the same model, and the new model's loss on its own row
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -25,3 +27,19 @@ def log_loss(labels: NDArray[np.floating], scores: NDArray[np.floating]) -> floa
     p = np.clip(scores.astype(np.float64), 1e-7, 1 - 1e-7)
     y = labels.astype(np.float64)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def drifting_sites(
+    cosines: Mapping[str, Sequence[tuple[int, float]]], min_cosine: float, rounds: int
+) -> dict[str, int]:
+    """Sites whose cosine stayed below ``min_cosine`` for ``rounds`` reported rounds in a
+    row (in round order): site -> the round that completed the run."""
+    flagged: dict[str, int] = {}
+    for site, rows in cosines.items():
+        run = 0
+        for number, value in sorted(rows):
+            run = run + 1 if value < min_cosine else 0
+            if run >= rounds:
+                flagged[site] = number
+                break
+    return flagged

@@ -3,9 +3,10 @@ when the release was promoted, frozen at the site (pure construction, pydantic m
 
 It keeps, per feature, the sorted observed values (continuous) or the count of each
 level (binary, categorical) and the number missing; the labels and the model's scores
-on the same patients; and the isotonic calibration of those scores. The columns are
-stored separately and sorted, so no row of the held-out table can be rebuilt from it;
-it never leaves the site (the state folder holds it beside the privacy ledger).
+on the same patients; and the isotonic calibration of those scores. Each column is
+stored on its own and sorted, so the rows' order and the link between one patient's
+values are not kept; it never leaves the site (the state folder holds it beside the
+privacy ledger).
 """
 
 from __future__ import annotations

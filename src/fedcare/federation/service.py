@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from fedcare.aggregation import make_server_optimizer
 from fedcare.audit import AuditLog, JsonInput
+from fedcare.drift.alignment import drifting_sites
 from fedcare.drift.summary import DriftSummary
 from fedcare.durable import sha256_hex
 from fedcare.federation.engine import Federation, RoundOutcome
@@ -878,15 +879,10 @@ class StudyService:
             if self.study.monitoring is None:
                 return {}
             spec = self.study.monitoring.training
-        flagged: dict[str, int] = {}
-        for site, rows in self.alignments().items():
-            run = 0
-            for row in rows:
-                run = run + 1 if row.cosine < spec.min_cosine else 0
-                if run >= spec.rounds:
-                    flagged[site] = row.round
-                    break
-        return flagged
+        cosines = {
+            site: [(a.round, a.cosine) for a in rows] for site, rows in self.alignments().items()
+        }
+        return drifting_sites(cosines, spec.min_cosine, spec.rounds)
 
     def drift_summaries(self) -> list[DriftSummary]:
         """Every drift summary the sites sent, oldest first."""
@@ -937,6 +933,7 @@ class StudyService:
                 ),
                 history=round_views(self.state.rounds(self.hash)),
                 standings=site_views(shown),
+                drifting={s: n for s, n in self.drifting().items() if site in (None, s)},
             )
 
 

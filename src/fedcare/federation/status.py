@@ -8,8 +8,10 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
+from fedcare.drift.alignment import drifting_sites
 from fedcare.federation.state import SiteRecord, SiteState, StateError, StoredRound, StudyState
 from fedcare.releases.registry import ReleaseRegistry
+from fedcare.study import MonitoringSpec
 
 GONE = (SiteState.WITHDRAWN, SiteState.DROPPED)
 """Standings a round does not wait for."""
@@ -57,6 +59,9 @@ class StudyStatus(BaseModel):
     open_round: OpenRoundView | None
     history: list[RoundView]
     standings: list[SiteView]
+    drifting: dict[str, int] = {}
+    """Sites flagged as pulling away from the consortium, with the round that flagged
+    them (docs/drift.md); a site sees only its own flag."""
 
 
 def round_views(rounds: Sequence[StoredRound]) -> list[RoundView]:
@@ -108,6 +113,8 @@ class StudyOverview(BaseModel):
     open_round: OpenRoundView | None
     sites: list[SiteView]
     releases: list[ReleaseView]
+    drifting: dict[str, int] = {}
+    """Sites flagged as pulling away from the consortium, with the round that flagged them."""
 
 
 def overview(
@@ -132,6 +139,16 @@ def overview(
             deadline=stored.deadline,
         )
     releases = [] if registry is None else registry.releases(study_hash)
+    monitoring = json.loads(record.spec_json).get("monitoring")
+    drifting: dict[str, int] = {}
+    if monitoring is not None:
+        training = MonitoringSpec.model_validate(monitoring).training
+        cosines: dict[str, list[tuple[int, float]]] = {}
+        for report in state.reports(study_hash, "alignment"):
+            cosines.setdefault(report.site, []).append(
+                (report.ref, float(json.loads(report.body)["cosine"]))
+            )
+        drifting = drifting_sites(cosines, training.min_cosine, training.rounds)
     return StudyOverview(
         study_hash=study_hash,
         name=record.name,
@@ -150,6 +167,7 @@ def overview(
             )
             for r in releases
         ],
+        drifting=drifting,
     )
 
 
