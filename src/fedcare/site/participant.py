@@ -191,7 +191,9 @@ class Participant:
         if reply.state is TaskState.FINISHED:
             if self.worker.study.validates_releases and self._validate():
                 return Step.WORKED
-            self._settle_profiles()
+            if self._settle_profiles():
+                # The other sites' verdicts (or the validation deadline) decide it soon.
+                return Step.HOLD
             self._fetch_model()
             return Step.FINISHED
         if reply.state is TaskState.WAIT:
@@ -484,17 +486,21 @@ class Participant:
 
     # --- releases and the end -------------------------------------------------------
 
-    def _settle_profiles(self) -> None:
-        """Freeze the profiles of candidates that were promoted, drop the rejected ones."""
+    def _settle_profiles(self) -> bool:
+        """Freeze the profiles of candidates that were promoted, drop the rejected ones;
+        True while a candidate this site validated is still being decided."""
         if self.profiles is None or not self.profiles.pending():
-            return
+            return False
         states = self.retry(
             lambda: self.link.release_states(self.study_hash), "asking how releases settled"
         )
+        undecided = False
         for release in self.profiles.pending():
             state = states.get(release)
+            undecided |= state == "candidate"
             if state is not None and self.profiles.settle(release, state):
                 self._record("profile.frozen", release=release)
+        return undecided
 
     def _validate(self) -> bool:
         """Validate the next candidate release this site owes (once each). True if it did."""
