@@ -514,3 +514,22 @@ def test_alignment_is_reported_under_secure_aggregation_and_dp_withholds_the_los
     assert private.alignment.round == 1
     assert private.alignment.cosine == pytest.approx(1.0, abs=1e-6)
     assert private.alignment.loss is None
+
+
+def test_demo_drift_shows_the_monitor_catching_the_scenarios(tmp_path: Path) -> None:
+    done = CliRunner().invoke(
+        app,
+        ["demo", "--drift", "--rounds", "1", "--scale", "0.3", "--out", str(tmp_path)],
+        terminal_width=200,
+    )
+    assert done.exit_code == 0, done.output
+    rows = {line.split("│")[1].strip(): line for line in done.output.splitlines() if "│" in line}
+    assert set(DriftScenario) <= set(rows)
+    assert "stable" in rows["none"]
+    assert "drift" in rows["assay"]
+    assert "creatinine (ks)" in rows["assay"]
+    assert len(list((tmp_path / "drift").glob("*/monitor-*.html"))) == len(DriftScenario)
+    tiny = CliRunner().invoke(app, ["demo", "--drift", "--scale", "0.1", "--out", str(tmp_path)])
+    assert tiny.exit_code == 2
+    assert "needs at least two rows of each class" in tiny.output
+    assert "Traceback" not in tiny.output

@@ -258,7 +258,7 @@ def _drift_demo(study: Study, folder: Path, seed: int, scale: float, hospital: s
     from fedcare.simulation.sites import builtin_sites
 
     guarded(lambda: hospital_profile(hospital))
-    sites, _ = builtin_sites(study, seed, scale)
+    sites, _ = guarded(lambda: builtin_sites(study, seed, scale))
     data = next(s for s in sites if s.name == hospital)
     with progress_bar() as progress:
         run = run_federation(study, sites, progress)
