@@ -4,7 +4,7 @@ AUROC against measured AUROC, and the time of ``fedcare site monitor`` on 10,000
 Run from the repository root with the project's venv::
 
     .venv/bin/python benchmarks/drift.py [--hospital ashby-general] [--rows 1000]
-        [--seeds 100] [--rounds 20] [--big-rows 10000] [--json FILE]
+        [--seeds 100] [--rounds 20] [--big-rows 10000] [--no-dp] [--json FILE]
 
 Workload
     The demo study (MLP, secure aggregation, DP-SGD at epsilon 4) is trained on the five
@@ -66,11 +66,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--big-rows", type=int, default=10_000)
+    parser.add_argument(
+        "--no-dp",
+        action="store_true",
+        help="Train without DP: the profile's inputs then describe all of the site's rows.",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     base = demo_study()
     study = base.replace(rounds={**base.canonical()["rounds"], "count": args.rounds})
+    if args.no_dp:
+        study = study.replace(privacy={"dp": False})
     hospital_profile(args.hospital)
     mapping = next(c.mapping for c in generate_cohorts(2026, 0.05) if c.name == args.hospital)
     out: dict[str, object] = {"hospital": args.hospital, "rows": args.rows, "seeds": args.seeds}

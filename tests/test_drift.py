@@ -193,6 +193,9 @@ def test_profiles_keep_no_row_order_and_rejected_candidates_are_dropped(
 ) -> None:  # type: ignore[no-untyped-def]
     study, store, _ = frozen
     profile, params = store.load()
+    # Under DP (the demo study) the inputs are described by the held-out rows only.
+    assert profile.inputs_from == "held_out"
+    assert profile.input_rows == profile.n
     for name, feature in profile.features.items():
         if feature.kind == "numeric":
             assert feature.values == sorted(feature.values), name
@@ -296,6 +299,12 @@ def test_sites_freeze_promoted_releases_and_a_failed_live_gate_suspends_at_that_
         store = ProfileStore(folder / "sites" / site, study.content_hash)
         assert store.frozen() == promoted
         assert store.pending() == []
+        # Without DP every row of the site describes the inputs; scores stay held-out.
+        profile, _ = store.load()
+        data = prepare_site_data(_frame(("alpha", "beta").index(site), 600), _mapping(site), study)
+        assert profile.inputs_from == "all_rows"
+        assert profile.input_rows == data.n_train + data.n_test
+        assert profile.n == data.n_test
     release = promoted[-1]
     failed = _summary(study, "alpha", release, False)
     assert service.receive_drift("alpha", failed)

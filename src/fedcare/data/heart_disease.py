@@ -276,6 +276,7 @@ def prepare_center(frame: pd.DataFrame, mapping: SiteMapping, study: Study) -> S
         y_test=test[schema.label.name].to_numpy(dtype=np.float32),
         test_frame=test.reset_index(drop=True),
         preprocessor=preprocessor,
+        train_frame=train.reset_index(drop=True),
     )
 
 

@@ -96,7 +96,7 @@ def _feature_results(
     profile: ReferenceProfile, frame: pd.DataFrame, schema: FeatureSchema
 ) -> list[tuple[str, CheckKind, TestResult]]:
     out: list[tuple[str, CheckKind, TestResult]] = []
-    n_ref, n_new = profile.n, len(frame)
+    n_ref, n_new = profile.input_rows, len(frame)
     for feature in schema.features:
         reference = profile.features.get(feature.name)
         if reference is None:
@@ -138,14 +138,13 @@ def check_drift(
     if scores.size == 0:
         raise ValueError("there are no new rows to monitor")
     ref_scores = np.asarray(profile.scores, dtype=np.float64)
-    ref_labels = np.asarray(profile.labels, dtype=np.int64)
     results = _feature_results(profile, frame, schema)
     rng = np.random.default_rng([seed, scores.size])
     shift = permutation_ks(ref_scores, scores, permutations, rng)
     results.append(("scores", CheckKind.SCORES, shift))
     if labels is not None:
         prevalence = rate_test(
-            int(ref_labels.sum()), ref_labels.size, int(labels.sum()), labels.size
+            profile.label_positives, profile.input_rows, int(labels.sum()), labels.size
         )
         results.append(("label", CheckKind.PREVALENCE, prevalence))
     flagged, adjusted = benjamini_hochberg([r.p_value for _, _, r in results], alpha)

@@ -62,9 +62,15 @@ class ReferenceProfile(_Frozen):
     release: int
     round: int
     frozen_at: datetime
-    n: int
+    n: int = Field(description="Held-out patients behind the scores and labels.")
     threshold: float
+    inputs_from: Literal["held_out", "all_rows"] = Field(
+        description="Which of the site's rows the feature and label profile describe: all "
+        "of them, or under DP the held-out rows only (DP-SGD covers the training rows)."
+    )
+    input_rows: int = Field(description="Rows behind the feature profiles.")
     features: dict[str, FeatureProfile]
+    label_positives: int = Field(description="Events among the input rows.")
     labels: list[int]
     scores: list[float] = Field(description="The model's scores, aligned with labels.")
     calibration_x: list[float]
@@ -76,6 +82,7 @@ class ReferenceProfile(_Frozen):
 
     @property
     def prevalence(self) -> float:
+        """The held-out prevalence, which the scores' calibration describes."""
         return float(np.mean(self.labels)) if self.labels else 0.0
 
 
@@ -115,14 +122,17 @@ def build_profile(
     threshold: float,
     preprocessor: Preprocessor,
     report: ValidationReport,
+    inputs: pd.DataFrame | None = None,
 ) -> ReferenceProfile:
     """The reference profile of a release from the site's mapped held-out table, its
-    labels and the release's scores on it."""
+    labels and the release's scores on it; the feature and label profile from
+    ``inputs`` (mapped rows with the label column) when given, else from ``frame``."""
     if not (len(frame) == labels.size == scores.size):
         raise ValueError(
             f"held-out rows {len(frame)}, labels {labels.size} and scores {scores.size} differ"
         )
     knots_x, knots_y = fit_calibration(scores, labels)
+    rows = frame if inputs is None else inputs
     return ReferenceProfile(
         study_hash=study_hash,
         site=site,
@@ -131,7 +141,10 @@ def build_profile(
         frozen_at=frozen_at,
         n=int(labels.size),
         threshold=threshold,
-        features=feature_profiles(frame, schema),
+        inputs_from="held_out" if inputs is None else "all_rows",
+        input_rows=len(rows),
+        features=feature_profiles(rows, schema),
+        label_positives=int(rows[schema.label.name].sum()),
         labels=labels.astype(int).tolist(),
         scores=scores.astype(float).tolist(),
         calibration_x=knots_x.tolist(),

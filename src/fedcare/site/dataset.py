@@ -34,6 +34,8 @@ class SiteDataset:
     preprocessor: Preprocessor
     notices: tuple[Violation, ...] = ()
     """Values set to missing and rows left out by the mapping, with counts."""
+    train_frame: pd.DataFrame | None = None
+    """The mapped training rows (schema columns, before preprocessing)."""
 
     @cached_property
     def fingerprint(self) -> str:
@@ -97,4 +99,5 @@ def prepare_site_data(frame: pd.DataFrame, mapping: SiteMapping, study: Study) -
         test_frame=test.reset_index(drop=True),
         preprocessor=preprocessor,
         notices=table.notices,
+        train_frame=train.reset_index(drop=True),
     )

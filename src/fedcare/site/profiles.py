@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from numpy.typing import NDArray
 from pydantic import ValidationError
 from safetensors import SafetensorError
@@ -36,6 +37,12 @@ def candidate_profile(worker: SiteWorker, candidate: CandidateValidation) -> Ref
     """The profile of a candidate on this site's held-out rows, as it validated it."""
     data = worker.data
     study = worker.study
+    # The inputs' distributions do not depend on the model, so every row describes them;
+    # under DP only the held-out rows, since DP-SGD's epsilon covers the training rows and
+    # a drift summary computed from them would leave uncounted.
+    inputs = None
+    if not study.privacy.dp and data.train_frame is not None:
+        inputs = pd.concat([data.train_frame, data.test_frame], ignore_index=True)
     scores = predict_proba(study.model, candidate.params, data.x_test).astype(np.float64)
     return build_profile(
         study_hash=study.content_hash,
@@ -50,6 +57,7 @@ def candidate_profile(worker: SiteWorker, candidate: CandidateValidation) -> Ref
         threshold=study.validation.threshold,
         preprocessor=data.preprocessor,
         report=candidate.reply.report,
+        inputs=inputs,
     )
 
 
