@@ -90,8 +90,9 @@ def main() -> None:
         store = ProfileStore(state, study.content_hash)
         profile, _ = store.load()
         print(
-            f"reference: {profile.n} held-out patients at {args.hospital}, "
-            f"prevalence {profile.prevalence:.3f}"
+            f"reference: {profile.n} held-out patients at {args.hospital} (prevalence "
+            f"{profile.prevalence:.3f}); inputs from {profile.input_rows} rows "
+            f"({profile.inputs_from})"
         )
         scenarios: dict[str, dict[str, float]] = {}
         for scenario in DriftScenario:
