@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,7 @@ def test_demo_writes_results_and_report(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["schema_version"] == 3
+    assert results["schema_version"] == 4
     assert len(results["sites"]) >= 5
     assert len(results["rounds"]) == 3
     # The last round always makes a candidate release, settled by every site.
@@ -43,6 +45,40 @@ def test_demo_writes_results_and_report(tmp_path: Path) -> None:
     assert {"federated", "pooled"} <= set(results["matrix"])
     html = (out / "report.html").read_text()
     assert "<svg" in html
+    # Real plots: per site ROC and calibration of each model, with labelled axes and a
+    # legend naming every line in its own colour; a subgroup forest plot; rounds.
+    for site in results["sites"]:
+        name = site["name"]
+        assert set(results["curves"][name]) == {"local", "federated", "pooled"}
+        start = html.index(f'id="curves-{name}"')
+        block = html[start : html.index("</svg>", start)]
+        for text in (
+            "False positive rate",
+            "True positive rate",
+            "Predicted risk",
+            "Observed event rate",
+            "local",
+            "federated",
+            "pooled",
+            "chance",
+        ):
+            assert text in block, (name, text)
+        strokes = set(re.findall(r"stroke: ?(#[0-9a-f]{6})", block))
+        assert {"#1f77b4", "#d62728", "#2ca02c"} <= strokes, strokes
+        forest = html[html.index(f'id="forest-{name}"') :]
+        assert "AUROC (95 % bootstrap interval)" in forest[: forest.index("</svg>")]
+        groups = [row["group"] for row in results["subgroups"][name]]
+        shown = forest[: forest.index("</svg>")]
+        assert all(escape(group, quote=False) in shown for group in groups), groups
+    for site in results["sites"]:  # the demo is a DP study: epsilon by round, rising
+        spent = site["epsilon_by_round"]
+        assert len(spent) == 3
+        assert spent == sorted(spent)
+        assert spent[-1] <= site["epsilon_budget"]
+    epsilon_plot = html[html.index('id="epsilon-plot"') :]
+    assert "Epsilon spent" in epsilon_plot[: epsilon_plot.index("</svg>")]
+    rounds_plot = html[html.index('id="rounds-plot"') :]
+    assert "Federated AUROC by round" in rounds_plot[: rounds_plot.index("</svg>")]
     for site in results["sites"]:
         assert site["name"] in done.stdout
         assert site["name"] in html

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from fedcare.report.chart import line_chart
+from fedcare.report import plots
 from fedcare.simulation.results import SimulationResult
 
 
@@ -27,21 +27,28 @@ def _with_interval(value: float | None, ci: tuple[float, float] | None) -> str:
 
 
 def render_html(result: SimulationResult) -> str:
-    """The report page; everything inline, no external assets."""
-    chart = line_chart(
-        {s.name: [r.metrics[s.name].auroc for r in result.rounds] for s in result.sites},
-        "federated AUROC",
-    )
-    losses = [r.mean_train_loss for r in result.rounds]
-    loss_chart = (
-        line_chart({"mean training loss": losses}, "training loss")
-        if any(loss is not None for loss in losses)
-        else None
-    )
+    """The report page; everything inline (SVG plots, no external assets)."""
+    site_plots = {
+        site: plots.roc_and_calibration(site, drawn)
+        for site, drawn in result.curves.items()
+        if drawn
+    }
+    forests = {
+        site: plots.subgroup_forest(site, rows) for site, rows in result.subgroups.items() if rows
+    }
     return (
         _environment()
         .get_template("report.html")
-        .render(result=result, chart=chart, loss_chart=loss_chart)
+        .render(
+            result=result,
+            rounds_plot=plots.by_round(result) if result.rounds else "",
+            epsilon_plot=plots.epsilon_by_round(result)
+            if any(s.epsilon_by_round for s in result.sites)
+            else "",
+            site_plots=site_plots,
+            forests=forests,
+            losses_reported=any(r.mean_train_loss is not None for r in result.rounds),
+        )
     )
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from fedcare.releases.registry import Release
+from fedcare.validation.curves import Curves
 from fedcare.validation.metrics import BinaryMetrics
 
-RESULTS_SCHEMA_VERSION = 3
+RESULTS_SCHEMA_VERSION = 4
 
 
 class SiteSummary(BaseModel):
@@ -21,6 +22,10 @@ class SiteSummary(BaseModel):
     epsilon_budget: float | None = None
     noise_multiplier: float | None = None
     """Under DP, the noise multiplier this site's plan trained with."""
+    epsilon_by_round: list[float] = []
+    """Under DP, the epsilon the site's plan reaches after each round (its noisy count
+    and every round so far, as if it took part in each); the ledger's own total is
+    ``epsilon_spent``."""
 
 
 class RoundRecord(BaseModel):
@@ -54,6 +59,18 @@ class SiteComparison(BaseModel):
     pooled_ci: tuple[float, float] | None = None
     local_on_other_sites: float | None
     federated_on_other_sites: float | None
+
+
+class SubgroupAuroc(BaseModel):
+    """The federated model's AUROC in one subgroup of one site's held-out patients, with
+    its 95 % bootstrap interval; a cell under the study's minimum cohort is suppressed."""
+
+    group: str
+    suppressed: bool = False
+    n: int | None = None
+    auroc: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
 
 
 class SiteVerdictRecord(BaseModel):
@@ -123,3 +140,8 @@ class SimulationResult(BaseModel):
     paces (``fedcare simulate --pace``); None without them."""
     stale_refused: dict[str, int] = {}
     """Asynchronous mode: each site's updates refused as staler than the study accepts."""
+    curves: dict[str, dict[str, Curves]] = {}
+    """Per site, the ROC and calibration curves of the local, federated and pooled models
+    on its held-out patients (for the report's plots)."""
+    subgroups: dict[str, list[SubgroupAuroc]] = {}
+    """Per site, the federated model's AUROC in each study subgroup."""

@@ -38,14 +38,16 @@ from fedcare.simulation.results import (
     SimulationResult,
     SiteComparison,
     SiteSummary,
+    SubgroupAuroc,
 )
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, TrainingSpec
 from fedcare.training import predict_proba, train_local
 from fedcare.training.convergence import CONVERGENCE_WINDOW, still_falling
+from fedcare.validation.curves import Curves, curves
 from fedcare.validation.metrics import BinaryMetrics, binary_metrics
-from fedcare.validation.report import FEW_POSITIVES
+from fedcare.validation.report import FEW_POSITIVES, CellReport, validate
 from fedcare.validation_spec import GateSpec
 
 FEDERATED = "federated"
@@ -204,14 +206,19 @@ def run_federation(
     )
 
 
-def _spend(guard: PrivacyGuard | None, study: Study, n_train: int) -> dict[str, float]:
-    """What the site's ledger says it spent, its budget, and its noise multiplier."""
+def _spend(
+    guard: PrivacyGuard | None, study: Study, n_train: int, rounds: int
+) -> dict[str, float | list[float]]:
+    """What the site's ledger says it spent, its budget, its noise multiplier, and the
+    epsilon its plan reaches after each round."""
     if guard is None or guard.budget is None:
         return {}
+    plan = guard.plan(study, n_train)
     return {
         "epsilon_spent": guard.ledger.spent(guard.dataset, guard.budget),
         "epsilon_budget": guard.budget.epsilon,
-        "noise_multiplier": guard.plan(study, n_train).noise_multiplier,
+        "noise_multiplier": plan.noise_multiplier,
+        "epsilon_by_round": [plan.epsilon_after(r) for r in range(1, rounds + 1)],
     }
 
 
@@ -301,6 +308,57 @@ def train_baselines(
     models[POOLED] = pooled.params
     progress("baselines", total, total)
     return models
+
+
+def _plot_data(
+    study: Study, models: Mapping[str, NDArray[np.float32]], sites: Sequence[SiteDataset]
+) -> tuple[dict[str, dict[str, Curves]], dict[str, list[SubgroupAuroc]]]:
+    """Per site: the curves of its local, the federated and the pooled model on its
+    held-out rows; the federated model's AUROC in each study subgroup."""
+    spec = study.validation
+    all_curves: dict[str, dict[str, Curves]] = {}
+    subgroups: dict[str, list[SubgroupAuroc]] = {}
+    for site in sites:
+        named = {
+            "local": models.get(local_model_name(site.name)),
+            "federated": models[FEDERATED],
+            "pooled": models.get(POOLED),
+        }
+        found: dict[str, Curves] = {}
+        for label, params in named.items():
+            if params is None:
+                continue
+            scores = predict_proba(study.model, params, site.x_test)
+            drawn = curves(site.y_test, scores)
+            if drawn is not None:
+                found[label] = drawn
+            if label == "federated" and spec.subgroups and 0 < site.y_test.sum() < site.n_test:
+                report = validate(
+                    site.y_test.astype(np.int64),
+                    scores,
+                    site.test_frame,
+                    threshold=spec.threshold,
+                    min_cohort=study.disclosure.min_cohort_size,
+                    subgroups=spec.subgroups,
+                    n_bootstrap=spec.n_bootstrap,
+                    seed=study.seed,
+                    min_events=study.disclosure.min_cell_events,
+                )
+                subgroups[site.name] = [
+                    SubgroupAuroc(group=cell.group, suppressed=True)
+                    if not isinstance(cell, CellReport)
+                    else SubgroupAuroc(
+                        group=cell.group,
+                        n=cell.n,
+                        auroc=cell.auroc.value,
+                        ci_low=cell.auroc.ci_low,
+                        ci_high=cell.auroc.ci_high,
+                    )
+                    for cells in report.subgroups.values()
+                    for cell in cells
+                ]
+        all_curves[site.name] = found
+    return all_curves, subgroups
 
 
 def _mean_auroc(metrics: dict[str, BinaryMetrics], sites: Sequence[str]) -> float | None:
@@ -415,6 +473,7 @@ def _run(
         for name, params in models.items()
     }
     comparison = compare(matrix, [s.name for s in sites])
+    site_curves, subgroups = _plot_data(study, models, sites)
     descriptions = options.descriptions or {}
     return SimulationResult(
         study_name=study.name,
@@ -430,7 +489,7 @@ def _run(
                 n_train=s.n_train,
                 n_test=s.n_test,
                 test_prevalence=float(s.y_test.mean()),
-                **_spend(guards.get(s.name), study, s.n_train),
+                **_spend(guards.get(s.name), study, s.n_train, len(run.rounds)),
             )
             for s in sites
         ],
@@ -443,4 +502,6 @@ def _run(
         wall_s=time.perf_counter() - started,
         virtual_s=run.elapsed_s if options.pacing is not None else None,
         stale_refused=run.stale,
+        curves=site_curves,
+        subgroups=subgroups,
     )
