@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedcare.cli import app
+from fedcare.report.plots import SITE_COLOURS
 from fedcare.simulation.calibrate import NO_DP, calibrate, subgroup_levels
 from fedcare.site.dataset import SiteDataset
 from fedcare.study import Study
@@ -78,7 +81,14 @@ def test_calibrate_command_writes_table_plot_and_json(tmp_path: Path) -> None:
     assert [p["label"] for p in result["points"]] == ["2", NO_DP]
     assert result["subgroups"] == ["sex", "age_band", "ethnicity"]
     assert any(k.startswith("ethnicity=") for k in result["points"][0]["sensitivity"])
-    assert (out / "calibration.html").read_text().count("<svg") == 2
+    page = (out / "calibration.html").read_text()
+    assert page.count("<svg") == 2
+    # Every subgroup line in its own colour, each named in the legend.
+    sensitivity = re.findall(r"<svg.*?</svg>", page, re.DOTALL)[1]
+    groups = list(result["points"][0]["sensitivity"])
+    assert all(escape(group, quote=False) in sensitivity for group in groups)
+    colours = set(re.findall(r"stroke: ?(#[0-9a-f]{6})", sensitivity))
+    assert set(SITE_COLOURS[: min(len(groups), len(SITE_COLOURS))]) <= colours
     assert "AUROC by epsilon" in done.output
     assert "Sensitivity at threshold" in done.output
 

@@ -148,7 +148,7 @@ def render_html(result: object) -> str:
     from collections.abc import Sequence
     from html import escape
 
-    from fedcare.report.chart import line_chart
+    from fedcare.report.plots import sweep
     from fedcare.simulation.calibrate import CalibrationResult
 
     assert isinstance(result, CalibrationResult)
@@ -168,7 +168,8 @@ def render_html(result: object) -> str:
         f"<p>epsilon per site for the whole study, delta {result.delta:g}, "
         f"{escape(result.accountant)} accountant, clipping {result.max_grad_norm:g}; "
         f"mean over seeds {result.seeds}.</p>"
-        "<h2>AUROC</h2>" + line_chart(auroc, "AUROC", x_labels=labels) + "<h2>Sensitivity at "
-        f"threshold {result.threshold:.3f}</h2>"
-        + line_chart(sensitivity, "sensitivity", height=360, x_labels=labels)
+        "<h2>AUROC</h2>"
+        + sweep(labels, auroc, "AUROC (mean over seeds)", "AUROC by privacy setting")
+        + f"<h2>Sensitivity at threshold {result.threshold:.3f}</h2>"
+        + sweep(labels, sensitivity, "Sensitivity (mean over seeds)", "Sensitivity by subgroup")
     )

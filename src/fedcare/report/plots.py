@@ -220,3 +220,36 @@ def epsilon_by_round(result: SimulationResult) -> str:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend(fontsize=8, loc="best")
         return _svg(figure)
+
+
+def sweep(
+    x_labels: Sequence[str],
+    series: Mapping[str, Sequence[float | None]],
+    y_label: str,
+    title: str,
+) -> str:
+    """One line per named series over labelled points (a privacy-utility sweep); every
+    line its own colour and style, named in the legend; gaps where a value is None."""
+    with _style():
+        figure = Figure(figsize=(7.0, 3.8))
+        axes = figure.add_subplot()
+        positions = range(len(x_labels))
+        for index, (name, values) in enumerate(series.items()):
+            colour, style = _site_style(index)
+            axes.plot(
+                positions,
+                [float("nan") if v is None else v for v in values],
+                color=colour,
+                linestyle=style,
+                marker="o",
+                markersize=3,
+                linewidth=1.5,
+                label=name,
+            )
+        axes.set_xticks(list(positions), list(x_labels))
+        axes.set(xlabel="Privacy setting (epsilon per site)", ylabel=y_label, title=title)
+        if series:
+            axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        else:
+            axes.text(0.5, 0.5, "nothing to plot", transform=axes.transAxes, ha="center")
+        return _svg(figure)
