@@ -6,18 +6,28 @@ only. A site posting a summary as another is refused in the request."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fedcare.audit import read_entries, verify
 from fedcare.drift.summary import DriftSummary
 from fedcare.federation.state.sql import SqlState
 from fedcare.releases.registry import ReleaseRegistry
-from fedcare.simulation.loopback import start_coordinator, start_site, stop, wait_until_serving
+from fedcare.simulation.loopback import (
+    free_port,
+    start_coordinator,
+    start_site,
+    stop,
+    wait_until_serving,
+)
 from fedcare.site.client import CoordinatorError
 from fedcare.site.profiles import ProfileStore
 
@@ -155,3 +165,58 @@ def test_monitor_over_mutual_tls_suspends_the_release_at_that_site_only(tmp_path
     assert sent[0].details["sha256"] == hashlib.sha256(kept[0].body.encode()).hexdigest()
     assert [e.event for e in site_trail].count("alignment.sent") == 2
     assert "profile.frozen" in [e.event for e in site_trail]
+    _check_the_site_portal(deployment.site_configs["alpha"], study.content_hash, kept[0].body)
+
+
+def _check_the_site_portal(config: Path, study_hash: str, summary_body: str) -> None:
+    """``fedcare site ui`` as its own process on 127.0.0.1: what left alpha, its approval,
+    its frozen release and both monitor runs, read from alpha's own files."""
+    port = free_port()
+    portal = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedcare",
+            "site",
+            "ui",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        until = time.monotonic() + 60
+        while True:
+            try:
+                page = httpx.get(url + "/", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < until, "the portal did not start"
+                time.sleep(0.3)
+        assert page.status_code == 200
+        assert "Site portal: alpha" in page.text
+        data = httpx.get(url + "/api/portal", timeout=10).json()
+        assert data["audit_ok"]
+        events = [o["event"] for o in data["outflows"]]
+        assert events.count("update.sent") == 3
+        assert events.count("alignment.sent") == 2
+        assert events.count("validation.sent") == 1
+        (drift,) = [o for o in data["outflows"] if o["event"] == "drift.sent"]
+        assert drift["sha256"] == hashlib.sha256(summary_body.encode()).hexdigest()
+        assert drift["recipient"].startswith("https://127.0.0.1:")
+        assert [a["hash"] for a in data["approvals"]] == [study_hash]
+        assert [(v["release"], v["state"]) for v in data["validations"]] == [(1, "promoted")]
+        assert len(data["monitors"]) == 2
+        assert all(m["drift"] or m["performance_passed"] is False for m in data["monitors"])
+        shown = httpx.get(url + "/monitor/" + data["monitors"][0]["page"], timeout=10)
+        assert shown.status_code == 200
+        assert "Drift monitor" in shown.text
+        assert httpx.get(url + "/monitor/..%2Fsite.yaml", timeout=10).status_code == 404
+    finally:
+        os.killpg(portal.pid, signal.SIGTERM)
+        portal.wait(timeout=20)

@@ -142,50 +142,41 @@ def site_budget(
 
     from fedcare.config import SiteConfig, load_config
     from fedcare.policy import load_policy
-    from fedcare.privacy.dp.ledger import Budget, PrivacyLedger
+    from fedcare.site.budget import budget_summary
 
     parsed = guarded(lambda: load_config(config, SiteConfig))
     policy_file = parsed.policy
     if policy_file is None:
         fail(f"{config}: names no policy file, so there is no budget to show")
     policy = guarded(lambda: load_policy(policy_file))
-    ledger = PrivacyLedger(parsed.ledger_path) if parsed.ledger_path.exists() else None
+    rows, spends = guarded(lambda: budget_summary(policy, parsed.ledger_path))
     totals = Table(title=f"Privacy budget of site {parsed.site}")
     for column in ("data set", "budget ε", "δ", "accountant", "spent ε", "remaining ε"):
         totals.add_column(column, justify="left" if column == "data set" else "right")
     studies = Table(title="Spent per study (each on its own)")
     for column in ("data set", "study", "hash", "rounds", "steps", "ε"):
         studies.add_column(column, justify="left" if column in {"data set", "study"} else "right")
-    try:
-        recorded = ledger.datasets() if ledger is not None else []
-        for name in sorted(set(policy.privacy_budget) | set(recorded)):
-            allowed = policy.privacy_budget.get(name)
-            if allowed is None:
-                totals.add_row(name, "none", "—", "—", "recorded; no budget to measure it", "0")
-                continue
-            budget = Budget(allowed.epsilon, allowed.delta, allowed.accountant)
-            spent = ledger.spent(name, budget) if ledger is not None else 0.0
-            remaining = max(budget.epsilon - spent, 0.0)
-            totals.add_row(
-                name,
-                f"{budget.epsilon:g}",
-                f"{budget.delta:g}",
-                budget.accountant.value,
-                f"{spent:.4f}",
-                f"{remaining:.4f}",
-            )
-            for entry in ledger.by_study(name, budget) if ledger is not None else []:
-                studies.add_row(
-                    name,
-                    entry.study_name,
-                    entry.study_hash[:12],
-                    str(entry.rounds),
-                    str(entry.steps),
-                    f"{entry.epsilon:.4f}",
-                )
-    finally:
-        if ledger is not None:
-            ledger.close()
+    for row in rows:
+        if row.budget is None:
+            totals.add_row(row.dataset, "none", "—", "—", "recorded; no budget to measure it", "0")
+            continue
+        totals.add_row(
+            row.dataset,
+            f"{row.budget.epsilon:g}",
+            f"{row.budget.delta:g}",
+            row.budget.accountant.value,
+            f"{row.spent:.4f}",
+            f"{row.remaining:.4f}",
+        )
+    for entry in spends:
+        studies.add_row(
+            entry.dataset,
+            entry.study_name,
+            entry.study_hash[:12],
+            str(entry.rounds),
+            str(entry.steps),
+            f"{entry.epsilon:.4f}",
+        )
     console.print(totals)
     if studies.row_count:
         console.print(studies)
@@ -218,3 +209,18 @@ def site_monitor(
     result = run.run.result
     if result.checks.drift or result.performance_passed is False or result.estimated_gates:
         raise typer.Exit(code=1)
+
+
+@site_app.command("ui")
+def site_ui(
+    config: Annotated[Path, typer.Option(help="This site's site.yaml.")],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8765,
+) -> None:
+    """Serve this site's portal on 127.0.0.1 only: what left, budgets, approvals,
+    validation reports and drift monitor results (read-only)."""
+    from fedcare.config import SiteConfig, load_config
+    from fedcare.site.portal import LOOPBACK, serve_portal
+
+    parsed = guarded(lambda: load_config(config, SiteConfig))
+    console.print(f"site portal of {parsed.site} on http://{LOOPBACK}:{port}/", markup=False)
+    serve_portal(parsed, port)
