@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fedcare.audit import read_entries, verify
+from fedcare.audit import AuditLog, read_entries, verify
 from fedcare.drift.summary import DriftSummary
 from fedcare.federation.state.sql import SqlState
 from fedcare.releases.registry import ReleaseRegistry
@@ -31,6 +31,7 @@ from fedcare.simulation.loopback import (
 from fedcare.site.client import CoordinatorError
 from fedcare.site.profiles import ProfileStore
 
+from .browser import chromium, screenshot_path
 from .conftest import toy_frame
 from .test_network import SITES, client_for, deploy, network_study
 
@@ -165,10 +166,14 @@ def test_monitor_over_mutual_tls_suspends_the_release_at_that_site_only(tmp_path
     assert sent[0].details["sha256"] == hashlib.sha256(kept[0].body.encode()).hexdigest()
     assert [e.event for e in site_trail].count("alignment.sent") == 2
     assert "profile.frozen" in [e.event for e in site_trail]
-    _check_the_site_portal(deployment.site_configs["alpha"], study.content_hash, kept[0].body)
+    _check_the_site_portal(
+        deployment.site_configs["alpha"], study.content_hash, kept[0].body, tmp_path
+    )
 
 
-def _check_the_site_portal(config: Path, study_hash: str, summary_body: str) -> None:
+def _check_the_site_portal(
+    config: Path, study_hash: str, summary_body: str, tmp_path: Path
+) -> None:
     """``fedcare site ui`` as its own process on 127.0.0.1: what left alpha, its approval,
     its frozen release and both monitor runs, read from alpha's own files."""
     port = free_port()
@@ -217,6 +222,46 @@ def _check_the_site_portal(config: Path, study_hash: str, summary_body: str) -> 
         assert shown.status_code == 200
         assert "Drift monitor" in shown.text
         assert httpx.get(url + "/monitor/..%2Fsite.yaml", timeout=10).status_code == 404
+        _look_at_the_portal(url, config, len(data["outflows"]), tmp_path)
     finally:
         os.killpg(portal.pid, signal.SIGTERM)
         portal.wait(timeout=20)
+
+
+def _look_at_the_portal(url: str, config: Path, outflows: int, tmp_path: Path) -> None:
+    """In a real browser: what a person sees, and that it updates without a reload."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with chromium() as driver:
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, 20)
+
+        def rows() -> int:
+            return len(driver.find_elements(By.CSS_SELECTOR, "#outflows tr")) - 1
+
+        wait.until(lambda _: rows() == outflows)
+        text = driver.find_element(By.TAG_NAME, "body").text
+        for seen in (
+            "What left the building",
+            "Audit trail verifies",
+            "drift.sent",
+            "update.sent",
+            "Privacy budget",
+            "Approvals",
+            "promoted",
+            "FAIL",
+        ):
+            assert seen in text, seen
+        driver.save_screenshot(str(screenshot_path(tmp_path, "site-portal.png")))
+        # Something new leaves: the open page shows it at its next refresh, no reload.
+        AuditLog(config.parent / "audit.jsonl", "alpha").append(
+            "update.sent",
+            study="f" * 64,
+            round=9,
+            to="https://127.0.0.1:1/",
+            bytes=7,
+            sha256="e" * 64,
+        )
+        wait.until(lambda _: rows() == outflows + 1)
+        assert "round 9" in driver.find_element(By.ID, "outflows").text

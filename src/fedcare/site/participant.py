@@ -522,6 +522,7 @@ class Participant:
         self._record(
             "validation.sent",
             release=release,
+            recipient=self.recipient,
             bytes=len(reply),
             sha256=hashlib.sha256(reply).hexdigest(),
         )
