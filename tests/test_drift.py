@@ -28,7 +28,7 @@ from fedcare.models.size import study_parameter_count
 from fedcare.releases.registry import ReleaseRegistry
 from fedcare.schema.mapping import SiteMapping
 from fedcare.simulation.drift_demo import freeze_reference
-from fedcare.simulation.inprocess import run_in_process
+from fedcare.simulation.inprocess import InProcessLink, run_in_process
 from fedcare.simulation.runner import run_federation
 from fedcare.simulation.sites import builtin_sites
 from fedcare.site.dataset import prepare_site_data
@@ -542,3 +542,53 @@ def test_demo_drift_shows_the_monitor_catching_the_scenarios(tmp_path: Path) -> 
     assert tiny.exit_code == 2
     assert "needs at least two rows of each class" in tiny.output
     assert "Traceback" not in tiny.output
+
+
+class _NeverDecides:
+    """A coordinator link that reports every release as still a candidate, for ever."""
+
+    def __init__(self, inner: InProcessLink) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def release_states(self, study_hash: str) -> dict[int, str]:
+        return dict.fromkeys(self.inner.release_states(study_hash), "candidate")
+
+
+def test_a_coordinator_that_never_decides_cannot_keep_a_finished_site_waiting(
+    tmp_path: Path,
+) -> None:
+    import time
+
+    from fedcare.site.participant import Participant, Step
+
+    study = parse_study(MONITORED.replace("  quorum: 2\n", "  quorum: 2\n  deadline_s: 0.2\n"))
+    workers = {
+        name: SiteWorker(
+            study,
+            prepare_site_data(_frame(i, 400), _mapping(name), study),
+            study_parameter_count(study),
+        )
+        for i, name in enumerate(("alpha", "beta"))
+    }
+    registry = ReleaseRegistry.open(f"sqlite:///{tmp_path / 'r.db'}", tmp_path)
+    service = run_in_process(study, workers, registry=registry, profiles_dir=tmp_path / "sites")
+    store = ProfileStore(tmp_path / "sites" / "alpha", study.content_hash)
+    release = store.frozen()[-1]
+    for suffix in (".json", ".params"):  # as if alpha had not yet learnt the outcome
+        (store.folder / f"release-{release}{suffix}").rename(
+            store.folder / f"pending-{release}{suffix}"
+        )
+    participant = Participant(
+        workers["alpha"], _NeverDecides(InProcessLink(service, "alpha")), profiles=store
+    )
+    started = time.monotonic()
+    steps = []
+    while (step := participant.step()) is not Step.FINISHED:
+        steps.append(step)
+        assert time.monotonic() - started < 10, "the site waited for ever"
+        time.sleep(0.05)
+    assert Step.HOLD in steps  # it did wait, then gave up
+    assert store.pending() == [release]

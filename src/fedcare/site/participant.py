@@ -165,6 +165,7 @@ class Participant:
     _session: _Session | None = None
     _outgoing: _Outgoing | None = None
     _held: TrainedUpdate | None = None
+    _settle_since: float | None = None
 
     @property
     def study_hash(self) -> str:
@@ -191,7 +192,7 @@ class Participant:
         if reply.state is TaskState.FINISHED:
             if self.worker.study.validates_releases and self._validate():
                 return Step.WORKED
-            if self._settle_profiles():
+            if self._settle_profiles() and self._still_waiting():
                 # The other sites' verdicts (or the validation deadline) decide it soon.
                 return Step.HOLD
             self._fetch_model()
@@ -501,6 +502,18 @@ class Participant:
             if state is not None and self.profiles.settle(release, state):
                 self._record("profile.frozen", release=release)
         return undecided
+
+    def _still_waiting(self) -> bool:
+        """Whether to keep waiting for undecided candidates: at most twice the study's
+        validation deadline after the study finished, so a coordinator that never
+        decides cannot keep the site running."""
+        now = time.monotonic()
+        if self._settle_since is None:
+            self._settle_since = now
+        if now - self._settle_since <= 2 * self.worker.study.validation.deadline_s:
+            return True
+        log.warning("releases still undecided; their reference profiles stay pending")
+        return False
 
     def _validate(self) -> bool:
         """Validate the next candidate release this site owes (once each). True if it did."""
