@@ -47,7 +47,7 @@ from fedcare.data.synthetic import generate_cohorts
 from fedcare.simulation.drift_demo import freeze_reference
 from fedcare.simulation.runner import run_federation
 from fedcare.simulation.sites import builtin_sites
-from fedcare.site.monitor import monitor_table
+from fedcare.site.monitor import frame_digest, monitor_table
 from fedcare.site.profiles import ProfileStore
 from fedcare.study import Study
 
@@ -100,7 +100,8 @@ def main() -> None:
             for seed in range(args.seeds):
                 frame = later_admissions(args.hospital, args.rows, seed, scenario).frame
                 t0 = time.perf_counter()
-                result = monitor_table(study, mapping, None, store, frame, f"{seed:064x}")
+                digest = frame_digest(frame)
+                result = monitor_table(study, mapping, None, store, frame, digest)
                 times.append(time.perf_counter() - t0)
                 detected += result.checks.drift
                 est = result.checks.estimates.estimated_auroc

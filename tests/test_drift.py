@@ -437,29 +437,40 @@ def test_site_monitor_command_writes_json_html_audit_and_exits_1_on_drift(
     assert "Traceback" not in missing.output
 
 
-def test_site_review_lists_the_drift_outflows() -> None:
+def test_site_review_lists_the_drift_outflows(tmp_path: Path) -> None:
     from fedcare.policy import load_policy, review_study
 
-    study = parse_study(MONITORED)
-    policy_text = template_text("policy")
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "policy.yaml"
-        path.write_text(policy_text)
-        review = review_study(study, load_policy(path), None)
+    path = tmp_path / "policy.yaml"
+    path.write_text(template_text("policy"))
+    policy = load_policy(path)
+    review = review_study(parse_study(MONITORED), policy, None)
     drift = [o for o in review.outflows if o.artefact.value == "drift_summaries"]
     assert len(drift) == 1
     assert "cosine" in drift[0].description
     assert "p-value" in drift[0].description
-    plain = parse_study(UNMONITORED)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "policy.yaml"
-        path.write_text(policy_text)
-        assert all(
-            o.artefact.value != "drift_summaries"
-            for o in review_study(plain, load_policy(path), None).outflows
+    plain = review_study(parse_study(UNMONITORED), policy, None)
+    assert all(o.artefact.value != "drift_summaries" for o in plain.outflows)
+
+
+def test_a_summary_for_a_rejected_release_suspends_nothing(tmp_path: Path) -> None:
+    study = parse_study(MONITORED)  # quorum 2: with one of two sites failing, rejected
+    workers = {
+        name: SiteWorker(
+            study,
+            prepare_site_data(_frame(i, 400, flip=name == "beta"), _mapping(name), study),
+            study_parameter_count(study),
         )
+        for i, name in enumerate(("alpha", "beta"))
+    }
+    registry = ReleaseRegistry.open(f"sqlite:///{tmp_path / 'r.db'}", tmp_path)
+    service = run_in_process(study, workers, registry=registry)
+    rejected = [r.id for r in registry.releases(study.content_hash)]
+    assert rejected
+    assert all(registry.get(r).state.value == "rejected" for r in rejected)
+    with pytest.raises(ConflictError, match="not a promoted release"):
+        service.receive_drift("alpha", _summary(study, "alpha", rejected[-1], False))
+    assert registry.get(rejected[-1]).suspended == []
+    assert service.drift_summaries() == []
 
 
 def test_the_simulation_round_history_and_warnings_name_the_drifting_site(tmp_path: Path) -> None:
@@ -523,6 +534,21 @@ def test_alignment_is_reported_under_secure_aggregation_and_dp_withholds_the_los
     assert private.alignment.round == 1
     assert private.alignment.cosine == pytest.approx(1.0, abs=1e-6)
     assert private.alignment.loss is None
+    # Without DP the loss is sent, but not from fewer held-out rows than the cohort rule.
+    for cohort, sent in ((8, True), (10_000, False)):
+        plain = secure.replace(
+            disclosure={**secure.canonical()["disclosure"], "min_cohort_size": cohort}
+        )
+        worker = SiteWorker(plain, workers["alpha"].data, study_parameter_count(plain))
+        params = np.zeros(study_parameter_count(plain), np.float32)
+        for number in (1, 2):
+            header = TaskHeader(
+                study_hash=plain.content_hash, round=number, seed=number, nonce="b" * 32
+            )
+            _, update = worker.train(encode_task(Task(header, params)))
+            params = params + update.delta
+        assert worker.alignment is not None
+        assert (worker.alignment.loss is not None) is sent, cohort
 
 
 def test_demo_drift_shows_the_monitor_catching_the_scenarios(tmp_path: Path) -> None:

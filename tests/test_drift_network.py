@@ -71,44 +71,11 @@ def test_monitor_over_mutual_tls_suspends_the_release_at_that_site_only(tmp_path
         later["Y"] = 1 - later["Y"]
         data = tmp_path / "later.csv"
         later.to_csv(data, index=False)
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fedcare",
-                "site",
-                "monitor",
-                "--config",
-                str(config),
-                "--data",
-                str(data),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
+        done = _monitor(config, data)
         assert done.returncode == 1, done.stdout + done.stderr
         assert "drift summary sent to https://" in done.stdout
         assert "gates with labels: FAIL" in done.stdout
-        kept_local = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fedcare",
-                "site",
-                "monitor",
-                "--config",
-                str(config),
-                "--data",
-                str(data),
-                "--no-send",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
+        kept_local = _monitor(config, data, "--no-send")
         assert "not sent (--no-send)" in kept_local.stdout, kept_local.stdout + kept_local.stderr
         # beta's certificate cannot speak for alpha.
         forged = (
@@ -168,6 +135,28 @@ def test_monitor_over_mutual_tls_suspends_the_release_at_that_site_only(tmp_path
     assert "profile.frozen" in [e.event for e in site_trail]
     _check_the_site_portal(
         deployment.site_configs["alpha"], study.content_hash, kept[0].body, tmp_path
+    )
+
+
+def _monitor(config: Path, data: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``fedcare site monitor`` as its own process, as a site's staff would run it."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedcare",
+            "site",
+            "monitor",
+            "--config",
+            str(config),
+            "--data",
+            str(data),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
 
 

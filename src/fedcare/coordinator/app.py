@@ -216,72 +216,52 @@ def create_app(
         coordinator = study_for(study_hash, site)
         return await run_in_threadpool(coordinator.status, site)
 
-    @app.post(
-        "/v1/studies/{study_hash}/withdraw",
-        status_code=201,
-        response_model=RecordedReply,
-        responses={200: {"model": RecordedReply, "description": "Already withdrawn"}},
-        openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
-    )
+    def notice(path: str, already: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """The route of a small JSON message a site sends about itself: 201 when newly
+        recorded, 200 for an exact repeat."""
+        return app.post(
+            path,
+            status_code=201,
+            response_model=RecordedReply,
+            responses={200: {"model": RecordedReply, "description": already}},
+            openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
+        )
+
+    async def record(
+        request: Request,
+        study_hash: str,
+        limit: int,
+        receive: Callable[[StudyService, str, bytes], bool],
+    ) -> Response:
+        site = _identity(request)
+        coordinator = study_for(study_hash, site)
+        body = await _read_body(request, limit)
+        recorded = await run_in_threadpool(receive, coordinator, site, body)
+        reply = RecordedReply(recorded=recorded, duplicate=not recorded)
+        return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
+
+    @notice("/v1/studies/{study_hash}/withdraw", "Already withdrawn")
     async def withdraw(request: Request, study_hash: StudyHash) -> Response:
         """This site cannot take part any more (a reason category, nothing about its data):
         it is not selected again and the open round stops waiting for it."""
-        site = _identity(request)
-        coordinator = study_for(study_hash, site)
-        body = await _read_body(request, MAX_NOTICE_BYTES)
-        recorded = await run_in_threadpool(coordinator.withdraw, site, body)
-        reply = RecordedReply(recorded=recorded, duplicate=not recorded)
-        return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
+        return await record(request, study_hash, MAX_NOTICE_BYTES, StudyService.withdraw)
 
-    @app.post(
-        "/v1/studies/{study_hash}/drift",
-        status_code=201,
-        response_model=RecordedReply,
-        responses={200: {"model": RecordedReply, "description": "Already kept"}},
-        openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
-    )
+    @notice("/v1/studies/{study_hash}/drift", "Already kept")
     async def drift(request: Request, study_hash: StudyHash) -> Response:
         """A site's drift summary of a promoted release (flags, p-values, PSI, AUROC):
         kept over time; a failed live gate suspends the release at that site."""
-        site = _identity(request)
-        coordinator = study_for(study_hash, site)
-        body = await _read_body(request, MAX_REPORT_BYTES)
-        recorded = await run_in_threadpool(coordinator.receive_drift, site, body)
-        reply = RecordedReply(recorded=recorded, duplicate=not recorded)
-        return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
+        return await record(request, study_hash, MAX_REPORT_BYTES, StudyService.receive_drift)
 
-    @app.post(
-        "/v1/studies/{study_hash}/alignment",
-        status_code=201,
-        response_model=RecordedReply,
-        responses={200: {"model": RecordedReply, "description": "Already kept"}},
-        openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
-    )
+    @notice("/v1/studies/{study_hash}/alignment", "Already kept")
     async def alignment(request: Request, study_hash: StudyHash) -> Response:
         """A site's alignment with the consortium's step for one aggregated round."""
-        site = _identity(request)
-        coordinator = study_for(study_hash, site)
-        body = await _read_body(request, MAX_NOTICE_BYTES)
-        recorded = await run_in_threadpool(coordinator.receive_alignment, site, body)
-        reply = RecordedReply(recorded=recorded, duplicate=not recorded)
-        return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
+        return await record(request, study_hash, MAX_NOTICE_BYTES, StudyService.receive_alignment)
 
-    @app.post(
-        "/v1/studies/{study_hash}/ready",
-        status_code=201,
-        response_model=RecordedReply,
-        responses={200: {"model": RecordedReply, "description": "Already ready"}},
-        openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
-    )
+    @notice("/v1/studies/{study_hash}/ready", "Already ready")
     async def ready(request: Request, study_hash: StudyHash) -> Response:
         """Asynchronous secure aggregation: this site holds an update trained for the
         round named and can join a flush (the update itself never comes here)."""
-        site = _identity(request)
-        coordinator = study_for(study_hash, site)
-        body = await _read_body(request, MAX_NOTICE_BYTES)
-        recorded = await run_in_threadpool(coordinator.ready, site, body)
-        reply = RecordedReply(recorded=recorded, duplicate=not recorded)
-        return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
+        return await record(request, study_hash, MAX_NOTICE_BYTES, StudyService.ready)
 
     @app.get(
         "/v1/studies/{study_hash}/task",

@@ -78,6 +78,7 @@ from fedcare.releases.desk import NotYoursError, ReleaseDesk, ValidationRefusedE
 from fedcare.releases.registry import RegistryError, ReleaseRegistry
 from fedcare.study import MonitoringSpec, Study, TrainingDriftSpec
 from fedcare.validation.gates import Verdict
+from fedcare.validation.release import ReleaseState
 
 _SiteMessage = TypeVar("_SiteMessage", Ready, Withdrawal, RoundAlignment, DriftSummary)
 
@@ -802,7 +803,7 @@ class StudyService:
             release = registry.get(message.release)
         except RegistryError as exc:
             raise ConflictError(f"release {message.release}: {exc}") from exc
-        if release.study_hash != self.hash or release.state.value != "promoted":
+        if release.study_hash != self.hash or release.state is not ReleaseState.PROMOTED:
             raise ConflictError(
                 f"release {message.release} is not a promoted release of this study"
             )

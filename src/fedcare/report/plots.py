@@ -51,6 +51,11 @@ def _svg(figure: Figure) -> str:
     return text[text.index("<svg") :]
 
 
+def _gaps(values: Sequence[float | None]) -> list[float]:
+    """Values with None as NaN, which matplotlib leaves as a gap in the line."""
+    return [float("nan") if v is None else v for v in values]
+
+
 def _site_style(index: int) -> tuple[str, str]:
     """(colour, line style) of the ``index``-th site."""
     dashes = ("-", "--", ":", "-.")
@@ -151,7 +156,7 @@ def _per_round(axes: Axes, result: SimulationResult) -> None:
         colour, style = _site_style(index)
         axes.plot(
             rounds,
-            [float("nan") if v is None else v for v in values],
+            _gaps(values),
             label=site.name,
             linewidth=1.5,
             color=colour,
@@ -178,7 +183,7 @@ def by_round(result: SimulationResult) -> str:
             second = figure.add_subplot(1, 2, 2)
             second.plot(
                 rounds,
-                [float("nan") if v is None else v for v in losses],
+                _gaps(losses),
                 color="#333333",
                 label="mean training loss",
                 linewidth=1.5,
@@ -238,7 +243,7 @@ def sweep(
             colour, style = _site_style(index)
             axes.plot(
                 positions,
-                [float("nan") if v is None else v for v in values],
+                _gaps(values),
                 color=colour,
                 linestyle=style,
                 marker="o",

@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from fedcare.data.drift import DEFAULT_STRENGTH, DriftScenario, later_admissions
 from fedcare.models.size import study_parameter_count
 from fedcare.site.dataset import SiteDataset
-from fedcare.site.monitor import MonitorResult, monitor_table, write_monitor
+from fedcare.site.monitor import MonitorResult, frame_digest, monitor_table, write_monitor
 from fedcare.site.profiles import ProfileStore, candidate_profile
 from fedcare.site.validation import validate_candidate
 from fedcare.site.worker import CandidateValidation, SiteWorker
@@ -67,7 +67,7 @@ def monitor_scenarios(
     outcomes = []
     for scenario in scenarios:
         cohort = later_admissions(hospital, rows, seed, scenario)
-        digest = f"{seed:016x}{scenario.value}".ljust(64, "0")[:64]
+        digest = frame_digest(cohort.frame)
         result = monitor_table(study, cohort.mapping, None, store, cohort.frame, digest)
         run = write_monitor(result, study, None, out / scenario.value)
         outcomes.append(

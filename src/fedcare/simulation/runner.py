@@ -41,13 +41,14 @@ from fedcare.simulation.results import (
     SubgroupAuroc,
 )
 from fedcare.site.dataset import SiteDataset
+from fedcare.site.validation import report_on
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, TrainingSpec
 from fedcare.training import predict_proba, train_local
 from fedcare.training.convergence import CONVERGENCE_WINDOW, still_falling
 from fedcare.validation.curves import Curves, curves
 from fedcare.validation.metrics import BinaryMetrics, binary_metrics
-from fedcare.validation.report import FEW_POSITIVES, CellReport, validate
+from fedcare.validation.report import FEW_POSITIVES, CellReport
 from fedcare.validation_spec import GateSpec
 
 FEDERATED = "federated"
@@ -315,7 +316,6 @@ def _plot_data(
 ) -> tuple[dict[str, dict[str, Curves]], dict[str, list[SubgroupAuroc]]]:
     """Per site: the curves of its local, the federated and the pooled model on its
     held-out rows; the federated model's AUROC in each study subgroup."""
-    spec = study.validation
     all_curves: dict[str, dict[str, Curves]] = {}
     subgroups: dict[str, list[SubgroupAuroc]] = {}
     for site in sites:
@@ -324,40 +324,32 @@ def _plot_data(
             "federated": models[FEDERATED],
             "pooled": models.get(POOLED),
         }
-        found: dict[str, Curves] = {}
-        for label, params in named.items():
-            if params is None:
-                continue
-            scores = predict_proba(study.model, params, site.x_test)
-            drawn = curves(site.y_test, scores)
-            if drawn is not None:
-                found[label] = drawn
-            if label == "federated" and spec.subgroups and 0 < site.y_test.sum() < site.n_test:
-                report = validate(
-                    site.y_test.astype(np.int64),
-                    scores,
-                    site.test_frame,
-                    threshold=spec.threshold,
-                    min_cohort=study.disclosure.min_cohort_size,
-                    subgroups=spec.subgroups,
-                    n_bootstrap=spec.n_bootstrap,
-                    seed=study.seed,
-                    min_events=study.disclosure.min_cell_events,
+        scores = {
+            label: predict_proba(study.model, params, site.x_test)
+            for label, params in named.items()
+            if params is not None
+        }
+        all_curves[site.name] = {
+            label: drawn
+            for label, values in scores.items()
+            if (drawn := curves(site.y_test, values)) is not None
+        }
+        if study.validation.subgroups and 0 < site.y_test.sum() < site.n_test:
+            labels = site.y_test.astype(np.int64)
+            report = report_on(study, labels, scores["federated"], site.test_frame, 1, study.seed)
+            subgroups[site.name] = [
+                SubgroupAuroc(group=cell.group, suppressed=True)
+                if not isinstance(cell, CellReport)
+                else SubgroupAuroc(
+                    group=cell.group,
+                    n=cell.n,
+                    auroc=cell.auroc.value,
+                    ci_low=cell.auroc.ci_low,
+                    ci_high=cell.auroc.ci_high,
                 )
-                subgroups[site.name] = [
-                    SubgroupAuroc(group=cell.group, suppressed=True)
-                    if not isinstance(cell, CellReport)
-                    else SubgroupAuroc(
-                        group=cell.group,
-                        n=cell.n,
-                        auroc=cell.auroc.value,
-                        ci_low=cell.auroc.ci_low,
-                        ci_high=cell.auroc.ci_high,
-                    )
-                    for cells in report.subgroups.values()
-                    for cell in cells
-                ]
-        all_curves[site.name] = found
+                for cells in report.subgroups.values()
+                for cell in cells
+            ]
     return all_curves, subgroups
 
 

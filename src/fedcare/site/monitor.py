@@ -28,10 +28,10 @@ from fedcare.ids import derive_seed
 from fedcare.policy import SitePolicy
 from fedcare.schema.mapping import SiteMapping, apply_mapping
 from fedcare.site.profiles import ProfileStore
-from fedcare.site.validation import site_verdict
+from fedcare.site.validation import disclosure_cohort, report_on, site_verdict
 from fedcare.study import MonitoringSpec, Study
 from fedcare.training import predict_proba
-from fedcare.validation.report import ValidationReport, validate
+from fedcare.validation.report import ValidationReport
 from fedcare.validation_spec import GateKind, GateSpec, Metric
 
 
@@ -103,7 +103,8 @@ def monitor_table(
     ).astype(np.float64)
     labels = mapped[schema.label.name].to_numpy(np.int64) if labelled else None
     spec = study.monitoring or MonitoringSpec()
-    min_cohort = max(study.disclosure.min_cohort_size, policy.min_cohort_size if policy else 1)
+    policy_cohort = policy.min_cohort_size if policy is not None else 1
+    min_cohort = disclosure_cohort(study, policy_cohort)
     site_gates = policy.validation_gates if policy is not None else ()
     seed = derive_seed(study.seed, "monitor", profile.release, mapping.site, data_sha256)
     checks = check_drift(
@@ -123,17 +124,7 @@ def monitor_table(
     passed = None
     reasons: list[str] = []
     if labels is not None:
-        report = validate(
-            labels,
-            scores,
-            mapped,
-            threshold=study.validation.threshold,
-            min_cohort=min_cohort,
-            subgroups=study.validation.subgroups,
-            n_bootstrap=study.validation.n_bootstrap,
-            seed=seed,
-            min_events=study.disclosure.min_cell_events,
-        )
+        report = report_on(study, labels, scores, mapped, policy_cohort, seed)
         verdict = site_verdict(study, mapping.site, report, site_gates, profile.report)
         passed, reasons = verdict.passed, list(verdict.reasons)
     return MonitorResult(
@@ -154,7 +145,7 @@ def monitor_table(
 
 def summary_of(result: MonitorResult, study: Study, policy: SitePolicy | None) -> DriftSummary:
     """What may leave about a run (raises :class:`SummaryRefusedError` when nothing may)."""
-    min_cohort = max(study.disclosure.min_cohort_size, policy.min_cohort_size if policy else 1)
+    min_cohort = disclosure_cohort(study, policy.min_cohort_size if policy is not None else 1)
     return summarize(
         study_hash=result.study_hash,
         site=result.site,
@@ -184,6 +175,11 @@ def write_monitor(
     except SummaryRefusedError as exc:
         refused = str(exc)
     return MonitorRun(result, summary, refused, json_path, html_path)
+
+
+def frame_digest(frame: pd.DataFrame) -> str:
+    """SHA-256 of a table held in memory, as the CSV it would be written as."""
+    return hashlib.sha256(frame.to_csv(index=False).encode("utf-8")).hexdigest()
 
 
 def data_digest(path: Path) -> str:

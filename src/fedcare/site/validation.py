@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 from numpy.typing import NDArray
 
 from fedcare.ids import derive_seed
@@ -23,6 +24,36 @@ from fedcare.validation.report import ValidationReport, validate
 from fedcare.validation_spec import GateSpec
 
 
+def disclosure_cohort(study: Study, min_cohort: int) -> int:
+    """The smallest group any released number may describe: the larger of the study's
+    and the site's (or its policy's) minimum cohort."""
+    return max(min_cohort, study.disclosure.min_cohort_size)
+
+
+def report_on(
+    study: Study,
+    labels: NDArray[np.int64],
+    scores: NDArray[np.float64],
+    frame: pd.DataFrame,
+    min_cohort: int,
+    seed: int,
+) -> ValidationReport:
+    """A validation report under the study's settings (threshold, subgroups, bootstrap)
+    and the larger of the study's and ``min_cohort``'s suppression rule."""
+    spec = study.validation
+    return validate(
+        labels,
+        scores,
+        frame,
+        threshold=spec.threshold,
+        min_cohort=disclosure_cohort(study, min_cohort),
+        subgroups=spec.subgroups,
+        n_bootstrap=spec.n_bootstrap,
+        seed=seed,
+        min_events=study.disclosure.min_cell_events,
+    )
+
+
 def site_report(
     study: Study,
     data: SiteDataset,
@@ -31,19 +62,8 @@ def site_report(
     seed: int,
 ) -> ValidationReport:
     """The model's report on the site's held-out data, overall and per study subgroup."""
-    spec = study.validation
     scores = predict_proba(study.model, params, data.x_test)
-    return validate(
-        data.y_test.astype(np.int64),
-        scores,
-        data.test_frame,
-        threshold=spec.threshold,
-        min_cohort=max(min_cohort, study.disclosure.min_cohort_size),
-        subgroups=spec.subgroups,
-        n_bootstrap=spec.n_bootstrap,
-        seed=seed,
-        min_events=study.disclosure.min_cell_events,
-    )
+    return report_on(study, data.y_test.astype(np.int64), scores, data.test_frame, min_cohort, seed)
 
 
 def site_verdict(
