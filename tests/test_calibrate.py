@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedcare.cli import app
-from fedcare.report.plots import SITE_COLOURS
+from fedcare.plots import SITE_COLOURS
 from fedcare.simulation.calibrate import NO_DP, calibrate, subgroup_levels
 from fedcare.site.dataset import SiteDataset
 from fedcare.study import Study

@@ -5,9 +5,11 @@ Keys are ECDSA P-256, which every TLS stack (OpenSSL, Python's ``ssl``, httpx,
 browsers) accepts for both server and client authentication. Certificates are
 built with ``cryptography``'s x509 API; nothing here calls ``openssl``.
 
-A site's identity is the common name (CN) of its client certificate, exactly as
-spelt in the consortium's site list; :func:`site_identity` and
-:func:`site_identity_from_peercert` read it back.
+A client certificate names a role in its organizational unit (OU): ``site`` for a
+hospital, ``operator`` for a person who reads the coordinator's dashboard. A site's
+identity is the common name (CN) of a ``site`` certificate, exactly as spelt in the
+consortium's site list; :func:`peer_from_peercert` reads the role and name back, and
+:func:`site_identity` refuses any certificate that is not a site's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcare.ids import SITE_NAME
+from fedcare.ids import ROLE_OPERATOR, ROLE_SITE, ROLES, SITE_NAME
 
 PrivateKey = ec.EllipticCurvePrivateKey
 
@@ -45,6 +47,18 @@ _MAX_CN = 64  # ub-common-name in RFC 5280
 
 class PkiError(ValueError):
     """A name or file that cannot go into, or come out of, a certificate."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who a verified client certificate speaks for: a site or an operator, by name."""
+
+    name: str
+    role: str
+
+    @property
+    def is_site(self) -> bool:
+        return self.role == ROLE_SITE
 
 
 @dataclass(frozen=True)
@@ -90,13 +104,12 @@ def check_site_name(site: str) -> str:
     return site
 
 
-def _subject(common_name: str, consortium: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, consortium),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
+def _subject(common_name: str, consortium: str, role: str | None = None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, consortium)]
+    if role is not None:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role))
+    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attributes)
 
 
 def make_ca(consortium: str, *, days: int = CA_DAYS, now: datetime | None = None) -> Issued:
@@ -224,8 +237,22 @@ def issue_client_cert(
     days: int = LEAF_DAYS,
     now: datetime | None = None,
 ) -> Issued:
-    """A site's TLS client certificate; its CN is the site name, exactly."""
-    subject = _subject(check_site_name(site), check_consortium_name(consortium))
+    """A site's TLS client certificate; its CN is the site name, exactly (OU ``site``)."""
+    subject = _subject(check_site_name(site), check_consortium_name(consortium), ROLE_SITE)
+    return _issue(ca, subject, ExtendedKeyUsageOID.CLIENT_AUTH, days, now)
+
+
+def issue_operator_cert(
+    ca: Issued,
+    consortium: str,
+    name: str,
+    *,
+    days: int = LEAF_DAYS,
+    now: datetime | None = None,
+) -> Issued:
+    """An operator's TLS client certificate (OU ``operator``): it opens the coordinator's
+    dashboard and cannot act as a site, whatever its name."""
+    subject = _subject(check_site_name(name), check_consortium_name(consortium), ROLE_OPERATOR)
     return _issue(ca, subject, ExtendedKeyUsageOID.CLIENT_AUTH, days, now)
 
 
@@ -250,6 +277,17 @@ def write_private_key(key: PrivateKey, path: Path, passphrase: bytes | None = No
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
     _create_exclusive(path, pem, 0o600)
+
+
+def write_pkcs12(issued: Issued, ca: x509.Certificate, name: str, path: Path) -> None:
+    """Write ``issued`` with the CA as a PKCS#12 bundle a browser imports (mode 0600,
+    no passphrase: it holds a private key, so it is kept like one)."""
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    bundle = pkcs12.serialize_key_and_certificates(
+        name.encode("utf-8"), issued.key, issued.cert, [ca], serialization.NoEncryption()
+    )
+    _create_exclusive(path, bundle, 0o600)
 
 
 def write_certificate(cert: x509.Certificate, path: Path) -> None:
@@ -299,17 +337,34 @@ def common_name(cert: x509.Certificate) -> str:
     return value if isinstance(value, str) else value.decode("utf-8")
 
 
-def site_identity(cert: x509.Certificate) -> str:
-    """The site a client certificate speaks for: its CN, which must be a valid site name.
+def _role(units: Sequence[object]) -> str:
+    if not units:
+        return ROLE_SITE
+    if len(units) != 1 or units[0] not in ROLES:
+        raise PkiError(f"the certificate's role (OU) {list(units)!r} is not one of {list(ROLES)}")
+    return str(units[0])
+
+
+def peer(cert: x509.Certificate) -> Peer:
+    """The role and name a client certificate speaks for.
 
     Call this only on a certificate that TLS has already verified against the
-    consortium CA; it checks the name, not the signature.
+    consortium CA; it checks the subject, not the signature.
     """
-    return check_site_name(common_name(cert))
+    units = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    return Peer(check_site_name(common_name(cert)), _role(units))
 
 
-def site_identity_from_peercert(peercert: Mapping[str, object]) -> str:
-    """The site name from :meth:`ssl.SSLSocket.getpeercert` (the verified peer's decoded dict).
+def site_identity(cert: x509.Certificate) -> str:
+    """The site a client certificate speaks for; :class:`PkiError` for an operator's."""
+    who = peer(cert)
+    if not who.is_site:
+        raise PkiError(f"the certificate of '{who.name}' is an {who.role}'s, not a site's")
+    return who.name
+
+
+def peer_from_peercert(peercert: Mapping[str, object]) -> Peer:
+    """The peer from :meth:`ssl.SSLSocket.getpeercert` (the verified peer's decoded dict).
 
     The dict's ``subject`` is a tuple of RDNs, each a tuple of ``(key, value)`` pairs,
     e.g. ``((("organizationName", "X"),), (("commonName", "a"),))``.
@@ -317,13 +372,23 @@ def site_identity_from_peercert(peercert: Mapping[str, object]) -> str:
     subject = peercert.get("subject")
     if not isinstance(subject, tuple):
         raise PkiError("the peer certificate has no subject (was it verified?)")
-    names = [
-        pair[1]
+    pairs = [
+        pair
         for rdn in subject
         if isinstance(rdn, tuple)
         for pair in rdn
-        if isinstance(pair, tuple) and len(pair) == 2 and pair[0] == "commonName"
+        if isinstance(pair, tuple) and len(pair) == 2
     ]
+    names = [value for key, value in pairs if key == "commonName"]
     if len(names) != 1 or not isinstance(names[0], str):
         raise PkiError(f"expected one common name in the peer certificate, found {len(names)}")
-    return check_site_name(names[0])
+    units = [value for key, value in pairs if key == "organizationalUnitName"]
+    return Peer(check_site_name(names[0]), _role(units))
+
+
+def site_identity_from_peercert(peercert: Mapping[str, object]) -> str:
+    """The site name of a verified peer; :class:`PkiError` for an operator's certificate."""
+    who = peer_from_peercert(peercert)
+    if not who.is_site:
+        raise PkiError(f"the certificate of '{who.name}' is an {who.role}'s, not a site's")
+    return who.name

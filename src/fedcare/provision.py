@@ -8,6 +8,9 @@ Layout of the output folder::
     sites/<name>/<name>.crt  <name>.key the site's TLS client certificate (CN = <name>)
     sites/<name>/ca.crt                 a copy of the CA, so the folder can ship alone
     sites/<name>/site.yaml              a SiteConfig, ready to edit
+    operator/operator.crt  operator.key the operator's client certificate (OU operator): it
+    operator/operator.p12               opens the dashboard (/ui) and cannot act as a site;
+    operator/ca.crt                     the .p12 bundle is for importing into a browser
 
 Private keys are created with mode 0600 and never printed. Config files are
 written as text (so their comments survive) and then loaded back through
@@ -28,6 +31,8 @@ from fedcare.config import ConfigError, CoordinatorConfig, SiteConfig, load_conf
 
 DEFAULT_PORT = 8443
 SITES_DIR = "sites"
+OPERATOR_DIR = "operator"
+OPERATOR_NAME = "operator"
 _RESERVED = ("ca", pki.COORDINATOR_CN)  # "ca" would clash with the CA copy in a site folder
 
 
@@ -199,7 +204,9 @@ def _plan(out: Path, sites: Sequence[str]) -> list[Path]:
         folder = out / SITES_DIR / site
         files += [folder / f"{site}.crt", folder / f"{site}.key", folder / "ca.crt"]
         files += [folder / "site.yaml"]
-    return files
+    operator = out / OPERATOR_DIR
+    files += [operator / f"{OPERATOR_NAME}.{ext}" for ext in ("crt", "key", "p12")]
+    return [*files, operator / "ca.crt"]
 
 
 def _clear_targets(out: Path, files: Sequence[Path], force: bool) -> None:
@@ -291,6 +298,7 @@ def provision(
     ca = pki.make_ca(consortium, now=now)
     server = pki.issue_server_cert(ca, consortium, hosts, now=now)
     clients = {site: pki.issue_client_cert(ca, consortium, site, now=now) for site in sites}
+    operator = pki.issue_operator_cert(ca, consortium, OPERATOR_NAME, now=now)
 
     out.mkdir(parents=True, exist_ok=True)
     written: list[WrittenCert] = []
@@ -315,6 +323,14 @@ def provision(
         copies.append(folder / "ca.crt")
         site_configs[site] = folder / "site.yaml"
         _write_text(site_configs[site], site_yaml(site, consortium, url))
+
+    folder = out / OPERATOR_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / OPERATOR_NAME
+    emit("operator (dashboard)", operator, stem.with_suffix(".crt"), stem.with_suffix(".key"))
+    pki.write_pkcs12(operator, ca.cert, OPERATOR_NAME, stem.with_suffix(".p12"))
+    pki.write_certificate(ca.cert, folder / "ca.crt")
+    copies.append(folder / "ca.crt")
 
     _check_configs(coordinator_config, site_configs, consortium, port)
     stale = sorted(

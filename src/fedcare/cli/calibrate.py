@@ -148,7 +148,7 @@ def render_html(result: object) -> str:
     from collections.abc import Sequence
     from html import escape
 
-    from fedcare.report.plots import sweep
+    from fedcare.plots import sweep
     from fedcare.simulation.calibrate import CalibrationResult
 
     assert isinstance(result, CalibrationResult)

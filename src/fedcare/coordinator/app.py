@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pathlib
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,11 +23,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from fedcare.coordinator.tls import PEER_KEY
+from fedcare.coordinator.ui import add_dashboard
 from fedcare.federation.messages import TaskReply, TaskState
 from fedcare.federation.service import REFUSALS, StudyService
 from fedcare.federation.state import StateError
 from fedcare.federation.status import StudyStatus
 from fedcare.ids import SHA256_HEX
+from fedcare.pki import Peer
 from fedcare.privacy.secagg.protocol import STAGES
 from fedcare.validation.messages import MAX_REPLY_BYTES
 
@@ -109,11 +112,21 @@ def _ready(reply: TaskReply) -> TaskReply | None:
     return None if reply.state is TaskState.WAIT else reply
 
 
-def _identity(request: Request) -> str:
-    site = getattr(request.state, PEER_KEY, None)
-    if not site:
+def viewer(request: Request) -> Peer:
+    """The verified peer of this request's connection (a site or an operator)."""
+    peer = getattr(request.state, PEER_KEY, None)
+    if not isinstance(peer, Peer):
         raise HTTPException(401, "no verified client certificate on this connection")
-    return str(site)
+    return peer
+
+
+def _identity(request: Request) -> str:
+    peer = viewer(request)
+    if not peer.is_site:
+        raise HTTPException(
+            403, f"'{peer.name}' holds an {peer.role} certificate, which cannot act as a site"
+        )
+    return peer.name
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -140,9 +153,11 @@ def create_app(
     poll_wait_s: float = 20.0,
     tick_s: float = 0.25,
     stopping: threading.Event | None = None,
+    audit_log: pathlib.Path | None = None,
 ) -> FastAPI:
-    """The ASGI app for a set of studies, keyed by content hash. Setting ``stopping``
-    ends every open long-poll at once (the server sets it on SIGTERM)."""
+    """The ASGI app for a set of studies, keyed by content hash, with the dashboard at
+    ``/ui`` (it verifies ``audit_log``). Setting ``stopping`` ends every open long-poll
+    and event stream at once (the server sets it on SIGTERM)."""
     stopping = stopping or threading.Event()
 
     @contextlib.asynccontextmanager
@@ -192,14 +207,19 @@ def create_app(
         log.error("storage problem: %s", exc)
         return JSONResponse({"detail": "coordinator storage unavailable"}, status_code=503)
 
+    add_dashboard(app, coordinators, viewer, audit_log, stopping)
+
     @app.get("/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/v1/whoami")
     async def whoami(request: Request) -> dict[str, str]:
-        """The site identity this connection's certificate proves."""
-        return {"site": _identity(request)}
+        """Who this connection's certificate proves: its role, its name, and for a site
+        the site it speaks for."""
+        peer = viewer(request)
+        proven = {"role": peer.role, "name": peer.name}
+        return {**proven, "site": peer.name} if peer.is_site else proven
 
     @app.get("/v1/studies")
     async def studies(request: Request) -> list[StudyStatus]:

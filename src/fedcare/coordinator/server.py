@@ -79,7 +79,13 @@ def serve(config: CoordinatorConfig) -> None:
     stopping = threading.Event()
     try:
         coordinators = build_coordinators(config, store)
-        app = create_app(coordinators, config.max_body_bytes, config.poll_wait_s, stopping=stopping)
+        app = create_app(
+            coordinators,
+            config.max_body_bytes,
+            config.poll_wait_s,
+            stopping=stopping,
+            audit_log=config.audit_log,
+        )
         _Server(uvicorn_config(config, app), stopping).run()
     finally:
         store.close()

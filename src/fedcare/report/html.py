@@ -6,7 +6,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from fedcare.report import plots
+from fedcare import plots
 from fedcare.simulation.results import SimulationResult
 
 
@@ -26,6 +26,15 @@ def _with_interval(value: float | None, ci: tuple[float, float] | None) -> str:
     return f"{value:.3f} " + ("(no CI)" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]")
 
 
+def _rounds_plot(result: SimulationResult) -> str:
+    auroc = {
+        site.name: [(r.number, r.metrics[site.name].auroc) for r in result.rounds]
+        for site in result.sites
+    }
+    loss = {"mean training loss": [(r.number, r.mean_train_loss) for r in result.rounds]}
+    return plots.by_round(auroc, loss)
+
+
 def render_html(result: SimulationResult) -> str:
     """The report page; everything inline (SVG plots, no external assets)."""
     site_plots = {
@@ -41,8 +50,11 @@ def render_html(result: SimulationResult) -> str:
         .get_template("report.html")
         .render(
             result=result,
-            rounds_plot=plots.by_round(result) if result.rounds else "",
-            epsilon_plot=plots.epsilon_by_round(result)
+            rounds_plot=_rounds_plot(result) if result.rounds else "",
+            epsilon_plot=plots.epsilon_by_round(
+                {s.name: s.epsilon_by_round for s in result.sites},
+                {s.name: s.epsilon_budget for s in result.sites},
+            )
             if any(s.epsilon_by_round for s in result.sites)
             else "",
             site_plots=site_plots,

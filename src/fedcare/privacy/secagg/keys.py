@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedcare.ids import ROLE_SITE
+
 KEY_BYTES = 32
 
 
@@ -98,6 +100,10 @@ class IdentityVerifier:
         names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         if len(names) != 1 or names[0].value != site:
             raise SecAggError(f"the certificate presented for '{site}' names another site")
+        units = cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATIONAL_UNIT_NAME)
+        if any(unit.value != ROLE_SITE for unit in units):
+            # An operator's certificate may carry a site's name; it never speaks for one.
+            raise SecAggError(f"the certificate presented for '{site}' is not a site's")
         now = self.now or datetime.now(UTC)
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise SecAggError(f"the certificate presented for '{site}' is not valid now")

@@ -1,4 +1,6 @@
-"""The report's plots: matplotlib figures rendered to inline SVG (no display, no network).
+"""Plots of results: matplotlib figures rendered to inline SVG (no display, no network),
+over plain series, so the simulation's report and the coordinator's dashboard draw the
+same figures from their own data.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly, never through pyplot,
 so no global backend or figure registry is touched; text stays text in the SVG
@@ -10,14 +12,17 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
+from typing import Protocol
 
 from matplotlib import rc_context
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedcare.simulation.results import SimulationResult, SubgroupAuroc
 from fedcare.validation.curves import Curves
+
+Series = Sequence[tuple[int, float | None]]
+"""(round, value) points of one line; None leaves a gap."""
 
 MODEL_COLOURS = {"local": "#1f77b4", "federated": "#d62728", "pooled": "#2ca02c"}
 """One colour per model, the same in every plot."""
@@ -109,8 +114,23 @@ def roc_and_calibration(site: str, curves: Mapping[str, Curves]) -> str:
         return _svg(figure)
 
 
-def subgroup_forest(site: str, rows: Sequence[SubgroupAuroc]) -> str:
-    """The federated model's AUROC per subgroup with its 95 % interval (forest plot)."""
+class ForestRow(Protocol):
+    """One subgroup's AUROC with its interval, or a suppressed cell."""
+
+    @property
+    def group(self) -> str: ...
+    @property
+    def suppressed(self) -> bool: ...
+    @property
+    def auroc(self) -> float | None: ...
+    @property
+    def ci_low(self) -> float | None: ...
+    @property
+    def ci_high(self) -> float | None: ...
+
+
+def subgroup_forest(site: str, rows: Sequence[ForestRow], model: str = "Federated model") -> str:
+    """``model``'s AUROC per subgroup with its 95 % interval (forest plot)."""
     with _style():
         figure = Figure(figsize=(6.0, 0.35 * len(rows) + 1.2))
         axes = figure.add_subplot()
@@ -142,81 +162,103 @@ def subgroup_forest(site: str, rows: Sequence[SubgroupAuroc]) -> str:
         axes.axvline(0.5, color="#999999", linestyle="--", linewidth=1)
         axes.set(
             xlabel="AUROC (95 % bootstrap interval)",
-            title=f"Federated model by subgroup at {site}",
+            title=f"{model} by subgroup at {site}",
             xlim=(0.0, 1.0),
             ylim=(-0.7, len(rows) - 0.3),
         )
         return _svg(figure)
 
 
-def _per_round(axes: Axes, result: SimulationResult) -> None:
-    rounds = [r.number for r in result.rounds]
-    for index, site in enumerate(result.sites):
-        values = [r.metrics[site.name].auroc for r in result.rounds]
+def _lines(
+    axes: Axes,
+    series: Mapping[str, Series],
+    intervals: Mapping[str, Sequence[tuple[int, float, float]]] | None = None,
+) -> None:
+    """One line per named series, each its own colour and style, with an optional band
+    (or, at lone points, error bars) for its interval."""
+    # Lines with intervals at the same rounds are set a little apart, so their bars
+    # do not hide one another.
+    spread = 0.08 if intervals else 0.0
+    middle = (len(series) - 1) / 2
+    for index, (name, points) in enumerate(series.items()):
         colour, style = _site_style(index)
+        shift = (index - middle) * spread
+        xs = [x + shift for x, _ in points]
         axes.plot(
-            rounds,
-            _gaps(values),
-            label=site.name,
+            xs,
+            _gaps([y for _, y in points]),
+            label=name,
             linewidth=1.5,
             color=colour,
             linestyle=style,
+            marker="o" if len(points) < 12 else None,
+            markersize=3,
         )
-    axes.set(
-        xlabel="Round",
-        ylabel="Federated model's AUROC (held-out)",
-        title="Federated AUROC by round",
-    )
+        band = (intervals or {}).get(name, ())
+        if band:
+            axes.errorbar(
+                [x + shift for x, _, _ in band],
+                [(lo + hi) / 2 for _, lo, hi in band],
+                yerr=[(hi - lo) / 2 for _, lo, hi in band],
+                fmt="none",
+                ecolor=colour,
+                alpha=0.6,
+                capsize=2,
+            )
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.legend(fontsize=8, loc="best")
+    if series:
+        axes.legend(fontsize=8, loc="best")
+    else:
+        axes.text(0.5, 0.5, "nothing to plot yet", transform=axes.transAxes, ha="center")
 
 
-def by_round(result: SimulationResult) -> str:
-    """Federated AUROC per site by round, and the mean training loss when it is reported."""
-    losses = [r.mean_train_loss for r in result.rounds]
+def by_round(
+    auroc: Mapping[str, Series],
+    loss: Mapping[str, Series] | None = None,
+    *,
+    auroc_label: str = "Federated model's AUROC (held-out)",
+    auroc_title: str = "Federated AUROC by round",
+    loss_label: str = "Mean local training loss (BCE)",
+    loss_title: str = "Training loss by round",
+    intervals: Mapping[str, Sequence[tuple[int, float, float]]] | None = None,
+    rounds: int | None = None,
+) -> str:
+    """AUROC per site by round (with intervals when given), and beside it a loss by
+    round when one is reported; ``rounds`` fixes the x axis to the whole study."""
+    shown = loss is not None and any(v is not None for line in loss.values() for _, v in line)
     with _style():
-        shown = any(v is not None for v in losses)
         figure = Figure(figsize=(8.0 if shown else 4.6, 3.4))
-        _per_round(figure.add_subplot(1, 2 if shown else 1, 1), result)
-        if shown:
-            rounds = [r.number for r in result.rounds]
+        first = figure.add_subplot(1, 2 if shown else 1, 1)
+        _lines(first, auroc, intervals)
+        first.set(xlabel="Round", ylabel=auroc_label, title=auroc_title)
+        axes = [first]
+        if shown and loss is not None:
             second = figure.add_subplot(1, 2, 2)
-            second.plot(
-                rounds,
-                _gaps(losses),
-                color="#333333",
-                label="mean training loss",
-                linewidth=1.5,
-            )
-            second.set(
-                xlabel="Round",
-                ylabel="Mean local training loss (BCE)",
-                title="Training loss by round",
-            )
-            second.legend(fontsize=8)
+            _lines(second, loss)
+            second.set(xlabel="Round", ylabel=loss_label, title=loss_title)
+            axes.append(second)
+        if rounds is not None:
+            for each in axes:
+                each.set_xlim(0.5, rounds + 0.5)
         return _svg(figure)
 
 
-def epsilon_by_round(result: SimulationResult) -> str:
-    """Under DP: the epsilon each site's plan reaches after each round, with its budget."""
+def epsilon_by_round(
+    spent: Mapping[str, Sequence[float]], budgets: Mapping[str, float | None]
+) -> str:
+    """Under DP: the epsilon each site reaches after each round, with its budget dotted."""
     with _style():
         figure = Figure(figsize=(4.6, 3.4))
         axes = figure.add_subplot()
-        for index, site in enumerate(result.sites):
-            if not site.epsilon_by_round:
+        for index, (site, values) in enumerate(spent.items()):
+            if not values:
                 continue
             colour, style = _site_style(index)
-            rounds = range(1, len(site.epsilon_by_round) + 1)
-            axes.plot(
-                rounds,
-                site.epsilon_by_round,
-                color=colour,
-                linestyle=style,
-                label=site.name,
-                linewidth=1.5,
-            )
-            if site.epsilon_budget is not None:
-                axes.axhline(site.epsilon_budget, color=colour, linestyle=":", linewidth=1)
+            rounds = range(1, len(values) + 1)
+            axes.plot(rounds, values, color=colour, linestyle=style, label=site, linewidth=1.5)
+            budget = budgets.get(site)
+            if budget is not None:
+                axes.axhline(budget, color=colour, linestyle=":", linewidth=1)
         axes.set(
             xlabel="Round",
             ylabel="Epsilon spent (plan, at the study's delta)",
@@ -224,6 +266,32 @@ def epsilon_by_round(result: SimulationResult) -> str:
         )
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend(fontsize=8, loc="best")
+        return _svg(figure)
+
+
+def round_timeline(rounds: Sequence[tuple[int, float | None, int, int, bool]]) -> str:
+    """Each round's duration (bars: blue closed, red failed) and how many of the
+    selected sites took part: ``(round, seconds, participants, selected, applied)``."""
+    with _style():
+        figure = Figure(figsize=(8.0, 3.0))
+        duration = figure.add_subplot(1, 2, 1)
+        taking_part = figure.add_subplot(1, 2, 2)
+        numbers = [r[0] for r in rounds]
+        duration.bar(
+            numbers,
+            [r[1] or 0.0 for r in rounds],
+            color=["#1f77b4" if r[4] else "#d62728" for r in rounds],
+        )
+        duration.set(xlabel="Round", ylabel="Duration (s)", title="Round duration (red: failed)")
+        taking_part.plot(numbers, [r[3] for r in rounds], color="#7f7f7f", label="selected")
+        taking_part.plot(
+            numbers, [r[2] for r in rounds], color="#2ca02c", marker="o", label="took part"
+        )
+        taking_part.set(xlabel="Round", ylabel="Sites", title="Sites per round")
+        taking_part.yaxis.set_major_locator(MaxNLocator(integer=True))
+        taking_part.legend(fontsize=8)
+        for axes in (duration, taking_part):
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         return _svg(figure)
 
 
