@@ -249,9 +249,15 @@ def test_the_dashboard_shows_a_running_study_and_updates_as_rounds_close(tmp_pat
             driver.get(url + "/ui")
             wait = WebDriverWait(driver, 30)
 
+            # The page redraws its sections on every event: read them in one script, so
+            # no element goes stale between finding it and reading it.
             def last_round() -> str:
-                found = driver.find_elements(By.CSS_SELECTOR, ".study .last-round")
-                return found[0].text if found else ""
+                return str(
+                    driver.execute_script(
+                        "const e = document.querySelector('.study .last-round');"
+                        "return e ? e.textContent : ''"
+                    )
+                )
 
             wait.until(lambda _: last_round() == "0")
             origin = driver.execute_script("return performance.timeOrigin")
@@ -266,7 +272,10 @@ def test_the_dashboard_shows_a_running_study_and_updates_as_rounds_close(tmp_pat
             # Every change arrived over the event stream: the page never reloaded.
             assert driver.execute_script("return performance.timeOrigin") == origin
             assert int(body.get_attribute("data-updates") or 0) >= 3
-            driver.find_element(By.CSS_SELECTOR, f"details[data-release='{release}']").click()
+            # Opened as a person would; the next redraw keeps it open.
+            driver.execute_script(
+                f"document.querySelector(\"details[data-release='{release}']\").open = true"
+            )
             text = driver.find_element(By.TAG_NAME, "body").text
             for seen in (
                 "Signed in as operator",
@@ -281,18 +290,12 @@ def test_the_dashboard_shows_a_running_study_and_updates_as_rounds_close(tmp_pat
                 *SITES,
             ):
                 assert seen in text, seen
-            wait.until(
-                lambda _: all(
-                    driver.execute_script(
-                        "return arguments[0].complete && arguments[0].naturalWidth > 0", img
-                    )
-                    for img in driver.find_elements(By.CSS_SELECTOR, "img[data-plot]")
-                )
+            drawn = (
+                "const all = [...document.querySelectorAll('img[data-plot]')];"
+                "return all.every(i => i.complete && i.naturalWidth > 0)"
+                " ? all.map(i => i.dataset.plot) : null"
             )
-            figures = {
-                img.get_attribute("data-plot")
-                for img in driver.find_elements(By.CSS_SELECTOR, "img[data-plot]")
-            }
+            figures = set(wait.until(lambda _: driver.execute_script(drawn)))
             assert figures == {"rounds", "auroc", *(f"subgroups-{s}" for s in SITES)}
             driver.save_screenshot(str(screenshot_path(tmp_path, "dashboard.png")))
         beta = tls_context(site_tls(deployment, "beta"))
