@@ -35,8 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.browser import chromium  # noqa: E402
 from tests.tls_proxy import certificate_proxy  # noqa: E402
 
 from fedcare.data import demo_study  # noqa: E402  (after the path set-up above)
@@ -66,29 +66,6 @@ def _operator(folder: Path) -> ssl.SSLContext:
         str(folder / "operator" / "operator.crt"), str(folder / "operator" / "operator.key")
     )
     return context
-
-
-@contextmanager
-def _browser() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,1400",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _first_render(driver: Any, url: str) -> tuple[float, float]:
@@ -132,7 +109,7 @@ def run(rounds: int, viewers: int, watched: bool) -> dict[str, Any]:
                     if state["studies"] and state["studies"][0]["last_round"] >= 1:
                         url = stack.enter_context(certificate_proxy(deployment.url, operator))
                         for _ in range(viewers):
-                            renders.append(_first_render(stack.enter_context(_browser()), url))
+                            renders.append(_first_render(stack.enter_context(chromium()), url))
                         opened = True
                 if time.monotonic() > until:
                     raise RuntimeError("the study did not finish in 30 minutes")

@@ -617,7 +617,7 @@ def test_dp_study_over_the_network_site_refuses_when_its_budget_is_spent(
     assert ledger.spent("data", Budget((one + two) / 2, 1e-4)) <= (one + two) / 2
 
 
-def test_sigterm_stops_the_coordinator_quickly_without_tracebacks_for_open_long_polls(
+def test_sigterm_stops_the_coordinator_quickly_without_tracebacks_for_open_long_polls_and_streams(
     tmp_path: Path,
 ) -> None:
     # Reported: on SIGTERM the coordinator logged a traceback per open long-poll and
@@ -638,7 +638,21 @@ def test_sigterm_stops_the_coordinator_quickly_without_tracebacks_for_open_long_
                 reply = client.get(f"/v1/studies/{study.content_hash}/task", params={"wait": 20})
                 answers.append(reply.status_code)
 
+        def watch() -> None:
+            # The operator's dashboard holds an event stream open; it ends on SIGTERM too.
+            operator = deployment.folder / "operator"
+            context = ssl.create_default_context(cafile=str(operator / "ca.crt"))
+            context.load_cert_chain(operator / "operator.crt", operator / "operator.key")
+            with (
+                httpx.Client(base_url=deployment.url, verify=context, timeout=30) as client,
+                client.stream("GET", "/ui/events") as stream,
+            ):
+                events.extend(line for line in stream.iter_lines() if line.startswith("event:"))
+            events.append("ended")
+
+        events: list[str] = []
         pollers = [threading.Thread(target=poll) for _ in range(3)]
+        pollers.append(threading.Thread(target=watch))
         for thread in pollers:
             thread.start()
         time.sleep(1.0)  # the polls are open on the server
@@ -657,6 +671,8 @@ def test_sigterm_stops_the_coordinator_quickly_without_tracebacks_for_open_long_
     assert coordinator.popen.returncode in (0, -signal.SIGTERM)
     assert "Finished server process" in log
     assert answers == [204, 204, 204]  # each poll told to come back, none cut off
+    assert events[0] == "event: state"
+    assert events[-1] == "ended"
     assert stopped_in < 10.0, f"took {stopped_in:.1f} s to stop with open long-polls"
 
 

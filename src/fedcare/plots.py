@@ -287,7 +287,12 @@ def round_timeline(rounds: Sequence[tuple[int, float | None, int, int, bool]]) -
         taking_part.plot(
             numbers, [r[2] for r in rounds], color="#2ca02c", marker="o", label="took part"
         )
-        taking_part.set(xlabel="Round", ylabel="Sites", title="Sites per round")
+        taking_part.set(
+            xlabel="Round",
+            ylabel="Sites",
+            title="Sites per round",
+            ylim=(0, max([1, *(r[3] for r in rounds)]) + 0.5),
+        )
         taking_part.yaxis.set_major_locator(MaxNLocator(integer=True))
         taking_part.legend(fontsize=8)
         for axes in (duration, taking_part):

@@ -247,6 +247,10 @@ def provision(
     say(f"CA copies: {', '.join(str(p) for p in result.ca_copies)}")
     say(f"configs: {', '.join(str(p) for p in result.configs)}")
     say(f"sites connect to {result.coordinator_url}")
+    say(
+        f"dashboard: {result.coordinator_url}/ui, with operator/operator.p12 imported "
+        "into the operator's browser"
+    )
     for folder in result.stale_sites:
         say(f"warning: {folder} is left from an earlier run; its certificate is from the old CA")
     console.print(

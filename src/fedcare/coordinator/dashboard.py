@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from fedcare.audit import verify
 from fedcare.federation.service import StudyService
-from fedcare.federation.status import StudyStatus
+from fedcare.federation.status import SiteView, StudyStatus
 from fedcare.pki import Peer
 from fedcare.releases.registry import Release
 from fedcare.validation.gates import evaluate_gates
@@ -45,13 +45,7 @@ class RoundRow(BaseModel):
     reason: str
 
 
-class SiteRow(BaseModel):
-    site: str
-    state: str
-    reason: str
-    last_seen: float | None
-    missed: int
-    contributed: int
+class SiteRow(SiteView):
     drifting_since: int | None
 
 
@@ -284,15 +278,7 @@ def study_row(service: StudyService, peer: Peer) -> StudyRow:
     shown = set(status.sites) if operator else {peer.name}
     drifting = service.drifting()
     sites = [
-        SiteRow(
-            site=s.site,
-            state=s.state,
-            reason=s.reason,
-            last_seen=s.last_seen,
-            missed=s.missed,
-            contributed=s.contributed,
-            drifting_since=drifting.get(s.site),
-        )
+        SiteRow(**s.model_dump(), drifting_since=drifting.get(s.site))
         for s in status.standings
         if s.site in shown
     ]
