@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 from fedcare.schema.mapping import SiteMapping
 from fedcare.site.dataset import SiteDataset, prepare_site_data
 from fedcare.study import Study, parse_study
+
+from .databases import BACKENDS, database
 
 TOY_STUDY = """
 name: toy
@@ -98,3 +101,10 @@ class DropBefore:
         if stage == self.stage and round_number >= self.from_round:
             raise SiteGoneError
         self.inner.secure_post(study_hash, round_number, stage, body, content_type)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh coordinator database, once on SQLite and once on PostgreSQL."""
+    with database(request.param, tmp_path) as url:
+        yield url

@@ -78,8 +78,10 @@ def cohorts() -> list[HospitalCohort]:
     ]
 
 
-def deploy(folder: Path, study: Study) -> _Deployment:
-    return prepare_deployment(folder, study, cohorts(), free_port())
+def deploy(folder: Path, study: Study, database: str | None = None) -> _Deployment:
+    if database is None:
+        return prepare_deployment(folder, study, cohorts(), free_port())
+    return prepare_deployment(folder, study, cohorts(), free_port(), database)
 
 
 def site_tls(deployment: _Deployment, site: str) -> TlsFiles:
@@ -329,9 +331,11 @@ def test_duplicate_upload_is_not_counted_twice_and_replays_are_refused(live) -> 
         alpha.close()
 
 
-def test_full_study_over_mutual_tls_matches_the_simulation(tmp_path: Path) -> None:
+def test_full_study_over_mutual_tls_matches_the_simulation(
+    tmp_path: Path, database_url: str
+) -> None:
     study = network_study(rounds=3, min_sites=3, deadline_s=120)
-    deployment = deploy(tmp_path, study)
+    deployment = deploy(tmp_path, study, database_url)
     start_coordinator(deployment)
     try:
         wait_until_serving(deployment, SITES[0])
@@ -375,10 +379,10 @@ def test_full_study_over_mutual_tls_matches_the_simulation(tmp_path: Path) -> No
 
 
 def test_coordinator_killed_mid_round_resumes_without_loss_or_double_counting(
-    tmp_path: Path,
+    tmp_path: Path, database_url: str
 ) -> None:
     study = network_study(rounds=3, min_sites=3, deadline_s=3600)
-    deployment = deploy(tmp_path, study)
+    deployment = deploy(tmp_path, study, database_url)
     start_coordinator(deployment)
     try:
         wait_until_serving(deployment, SITES[0])
@@ -709,3 +713,50 @@ def test_a_site_whose_data_no_longer_fits_withdraws_and_the_study_goes_on(
     assert withdrawn == [{"study": study.content_hash, "site": "gamma", "reason": "data"}]
     opened = [e.details["selected"] for e in entries if e.event == "round.opened"]
     assert opened == [["alpha", "beta"], ["alpha", "beta"]]
+
+
+def test_a_second_coordinator_on_the_same_database_refuses_the_study(
+    tmp_path: Path, database_url: str
+) -> None:
+    import subprocess
+    import sys
+
+    from fedcare.config import CoordinatorConfig, load_config, write_config
+
+    study = network_study(rounds=2, min_sites=3, deadline_s=3600)
+    deployment = deploy(tmp_path, study, database_url)
+    start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, SITES[0])
+        config = load_config(deployment.coordinator_config, CoordinatorConfig)
+        second = deployment.folder / "second.yaml"
+        write_config(
+            config.model_copy(
+                update={"port": free_port(), "audit_log": deployment.folder / "second.jsonl"}
+            ),
+            second,
+        )
+        refused = subprocess.run(
+            [sys.executable, "-m", "fedcare", "coordinator", "serve", "--config", str(second)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        assert refused.returncode != 0
+        assert "already served by another coordinator" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+        # The first one was not disturbed: its study goes on.
+        check_in(deployment, study)
+        assert play_round(deployment, study, SITES) == 1
+        wait_for_round(deployment, study, 1)
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+        deployment.procs.clear()
+    # Once the first has stopped, the study may be served again from the same database.
+    restarted = start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, SITES[0])
+    finally:
+        stop(restarted)

@@ -22,20 +22,25 @@ from fedcare.federation.state import (
 )
 from fedcare.federation.state.sql import SqlState
 
+from .databases import BACKENDS, database
+
 H = "a" * 64
 OTHER = "b" * 64
 SITES = ["alpha", "beta", "gamma"]
 
 
-@pytest.fixture(params=["memory", "sql"])
+@pytest.fixture(params=["memory", *BACKENDS])
 def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StudyState]:
-    store: StudyState
+    """One shared suite for every implementation: in memory, SQLite and PostgreSQL."""
     if request.param == "memory":
-        store = MemoryState()
-    else:
-        store = SqlState(f"sqlite:///{tmp_path / 'state.db'}", tmp_path / "models")
-    yield store
-    store.close()
+        store: StudyState = MemoryState()
+        yield store
+        store.close()
+        return
+    with database(request.param, tmp_path) as url:
+        store = SqlState(url, tmp_path / "models")
+        yield store
+        store.close()
 
 
 def _open(state: StudyState, number: int = 1) -> None:
@@ -169,8 +174,8 @@ def test_site_reports_are_kept_over_time_once_each_and_per_study(state: StudySta
         state.save_report("c" * 64, "alpha", "drift", 1, "{}", 14.0)
 
 
-def test_sql_state_survives_a_reopen_and_refuses_an_old_database(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'state.db'}"
+def test_sql_state_survives_a_reopen(database_url: str, tmp_path: Path) -> None:
+    url = database_url
     first = SqlState(url, tmp_path / "models")
     first.register_study(H, "toy", "{}", SITES, 1.0)
     _open(first)
@@ -181,6 +186,9 @@ def test_sql_state_survives_a_reopen_and_refuses_an_old_database(tmp_path: Path)
     assert stored is not None
     assert stored.submissions == {"alpha": b"update-a"}
     again.close()
+
+
+def test_sql_state_refuses_an_old_database(tmp_path: Path) -> None:
     import sqlite3
 
     with sqlite3.connect(tmp_path / "old.db") as db:

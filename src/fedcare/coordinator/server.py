@@ -27,6 +27,7 @@ def build_coordinators(config: CoordinatorConfig, state: SqlState) -> dict[str, 
     coordinators: dict[str, StudyService] = {}
     for membership in config.studies:
         study = load_study(membership.file)
+        state.claim(study.content_hash)
         coordinators[study.content_hash] = StudyService(
             study,
             membership.sites,

@@ -104,9 +104,14 @@ def _write_study(study: Study, path: Path) -> None:
 
 
 def prepare_deployment(
-    folder: Path, study: Study, cohorts: list[HospitalCohort], port: int
+    folder: Path,
+    study: Study,
+    cohorts: list[HospitalCohort],
+    port: int,
+    database: str = "sqlite:///coordinator.db",
 ) -> _Deployment:
-    """Provision the consortium and write every party's files, as operators would."""
+    """Provision the consortium and write every party's files, as operators would; the
+    coordinator keeps its state in ``database`` (an SQLAlchemy URL)."""
     names = [c.name for c in cohorts]
     provision("fedcare-demo", names, folder, port=port, force=True)
     study_file = folder / "study.yaml"
@@ -120,6 +125,7 @@ def prepare_deployment(
                 cert=Path("coordinator.crt"), key=Path("coordinator.key"), ca=Path("ca.crt")
             ),
             studies=[StudyMembership(file=Path("study.yaml"), sites=names)],
+            database=database,
         ),
         coordinator_config,
     )

@@ -9,11 +9,15 @@ beside the database; the database holds their checksums.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from sqlalchemy import (
+    Connection,
     Float,
     ForeignKey,
     Integer,
@@ -21,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     create_engine,
+    func,
     inspect,
     select,
 )
@@ -178,6 +183,7 @@ class SqlState:
             if session.get(MetaRow, "schema_version") is None:
                 session.add(MetaRow(key="schema_version", value=str(SCHEMA_VERSION)))
         self.storage = storage
+        self._claims: dict[str, Connection | TextIO] = {}
 
     def _check_version(self) -> None:
         tables = set(inspect(self.engine).get_table_names())
@@ -195,7 +201,49 @@ class SqlState:
                 "point database: at a new file"
             )
 
+    def claim(self, study_hash: str) -> None:
+        """Serve ``study_hash`` from this database alone: a second coordinator that
+        claims it while this one runs is refused with :class:`StateError`. Held until
+        :meth:`close` or the process ends (``kill -9`` included): a PostgreSQL
+        session-level advisory lock, or for SQLite a lock on a file beside the database."""
+        if study_hash in self._claims:
+            return
+        url = self.engine.url
+        if url.get_backend_name() == "postgresql":
+            key = int.from_bytes(
+                hashlib.sha256(f"fedcare:{study_hash}".encode()).digest()[:8], "big", signed=True
+            )
+            connection = self.engine.connect()
+            taken = connection.execute(select(func.pg_try_advisory_lock(key))).scalar()
+            connection.commit()
+            if not taken:
+                connection.close()
+                raise self._claimed_elsewhere(study_hash)
+            self._claims[study_hash] = connection
+            return
+        database = url.database
+        if not database or database == ":memory:":
+            return
+        lock = Path(f"{database}.{study_hash[:16]}.lock")
+        handle = lock.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise self._claimed_elsewhere(study_hash) from None
+        self._claims[study_hash] = handle
+
+    def _claimed_elsewhere(self, study_hash: str) -> StateError:
+        return StateError(
+            f"study {study_hash[:12]} is already served by another coordinator on "
+            f"{self.engine.url.render_as_string(hide_password=True)}; stop that one first "
+            "(two coordinators on one study would each close its rounds)"
+        )
+
     def close(self) -> None:
+        for claim in self._claims.values():
+            claim.close()
+        self._claims.clear()
         self.engine.dispose()
 
     def register_study(
