@@ -33,6 +33,11 @@ class TlsFiles(_Config):
     cert: Path = Field(description="This party's certificate (PEM).")
     key: Path = Field(description="Its private key (PEM), readable by this party's user only.")
     ca: Path = Field(description="The consortium CA's certificate, which vouches for every peer.")
+    crl: Path | None = Field(
+        default=None,
+        description="The coordinator only: the CA-signed revocation list (crl.pem), checked "
+        "at every TLS handshake and re-read when it changes.",
+    )
 
 
 class StudyMembership(_Config):

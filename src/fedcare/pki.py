@@ -147,15 +147,15 @@ def make_ca(consortium: str, *, days: int = CA_DAYS, now: datetime | None = None
     return Issued(cert, key)
 
 
-def _issue(
+def _build(
     ca: Issued,
     subject: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
     usage: x509.ObjectIdentifier,
     days: int,
     now: datetime | None,
     san: x509.SubjectAlternativeName | None = None,
-) -> Issued:
-    key = new_key()
+) -> x509.Certificate:
     start = _now(now)
     end = min(start + timedelta(days=days), ca.cert.not_valid_after_utc)
     ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -163,7 +163,7 @@ def _issue(
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start - CLOCK_SKEW)
         .not_valid_after(end)
@@ -183,14 +183,26 @@ def _issue(
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
         )
     )
     if san is not None:
         builder = builder.add_extension(san, critical=False)
-    return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def _issue(
+    ca: Issued,
+    subject: x509.Name,
+    usage: x509.ObjectIdentifier,
+    days: int,
+    now: datetime | None,
+    san: x509.SubjectAlternativeName | None = None,
+) -> Issued:
+    key = new_key()
+    return Issued(_build(ca, subject, key.public_key(), usage, days, now, san), key)
 
 
 def _general_name(host: str) -> x509.GeneralName:
@@ -254,6 +266,147 @@ def issue_operator_cert(
     dashboard and cannot act as a site, whatever its name."""
     subject = _subject(check_site_name(name), check_consortium_name(consortium), ROLE_OPERATOR)
     return _issue(ca, subject, ExtendedKeyUsageOID.CLIENT_AUTH, days, now)
+
+
+def make_csr(key: PrivateKey, name: str, role: str = ROLE_SITE) -> x509.CertificateSigningRequest:
+    """A certificate signing request for ``name`` in ``role``, signed with ``key`` (which
+    never leaves the party that made it)."""
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+            x509.NameAttribute(NameOID.COMMON_NAME, check_site_name(name)),
+        ]
+    )
+    return x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+
+
+def check_csr(csr: x509.CertificateSigningRequest) -> Peer:
+    """The peer a CSR asks a certificate for, if the CA may sign it: a valid self-signature,
+    one valid name, the site role, an ECDSA P-256 key. Else :class:`PkiError` naming why."""
+    if not csr.is_signature_valid:
+        raise PkiError("the request's signature does not verify (was it altered?)")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        kind = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
+        raise PkiError(f"the request's key is {kind}; the consortium uses ECDSA P-256")
+    allowed = {NameOID.COMMON_NAME, NameOID.ORGANIZATIONAL_UNIT_NAME, NameOID.ORGANIZATION_NAME}
+    other = [a.rfc4514_string() for a in csr.subject if a.oid not in allowed]
+    if other:
+        raise PkiError(f"the request's subject has fields the CA does not sign: {other}")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not isinstance(names[0].value, str):
+        raise PkiError(f"expected one common name in the request, found {len(names)}")
+    units = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    peer = Peer(check_site_name(names[0].value), _role(units))
+    if not peer.is_site:
+        raise PkiError(f"the request asks for an {peer.role} certificate; only sites enrol")
+    return peer
+
+
+def issue_from_csr(
+    ca: Issued,
+    consortium: str,
+    csr: x509.CertificateSigningRequest,
+    *,
+    days: int = LEAF_DAYS,
+    now: datetime | None = None,
+) -> x509.Certificate:
+    """A site certificate for a checked CSR's key: the subject is the CA's own (the
+    consortium, the role, the name), never copied from the request."""
+    peer = check_csr(csr)
+    key = csr.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)  # check_csr guarantees it
+    subject = _subject(peer.name, check_consortium_name(consortium), ROLE_SITE)
+    return _build(ca, subject, key, ExtendedKeyUsageOID.CLIENT_AUTH, days, now)
+
+
+def reissue(
+    ca: Issued, cert: x509.Certificate, *, days: int = LEAF_DAYS, now: datetime | None = None
+) -> x509.Certificate:
+    """The same name, role and key as ``cert``, a new serial and a new validity."""
+    cert.verify_directly_issued_by(ca.cert)
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise PkiError("only ECDSA certificates can be renewed")
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    return _build(ca, cert.subject, key, next(iter(usage)), days, now)
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """One certificate on the consortium's revocation list."""
+
+    serial: int
+    revoked_at: datetime
+    reason: str
+
+
+CRL_DAYS = 30
+"""A revocation list is valid this long; revoke (or renew the list) before it lapses."""
+
+
+def make_crl(
+    ca: Issued, revoked: Sequence[Revoked], number: int, *, now: datetime | None = None
+) -> x509.CertificateRevocationList:
+    """The CA-signed revocation list of ``revoked``, numbered ``number``."""
+    start = _now(now)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(start - CLOCK_SKEW)
+        .next_update(start + timedelta(days=CRL_DAYS))
+        .add_extension(x509.CRLNumber(number), critical=False)
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(entry.serial)
+            .revocation_date(entry.revoked_at)
+            .build()
+        )
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def load_crl(path: Path, ca: x509.Certificate) -> x509.CertificateRevocationList:
+    """Read a PEM revocation list and check that ``ca`` signed it."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except OSError as exc:
+        raise PkiError(f"{path}: cannot read the revocation list: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise PkiError(f"{path}: not a PEM revocation list") from exc
+    ca_key = ca.public_key()
+    if not isinstance(ca_key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(ca_key):
+        raise PkiError(f"{path}: the revocation list is not signed by the consortium CA")
+    return crl
+
+
+def revoked_serials(crl: x509.CertificateRevocationList) -> frozenset[int]:
+    """The serial numbers a (checked) revocation list revokes."""
+    return frozenset(entry.serial_number for entry in crl)
+
+
+def write_crl(crl: x509.CertificateRevocationList, path: Path) -> None:
+    """Replace ``path`` with ``crl`` in one step (a reader never sees half a list)."""
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    os.chmod(partial, 0o644)
+    partial.replace(path)
+
+
+def write_csr(csr: x509.CertificateSigningRequest, path: Path) -> None:
+    """Write a CSR as PEM to a new file."""
+    _create_exclusive(path, csr.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def load_csr(path: Path) -> x509.CertificateSigningRequest:
+    """Read a PEM certificate signing request."""
+    try:
+        return x509.load_pem_x509_csr(path.read_bytes())
+    except OSError as exc:
+        raise PkiError(f"{path}: cannot read the request: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise PkiError(f"{path}: not a PEM certificate signing request") from exc
 
 
 def _create_exclusive(path: Path, data: bytes, mode: int) -> None:

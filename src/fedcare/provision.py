@@ -3,6 +3,8 @@
 Layout of the output folder::
 
     ca.crt  ca.key                      the consortium CA (keep ca.key offline)
+    ca-audit.jsonl                      the CA's audit trail: every certificate it issued
+    crl.pem                             the CA-signed revocation list (empty at first)
     coordinator.crt  coordinator.key    the coordinator's TLS server certificate
     coordinator.yaml                    a CoordinatorConfig, ready to edit
     sites/<name>/<name>.crt  <name>.key the site's TLS client certificate (CN = <name>)
@@ -27,10 +29,16 @@ from datetime import datetime
 from pathlib import Path
 
 from fedcare import pki
+from fedcare.audit import AuditLog
 from fedcare.config import ConfigError, CoordinatorConfig, SiteConfig, load_config
 
 DEFAULT_PORT = 8443
 SITES_DIR = "sites"
+CA_AUDIT = "ca-audit.jsonl"
+"""The CA's audit trail: every certificate it issued, renewed or revoked."""
+CA_PARTY = "consortium-ca"
+CRL_FILE = "crl.pem"
+"""The CA-signed list of revoked certificates (empty until the first revocation)."""
 OPERATOR_DIR = "operator"
 OPERATOR_NAME = "operator"
 _RESERVED = ("ca", pki.COORDINATOR_CN)  # "ca" would clash with the CA copy in a site folder
@@ -119,12 +127,16 @@ def _q(value: str) -> str:
     return json.dumps(value)
 
 
-def _tls_block(cert: str, key: str, cert_note: str, key_note: str, ca_note: str) -> str:
+def _tls_block(
+    cert: str, key: str, cert_note: str, key_note: str, ca_note: str, crl: bool = False
+) -> str:
     lines = [
         (f"  cert: {_q(cert)}", cert_note),
         (f"  key: {_q(key)}", key_note),
         (f"  ca: {_q('ca.crt')}", ca_note),
     ]
+    if crl:
+        lines.append((f"  crl: {_q(CRL_FILE)}", "revoked certificates: checked at every handshake"))
     width = max(len(text) for text, _ in lines)
     return "tls:\n" + "".join(f"{text.ljust(width)}  # {note}\n" for text, note in lines)
 
@@ -147,6 +159,7 @@ port: {port}
             "this server's certificate (TLS server authentication)",
             "its private key: readable by the coordinator's user only (0600)",
             "the consortium CA: only site certificates it issued get in",
+            crl=True,
         )
     }# SQLAlchemy URL; a relative SQLite path is relative to this file.
 database: {_q("sqlite:///coordinator.db")}
@@ -196,6 +209,8 @@ def _plan(out: Path, sites: Sequence[str]) -> list[Path]:
     files = [
         out / "ca.crt",
         out / "ca.key",
+        out / CA_AUDIT,
+        out / CRL_FILE,
         out / "coordinator.crt",
         out / "coordinator.key",
         out / "coordinator.yaml",
@@ -331,6 +346,19 @@ def provision(
     pki.write_pkcs12(operator, ca.cert, OPERATOR_NAME, stem.with_suffix(".p12"))
     pki.write_certificate(ca.cert, folder / "ca.crt")
     copies.append(folder / "ca.crt")
+
+    pki.write_crl(pki.make_crl(ca, [], 1, now=now), out / CRL_FILE)
+    trail = AuditLog(out / CA_AUDIT, CA_PARTY)
+    trail.append("consortium.provisioned", consortium=consortium, ca=pki.fingerprint(ca.cert))
+    for name, issued in [*clients.items(), (OPERATOR_NAME, operator)]:
+        trail.append(
+            "certificate.issued",
+            site=name,
+            role=pki.peer(issued.cert).role,
+            serial=str(issued.cert.serial_number),
+            sha256=pki.fingerprint(issued.cert),
+            not_after=issued.cert.not_valid_after_utc.isoformat(),
+        )
 
     _check_configs(coordinator_config, site_configs, consortium, port)
     stale = sorted(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from fedcare.cli.common import console, guarded, say
+from fedcare.cli.common import console, fail, guarded, say
 
 if TYPE_CHECKING:
     from fedcare.config import CoordinatorConfig
@@ -179,18 +179,29 @@ def site_admit(
     _set_standing(config, study, site, reason, drop=False)
 
 
+provision_app = typer.Typer(
+    help="Create a consortium (CA, coordinator, site and operator certificates, configs); "
+    "then sign sites' requests, add, revoke and renew certificates.",
+    invoke_without_command=True,
+)
+
+
+@provision_app.callback()
 def provision(
+    ctx: typer.Context,
     consortium: Annotated[
-        str, typer.Option(help="The consortium's name; goes into every certificate.")
-    ],
+        str | None, typer.Option(help="The consortium's name; goes into every certificate.")
+    ] = None,
     sites: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--sites",
             help="Site names, comma-separated or repeated; each becomes a certificate's CN.",
         ),
-    ],
-    out: Annotated[Path, typer.Option(help="Folder for the CA, certificates, keys and configs.")],
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the CA, certificates, keys and configs.")
+    ] = None,
     port: Annotated[int, typer.Option(min=1, max=65535, help="The coordinator's port.")] = 8443,
     coordinator_host: Annotated[
         list[str] | None,
@@ -212,18 +223,22 @@ def provision(
         ),
     ] = None,
 ) -> None:
-    """Create a consortium CA, coordinator and site certificates for mutual TLS, and configs."""
-    import os
-
-    from fedcare.provision import ProvisionError, ProvisionResult, split_names
+    """Create a consortium CA, coordinator, site and operator certificates for mutual TLS,
+    and configs (--consortium, --sites and --out); or run one of the commands below."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fedcare.provision import ProvisionResult, split_names
     from fedcare.provision import provision as write_consortium
 
+    missing = [
+        flag
+        for flag, value in (("--consortium", consortium), ("--sites", sites), ("--out", out))
+        if not value
+    ]
+    if consortium is None or sites is None or out is None:
+        fail(f"give {', '.join(missing)} (or a command: see 'fedcare provision --help')")
+
     def run() -> ProvisionResult:
-        passphrase: bytes | None = None
-        if passphrase_env is not None:
-            passphrase = os.environ.get(passphrase_env, "").encode() or None
-            if passphrase is None:
-                raise ProvisionError(f"environment variable {passphrase_env} is unset or empty")
         return write_consortium(
             consortium,
             split_names(sites),
@@ -231,7 +246,7 @@ def provision(
             port=port,
             coordinator_hosts=split_names(coordinator_host or []),
             force=force,
-            ca_passphrase=passphrase,
+            ca_passphrase=_passphrase(passphrase_env),
         )
 
     result = guarded(run)
@@ -259,3 +274,105 @@ def provision(
         style="dim",
         highlight=False,
     )
+
+
+def _passphrase(variable: str | None) -> bytes | None:
+    import os
+
+    from fedcare.provision import ProvisionError
+
+    if variable is None:
+        return None
+    value = os.environ.get(variable, "").encode()
+    if not value:
+        raise ProvisionError(f"environment variable {variable} is unset or empty")
+    return value
+
+
+CaDirOption = Annotated[
+    Path, typer.Option("--ca-dir", help="The folder 'fedcare provision' wrote (ca.crt, ca.key).")
+]
+PassphraseOption = Annotated[
+    str | None,
+    typer.Option(
+        "--passphrase-env", metavar="VAR", help="ca.key's passphrase is in this variable."
+    ),
+]
+
+
+def _show(issued: object, verb: str) -> None:
+    from fedcare.lifecycle import Issued
+
+    assert isinstance(issued, Issued)
+    say(f"{verb} {issued.name}: {issued.cert_path}")
+    say(f"  serial       {issued.serial:x}")
+    say(f"  sha256       {issued.fingerprint}")
+    say(f"  valid until  {issued.not_after:%Y-%m-%d}")
+    if issued.config is not None:
+        say(f"  config       {issued.config}")
+
+
+@provision_app.command("sign")
+def provision_sign(
+    csr: Annotated[Path, typer.Argument(help="The site's request (NAME.csr from 'site enrol').")],
+    ca_dir: CaDirOption,
+    passphrase_env: PassphraseOption = None,
+) -> None:
+    """Check a site's certificate signing request (name rules, role, key type, signature)
+    and sign it with the consortium CA; write its certificate and a starter site.yaml."""
+    from fedcare.lifecycle import open_ca, sign
+
+    issued = guarded(lambda: sign(open_ca(ca_dir, _passphrase(passphrase_env)), csr))
+    _show(issued, "signed")
+    console.print(
+        f"next: send sites/{issued.name}/ ({issued.name}.crt, ca.crt, site.yaml) to the site; "
+        "its key never left it. Add it to a study in coordinator.yaml.",
+        style="dim",
+        highlight=False,
+    )
+
+
+@provision_app.command("add-site")
+def provision_add_site(
+    name: Annotated[str, typer.Argument(help="The new site's name (its certificate's CN).")],
+    ca_dir: CaDirOption,
+    passphrase_env: PassphraseOption = None,
+) -> None:
+    """Enrol and sign in one step, the key made in the site's folder (a test consortium)."""
+    from fedcare.lifecycle import add_site, open_ca
+
+    _show(guarded(lambda: add_site(open_ca(ca_dir, _passphrase(passphrase_env)), name)), "added")
+
+
+@provision_app.command("revoke")
+def provision_revoke(
+    name: Annotated[str, typer.Argument(help="The site whose certificates to revoke.")],
+    reason: Annotated[str, typer.Option(help="Why; goes into the CA's audit trail.")],
+    ca_dir: CaDirOption,
+    passphrase_env: PassphraseOption = None,
+) -> None:
+    """Put every certificate the CA issued to a site on the revocation list (crl.pem)."""
+    from fedcare.lifecycle import open_ca, revoke
+    from fedcare.provision import CRL_FILE
+
+    serials = guarded(lambda: revoke(open_ca(ca_dir, _passphrase(passphrase_env)), name, reason))
+    say(f"revoked {name}: serial(s) {', '.join(f'{s:x}' for s in serials)}")
+    say(f"revocation list: {ca_dir / CRL_FILE}")
+    console.print(
+        "next: copy crl.pem to the coordinator (tls.crl in coordinator.yaml); it takes effect "
+        "at the next handshake, without a restart, and the site is dropped from its studies.",
+        style="dim",
+        highlight=False,
+    )
+
+
+@provision_app.command("renew")
+def provision_renew(
+    name: Annotated[str, typer.Argument(help="The site whose certificate to renew.")],
+    ca_dir: CaDirOption,
+    passphrase_env: PassphraseOption = None,
+) -> None:
+    """Re-issue a site's certificate from the same key, with a new validity."""
+    from fedcare.lifecycle import open_ca, renew
+
+    _show(guarded(lambda: renew(open_ca(ca_dir, _passphrase(passphrase_env)), name)), "renewed")

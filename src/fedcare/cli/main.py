@@ -12,7 +12,7 @@ from fedcare.cli.audit import audit_app
 from fedcare.cli.benchmark import benchmark_app
 from fedcare.cli.calibrate import calibrate
 from fedcare.cli.checks import data_app, study_app
-from fedcare.cli.deploy import coordinator_app, provision
+from fedcare.cli.deploy import coordinator_app, provision_app
 from fedcare.cli.init import init
 from fedcare.cli.predict import predict
 from fedcare.cli.privacy import privacy_app
@@ -45,7 +45,7 @@ def _main(
 
 app.command()(demo)
 app.command()(simulate)
-app.command()(provision)
+app.add_typer(provision_app, name="provision")
 app.command()(calibrate)
 app.command()(predict)
 app.command()(init)

@@ -7,10 +7,31 @@ from typing import Annotated
 
 import typer
 
-from fedcare.cli.common import console, errors, fail, guarded
+from fedcare.cli.common import console, errors, fail, guarded, say
 from fedcare.study import load_study
 
 site_app = typer.Typer(help="Run a hospital's site agent.", no_args_is_help=True)
+
+
+@site_app.command("enrol")
+def site_enrol(
+    name: Annotated[str, typer.Option(help="This site's name, as the consortium lists it.")],
+    out: Annotated[Path, typer.Option(help="Folder for the key and the request (created).")],
+) -> None:
+    """Make this site's private key and a certificate signing request; only the request
+    (NAME.csr) goes to the consortium's CA, the key never leaves."""
+    from fedcare.lifecycle import enrol
+
+    done = guarded(lambda: enrol(name, out))
+    say(f"key      {done.key} (mode 0600; stays here)")
+    say(f"request  {done.csr}")
+    say(f"public key sha256 {done.key_sha256}")
+    console.print(
+        f"next: send {done.csr.name} to the CA's holder ('fedcare provision sign'); read them "
+        "the public key's sha256 out of band.",
+        style="dim",
+        highlight=False,
+    )
 
 
 @site_app.command("run")

@@ -22,7 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from fedcare.coordinator.tls import PEER_KEY
+from fedcare.coordinator.tls import PEER_KEY, Revocations
 from fedcare.coordinator.ui import add_dashboard
 from fedcare.federation.messages import TaskReply, TaskState
 from fedcare.federation.service import REFUSALS, StudyService
@@ -154,6 +154,7 @@ def create_app(
     tick_s: float = 0.25,
     stopping: threading.Event | None = None,
     audit_log: pathlib.Path | None = None,
+    revocations: Revocations | None = None,
 ) -> FastAPI:
     """The ASGI app for a set of studies, keyed by content hash, with the dashboard at
     ``/ui`` (it verifies ``audit_log``). Setting ``stopping`` ends every open long-poll
@@ -165,8 +166,11 @@ def create_app(
         async def ticker() -> None:
             # Deadlines are enforced here, so no round waits for a site forever.
             while True:
+                revoked = [] if revocations is None else revocations.revoked_sites()
                 for coordinator in coordinators.values():
                     try:
+                        for site in revoked:
+                            await run_in_threadpool(coordinator.drop_revoked, site)
                         await run_in_threadpool(coordinator.tick)
                     except Exception:
                         log.exception("closing a round of %s failed", coordinator.hash[:12])
@@ -212,6 +216,17 @@ def create_app(
     @app.get("/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/v1/crl", responses={200: {"content": {"application/pkix-crl": {}}}, 204: {}})
+    async def crl(request: Request) -> Response:
+        """The consortium CA's revocation list (PEM), as this coordinator enforces it: sites
+        check their secure-aggregation peers against it (it is the CA's signature that
+        counts, not the coordinator's word)."""
+        viewer(request)
+        if revocations is None:
+            return Response(status_code=204)
+        data = await run_in_threadpool(revocations.crl.read_bytes)
+        return Response(data, media_type="application/pkix-crl")
 
     @app.get("/v1/whoami")
     async def whoami(request: Request) -> dict[str, str]:

@@ -12,7 +12,7 @@ import uvicorn
 from fedcare.audit import AuditLog
 from fedcare.config import CoordinatorConfig
 from fedcare.coordinator.app import create_app
-from fedcare.coordinator.tls import PeerIdentityProtocol
+from fedcare.coordinator.tls import PeerIdentityProtocol, Revocations
 from fedcare.federation.service import StudyService
 from fedcare.federation.state.sql import SqlState
 from fedcare.releases.registry import ReleaseRegistry
@@ -39,23 +39,71 @@ def build_coordinators(config: CoordinatorConfig, state: SqlState) -> dict[str, 
     return coordinators
 
 
-def uvicorn_config(config: CoordinatorConfig, app: object) -> uvicorn.Config:
+def server_context(config: CoordinatorConfig) -> ssl.SSLContext:
+    """The coordinator's TLS context: its certificate, and client certificates required
+    from the consortium CA only."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=str(config.tls.ca))
+    return context
+
+
+def revocations(config: CoordinatorConfig) -> Revocations | None:
+    """The revocation list the coordinator enforces, if its config names one."""
+    if config.tls.crl is None:
+        return None
+    if not config.tls.crl.is_file():
+        raise FileNotFoundError(
+            f"revocation list {config.tls.crl} does not exist; copy crl.pem from the CA folder"
+        )
+    return Revocations(config.tls.crl, config.tls.ca, lambda: server_context(config))
+
+
+class _TlsConfig(uvicorn.Config):
+    """uvicorn with fedcare's TLS context; under a revocation list, every handshake
+    switches to the context that holds the newest one (:class:`Revocations`)."""
+
+    def __init__(self, app: object, config: CoordinatorConfig, checks: Revocations | None) -> None:
+        protocol: type[PeerIdentityProtocol] = PeerIdentityProtocol
+        if checks is not None:
+
+            class CheckedPeerProtocol(PeerIdentityProtocol):
+                revocations = checks
+
+            protocol = CheckedPeerProtocol
+        super().__init__(
+            app,  # type: ignore[arg-type]  # uvicorn types the app loosely
+            host=config.host,
+            port=config.port,
+            ssl_certfile=str(config.tls.cert),
+            ssl_keyfile=str(config.tls.key),
+            ssl_ca_certs=str(config.tls.ca),
+            ssl_cert_reqs=ssl.CERT_REQUIRED,
+            http=protocol,
+            log_level="info",
+            timeout_graceful_shutdown=5,
+        )
+        self.fedcare = config
+        self.checks = checks
+
+    def load(self) -> None:
+        super().load()
+        context = server_context(self.fedcare) if self.checks is None else self.checks.refresh()
+        if self.checks is not None:
+            context.sni_callback = self.checks.select
+        self.ssl = context
+
+
+def uvicorn_config(
+    config: CoordinatorConfig, app: object, checks: Revocations | None = None
+) -> uvicorn.Config:
     """uvicorn over TLS that requires a client certificate from the consortium CA."""
     for path in (config.tls.cert, config.tls.key, config.tls.ca):
         if not path.is_file():
             raise FileNotFoundError(f"TLS file {path} does not exist; run 'fedcare provision'")
-    return uvicorn.Config(
-        app,  # type: ignore[arg-type]  # uvicorn types the app loosely as ASGIApplication | str
-        host=config.host,
-        port=config.port,
-        ssl_certfile=str(config.tls.cert),
-        ssl_keyfile=str(config.tls.key),
-        ssl_ca_certs=str(config.tls.ca),
-        ssl_cert_reqs=ssl.CERT_REQUIRED,
-        http=PeerIdentityProtocol,
-        log_level="info",
-        timeout_graceful_shutdown=5,
-    )
+    return _TlsConfig(app, config, checks)
 
 
 class _Server(uvicorn.Server):
@@ -79,6 +127,7 @@ def serve(config: CoordinatorConfig) -> None:
     store = SqlState(config.database, config.storage)
     stopping = threading.Event()
     try:
+        checks = revocations(config)
         coordinators = build_coordinators(config, store)
         app = create_app(
             coordinators,
@@ -86,7 +135,8 @@ def serve(config: CoordinatorConfig) -> None:
             config.poll_wait_s,
             stopping=stopping,
             audit_log=config.audit_log,
+            revocations=checks,
         )
-        _Server(uvicorn_config(config, app), stopping).run()
+        _Server(uvicorn_config(config, app, checks), stopping).run()
     finally:
         store.close()

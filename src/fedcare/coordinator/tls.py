@@ -1,26 +1,49 @@
-"""Mutual TLS for the coordinator: who is on the other end of a connection.
+"""Mutual TLS for the coordinator: who is on the other end of a connection, and whether
+the consortium CA still vouches for them.
 
 uvicorn verifies the client certificate during the handshake (``CERT_REQUIRED``
 against the consortium CA only) but does not pass it to the application. This
 protocol class reads the verified peer certificate when the connection is made
 and puts the peer (its role, site or operator, and its name, both from the
 certificate subject) into the per-request state, where the endpoints read it.
+
+:class:`Revocations` checks the CA's revocation list in every handshake: each
+handshake is switched (through the SNI callback, which OpenSSL calls for every
+ClientHello) to a context that holds the newest list the CA signed, so a revoked
+certificate fails the handshake itself, and a new list takes effect without a
+restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from fedcare.pki import Peer, PkiError, peer_from_peercert
+from fedcare.pki import (
+    Peer,
+    PkiError,
+    load_certificate,
+    load_crl,
+    peer_from_peercert,
+    revoked_serials,
+)
+
+log = logging.getLogger("fedcare.coordinator")
 
 PEER_KEY = "peer"
 
 
 class PeerIdentityProtocol(H11Protocol):
     """HTTP/1.1 protocol that records the authenticated peer for every request."""
+
+    revocations: Revocations | None = None
+    """Set by the server when the coordinator enforces a revocation list."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -29,6 +52,8 @@ class PeerIdentityProtocol(H11Protocol):
         peer: Peer | None
         try:
             peer = peer_from_peercert(peercert) if peercert else None
+            if peer is not None and self.revocations is not None and peercert:
+                self.revocations.note(peer, serial_of(peercert))
         except PkiError:
             # A CA-issued certificate that names no valid peer (the coordinator's own,
             # say) authenticates nobody; the endpoints answer 401.
@@ -36,3 +61,72 @@ class PeerIdentityProtocol(H11Protocol):
         # app_state is copied into each request's scope["state"]; a per-connection
         # copy keeps one connection's identity out of every other's.
         self.app_state = {**self.app_state, PEER_KEY: peer}
+
+
+class Revocations:
+    """The consortium's revocation list as the coordinator enforces it.
+
+    ``make_context`` builds the server's TLS context (certificate, key, the CA,
+    ``CERT_REQUIRED``); this class adds the CA-signed list from ``crl`` and CRL checking
+    of the client's certificate, and rebuilds it when the file changes. A list that
+    does not verify against the CA is refused and the last good one stays in force.
+    """
+
+    def __init__(self, crl: Path, ca: Path, make_context: Callable[[], ssl.SSLContext]) -> None:
+        self.crl = crl
+        self.ca = load_certificate(ca)
+        self._make = make_context
+        self._lock = threading.Lock()
+        self._seen: tuple[int, int] | None = None
+        self._context: ssl.SSLContext | None = None
+        self._revoked: frozenset[int] = frozenset()
+        self._serials: dict[str, int] = {}
+        self.refresh()
+
+    def refresh(self) -> ssl.SSLContext:
+        """The context with the newest good list (re-read when the file changed)."""
+        with self._lock:
+            try:
+                stat = self.crl.stat()
+                key = (stat.st_size, stat.st_mtime_ns)
+            except FileNotFoundError:
+                key = None
+            if self._context is None or key != self._seen:
+                self._reload(key)
+            assert self._context is not None
+            return self._context
+
+    def _reload(self, key: tuple[int, int] | None) -> None:
+        try:
+            crl = load_crl(self.crl, self.ca)
+        except PkiError as exc:
+            if self._context is None:
+                raise
+            log.error("revocation list not reloaded, the last good one stays: %s", exc)
+            self._seen = key
+            return
+        context = self._make()
+        context.load_verify_locations(cafile=str(self.crl))
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        self._context, self._revoked, self._seen = context, revoked_serials(crl), key
+        log.info("revocation list loaded: %d certificate(s) revoked", len(self._revoked))
+
+    def select(self, connection: ssl.SSLObject, _name: str | None, _: ssl.SSLContext) -> None:
+        """The SNI callback: this handshake uses the current context."""
+        connection.context = self.refresh()
+
+    def note(self, peer: Peer, serial: int | None) -> None:
+        """Remember which certificate a site last connected with."""
+        if serial is not None and peer.is_site:
+            self._serials[peer.name] = serial
+
+    def revoked_sites(self) -> list[str]:
+        """Sites whose last certificate is now on the list (after a reload)."""
+        self.refresh()
+        return sorted(site for site, serial in self._serials.items() if serial in self._revoked)
+
+
+def serial_of(peercert: Mapping[str, object]) -> int | None:
+    """The serial number in :meth:`ssl.SSLSocket.getpeercert`'s dict (a hex string)."""
+    value = peercert.get("serialNumber")
+    return int(value, 16) if isinstance(value, str) else None

@@ -891,6 +891,27 @@ class StudyService:
             DriftSummary.model_validate_json(r.body) for r in self.state.reports(self.hash, "drift")
         ]
 
+    def drop_revoked(self, site: str) -> bool:
+        """Drop a member site whose certificate the consortium CA revoked, as an operator
+        would (``site drop``); True when it was dropped now."""
+        with self._lock:
+            if site not in self.federation.sites:
+                return False
+            if self.standing(site).state is SiteState.DROPPED:
+                return False
+            set_standing(
+                self.state,
+                self.hash,
+                site,
+                SiteState.DROPPED,
+                "certificate revoked by the consortium CA",
+                self.clock(),
+            )
+            self._audit(
+                "site.revoked", site=site, reason="certificate revoked by the consortium CA"
+            )
+            return True
+
     def release_states(self, identity: str) -> dict[int, str]:
         """Each release's state (candidate, promoted, rejected) for a member site: how a
         site learns which of the candidates it validated became releases."""

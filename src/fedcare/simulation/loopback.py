@@ -122,7 +122,10 @@ def prepare_deployment(
             consortium="fedcare-demo",
             port=port,
             tls=TlsFiles(
-                cert=Path("coordinator.crt"), key=Path("coordinator.key"), ca=Path("ca.crt")
+                cert=Path("coordinator.crt"),
+                key=Path("coordinator.key"),
+                ca=Path("ca.crt"),
+                crl=Path("crl.pem"),
             ),
             studies=[StudyMembership(file=Path("study.yaml"), sites=names)],
             database=database,
