@@ -223,6 +223,13 @@ def add_site(folder: CaFolder, name: str, *, now: datetime | None = None) -> Iss
     """Enrol and sign in one step, the key made in the site's folder (a test consortium,
     or a site whose folder the CA's holder ships)."""
     site_dir = folder.path / SITES_DIR / name
+    old_cert = folder.site_cert(name)
+    if old_cert.exists() and _live(folder, name) is None:
+        # A revoked site enrols again: its old key and certificate are kept, set aside.
+        serial = f"{pki.load_certificate(old_cert).serial_number:x}"
+        for old in (old_cert, site_dir / f"{name}.key"):
+            if old.exists():
+                old.rename(old.with_name(f"{old.name}.revoked-{serial}"))
     enrolment = enrol(name, site_dir)
     issued = sign(folder, enrolment.csr, now=now)
     enrolment.csr.unlink()
@@ -251,7 +258,7 @@ def revoke(folder: CaFolder, name: str, reason: str, *, now: datetime | None = N
     crl_path = folder.path / CRL_FILE
     if crl_path.exists():
         current = pki.load_crl(crl_path, folder.ca.cert)
-        number = current.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+        number = pki.crl_number(current) + 1
     pki.write_crl(pki.make_crl(folder.ca, entries, number, now=now), crl_path)
     folder.audit.append(
         "certificate.revoked",

@@ -283,7 +283,11 @@ def make_csr(key: PrivateKey, name: str, role: str = ROLE_SITE) -> x509.Certific
 def check_csr(csr: x509.CertificateSigningRequest) -> Peer:
     """The peer a CSR asks a certificate for, if the CA may sign it: a valid self-signature,
     one valid name, the site role, an ECDSA P-256 key. Else :class:`PkiError` naming why."""
-    if not csr.is_signature_valid:
+    try:
+        valid = csr.is_signature_valid
+    except ValueError:
+        valid = False  # a key that does not even parse
+    if not valid:
         raise PkiError("the request's signature does not verify (was it altered?)")
     key = csr.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
@@ -367,18 +371,33 @@ def make_crl(
     return builder.sign(ca.key, hashes.SHA256())
 
 
+def parse_crl(data: bytes, ca: x509.Certificate) -> x509.CertificateRevocationList:
+    """A PEM revocation list, if ``ca`` signed it; else :class:`PkiError`."""
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError as exc:
+        raise PkiError("not a PEM revocation list") from exc
+    ca_key = ca.public_key()
+    if not isinstance(ca_key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(ca_key):
+        raise PkiError("the revocation list is not signed by the consortium CA")
+    return crl
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The list's sequence number: a later list has a higher one."""
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
 def load_crl(path: Path, ca: x509.Certificate) -> x509.CertificateRevocationList:
     """Read a PEM revocation list and check that ``ca`` signed it."""
     try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
+        data = path.read_bytes()
     except OSError as exc:
         raise PkiError(f"{path}: cannot read the revocation list: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise PkiError(f"{path}: not a PEM revocation list") from exc
-    ca_key = ca.public_key()
-    if not isinstance(ca_key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(ca_key):
-        raise PkiError(f"{path}: the revocation list is not signed by the consortium CA")
-    return crl
+    try:
+        return parse_crl(data, ca)
+    except PkiError as exc:
+        raise PkiError(f"{path}: {exc}") from None
 
 
 def revoked_serials(crl: x509.CertificateRevocationList) -> frozenset[int]:

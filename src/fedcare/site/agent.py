@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from fedcare import pki
 from fedcare.audit import AuditLog
 from fedcare.config import SiteConfig
 from fedcare.durable import write_file_atomically
@@ -36,6 +37,7 @@ from fedcare.site.dataset import SiteDataError, prepare_site_data
 from fedcare.site.gate import admit_study
 from fedcare.site.participant import Participant, Step
 from fedcare.site.profiles import ProfileStore
+from fedcare.site.revocation import PeerRevocations
 from fedcare.site.secagg import secure_site
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, load_study
@@ -119,14 +121,18 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
     worker = SiteWorker(
         study, data, n_params, policy.validation_gates, policy.min_cohort_size, privacy=guard
     )
+    client = CoordinatorClient(str(config.coordinator), config.tls)
+    revoked = PeerRevocations(client.crl, pki.load_certificate(config.tls.ca))
     try:
         secure = (
-            secure_site(config, worker, guard.ledger) if study.secure_aggregation.enabled else None
+            secure_site(config, worker, guard.ledger, revoked)
+            if study.secure_aggregation.enabled
+            else None
         )
     except SecAggError as exc:
+        client.close()
         raise SiteAgentError(f"cannot take part in secure aggregation: {exc}") from exc
     study_hash = study.content_hash
-    client = CoordinatorClient(str(config.coordinator), config.tls)
     retry_max = config.retry_max_s
 
     def retry(call: Callable[[], T], what: str) -> T:

@@ -199,6 +199,15 @@ class CoordinatorClient:
             raise CoordinatorError(response.status_code, _detail(response))
         return {int(r["id"]): str(r["state"]) for r in response.json()}
 
+    def crl(self) -> bytes | None:
+        """The consortium CA's revocation list the coordinator serves (None if it has none)."""
+        response = self._call("GET", "/v1/crl")
+        if response.status_code == 204:
+            return None
+        if response.status_code != 200:
+            raise CoordinatorError(response.status_code, _detail(response))
+        return response.content
+
     def model(self, study_hash: str) -> bytes:
         response = self._call("GET", f"/v1/studies/{study_hash}/model")
         if response.status_code != 200:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -169,10 +169,16 @@ class SecureSite:
         return encode(update.delta, weight, self.plan, np.random.default_rng(seed))
 
 
-def secure_site(config: SiteConfig, worker: SiteWorker, record: SessionRecord) -> SecureSite:
+def secure_site(
+    config: SiteConfig,
+    worker: SiteWorker,
+    record: SessionRecord,
+    revoked: Callable[[], Collection[int]] = frozenset,
+) -> SecureSite:
     """The site's secure side, signing with its provisioned certificate key; ``record``
-    keeps, durably, the tasks it sent masked inputs for."""
+    keeps, durably, the tasks it sent masked inputs for; ``revoked`` gives the serials
+    the consortium CA revoked (peers holding them are refused)."""
     cert = pki.load_certificate(config.tls.cert)
     signer = EcdsaSigner(pki.load_private_key(config.tls.key), cert)
-    verifier = IdentityVerifier(pki.load_certificate(config.tls.ca))
+    verifier = IdentityVerifier(pki.load_certificate(config.tls.ca), revoked=revoked)
     return SecureSite(worker, signer, signer.certificate_pem, verifier, record)

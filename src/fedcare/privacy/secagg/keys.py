@@ -10,7 +10,7 @@ relays them cannot substitute its own keys.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -84,12 +84,20 @@ class EcdsaSigner:
 class IdentityVerifier:
     """Checks a site's signature against a certificate the consortium CA issued to that site."""
 
-    def __init__(self, ca: x509.Certificate, now: datetime | None = None) -> None:
+    def __init__(
+        self,
+        ca: x509.Certificate,
+        now: datetime | None = None,
+        revoked: Callable[[], Collection[int]] = frozenset,
+    ) -> None:
         self.ca = ca
         self.now = now
-        self._known: dict[str, ec.EllipticCurvePublicKey] = {}
+        self.revoked = revoked
+        """The serials the consortium CA has revoked (its signed list, as the site last
+        fetched it); a revoked peer is refused even after its key was first accepted."""
+        self._known: dict[str, tuple[int, ec.EllipticCurvePublicKey]] = {}
 
-    def _site_key(self, site: str, certificate_pem: str) -> ec.EllipticCurvePublicKey:
+    def _site_key(self, site: str, certificate_pem: str) -> tuple[int, ec.EllipticCurvePublicKey]:
         try:
             cert = x509.load_pem_x509_certificate(certificate_pem.encode())
             cert.verify_directly_issued_by(self.ca)
@@ -110,7 +118,7 @@ class IdentityVerifier:
         key = cert.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise SecAggError(f"the certificate presented for '{site}' has no ECDSA key")
-        return key
+        return cert.serial_number, key
 
     def verify(
         self,
@@ -121,12 +129,14 @@ class IdentityVerifier:
         what: str = "key advertisement",
     ) -> None:
         """Raise :class:`SecAggError` unless ``site`` signed ``data``."""
-        key = self._known.get(site) or self._site_key(site, certificate_pem)
+        serial, key = self._known.get(site) or self._site_key(site, certificate_pem)
+        if serial in self.revoked():
+            raise SecAggError(f"the certificate of '{site}' has been revoked by the consortium CA")
         try:
             key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature as exc:
             raise SecAggError(f"the {what} of '{site}' has a bad signature") from exc
-        self._known[site] = key
+        self._known[site] = (serial, key)
 
 
 def signed_by_certificate(certificate_pem: str, data: bytes, signature: bytes) -> bool:
