@@ -20,6 +20,7 @@ from fedcare.federation.service import (
     ForbiddenError,
     RoundReport,
     StudyService,
+    add_site,
     set_standing,
 )
 from fedcare.federation.state import MemoryState, SiteState
@@ -309,3 +310,45 @@ def test_a_site_sees_only_its_own_standing(toy_study: Study) -> None:
     assert [s.site for s in service.status("alpha").standings] == ["alpha"]
     assert [s.site for s in service.status("gamma").standings] == ["gamma"]
     assert [s.site for s in service.status().standings] == NAMES
+
+
+def test_a_site_added_to_an_open_study_joins_at_the_next_round_boundary(
+    tmp_path: Path, toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    closed = _rounds(toy_study, count=4, deadline_s=600)
+    study = _rounds(toy_study, count=4, deadline_s=600, open_enrolment=True)
+    clock = SimClock()
+    state = MemoryState()
+    audit = AuditLog(tmp_path / "audit.log", "coordinator")
+    service = StudyService(study, ["alpha", "beta"], state, clock=clock.now, audit=audit)
+    workers = _workers(study, toy_sites)
+    for name in ("alpha", "beta"):
+        service.task_for(name)
+    _report(service, workers, ("alpha", "beta"))  # round 1 closes, round 2 opens
+    assert service.round is not None
+    assert service.round.number == 2
+    with pytest.raises(ForbiddenError, match="not a member"):
+        service.task_for("gamma")  # not a member yet
+    assert add_site(state, study.content_hash, "gamma", "new hospital", 5.0, audit)
+    assert not add_site(state, study.content_hash, "gamma", "again", 6.0, audit)
+    service.tick()
+    # Round 2 was selected before gamma joined; it waits for round 3.
+    assert service.round.selected == ("alpha", "beta")
+    assert service.task_for("gamma").state is TaskState.WAIT
+    _report(service, workers, ("alpha", "beta"))
+    assert service.round is not None
+    assert service.round.number == 3
+    assert service.round.selected == ("alpha", "beta", "gamma")
+    _report(service, workers, ("alpha", "beta", "gamma"))
+    assert service.federation.round_number == 3
+    events = [(e.event, e.details) for e in read_entries(tmp_path / "audit.log")]
+    joined = [d for event, d in events if event == "site.joined"]
+    assert [(d["site"], d["from_round"]) for d in joined] == [("gamma", 3)]
+    assert [event for event, _ in events].count("site.added") == 1
+    # A restart with the config's original sites keeps the one that joined.
+    again = StudyService(study, ["alpha", "beta"], state, clock=clock.now)
+    assert again.federation.sites == ["alpha", "beta", "gamma"]
+    # A study that did not declare open enrolment takes no one mid-way.
+    StudyService(closed, ["alpha", "beta"], state, clock=clock.now)
+    with pytest.raises(ValueError, match="open_enrolment is false"):
+        add_site(state, closed.content_hash, "gamma", "new hospital", 7.0)

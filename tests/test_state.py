@@ -209,3 +209,14 @@ def test_sql_state_refuses_a_model_file_that_changed(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="does not match its recorded checksum"):
         state.latest_model(H)
     state.close()
+
+
+def test_a_site_added_to_a_running_study_is_a_member_with_a_standing(state: StudyState) -> None:
+    state.register_study(H, "toy", "{}", SITES, 1.0)
+    assert state.add_site(H, "delta", "joined", 5.0)
+    assert not state.add_site(H, "delta", "again", 6.0)
+    assert state.study(H).sites == ("alpha", "beta", "delta", "gamma")
+    record = state.sites(H)["delta"]
+    assert (record.state, record.reason, record.changed_at) == (SiteState.ACTIVE, "joined", 5.0)
+    with pytest.raises(StateError, match="unknown study"):
+        state.add_site(OTHER, "delta", "joined", 5.0)

@@ -189,6 +189,11 @@ class RoundSpec(Strict):
     count: int = Field(default=20, ge=1, le=10_000)
     min_sites: int = Field(default=1, ge=1)
     fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="Share of sites per round.")
+    open_enrolment: bool = Field(
+        default=False,
+        description="Whether the operator may add a site while the study runs (it joins at "
+        "the next round boundary: fedcare coordinator site add).",
+    )
     deadline_s: float = Field(default=600.0, gt=0.0)
     extensions: int = Field(
         default=0,

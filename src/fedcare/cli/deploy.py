@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 coordinator_app = typer.Typer(help="Run the consortium's coordinator.", no_args_is_help=True)
 membership_app = typer.Typer(
-    help="Drop a site from a running study, or admit it again (the study's hash stays).",
+    help="Add a site to a running study, drop one, or admit it again (the study's hash stays).",
     no_args_is_help=True,
 )
 coordinator_app.add_typer(membership_app, name="site")
@@ -152,6 +152,32 @@ def _set_standing(config: Path, study: str, site: str, reason: str, drop: bool) 
     say(
         f"{site} {verb} study {study_hash[:12]} (recorded in {parsed.audit_log}); at a "
         f"running coordinator's next tick {effect}"
+    )
+
+
+@membership_app.command("add")
+def site_add(
+    study: Annotated[str, typer.Argument(help="The study, by name or hash (6+ characters).")],
+    site: Annotated[str, typer.Argument(help="The new site (its certificate's name).")],
+    reason: Annotated[str, typer.Option(help="Why; goes into the audit trail.")],
+    config: ConfigOption,
+) -> None:
+    """Add a site to a running study that allows it (rounds.open_enrolment): it joins at
+    the next round boundary. Its certificate comes from 'fedcare provision sign'."""
+    from fedcare.audit import AuditLog
+    from fedcare.federation.service import add_site
+    from fedcare.federation.status import find_study
+
+    with _coordinator_state(config) as (parsed, state, _):
+        study_hash = guarded(lambda: find_study(state, study))
+        audit = AuditLog(parsed.audit_log, "coordinator")
+        added = guarded(lambda: add_site(state, study_hash, site, reason, time.time(), audit))
+    if not added:
+        say(f"{site} is already a member of study {study_hash[:12]}")
+        return
+    say(
+        f"{site} added to study {study_hash[:12]} (recorded in {parsed.audit_log}); a running "
+        "coordinator selects it from the next round it opens"
     )
 
 

@@ -63,6 +63,16 @@ class Federation:
     def done(self) -> bool:
         return self.round_number >= self.study.rounds.count
 
+    def add_site(self, site: str) -> None:
+        """A site that joined a running study: selectable from the next round opened."""
+        secure = self.study.secure_aggregation
+        if secure.enabled and len(self.sites) + 1 > secure.max_sites:
+            raise ValueError(
+                f"a site more would exceed secure_aggregation.max_sites {secure.max_sites}"
+            )
+        if site not in self.sites:
+            self.sites = sorted([*self.sites, site])
+
     def select(self, number: int, eligible: Sequence[str] | None = None) -> tuple[str, ...]:
         """Sites for round ``number`` among ``eligible`` (default: every member): all of
         them, or a seeded random fraction."""

@@ -23,6 +23,7 @@ all reported closes at once.
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -73,6 +74,7 @@ from fedcare.federation.status import (
 )
 from fedcare.models.builders import initial_parameters
 from fedcare.models.wire import PayloadError
+from fedcare.pki import check_site_name
 from fedcare.privacy.secagg.protocol import Stage
 from fedcare.releases.desk import NotYoursError, ReleaseDesk, ValidationRefusedError
 from fedcare.releases.registry import RegistryError, ReleaseRegistry
@@ -117,6 +119,37 @@ def set_standing(
     return record
 
 
+def add_site(
+    state: StudyState,
+    study_hash: str,
+    site: str,
+    reason: str,
+    now: float,
+    audit: AuditLog | None = None,
+) -> bool:
+    """The operator adds a site to a running study that allows it (``rounds.open_enrolment``);
+    a running service takes it up at its next round boundary. False if it is a member."""
+    record = state.study(study_hash)
+    spec = json.loads(record.spec_json)
+    if not spec.get("rounds", {}).get("open_enrolment", False):
+        raise ValueError(
+            f"study {record.name} ({study_hash[:12]}) does not let sites join while it runs "
+            "(rounds.open_enrolment is false); start a new study with the new site"
+        )
+    if record.status != "running":
+        raise ValueError(f"study {record.name} has {record.status}: no site can join it")
+    secure = spec.get("secure_aggregation", {})
+    if secure.get("enabled") and len(record.sites) + 1 > int(secure.get("max_sites", 0)):
+        raise ValueError(
+            f"study {record.name} has {len(record.sites)} sites, secure_aggregation.max_sites "
+            f"is {secure['max_sites']}: no site can join"
+        )
+    added = state.add_site(study_hash, check_site_name(site), reason, now)
+    if added and audit is not None:
+        audit.append("site.added", study=study_hash, site=site, reason=reason, by="operator")
+    return added
+
+
 @dataclass(frozen=True)
 class RoundReport:
     """What an observer (the simulation) learns when a round ends."""
@@ -152,6 +185,9 @@ class StudyService:
         initial = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
         self.n_params = int(initial.shape[0])
         spec = study.model_dump_json(by_alias=True)
+        known = next((r for r in state.studies() if r.hash == self.hash), None)
+        if known is not None and study.rounds.open_enrolment and set(sites) <= set(known.sites):
+            sites = list(known.sites)  # the configured sites and those that joined since
         if state.register_study(self.hash, study.name, spec, sites, clock()):
             self._audit("study.registered", name=study.name, sites=sorted(sites))
         last_round = state.study(self.hash).last_round
@@ -588,6 +624,20 @@ class StudyService:
             self._advance(now)
             return True
 
+    def _refresh_members(self) -> None:
+        """Take up sites the operator added (``add_site``): each is selectable from the
+        next round that opens; the open one was selected without it."""
+        if not self.study.rounds.open_enrolment:
+            return
+        for site in self.state.study(self.hash).sites:
+            if site in self.federation.sites:
+                continue
+            self.federation.add_site(site)
+            if self.releases is not None:
+                self.releases.add_site(site)
+            joins = self.federation.round_number + (2 if self.round is not None else 1)
+            self._audit("site.joined", site=site, from_round=joins)
+
     def _refresh_sites(self) -> None:
         """Pick up standings another process recorded (the operator's drop or admit)."""
         stored = self.state.sites(self.hash)
@@ -701,6 +751,7 @@ class StudyService:
         """Apply standings recorded elsewhere, close the open round if it is due, open the
         next one, settle due releases."""
         with self._lock:
+            self._refresh_members()
             self._refresh_sites()
             self._excuse_gone()
             if self.halted and not self.federation.done:

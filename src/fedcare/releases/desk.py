@@ -101,6 +101,11 @@ class ReleaseDesk:
         self.registry = registry
         self.audit = audit
 
+    def add_site(self, site: str) -> None:
+        """A site that joined: it validates the candidates opened from now on."""
+        if site not in self.sites:
+            self.sites = sorted([*self.sites, site])
+
     def is_candidate_round(self, number: int) -> bool:
         return self.study.validation.is_candidate_round(number, self.study.rounds.count)
 

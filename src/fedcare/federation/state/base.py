@@ -191,6 +191,12 @@ class StudyState(Protocol):
         the record as stored. Any process may call it: the operator's commands do."""
         ...
 
+    def add_site(self, study_hash: str, site: str, reason: str, now: float) -> bool:
+        """Add ``site`` to a running study's members (active, with ``reason``); False if it
+        is one already. Any process may call it; a running service takes it up at its
+        next round boundary."""
+        ...
+
     def save_seen(self, study_hash: str, site: str, now: float) -> None:
         """Record when a site was last heard from."""
         ...

@@ -182,6 +182,14 @@ class MemoryState:
         self._get(study_hash).sites[site] = new
         return new
 
+    def add_site(self, study_hash: str, site: str, reason: str, now: float) -> bool:
+        study = self._get(study_hash)
+        if site in study.record.sites:
+            return False
+        study.record = replace(study.record, sites=tuple(sorted((*study.record.sites, site))))
+        study.sites[site] = SiteRecord(site, SiteState.ACTIVE, reason, now)
+        return True
+
     def save_seen(self, study_hash: str, site: str, now: float) -> None:
         old = self._site(study_hash, site)
         self._get(study_hash).sites[site] = replace(old, last_seen=now)

@@ -475,6 +475,18 @@ class SqlState:
                 row.missed = 0
             return _record(row)
 
+    def add_site(self, study_hash: str, site: str, reason: str, now: float) -> bool:
+        with Session(self.engine) as session, session.begin():
+            row = session.get(StudyRow, study_hash, with_for_update=True)
+            if row is None:
+                raise StateError(f"unknown study {study_hash[:12]}")
+            sites = json.loads(row.sites_json)
+            if site in sites:
+                return False
+            row.sites_json = json.dumps(sorted([*sites, site]))
+            self._put_site(session, study_hash, SiteRecord(site, SiteState.ACTIVE, reason, now))
+            return True
+
     def save_seen(self, study_hash: str, site: str, now: float) -> None:
         with Session(self.engine) as session, session.begin():
             self._site_row(session, study_hash, site).last_seen = now
