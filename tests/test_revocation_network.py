@@ -17,6 +17,7 @@ from fedcare.audit import read_entries
 from fedcare.cli import app
 from fedcare.federation.state import SiteState
 from fedcare.federation.state.sql import SqlState
+from fedcare.lifecycle import open_ca
 from fedcare.provision import CRL_FILE
 from fedcare.simulation.loopback import start_coordinator, stop, wait_until_serving
 from fedcare.site.revocation import PeerRevocations
@@ -82,6 +83,24 @@ def test_a_revoked_site_is_refused_in_the_handshake_and_dropped_without_a_restar
         # Round 2 goes on with alpha and beta; gamma is not waited for.
         assert play_round(deployment, study, ("alpha", "beta")) == 2
         wait_for_round(deployment, study, 2, timeout=30)
+        # beta comes back with a certificate renewed for ten days only: status warns.
+        folder = open_ca(tmp_path)
+        path = folder.site_cert("beta")
+        short = pki.reissue(folder.ca, pki.load_certificate(path), days=10)
+        path.unlink()
+        pki.write_certificate(short, path)
+        assert not _refused(deployment, "beta")
+        config = str(tmp_path / "coordinator.yaml")
+        until = time.monotonic() + 20
+        while True:
+            status = CliRunner().invoke(app, ["coordinator", "status", "--config", config])
+            assert status.exit_code == 0, status.output
+            if "warning: site beta expires within 30 days" in status.output:
+                break
+            assert time.monotonic() < until, status.output
+            time.sleep(0.3)
+        assert "warning: site alpha" not in status.output
+        assert "site alpha" in status.output
     finally:
         stop(coordinator)
     events = read_entries(tmp_path / "audit.jsonl")

@@ -345,8 +345,9 @@ class Revoked:
     reason: str
 
 
-CRL_DAYS = 30
-"""A revocation list is valid this long; revoke (or renew the list) before it lapses."""
+CRL_DAYS = 365
+"""A revocation list is valid this long; past it, handshakes fail, so ``coordinator
+status`` warns 30 days ahead and any revocation writes a fresh one."""
 
 
 def make_crl(

@@ -16,7 +16,7 @@ from fedcare.cli.common import console, fail, guarded, say
 
 if TYPE_CHECKING:
     from fedcare.config import CoordinatorConfig
-    from fedcare.federation.state.sql import SqlState
+    from fedcare.federation.state.sql import SeenCertificate, SqlState
     from fedcare.federation.status import StudyOverview
     from fedcare.releases.registry import ReleaseRegistry
 
@@ -115,13 +115,14 @@ def coordinator_status(
     contributed, and the releases. Reads the coordinator's database; it may be running."""
     from fedcare.federation.status import find_study, overview
 
-    with _coordinator_state(config) as (_, state, registry):
+    with _coordinator_state(config) as (parsed, state, registry):
         chosen = study
         if chosen is None:
             hashes = [s.hash for s in state.studies()]
         else:
             hashes = [guarded(lambda: find_study(state, chosen))]
         views = guarded(lambda: [overview(state, h, registry) for h in hashes])
+        seen = state.certificates()
     if as_json:
         print(json.dumps([v.model_dump(mode="json") for v in views], indent=2))
         return
@@ -130,6 +131,51 @@ def coordinator_status(
     now = time.time()
     for view in views:
         _print_overview(view, now)
+    _print_certificates(parsed, seen, now)
+
+
+EXPIRY_WARNING_DAYS = 30
+"""``coordinator status`` warns this long before a certificate or the revocation list lapses."""
+
+
+def _print_certificates(parsed: CoordinatorConfig, seen: list[SeenCertificate], now: float) -> None:
+    from fedcare import pki
+
+    rows: list[tuple[str, str, float]] = []
+    for label, path in (("consortium CA", parsed.tls.ca), ("coordinator", parsed.tls.cert)):
+        try:
+            cert = pki.load_certificate(path)
+        except pki.PkiError as exc:
+            say(f"warning: {exc}")
+            continue
+        rows.append((label, f"{cert.serial_number:x}"[:16], cert.not_valid_after_utc.timestamp()))
+    if parsed.tls.crl is not None and parsed.tls.crl.exists():
+        try:
+            crl = pki.load_crl(parsed.tls.crl, pki.load_certificate(parsed.tls.ca))
+            if crl.next_update_utc is not None:
+                rows.append(
+                    ("revocation list", str(pki.crl_number(crl)), crl.next_update_utc.timestamp())
+                )
+        except pki.PkiError as exc:
+            say(f"warning: {exc}")
+    rows += [(f"{c.role} {c.name}", f"{c.serial:x}"[:16], c.not_after) for c in seen]
+    table = Table(title="certificates (sites and operators: as last seen in a handshake)")
+    for column in ("certificate", "serial", "valid until", "left"):
+        table.add_column(column)
+    warnings = []
+    for label, serial, until in rows:
+        days = (until - now) / 86400
+        left = "expired" if days < 0 else f"{days:.0f} days"
+        if days < EXPIRY_WARNING_DAYS:
+            left = f"[bold red]{left}[/]"
+            warnings.append(label)
+        table.add_row(label, serial, time.strftime("%Y-%m-%d", time.gmtime(until)), left)
+    console.print(table)
+    for label in warnings:
+        say(
+            f"warning: {label} expires within {EXPIRY_WARNING_DAYS} days: renew it "
+            "(fedcare provision renew NAME, or a new revocation list with any revoke)"
+        )
 
 
 def _set_standing(config: Path, study: str, site: str, reason: str, drop: bool) -> None:

@@ -22,11 +22,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from fedcare.coordinator.tls import PEER_KEY, Revocations
+from fedcare.coordinator.tls import PEER_KEY, CertificateBook, Revocations
 from fedcare.coordinator.ui import add_dashboard
 from fedcare.federation.messages import TaskReply, TaskState
 from fedcare.federation.service import REFUSALS, StudyService
 from fedcare.federation.state import StateError
+from fedcare.federation.state.sql import SeenCertificate
 from fedcare.federation.status import StudyStatus
 from fedcare.ids import SHA256_HEX
 from fedcare.pki import Peer
@@ -155,6 +156,7 @@ def create_app(
     stopping: threading.Event | None = None,
     audit_log: pathlib.Path | None = None,
     revocations: Revocations | None = None,
+    certificates: tuple[CertificateBook, Callable[[SeenCertificate], None]] | None = None,
 ) -> FastAPI:
     """The ASGI app for a set of studies, keyed by content hash, with the dashboard at
     ``/ui`` (it verifies ``audit_log``). Setting ``stopping`` ends every open long-poll
@@ -166,6 +168,13 @@ def create_app(
         async def ticker() -> None:
             # Deadlines are enforced here, so no round waits for a site forever.
             while True:
+                if certificates is not None:
+                    book, save = certificates
+                    for seen in book.take_new():
+                        try:
+                            await run_in_threadpool(save, seen)
+                        except StateError:
+                            log.exception("recording %s's certificate failed", seen.name)
                 revoked = [] if revocations is None else revocations.revoked_sites()
                 for coordinator in coordinators.values():
                     try:

@@ -12,7 +12,7 @@ import uvicorn
 from fedcare.audit import AuditLog
 from fedcare.config import CoordinatorConfig
 from fedcare.coordinator.app import create_app
-from fedcare.coordinator.tls import PeerIdentityProtocol, Revocations
+from fedcare.coordinator.tls import CertificateBook, PeerIdentityProtocol, Revocations
 from fedcare.federation.service import StudyService
 from fedcare.federation.state.sql import SqlState
 from fedcare.releases.registry import ReleaseRegistry
@@ -65,14 +65,18 @@ class _TlsConfig(uvicorn.Config):
     """uvicorn with fedcare's TLS context; under a revocation list, every handshake
     switches to the context that holds the newest one (:class:`Revocations`)."""
 
-    def __init__(self, app: object, config: CoordinatorConfig, checks: Revocations | None) -> None:
-        protocol: type[PeerIdentityProtocol] = PeerIdentityProtocol
-        if checks is not None:
+    def __init__(
+        self,
+        app: object,
+        config: CoordinatorConfig,
+        checks: Revocations | None,
+        book: CertificateBook | None,
+    ) -> None:
+        class CheckedPeerProtocol(PeerIdentityProtocol):
+            revocations = checks
+            certificates = book
 
-            class CheckedPeerProtocol(PeerIdentityProtocol):
-                revocations = checks
-
-            protocol = CheckedPeerProtocol
+        protocol = CheckedPeerProtocol
         super().__init__(
             app,  # type: ignore[arg-type]  # uvicorn types the app loosely
             host=config.host,
@@ -97,13 +101,16 @@ class _TlsConfig(uvicorn.Config):
 
 
 def uvicorn_config(
-    config: CoordinatorConfig, app: object, checks: Revocations | None = None
+    config: CoordinatorConfig,
+    app: object,
+    checks: Revocations | None = None,
+    book: CertificateBook | None = None,
 ) -> uvicorn.Config:
     """uvicorn over TLS that requires a client certificate from the consortium CA."""
     for path in (config.tls.cert, config.tls.key, config.tls.ca):
         if not path.is_file():
             raise FileNotFoundError(f"TLS file {path} does not exist; run 'fedcare provision'")
-    return _TlsConfig(app, config, checks)
+    return _TlsConfig(app, config, checks, book)
 
 
 class _Server(uvicorn.Server):
@@ -128,6 +135,7 @@ def serve(config: CoordinatorConfig) -> None:
     stopping = threading.Event()
     try:
         checks = revocations(config)
+        book = CertificateBook()
         coordinators = build_coordinators(config, store)
         app = create_app(
             coordinators,
@@ -136,7 +144,8 @@ def serve(config: CoordinatorConfig) -> None:
             stopping=stopping,
             audit_log=config.audit_log,
             revocations=checks,
+            certificates=(book, store.save_certificate),
         )
-        _Server(uvicorn_config(config, app, checks), stopping).run()
+        _Server(uvicorn_config(config, app, checks, book), stopping).run()
     finally:
         store.close()

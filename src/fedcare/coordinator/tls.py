@@ -20,11 +20,13 @@ import asyncio
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedcare.federation.state.sql import SeenCertificate
 from fedcare.pki import (
     Peer,
     PkiError,
@@ -44,6 +46,8 @@ class PeerIdentityProtocol(H11Protocol):
 
     revocations: Revocations | None = None
     """Set by the server when the coordinator enforces a revocation list."""
+    certificates: CertificateBook | None = None
+    """Set by the server: where peers' certificates are noted for expiry warnings."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -52,8 +56,11 @@ class PeerIdentityProtocol(H11Protocol):
         peer: Peer | None
         try:
             peer = peer_from_peercert(peercert) if peercert else None
-            if peer is not None and self.revocations is not None and peercert:
-                self.revocations.note(peer, serial_of(peercert))
+            if peer is not None and peercert:
+                if self.revocations is not None:
+                    self.revocations.note(peer, serial_of(peercert))
+                if self.certificates is not None:
+                    self.certificates.note(peer, peercert)
         except PkiError:
             # A CA-issued certificate that names no valid peer (the coordinator's own,
             # say) authenticates nobody; the endpoints answer 401.
@@ -130,3 +137,32 @@ def serial_of(peercert: Mapping[str, object]) -> int | None:
     """The serial number in :meth:`ssl.SSLSocket.getpeercert`'s dict (a hex string)."""
     value = peercert.get("serialNumber")
     return int(value, 16) if isinstance(value, str) else None
+
+
+class CertificateBook:
+    """The certificates peers connect with, collected by the protocol (on the event
+    loop) and written to the store by the ticker (off it), once per new certificate."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: dict[tuple[str, str], int] = {}
+        self._new: list[SeenCertificate] = []
+
+    def note(self, peer: Peer, peercert: Mapping[str, object]) -> None:
+        serial, expiry = serial_of(peercert), peercert.get("notAfter")
+        if serial is None or not isinstance(expiry, str):
+            return
+        with self._lock:
+            if self._known.get((peer.name, peer.role)) == serial:
+                return
+            self._known[(peer.name, peer.role)] = serial
+            self._new.append(
+                SeenCertificate(
+                    peer.name, peer.role, serial, ssl.cert_time_to_seconds(expiry), time.time()
+                )
+            )
+
+    def take_new(self) -> list[SeenCertificate]:
+        with self._lock:
+            new, self._new = self._new, []
+            return new

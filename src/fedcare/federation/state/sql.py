@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -134,6 +135,27 @@ class ReportRow(Base):
     received_at: Mapped[float] = mapped_column(Float)
 
 
+class CertificateRow(Base):
+    __tablename__ = "peer_certificates"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(20), primary_key=True)
+    serial: Mapped[str] = mapped_column(String(64))
+    not_after: Mapped[float] = mapped_column(Float)
+    seen_at: Mapped[float] = mapped_column(Float)
+
+
+@dataclass(frozen=True)
+class SeenCertificate:
+    """The certificate a peer last connected with: for expiry warnings."""
+
+    name: str
+    role: str
+    serial: int
+    not_after: float
+    seen_at: float
+
+
 def _record(row: SiteRow) -> SiteRecord:
     return SiteRecord(
         site=row.site,
@@ -200,6 +222,28 @@ class SqlState:
                 f"version (state schema {version or 1}, this one reads {SCHEMA_VERSION}); "
                 "point database: at a new file"
             )
+
+    def save_certificate(self, seen: SeenCertificate) -> None:
+        """Record the certificate a peer connected with (the latest one per name and role)."""
+        with Session(self.engine) as session, session.begin():
+            row = session.get(CertificateRow, (seen.name, seen.role))
+            if row is None:
+                row = CertificateRow(name=seen.name, role=seen.role)
+                session.add(row)
+            row.serial, row.not_after, row.seen_at = (
+                f"{seen.serial:x}",
+                seen.not_after,
+                seen.seen_at,
+            )
+
+    def certificates(self) -> list[SeenCertificate]:
+        """Every peer's latest certificate, soonest to expire first."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(CertificateRow).order_by(CertificateRow.not_after))
+            return [
+                SeenCertificate(r.name, r.role, int(r.serial, 16), r.not_after, r.seen_at)
+                for r in rows
+            ]
 
     def claim(self, study_hash: str) -> None:
         """Serve ``study_hash`` from this database alone: a second coordinator that
