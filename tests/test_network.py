@@ -760,3 +760,48 @@ def test_a_second_coordinator_on_the_same_database_refuses_the_study(
         wait_until_serving(deployment, SITES[0])
     finally:
         stop(restarted)
+
+
+def test_studies_on_one_coordinator_are_kept_apart(tmp_path: Path) -> None:
+    import yaml
+
+    from fedcare.config import CoordinatorConfig, StudyMembership, load_config, write_config
+
+    first = network_study(rounds=2, min_sites=3, deadline_s=3600)
+    second = network_study(rounds=2, min_sites=2, deadline_s=3600).replace(name="toy-two")
+    deployment = deploy(tmp_path, first)
+    (tmp_path / "second.yaml").write_text(yaml.safe_dump(second.canonical()), encoding="utf-8")
+    config = load_config(deployment.coordinator_config, CoordinatorConfig)
+    studies = [
+        *config.studies,
+        StudyMembership(file=tmp_path / "second.yaml", sites=["alpha", "beta"]),
+    ]
+    write_config(config.model_copy(update={"studies": studies}), deployment.coordinator_config)
+    coordinator = start_coordinator(deployment)
+    h = second.content_hash
+    try:
+        wait_until_serving(deployment, SITES[0])
+        with raw_client(deployment, "gamma") as gamma:
+            listed = [s["study_hash"] for s in gamma.get("/v1/studies").json()]
+            assert listed == [first.content_hash]
+            for path in (
+                f"/v1/studies/{h}",
+                f"/v1/studies/{h}/task",
+                f"/v1/studies/{h}/model",
+                f"/v1/studies/{h}/releases",
+                f"/v1/studies/{h}/validation",
+                f"/v1/studies/{h}/rounds/1/secagg/advertise",
+            ):
+                answer = gamma.get(path)
+                assert answer.status_code == 404, (path, answer.status_code)
+            assert gamma.post(f"/v1/studies/{h}/rounds/1/update", content=b"x").status_code == 404
+            assert gamma.post(f"/v1/studies/{h}/drift", content=b"{}").status_code == 404
+            assert gamma.get(f"/ui/studies/{h}/plots/rounds.svg").status_code == 404
+            shown = gamma.get("/ui/state").json()["studies"]
+            assert [s["study_hash"] for s in shown] == [first.content_hash]
+        with raw_client(deployment, "alpha") as alpha:
+            assert alpha.get(f"/v1/studies/{h}/task").status_code in (200, 204)
+            listed = sorted(s["study_hash"] for s in alpha.get("/v1/studies").json())
+            assert listed == sorted([first.content_hash, h])
+    finally:
+        stop(coordinator)
