@@ -23,7 +23,7 @@ from fedcare.federation.service import (
     add_site,
     set_standing,
 )
-from fedcare.federation.state import MemoryState, SiteState
+from fedcare.federation.state import MemoryState, SiteState, StateError
 from fedcare.models.wire import PayloadError
 from fedcare.privacy.dp.accountant import epsilon
 from fedcare.privacy.dp.budget import Budget
@@ -350,5 +350,5 @@ def test_a_site_added_to_an_open_study_joins_at_the_next_round_boundary(
     assert again.federation.sites == ["alpha", "beta", "gamma"]
     # A study that did not declare open enrolment takes no one mid-way.
     StudyService(closed, ["alpha", "beta"], state, clock=clock.now)
-    with pytest.raises(ValueError, match="open_enrolment is false"):
+    with pytest.raises(StateError, match="open_enrolment is false"):
         add_site(state, closed.content_hash, "gamma", "new hospital", 7.0)

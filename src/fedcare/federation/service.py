@@ -62,6 +62,7 @@ from fedcare.federation.state import (
     OpenedRound,
     SiteRecord,
     SiteState,
+    StateError,
     StoredRound,
     StudyState,
 )
@@ -132,15 +133,15 @@ def add_site(
     record = state.study(study_hash)
     spec = json.loads(record.spec_json)
     if not spec.get("rounds", {}).get("open_enrolment", False):
-        raise ValueError(
+        raise StateError(
             f"study {record.name} ({study_hash[:12]}) does not let sites join while it runs "
             "(rounds.open_enrolment is false); start a new study with the new site"
         )
     if record.status != "running":
-        raise ValueError(f"study {record.name} has {record.status}: no site can join it")
+        raise StateError(f"study {record.name} has {record.status}: no site can join it")
     secure = spec.get("secure_aggregation", {})
     if secure.get("enabled") and len(record.sites) + 1 > int(secure.get("max_sites", 0)):
-        raise ValueError(
+        raise StateError(
             f"study {record.name} has {len(record.sites)} sites, secure_aggregation.max_sites "
             f"is {secure['max_sites']}: no site can join"
         )

@@ -132,62 +132,70 @@ def prepare_deployment(
         ),
         coordinator_config,
     )
-    site_configs: dict[str, Path] = {}
     url = f"https://127.0.0.1:{port}"
-    for cohort in cohorts:
-        site_dir = folder / "sites" / cohort.name
-        cohort.frame.to_csv(site_dir / "data.csv", index=False)
-        (site_dir / "mapping.yaml").write_text(
-            yaml.safe_dump(cohort.mapping.model_dump(mode="json"), sort_keys=False)
-        )
-        _write_study(study, site_dir / "study.yaml")
-        # The site's privacy officer writes the policy and approves this exact study.
-        policy_path = site_dir / "policy.yaml"
-        save_policy(
-            SitePolicy.model_validate(
-                {
-                    "site": cohort.name,
-                    "jurisdiction": "hipaa",
-                    "region": "US",
-                    "min_cohort_size": 11,
-                    "coordinators": [url],
-                    # This demo officer allows what the demo studies send; drift summaries
-                    # only when the study declares them.
-                    "allowed_artefacts": ["model_updates", "metrics", "counts"]
-                    + (["drift_summaries"] if study.monitoring is not None else []),
-                    "validation_gates": [
-                        g.model_dump(mode="json", exclude_none=True)
-                        for g in BUILTIN_SITE_GATES.get(cohort.name, ())
-                    ],
-                    "privacy_budget": _budget(cohort.name),
-                }
-            ),
-            policy_path,
-        )
-        approve(policy_path, study, by="demo privacy officer", note="fedcare demo --network")
-        config_path = site_dir / "site.yaml"
-        write_config(
-            SiteConfig.model_validate(
-                {
-                    "site": cohort.name,
-                    "coordinator": url,
-                    "tls": {
-                        "cert": f"{cohort.name}.crt",
-                        "key": f"{cohort.name}.key",
-                        "ca": "ca.crt",
-                    },
-                    "study": "study.yaml",
-                    "data": "data.csv",
-                    "mapping": "mapping.yaml",
-                    "policy": "policy.yaml",
-                    "state_dir": "state",
-                    "retry_max_s": 120,
-                }
-            ),
-            config_path,
-        )
-        site_configs[cohort.name] = config_path
+    site_configs = {
+        cohort.name: write_site_folder(folder / "sites" / cohort.name, study, cohort, url)
+        for cohort in cohorts
+    }
     return _Deployment(folder, study_file, coordinator_config, site_configs, url)
+
+
+def write_site_folder(site_dir: Path, study: Study, cohort: HospitalCohort, url: str) -> Path:
+    """A site's data, mapping, study, policy (approving ``study``) and ``site.yaml``, as
+    its staff would write them; returns the config's path. The certificate and key are
+    the provisioning's or the enrolment's business."""
+    site_dir.mkdir(parents=True, exist_ok=True)
+    cohort.frame.to_csv(site_dir / "data.csv", index=False)
+    (site_dir / "mapping.yaml").write_text(
+        yaml.safe_dump(cohort.mapping.model_dump(mode="json"), sort_keys=False)
+    )
+    _write_study(study, site_dir / "study.yaml")
+    # The site's privacy officer writes the policy and approves this exact study.
+    policy_path = site_dir / "policy.yaml"
+    save_policy(
+        SitePolicy.model_validate(
+            {
+                "site": cohort.name,
+                "jurisdiction": "hipaa",
+                "region": "US",
+                "min_cohort_size": 11,
+                "coordinators": [url],
+                # This demo officer allows what the demo studies send; drift summaries
+                # only when the study declares them.
+                "allowed_artefacts": ["model_updates", "metrics", "counts"]
+                + (["drift_summaries"] if study.monitoring is not None else []),
+                "validation_gates": [
+                    g.model_dump(mode="json", exclude_none=True)
+                    for g in BUILTIN_SITE_GATES.get(cohort.name, ())
+                ],
+                "privacy_budget": _budget(cohort.name),
+            }
+        ),
+        policy_path,
+    )
+    approve(policy_path, study, by="demo privacy officer", note="fedcare demo --network")
+    config_path = site_dir / "site.yaml"
+    write_config(
+        SiteConfig.model_validate(
+            {
+                "site": cohort.name,
+                "coordinator": url,
+                "tls": {
+                    "cert": f"{cohort.name}.crt",
+                    "key": f"{cohort.name}.key",
+                    "ca": "ca.crt",
+                },
+                "study": "study.yaml",
+                "data": "data.csv",
+                "mapping": "mapping.yaml",
+                "policy": "policy.yaml",
+                "state_dir": "state",
+                "retry_max_s": 120,
+            }
+        ),
+        config_path,
+    )
+    return config_path
 
 
 def _start(name: str, args: list[str], log: Path) -> _Proc:
@@ -308,11 +316,13 @@ def run_network_demo(
     progress: Progress,
     timeout_s: float = 1800.0,
     on_started: Callable[[str], None] = lambda _: None,
+    database: str = "sqlite:///coordinator.db",
 ) -> NetworkDemoResult:
-    """Run the study through real processes on loopback, then the same study in-process."""
+    """Run the study through real processes on loopback, then the same study in-process;
+    the coordinator keeps its state in ``database``."""
     cohorts = generate_cohorts(seed=data_seed, scale=scale)
     port = free_port()
-    deployment = prepare_deployment(folder, study, cohorts, port)
+    deployment = prepare_deployment(folder, study, cohorts, port, database)
     names = [c.name for c in cohorts]
     started = time.perf_counter()
     coordinator = start_coordinator(deployment)
