@@ -191,3 +191,30 @@ def test_a_site_refuses_a_revoked_secure_aggregation_peer(consortium: Path) -> N
     gone.add(cert.serial_number)
     with pytest.raises(SecAggError, match="revoked"):
         verifier.verify("gamma", pem, data, signature)
+
+
+def test_the_commands_enrol_sign_add_revoke_and_renew(consortium: Path, tmp_path: Path) -> None:
+    ca = ["--ca-dir", str(consortium)]
+    enrolled = runner.invoke(app, ["site", "enrol", "--name", "delta", "--out", str(tmp_path)])
+    assert enrolled.exit_code == 0, enrolled.output
+    assert "public key sha256" in enrolled.output
+    signed = runner.invoke(app, ["provision", "sign", str(tmp_path / "delta.csr"), *ca])
+    assert signed.exit_code == 0, signed.output
+    assert "signed delta" in signed.output
+    added = runner.invoke(app, ["provision", "add-site", "epsilon", *ca])
+    assert added.exit_code == 0, added.output
+    assert (consortium / "sites" / "epsilon" / "epsilon.key").exists()
+    renewed = runner.invoke(app, ["provision", "renew", "epsilon", *ca])
+    assert renewed.exit_code == 0, renewed.output
+    revoked_now = runner.invoke(app, ["provision", "revoke", "epsilon", "--reason", "test", *ca])
+    assert revoked_now.exit_code == 0, revoked_now.output
+    again = runner.invoke(app, ["provision", "revoke", "epsilon", "--reason", "test", *ca])
+    assert again.exit_code == 2
+    assert "already revoked" in again.output
+    bare = runner.invoke(app, ["provision", "--sites", "a"])
+    assert bare.exit_code == 2
+    assert "give --consortium, --out" in bare.output
+    missing = runner.invoke(app, ["provision", "sign", str(tmp_path / "none.csr"), *ca])
+    assert missing.exit_code == 2
+    assert "cannot read the request" in missing.output
+    assert verify(consortium / CA_AUDIT).ok
