@@ -200,3 +200,60 @@ def test_coordinator_never_holds_an_individual_update(
         ]
         assert len(sent) == ROUNDS
         assert all("masked" in e.details["to"] for e in sent)
+
+
+def test_a_site_joins_a_running_secure_study_at_a_round_boundary(tmp_path: Path) -> None:
+    import time
+
+    from fedcare.audit import AuditLog
+    from fedcare.config import CoordinatorConfig, StudyMembership, write_config
+    from fedcare.federation.service import add_site
+    from fedcare.federation.state.sql import SqlState
+    from fedcare.simulation.loopback import start_site
+
+    study = secure_study().replace(
+        rounds={"count": 6, "min_sites": 2, "deadline_s": 120, "open_enrolment": True}
+    )
+    deployment = deploy(tmp_path, study)
+    config = load_config(deployment.coordinator_config, CoordinatorConfig)
+    first = [StudyMembership(file=config.studies[0].file, sites=["alpha", "beta"])]
+    write_config(config.model_copy(update={"studies": first}), deployment.coordinator_config)
+    database = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, "alpha")
+        pair = [start_site(deployment, name) for name in ("alpha", "beta")]
+        state = SqlState(database, tmp_path / "models")
+        try:
+            until = time.monotonic() + 120
+            while state.study(study.content_hash).last_round < 2:
+                assert time.monotonic() < until, "round 2 did not close"
+                time.sleep(0.02)
+            audit = AuditLog(tmp_path / "audit.jsonl", "coordinator")
+            assert add_site(state, study.content_hash, "gamma", "new site", time.time(), audit)
+        finally:
+            state.close()
+        gamma = start_site(deployment, "gamma")
+        for proc in [*pair, gamma]:
+            assert proc.popen.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+    (joined,) = [e for e in read_entries(tmp_path / "audit.jsonl") if e.event == "site.joined"]
+    start = int(str(joined.details["from_round"]))
+    assert 3 <= start <= 4
+    state = SqlState(database, tmp_path / "models")
+    try:
+        rounds = state.rounds(study.content_hash)
+    finally:
+        state.close()
+    assert [r.status for r in rounds] == ["closed"] * 6
+    for r in rounds:
+        expected = ("alpha", "beta", "gamma") if r.number >= start else ("alpha", "beta")
+        assert r.participants == expected, (r.number, r.participants)
+    # gamma's own trail: it took part from the round it joined, through the secure
+    # sessions computed for three sites, and received the final model.
+    trail = read_entries(tmp_path / "sites" / "gamma" / "audit.jsonl")
+    sent = sorted(int(str(e.details["round"])) for e in trail if e.event == "update.sent")
+    assert sent == list(range(start, 7))
+    assert trail[-1].event == "model.received"
