@@ -8,11 +8,12 @@ starts one; give its maintenance URL)::
         [--rounds 20] [--secure] [--json FILE]
 
 Workload
-    The demo study on the five built-in hospitals (DP off; secure aggregation off unless
-    ``--secure``), ``--rounds`` rounds, real processes on loopback over mutual TLS, the
-    same run once with ``sqlite:///coordinator.db`` and once with a fresh PostgreSQL
-    database, alternating twice (SQLite, PostgreSQL, SQLite, PostgreSQL) so drift in the
-    machine's load hits both.
+    The demo study on the five built-in hospitals (DP-SGD as in the demo, so the sites'
+    privacy budgets apply; secure aggregation off unless ``--secure``), ``--rounds``
+    rounds, real processes on loopback over mutual TLS, the same run once with
+    ``sqlite:///coordinator.db`` and once with a fresh PostgreSQL database, alternating
+    twice (SQLite, PostgreSQL, SQLite, PostgreSQL) so drift in the machine's load hits
+    both.
 
 What is measured
     Per round, the coordinator's overhead: the round's wall time (opened to closed, from
@@ -62,7 +63,6 @@ def main() -> None:
     study = demo_study()
     study = study.replace(
         rounds={**study.canonical()["rounds"], "count": args.rounds},
-        privacy={"dp": False},
         secure_aggregation={**study.canonical()["secure_aggregation"], "enabled": args.secure},
     )
     overheads: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
@@ -75,7 +75,7 @@ def main() -> None:
                 name, database = _fresh(args.postgres)
             try:
                 result = run_network_demo(
-                    Path(tmp), study, 7, 1.0, lambda *_: None, database=database
+                    Path(tmp), study, 7, 1.0, lambda *_: None, timeout_s=900, database=database
                 )
             finally:
                 if name is not None:
@@ -84,7 +84,7 @@ def main() -> None:
         walls[backend].append(result.network_wall_s)
     print(
         f"demo study, 5 hospitals, {args.rounds} rounds, "
-        f"secure aggregation {'on' if args.secure else 'off'}, DP off; two runs per backend"
+        f"secure aggregation {'on' if args.secure else 'off'}, DP-SGD on; two runs per backend"
     )
     summary = {}
     for backend, values in overheads.items():

@@ -24,7 +24,14 @@ import numpy as np
 import yaml
 from pydantic import BaseModel
 
-from fedcare.config import CoordinatorConfig, SiteConfig, StudyMembership, TlsFiles, write_config
+from fedcare.config import (
+    CoordinatorConfig,
+    SiteConfig,
+    StudyMembership,
+    TlsFiles,
+    load_config,
+    write_config,
+)
 from fedcare.data.synthetic import HospitalCohort, generate_cohorts
 from fedcare.federation.messages import decode_model
 from fedcare.federation.state.sql import SqlState
@@ -280,9 +287,10 @@ def stop(proc: _Proc, timeout_s: float = 10.0) -> None:
             proc.popen.wait()
 
 
-def _round_times(folder: Path, study_hash: str) -> list[tuple[float, float]]:
+def _round_times(config: Path, study_hash: str) -> list[tuple[float, float]]:
     """(opened, closed) wall-clock times of every finished round, from the coordinator's store."""
-    state = SqlState(f"sqlite:///{folder / 'coordinator.db'}", folder / "models")
+    coordinator = load_config(config, CoordinatorConfig)
+    state = SqlState(coordinator.database, coordinator.storage)
     try:
         history = state.rounds(study_hash)
     finally:
@@ -369,7 +377,7 @@ def run_network_demo(
     if not study.privacy.dp:
         difference = float(max(np.max(np.abs(m - reference)) for m in models))
 
-    times = _round_times(folder, study.content_hash)
+    times = _round_times(deployment.coordinator_config, study.content_hash)
     slowest = _train_times([deployment.site_configs[n].parent for n in names])
     durations = [closed - opened for opened, closed in times]
     overhead = [d - slowest.get(i + 1, 0.0) for i, d in enumerate(durations)]
