@@ -12,7 +12,8 @@ start_postgres() {
         chown "$owner" "$PG_DIR"
     fi
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    as_owner() { if [ "$(id -u)" = 0 ]; then runuser -u "$owner" -- "$@"; else "$@"; fi; }
+    # From /: the unprivileged owner may not enter the checkout's folder.
+    as_owner() { if [ "$(id -u)" = 0 ]; then (cd / && runuser -u "$owner" -- "$@"); else "$@"; fi; }
     as_owner "$bin/initdb" -D "$PG_DIR/data" -U fedcare --auth=trust -E UTF8 >/dev/null
     as_owner "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w \
         -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$PG_DIR -c max_connections=200 -c fsync=off" \

@@ -212,7 +212,7 @@ def test_a_site_joins_a_running_secure_study_at_a_round_boundary(tmp_path: Path)
     from fedcare.simulation.loopback import start_site
 
     study = secure_study().replace(
-        rounds={"count": 6, "min_sites": 2, "deadline_s": 120, "open_enrolment": True}
+        rounds={"count": 10, "min_sites": 2, "deadline_s": 120, "open_enrolment": True}
     )
     deployment = deploy(tmp_path, study)
     config = load_config(deployment.coordinator_config, CoordinatorConfig)
@@ -241,13 +241,14 @@ def test_a_site_joins_a_running_secure_study_at_a_round_boundary(tmp_path: Path)
             stop(proc)
     (joined,) = [e for e in read_entries(tmp_path / "audit.jsonl") if e.event == "site.joined"]
     start = int(str(joined.details["from_round"]))
-    assert 3 <= start <= 4
+    # Added once round 2 had closed; under load the pair may have run a round or two more.
+    assert 3 <= start <= 9
     state = SqlState(database, tmp_path / "models")
     try:
         rounds = state.rounds(study.content_hash)
     finally:
         state.close()
-    assert [r.status for r in rounds] == ["closed"] * 6
+    assert [r.status for r in rounds] == ["closed"] * 10
     for r in rounds:
         expected = ("alpha", "beta", "gamma") if r.number >= start else ("alpha", "beta")
         assert r.participants == expected, (r.number, r.participants)
@@ -255,5 +256,5 @@ def test_a_site_joins_a_running_secure_study_at_a_round_boundary(tmp_path: Path)
     # sessions computed for three sites, and received the final model.
     trail = read_entries(tmp_path / "sites" / "gamma" / "audit.jsonl")
     sent = sorted(int(str(e.details["round"])) for e in trail if e.event == "update.sent")
-    assert sent == list(range(start, 7))
+    assert sent == list(range(start, 11))
     assert trail[-1].event == "model.received"
