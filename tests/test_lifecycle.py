@@ -159,7 +159,7 @@ def test_a_revocation_list_from_another_ca_or_an_older_one_is_refused(
     folder = open_ca(consortium)
     ca = folder.ca.cert
     rogue = pki.make_ca("Rogue")
-    forged = pki.make_crl(rogue, [pki.Revoked(1, datetime.now(UTC), "")], 99)
+    forged = pki.make_crl(rogue, [pki.Revoked(1, datetime.now(UTC))], 99)
     with pytest.raises(pki.PkiError, match="not signed by the consortium CA"):
         pki.parse_crl(forged.public_bytes(serialization.Encoding.PEM), ca)
     revoke(folder, "gamma", "compromised key")

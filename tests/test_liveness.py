@@ -352,3 +352,17 @@ def test_a_site_added_to_an_open_study_joins_at_the_next_round_boundary(
     StudyService(closed, ["alpha", "beta"], state, clock=clock.now)
     with pytest.raises(StateError, match="open_enrolment is false"):
         add_site(state, closed.content_hash, "gamma", "new hospital", 7.0)
+
+
+def test_a_secure_study_at_max_sites_takes_no_one_more() -> None:
+    state = MemoryState()
+    spec = json.dumps(
+        {
+            "rounds": {"open_enrolment": True},
+            "secure_aggregation": {"enabled": True, "max_sites": 3},
+        }
+    )
+    state.register_study("d" * 64, "full", spec, NAMES, 1.0)
+    with pytest.raises(StateError, match="max_sites is 3: no site can join"):
+        add_site(state, "d" * 64, "delta", "new hospital", 2.0)
+    assert state.study("d" * 64).sites == tuple(NAMES)

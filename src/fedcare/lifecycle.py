@@ -170,7 +170,7 @@ def revoked(folder: CaFolder) -> list[pki.Revoked]:
         crl = pki.load_crl(path, folder.ca.cert)
     except pki.PkiError as exc:
         raise ProvisionError(str(exc)) from None
-    return [pki.Revoked(e.serial_number, e.revocation_date_utc, "") for e in crl]
+    return [pki.Revoked(e.serial_number, e.revocation_date_utc) for e in crl]
 
 
 def _live(folder: CaFolder, name: str) -> x509.Certificate | None:
@@ -253,7 +253,7 @@ def revoke(folder: CaFolder, name: str, reason: str, *, now: datetime | None = N
     if not fresh:
         raise ProvisionError(f"every certificate of '{name}' is already revoked")
     moment = now or datetime.now(UTC)
-    entries += [pki.Revoked(serial, moment, reason) for serial in fresh]
+    entries += [pki.Revoked(serial, moment) for serial in fresh]
     number = 1
     crl_path = folder.path / CRL_FILE
     if crl_path.exists():

@@ -338,11 +338,11 @@ def reissue(
 
 @dataclass(frozen=True)
 class Revoked:
-    """One certificate on the consortium's revocation list."""
+    """One certificate on the consortium's revocation list (the reason is kept in the
+    CA's audit trail, not in the list)."""
 
     serial: int
     revoked_at: datetime
-    reason: str
 
 
 CRL_DAYS = 365

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from fedcare.config import CoordinatorConfig
     from fedcare.federation.state.sql import SeenCertificate, SqlState
     from fedcare.federation.status import StudyOverview
+    from fedcare.lifecycle import CaFolder
     from fedcare.releases.registry import ReleaseRegistry
 
 coordinator_app = typer.Typer(help="Run the consortium's coordinator.", no_args_is_help=True)
@@ -361,6 +362,13 @@ def _passphrase(variable: str | None) -> bytes | None:
     return value
 
 
+def _ca(ca_dir: Path, passphrase_env: str | None) -> CaFolder:
+    """The provisioned folder's CA, its key unlocked with the passphrase in the variable."""
+    from fedcare.lifecycle import open_ca
+
+    return open_ca(ca_dir, _passphrase(passphrase_env))
+
+
 CaDirOption = Annotated[
     Path, typer.Option("--ca-dir", help="The folder 'fedcare provision' wrote (ca.crt, ca.key).")
 ]
@@ -392,9 +400,9 @@ def provision_sign(
 ) -> None:
     """Check a site's certificate signing request (name rules, role, key type, signature)
     and sign it with the consortium CA; write its certificate and a starter site.yaml."""
-    from fedcare.lifecycle import open_ca, sign
+    from fedcare.lifecycle import sign
 
-    issued = guarded(lambda: sign(open_ca(ca_dir, _passphrase(passphrase_env)), csr))
+    issued = guarded(lambda: sign(_ca(ca_dir, passphrase_env), csr))
     _show(issued, "signed")
     console.print(
         f"next: send sites/{issued.name}/ ({issued.name}.crt, ca.crt, site.yaml) to the site; "
@@ -411,9 +419,9 @@ def provision_add_site(
     passphrase_env: PassphraseOption = None,
 ) -> None:
     """Enrol and sign in one step, the key made in the site's folder (a test consortium)."""
-    from fedcare.lifecycle import add_site, open_ca
+    from fedcare.lifecycle import add_site
 
-    _show(guarded(lambda: add_site(open_ca(ca_dir, _passphrase(passphrase_env)), name)), "added")
+    _show(guarded(lambda: add_site(_ca(ca_dir, passphrase_env), name)), "added")
 
 
 @provision_app.command("revoke")
@@ -424,10 +432,10 @@ def provision_revoke(
     passphrase_env: PassphraseOption = None,
 ) -> None:
     """Put every certificate the CA issued to a site on the revocation list (crl.pem)."""
-    from fedcare.lifecycle import open_ca, revoke
+    from fedcare.lifecycle import revoke
     from fedcare.provision import CRL_FILE
 
-    serials = guarded(lambda: revoke(open_ca(ca_dir, _passphrase(passphrase_env)), name, reason))
+    serials = guarded(lambda: revoke(_ca(ca_dir, passphrase_env), name, reason))
     say(f"revoked {name}: serial(s) {', '.join(f'{s:x}' for s in serials)}")
     say(f"revocation list: {ca_dir / CRL_FILE}")
     console.print(
@@ -445,6 +453,6 @@ def provision_renew(
     passphrase_env: PassphraseOption = None,
 ) -> None:
     """Re-issue a site's certificate from the same key, with a new validity."""
-    from fedcare.lifecycle import open_ca, renew
+    from fedcare.lifecycle import renew
 
-    _show(guarded(lambda: renew(open_ca(ca_dir, _passphrase(passphrase_env)), name)), "renewed")
+    _show(guarded(lambda: renew(_ca(ca_dir, passphrase_env), name)), "renewed")

@@ -168,6 +168,7 @@ def create_app(
         async def ticker() -> None:
             # Deadlines are enforced here, so no round waits for a site forever.
             while True:
+                serials: dict[str, int] = {}
                 if certificates is not None:
                     book, save = certificates
                     for seen in book.take_new():
@@ -175,7 +176,8 @@ def create_app(
                             await run_in_threadpool(save, seen)
                         except StateError:
                             log.exception("recording %s's certificate failed", seen.name)
-                revoked = [] if revocations is None else revocations.revoked_sites()
+                    serials = book.site_serials()
+                revoked = [] if revocations is None else revocations.revoked_sites(serials)
                 for coordinator in coordinators.values():
                     try:
                         for site in revoked:

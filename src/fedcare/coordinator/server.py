@@ -73,7 +73,6 @@ class _TlsConfig(uvicorn.Config):
         book: CertificateBook | None,
     ) -> None:
         class CheckedPeerProtocol(PeerIdentityProtocol):
-            revocations = checks
             certificates = book
 
         protocol = CheckedPeerProtocol

@@ -27,6 +27,7 @@ from pathlib import Path
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fedcare.federation.state.sql import SeenCertificate
+from fedcare.ids import ROLE_SITE
 from fedcare.pki import (
     Peer,
     PkiError,
@@ -44,10 +45,9 @@ PEER_KEY = "peer"
 class PeerIdentityProtocol(H11Protocol):
     """HTTP/1.1 protocol that records the authenticated peer for every request."""
 
-    revocations: Revocations | None = None
-    """Set by the server when the coordinator enforces a revocation list."""
     certificates: CertificateBook | None = None
-    """Set by the server: where peers' certificates are noted for expiry warnings."""
+    """Set by the server: where peers' certificates are noted, for expiry warnings and
+    for dropping a site whose certificate is revoked."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -56,11 +56,8 @@ class PeerIdentityProtocol(H11Protocol):
         peer: Peer | None
         try:
             peer = peer_from_peercert(peercert) if peercert else None
-            if peer is not None and peercert:
-                if self.revocations is not None:
-                    self.revocations.note(peer, serial_of(peercert))
-                if self.certificates is not None:
-                    self.certificates.note(peer, peercert)
+            if peer is not None and peercert and self.certificates is not None:
+                self.certificates.note(peer, peercert)
         except PkiError:
             # A CA-issued certificate that names no valid peer (the coordinator's own,
             # say) authenticates nobody; the endpoints answer 401.
@@ -87,7 +84,6 @@ class Revocations:
         self._seen: tuple[int, int] | None = None
         self._context: ssl.SSLContext | None = None
         self._revoked: frozenset[int] = frozenset()
-        self._serials: dict[str, int] = {}
         self.refresh()
 
     def refresh(self) -> ssl.SSLContext:
@@ -122,15 +118,11 @@ class Revocations:
         """The SNI callback: this handshake uses the current context."""
         connection.context = self.refresh()
 
-    def note(self, peer: Peer, serial: int | None) -> None:
-        """Remember which certificate a site last connected with."""
-        if serial is not None and peer.is_site:
-            self._serials[peer.name] = serial
-
-    def revoked_sites(self) -> list[str]:
-        """Sites whose last certificate is now on the list (after a reload)."""
+    def revoked_sites(self, serials: Mapping[str, int]) -> list[str]:
+        """Of the sites with the serials they last connected with, those now on the list
+        (re-read first if it changed)."""
         self.refresh()
-        return sorted(site for site, serial in self._serials.items() if serial in self._revoked)
+        return sorted(site for site, serial in serials.items() if serial in self._revoked)
 
 
 def serial_of(peercert: Mapping[str, object]) -> int | None:
@@ -166,3 +158,10 @@ class CertificateBook:
         with self._lock:
             new, self._new = self._new, []
             return new
+
+    def site_serials(self) -> dict[str, int]:
+        """The serial each site last connected with (what revocation checks against)."""
+        with self._lock:
+            return {
+                name: serial for (name, role), serial in self._known.items() if role == ROLE_SITE
+            }

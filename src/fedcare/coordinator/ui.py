@@ -66,22 +66,21 @@ def add_dashboard(
     """Add the dashboard's routes to ``app``; ``viewer(request)`` names the peer."""
     audit = AuditCheck(audit_log)
     page = files("fedcare.coordinator").joinpath("templates/dashboard.html").read_text("utf-8")
-    who = viewer
 
     @app.get("/ui", response_class=HTMLResponse, include_in_schema=False)
     async def ui(request: Request) -> HTMLResponse:
-        who(request)
+        viewer(request)
         return HTMLResponse(page, headers=PAGE_HEADERS)
 
     @app.get("/ui/state")
     async def ui_state(request: Request) -> Dashboard:
         """What this certificate's holder may see, now."""
-        peer = who(request)
+        peer = viewer(request)
         return await run_in_threadpool(dashboard, coordinators, peer, audit)
 
     @app.get("/ui/events", include_in_schema=False)
     async def ui_events(request: Request) -> StreamingResponse:
-        peer = who(request)
+        peer = viewer(request)
 
         async def stream() -> AsyncIterator[str]:
             yield "retry: 2000\n\n"
@@ -107,7 +106,7 @@ def add_dashboard(
 
     @app.get("/ui/studies/{study_hash}/plots/{name}.svg", include_in_schema=False)
     async def ui_plot(request: Request, study_hash: StudyHash, name: PlotName) -> Response:
-        peer = who(request)
+        peer = viewer(request)
         service = coordinators.get(study_hash)
         if service is None or (peer.is_site and peer.name not in service.federation.sites):
             raise HTTPException(404, f"no study {study_hash[:12]} for '{peer.name}'")

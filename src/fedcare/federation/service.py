@@ -625,14 +625,10 @@ class StudyService:
             self._advance(now)
             return True
 
-    def _refresh_members(self) -> None:
-        """Take up sites the operator added (``add_site``): each is selectable from the
-        next round that opens; the open one was selected without it."""
-        if not self.study.rounds.open_enrolment:
-            return
-        for site in self.state.study(self.hash).sites:
-            if site in self.federation.sites:
-                continue
+    def _join(self, site: str) -> None:
+        """Take up a site the operator added (``add_site``): selectable from the next
+        round that opens; the open one was selected without it."""
+        if self.study.rounds.open_enrolment and site not in self.federation.sites:
             self.federation.add_site(site)
             if self.releases is not None:
                 self.releases.add_site(site)
@@ -643,6 +639,8 @@ class StudyService:
         """Pick up standings another process recorded (the operator's drop or admit)."""
         stored = self.state.sites(self.hash)
         for site, record in stored.items():
+            if site not in self.federation.sites:
+                self._join(site)
             mine = self._sites.get(site)
             seen = max((t for t in (record.last_seen, mine and mine.last_seen) if t), default=None)
             self._sites[site] = replace(record, last_seen=seen)
@@ -752,7 +750,6 @@ class StudyService:
         """Apply standings recorded elsewhere, close the open round if it is due, open the
         next one, settle due releases."""
         with self._lock:
-            self._refresh_members()
             self._refresh_sites()
             self._excuse_gone()
             if self.halted and not self.federation.done:
