@@ -26,6 +26,7 @@ from fedcare.federation.state.sql import SqlState
 from fedcare.privacy.dp.budget import Budget
 from fedcare.privacy.dp.guard import PrivacyGuard
 from fedcare.privacy.dp.ledger import PrivacyLedger
+from fedcare.privacy.secagg.inmemory import make_identities
 from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.privacy.secagg.study import setup_for
 from fedcare.simulation.inprocess import InProcessLink, SimClock, run_in_process, secure_sites
@@ -37,6 +38,7 @@ from fedcare.site.worker import SiteWorker
 from fedcare.study import StalenessSpec, Study, StudyError
 
 NAMES = ["alpha", "beta", "gamma"]
+IDS = make_identities(NAMES)
 SECURE = {"enabled": True, "clip_norm": 10.0, "max_sites": 10, "max_records": 1000}
 
 
@@ -84,7 +86,13 @@ def test_the_staleness_factor_is_fedbuffs_polynomial() -> None:
 
 def _start(study: Study, state: object | None = None) -> tuple[StudyService, SimClock]:
     clock = SimClock()
-    service = StudyService(study, NAMES, state or MemoryState(), clock=clock.now)  # type: ignore[arg-type]
+    service = StudyService(
+        study,
+        NAMES,
+        state or MemoryState(),  # type: ignore[arg-type]
+        clock=clock.now,
+        identities=IDS.verifier,
+    )
     for name in NAMES:
         service.task_for(name)
     return service, clock
@@ -361,7 +369,7 @@ def test_one_update_joins_one_session_only(toy_study: Study, toy_sites: list[Sit
     """An active coordinator that puts a kept update in a second flush gets a refusal."""
     study = _async(toy_study, buffer=3, max_staleness=3).replace(secure_aggregation=SECURE)
     workers = _workers(study, toy_sites)
-    site = secure_sites(workers)["alpha"]
+    site = secure_sites(workers, IDS)["alpha"]
     service, _ = _start(study)
     trained = site.train(service.task_for("alpha").payload)
     first = setup_for(study, 1, NAMES, service.n_params, "ab" * 32)

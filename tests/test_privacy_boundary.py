@@ -15,6 +15,7 @@ from fedcare.federation.messages import decode_task, decode_update, encode_task
 from fedcare.privacy.dp.guard import PrivacyGuard
 from fedcare.privacy.dp.ledger import Budget, BudgetExceededError, PrivacyLedger
 from fedcare.privacy.secagg.inmemory import make_identities
+from fedcare.privacy.secagg.keys import IdentityVerifier
 from fedcare.privacy.secagg.protocol import ServerSession, run_session
 from fedcare.privacy.secagg.quantize import decode_sum, quantize_weight
 from fedcare.privacy.secagg.study import quantization_for, setup_for, site_weight
@@ -111,7 +112,7 @@ def test_the_training_loss_does_not_leave_under_dp(
     )
     payload = encode_task(task)
     setup = setup_for(secure, 1, round_.selected, n_params, hashlib.sha256(payload).hexdigest())
-    session = ServerSession(setup)
+    session = ServerSession(setup, _verifier(sites))
     bodies: list[bytes] = []
     parties = {}
     for name, site in sites.items():
@@ -122,6 +123,11 @@ def test_the_training_loss_does_not_leave_under_dp(
         header, _ = decode_masked(body, setup.length, setup.bits)
         assert header.loss is None
     assert set(session.losses.values()) == {None}
+
+
+def _verifier(sites: dict[str, SecureSite]) -> IdentityVerifier:
+    """The consortium CA's check the coordinator runs (the sites' CA)."""
+    return next(iter(sites.values())).verifier
 
 
 def _secure_sites(
@@ -162,7 +168,7 @@ def test_two_sums_after_a_restart_do_not_give_one_update(
         tasks.append(payload)
         setup = setup_for(study, 1, round_.selected, n_params, hashlib.sha256(payload).hexdigest())
         parties = {n: s.start(payload, setup) for n, s in sites.items() if n not in offline}
-        total, _ = run_session(ServerSession(setup), parties)
+        total, _ = run_session(ServerSession(setup, _verifier(sites)), parties)
         sums.append(decode_sum(total, plan)[0])
     assert (
         decode_task(tasks[0], n_params).header.nonce != decode_task(tasks[1], n_params).header.nonce

@@ -59,8 +59,9 @@ def _masked_round(
     """Advertise, share and mask honestly: every site has submitted its masked input."""
     plan = plan_quantization(32, 1.0, len(setup.sites))
     rng = np.random.default_rng(0)
-    server = SecAggServer(setup)
-    clients = {s: client_for(setup, s, ids or identities()) for s in setup.sites}
+    ids = ids or identities()
+    server = SecAggServer(setup, ids.verifier)
+    clients = {s: client_for(setup, s, ids) for s in setup.sites}
     for c in clients.values():
         server.receive_advertisement(c.advertise())
     server.close_advertising()

@@ -12,6 +12,7 @@ from fedcare.federation.messages import TaskState
 from fedcare.federation.rounds import RoundError
 from fedcare.federation.service import ForbiddenError, StudyService
 from fedcare.federation.state.sql import SqlState
+from fedcare.privacy.secagg.inmemory import make_identities
 from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.privacy.secagg.protocol import STAGES, ClientParty, Party, Stage
 from fedcare.privacy.secagg.study import setup_for
@@ -40,14 +41,19 @@ def study(toy_study: Study) -> Study:
     )
 
 
+IDS = make_identities(["alpha", "beta", "gamma"])
+
+
 def _sites(study: Study, toy_sites: list[SiteDataset]) -> dict[str, SecureSite]:
     n_params = study.feature_schema.n_inputs + 1
-    return secure_sites({s.name: SiteWorker(study, s, n_params) for s in toy_sites})
+    return secure_sites({s.name: SiteWorker(study, s, n_params) for s in toy_sites}, IDS)
 
 
 def _coordinator(study: Study, tmp_path: Path, clock: Clock) -> StudyService:
     state = SqlState(f"sqlite:///{tmp_path / 'c.db'}", tmp_path / "models")
-    return StudyService(study, ["alpha", "beta", "gamma"], state, clock=clock)
+    return StudyService(
+        study, ["alpha", "beta", "gamma"], state, clock=clock, identities=IDS.verifier
+    )
 
 
 def _advertise(

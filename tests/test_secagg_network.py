@@ -258,3 +258,109 @@ def test_a_site_joins_a_running_secure_study_at_a_round_boundary(tmp_path: Path)
     sent = sorted(int(str(e.details["round"])) for e in trail if e.event == "update.sent")
     assert sent == list(range(start, 11))
     assert trail[-1].event == "model.received"
+
+
+GARBAGE_PEM = "-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----"
+
+
+def test_one_site_with_bad_advertisements_fails_no_round(tmp_path: Path) -> None:
+    """Issue 21, point 1: gamma holds a valid certificate and sends, every round, a key
+    advertisement with a garbage certificate and an empty signature, then one signed
+    over a low-order key. The coordinator refuses each with a 4xx naming why and relays
+    none; alpha and beta close every round between them and the model moves."""
+    import hashlib
+    import secrets
+    import time
+
+    from fedcare import pki
+    from fedcare.privacy.secagg.keys import EcdsaSigner
+    from fedcare.privacy.secagg.messages import KeyAdvertisement
+    from fedcare.privacy.secagg.study import setup_for
+    from fedcare.simulation.loopback import start_site
+    from fedcare.site.client import CoordinatorError, TaskState
+
+    rounds = 3
+    study = secure_study().replace(rounds={"count": rounds, "min_sites": 2, "deadline_s": 60})
+    deployment = deploy(tmp_path, study)
+    h = study.content_hash
+    tls = deployment.site_configs["gamma"].parent
+    signer = EcdsaSigner(
+        pki.load_private_key(tls / "gamma.key"), pki.load_certificate(tls / "gamma.crt")
+    )
+    start_coordinator(deployment)
+    refusals: list[tuple[int, int, str]] = []
+    try:
+        wait_until_serving(deployment, "alpha")
+        gamma = client_for(deployment, "gamma")
+        try:
+            gamma.task(h)  # checks in, so the first round opens with all three selected
+            honest = [start_site(deployment, name) for name in ("alpha", "beta")]
+            attacked = 0
+            until = time.monotonic() + 180
+            while attacked < rounds and time.monotonic() < until:
+                task = gamma.task(h)
+                if task.state is not TaskState.READY or task.round <= attacked:
+                    time.sleep(0.05)
+                    continue
+                attacked = task.round
+                selected = gamma.secure_sites(h, task.round)
+                setup = setup_for(
+                    study, task.round, selected, N_PARAMS, hashlib.sha256(task.payload).hexdigest()
+                )
+                garbage = KeyAdvertisement(
+                    study_hash=h,
+                    round=task.round,
+                    session=setup.session,
+                    site="gamma",
+                    encryption_key=secrets.token_bytes(32),
+                    mask_key=secrets.token_bytes(32),
+                    certificate=GARBAGE_PEM,
+                    signature=b"",
+                )
+                low = garbage.model_copy(
+                    update={"certificate": signer.certificate_pem, "mask_key": bytes(32)}
+                )
+                low = low.model_copy(update={"signature": signer.sign(low.signed_bytes())})
+                for adv in (garbage, low):
+                    try:
+                        gamma.secure_post(
+                            h,
+                            task.round,
+                            "advertise",
+                            adv.model_dump_json().encode(),
+                            "application/json",
+                        )
+                    except CoordinatorError as exc:
+                        refusals.append((task.round, exc.status, str(exc)))
+                    else:
+                        refusals.append((task.round, 204, "accepted"))
+            for proc in honest:
+                assert proc.popen.wait(timeout=240) == 0, proc.log.read_text()[-3000:]
+        finally:
+            gamma.close()
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+    assert all(400 <= status < 500 for _, status, _ in refusals), refusals
+    # Round 1 waits for gamma (selected, checked in): both forgeries reach the check.
+    first = [why for number, _, why in refusals if number == 1]
+    assert len(first) == 2, first
+    assert "not issued by the CA" in first[0], first
+    assert "not a usable key" in first[1], first
+    # Later rounds may close their advertising before gamma's post arrives (it is no
+    # longer waited for): then the post is refused for its stage, still never relayed.
+    for _, _, why in refusals:
+        assert any(r in why for r in ("not issued", "usable key", "stage", "not part")), why
+    from fedcare.federation.state.sql import SqlState
+
+    state = SqlState(f"sqlite:///{tmp_path / 'coordinator.db'}", tmp_path / "models")
+    try:
+        closed = state.rounds(h)
+    finally:
+        state.close()
+    assert [(r.status, r.participants) for r in closed] == [("closed", ("alpha", "beta"))] * rounds
+    state_names = make_server_optimizer(study.aggregation).state_names
+    (last,) = (tmp_path / "models").rglob(f"round-{rounds:05d}.safetensors")
+    _, final, _ = decode_model(last.read_bytes(), N_PARAMS, state_names)
+    initial = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
+    assert np.abs(final - initial).max() > 1e-3

@@ -15,7 +15,12 @@ from fedcare import pki
 from fedcare.fixed_point import plan_quantization
 from fedcare.privacy.secagg.aggregator import SecAggFailedError, SecAggServer, ServerStage
 from fedcare.privacy.secagg.client import SecAggClient
-from fedcare.privacy.secagg.inmemory import Identities, make_identities, run_local_round
+from fedcare.privacy.secagg.inmemory import (
+    Identities,
+    client_for,
+    make_identities,
+    run_local_round,
+)
 from fedcare.privacy.secagg.keys import EcdsaSigner, IdentityVerifier, SecAggError
 from fedcare.privacy.secagg.messages import UnmaskRequest
 from fedcare.privacy.secagg.protocol import Stage
@@ -125,7 +130,7 @@ def _through_masking(n: int = 4, d: int = 6):
     encoded = _inputs(n, d, 1)[3]
     setup = setup_for(n, d)
     ids = identities()
-    server = SecAggServer(setup)
+    server = SecAggServer(setup, ids.verifier)
     clients = {
         s: SecAggClient(setup, s, ids.signers[s], ids.signers[s].certificate_pem, ids.verifier)
         for s in setup.sites
@@ -199,7 +204,7 @@ def test_tampered_redirected_and_replayed_shares_are_rejected():
         s: SecAggClient(setup2, s, ids.signers[s], ids.signers[s].certificate_pem, ids.verifier)
         for s in setup2.sites
     }
-    server2 = SecAggServer(setup2)
+    server2 = SecAggServer(setup2, ids.verifier)
     for c in later.values():
         server2.receive_advertisement(c.advertise())
     server2.close_advertising()
@@ -233,7 +238,11 @@ def test_substituted_or_forged_keys_are_refused():
     # The coordinator swaps in its own mask key under the site's signature.
     swapped = adverts[peer].model_copy(update={"mask_key": bytes(32)})
     with pytest.raises(SecAggError, match="bad signature"):
-        clients[victim].share_keys([swapped, adverts[third]])
+        SecAggServer(setup, ids.verifier).receive_advertisement(swapped)
+    # Relayed anyway, the victim leaves that peer out and shares nothing with it.
+    bundle = clients[victim].share_keys([swapped, adverts[third]])
+    assert [s.recipient for s in bundle.shares] == [third]
+    assert "bad signature" in clients[victim].dropped[peer]
     # A key pair and certificate from a CA that is not the consortium's.
     rogue_ca = pki.make_ca("rogue")
     rogue = pki.issue_client_cert(rogue_ca, "rogue", peer)
@@ -350,3 +359,89 @@ def test_unmask_replies_carry_only_well_formed_shares():
     for bad in ({"site1": "not hex"}, {"site1": "a" * 67}, {"../x": "ab"}):
         with pytest.raises(ValidationError):
             UnmaskReply(**fields, seed_shares=bad)
+
+
+class _Unchecked(IdentityVerifier):
+    """A coordinator that skips its check of key advertisements and relays them all."""
+
+    def verify(self, *args: object, **kwargs: object) -> None:
+        del args, kwargs
+
+
+@pytest.mark.parametrize("drop_after", [None, "masked"])
+def test_an_honest_site_drops_a_bad_peer_not_the_round(drop_after: str | None) -> None:
+    """Issue 21, point 1: a forged advertisement reaches every site anyway. Each honest
+    site leaves that peer out; the round sums exactly the others (with or without an
+    honest dropout after sharing, which needs the pairwise masks to be rebuilt)."""
+    n, d = 5, 6
+    plan, deltas, weights, encoded = _inputs(n, d, 3)
+    setup = setup_for(n, d)
+    ids = identities()
+    server = SecAggServer(setup, _Unchecked(ids.verifier.ca))
+    clients = {s: client_for(setup, s, ids) for s in setup.sites}
+    bad = setup.sites[-1]
+    for s, c in clients.items():
+        adv = c.advertise()
+        if s == bad:
+            adv = adv.model_copy(update={"signature": b"\x00" * 8})
+        server.receive_advertisement(adv)
+    server.close_advertising()
+    for s, c in clients.items():
+        server.receive_shares(c.share_keys(server.advertisements_for(s)))
+    server.close_sharing()
+    honest = [s for s in setup.sites if s != bad]
+    assert all("bad signature" in clients[s].dropped[bad] for s in honest)
+    assert server.shares_for(bad) == ()  # nobody is paired with it
+    with pytest.raises(SecAggError, match="sent shares"):
+        clients[bad].masked_input(server.shares_for(bad), encoded[bad])
+    gone = honest[0] if drop_after == "masked" else None
+    survivors = [s for s in honest if s != gone]
+    for s in survivors:
+        server.receive_masked(s, clients[s].masked_input(server.shares_for(s), encoded[s]))
+    request = server.close_masking()
+    assert set(request.survivors) == set(survivors)
+    for s in survivors:
+        server.receive_confirmation(clients[s].confirm(request))
+    server.close_confirming()
+    for s in survivors:
+        server.receive_unmask(clients[s].unmask(server.signatures_for(s)))
+    got, wsum = decode_sum(server.finish(), plan)
+    want, want_w = _expected(plan, deltas, weights, survivors)
+    assert np.max(np.abs(got - want)) <= plan.error_bound(len(survivors)) + 1e-9
+    assert wsum == pytest.approx(want_w, abs=1e-12)
+
+
+def test_the_coordinator_refuses_bad_advertisements_before_relaying() -> None:
+    """Issue 21, point 1: garbage certificate, empty signature, another site's certificate,
+    another round's session, a low-order key: each refused by name, none relayed."""
+    setup = setup_for(4, 3)
+    ids = identities()
+    server = SecAggServer(setup, ids.verifier)
+    clients = {s: client_for(setup, s, ids) for s in setup.sites}
+    good = {s: c.advertise() for s, c in clients.items()}
+    site = setup.sites[0]
+    other = ids.signers[setup.sites[1]]
+
+    def signed(adv, signer=ids.signers[site]):
+        return adv.model_copy(update={"signature": signer.sign(adv.signed_bytes())})
+
+    attacks = {
+        "not issued by the CA": good[site].model_copy(
+            update={"certificate": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"}
+        ),
+        "bad signature": good[site].model_copy(update={"signature": b""}),
+        "names another site": signed(
+            good[site].model_copy(update={"certificate": other.certificate_pem}), other
+        ),
+        "another secure session": signed(good[site].model_copy(update={"session": "ef" * 32})),
+        "not a usable key": signed(good[site].model_copy(update={"mask_key": bytes(32)})),
+    }
+    for reason, adv in attacks.items():
+        with pytest.raises(SecAggError, match=reason):
+            server.receive_advertisement(adv)
+    assert server.advertised == ()
+    assert site in server.refused
+    for s in setup.sites[1:]:
+        server.receive_advertisement(good[s])
+    server.close_advertising()  # three good sites meet the threshold of 3
+    assert all(a.site != site for s in setup.sites[1:] for a in server.advertisements_for(s))

@@ -15,14 +15,22 @@ from fedcare.coordinator.app import create_app
 from fedcare.coordinator.tls import CertificateBook, PeerIdentityProtocol, Revocations
 from fedcare.federation.service import StudyService
 from fedcare.federation.state.sql import SqlState
+from fedcare.pki import load_certificate
+from fedcare.privacy.secagg.keys import IdentityVerifier
 from fedcare.releases.registry import ReleaseRegistry
 from fedcare.study import load_study
 
 
-def build_coordinators(config: CoordinatorConfig, state: SqlState) -> dict[str, StudyService]:
+def build_coordinators(
+    config: CoordinatorConfig, state: SqlState, checks: Revocations | None = None
+) -> dict[str, StudyService]:
     """One study service per configured study, resumed from the state; the release
-    registry shares the state's database."""
+    registry shares the state's database. Secure-aggregation key advertisements are
+    checked against the consortium CA and the revocation list ``checks`` enforces."""
     audit = AuditLog(config.audit_log, "coordinator")
+    identities = IdentityVerifier(
+        load_certificate(config.tls.ca), revoked=frozenset if checks is None else checks.serials
+    )
     registry = ReleaseRegistry(state.engine, state.storage / "releases")
     coordinators: dict[str, StudyService] = {}
     for membership in config.studies:
@@ -35,6 +43,7 @@ def build_coordinators(config: CoordinatorConfig, state: SqlState) -> dict[str, 
             max_update_bytes=config.max_body_bytes,
             audit=audit,
             registry=registry,
+            identities=identities,
         )
     return coordinators
 
@@ -135,7 +144,7 @@ def serve(config: CoordinatorConfig) -> None:
     try:
         checks = revocations(config)
         book = CertificateBook()
-        coordinators = build_coordinators(config, store)
+        coordinators = build_coordinators(config, store, checks)
         app = create_app(
             coordinators,
             config.max_body_bytes,

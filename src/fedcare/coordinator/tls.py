@@ -118,6 +118,11 @@ class Revocations:
         """The SNI callback: this handshake uses the current context."""
         connection.context = self.refresh()
 
+    def serials(self) -> frozenset[int]:
+        """The serials on the newest good list (re-read first if it changed)."""
+        self.refresh()
+        return self._revoked
+
     def revoked_sites(self, serials: Mapping[str, int]) -> list[str]:
         """Of the sites with the serials they last connected with, those now on the list
         (re-read first if it changed)."""

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcare.federation.rounds import Round, RoundError, SummedUpdate
-from fedcare.privacy.secagg.keys import SecAggError
+from fedcare.privacy.secagg.keys import IdentityVerifier, SecAggError
 from fedcare.privacy.secagg.protocol import ServerSession, Stage, stage_named
 from fedcare.privacy.secagg.quantize import decode_sum
 from fedcare.privacy.secagg.study import quantization_for, setup_for
@@ -40,14 +40,16 @@ class SecureRelay:
         task_sha256: str,
         now: float,
         max_bytes: int,
+        verifier: IdentityVerifier,
         participants: Sequence[str] | None = None,
     ) -> None:
         """A session among ``participants`` (default: every site selected for the round);
-        an asynchronous flush's session gets a full stage deadline from ``now``."""
+        an asynchronous flush's session gets a full stage deadline from ``now``;
+        ``verifier`` checks each key advertisement before it is relayed."""
         self.study = study
         self.participants = tuple(round_.selected if participants is None else participants)
         self.setup = setup_for(study, round_.number, self.participants, n_params, task_sha256)
-        self.session = ServerSession(self.setup, max_bytes)
+        self.session = ServerSession(self.setup, verifier, max_bytes)
         self.stage_s = study.rounds.deadline_s
         first = round_.deadline if participants is None else now + self.stage_s
         self.stage_deadline = max(first, now)

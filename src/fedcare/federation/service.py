@@ -76,6 +76,7 @@ from fedcare.federation.status import (
 from fedcare.models.builders import initial_parameters
 from fedcare.models.wire import PayloadError
 from fedcare.pki import check_site_name
+from fedcare.privacy.secagg.keys import IdentityVerifier
 from fedcare.privacy.secagg.protocol import Stage
 from fedcare.releases.desk import NotYoursError, ReleaseDesk, ValidationRefusedError
 from fedcare.releases.registry import RegistryError, ReleaseRegistry
@@ -174,7 +175,16 @@ class StudyService:
         audit: AuditLog | None = None,
         registry: ReleaseRegistry | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
+        identities: IdentityVerifier | None = None,
     ) -> None:
+        """``identities`` checks secure-aggregation key advertisements against the
+        consortium CA (required when the study aggregates securely)."""
+        if study.secure_aggregation.enabled and identities is None:
+            raise ValueError(
+                f"study {study.name} aggregates securely: the coordinator needs the "
+                "consortium CA to check key advertisements"
+            )
+        self.identities = identities
         self.study = study
         self.hash = study.content_hash
         self.state = state
@@ -317,7 +327,12 @@ class StudyService:
             sha256_hex(self._task_bytes),
             self.clock(),
             self.max_update_bytes,
+            self._identities(),
         )
+
+    def _identities(self) -> IdentityVerifier:
+        assert self.identities is not None  # required for secure studies at construction
+        return self.identities
 
     def _drop_stale_ready(self, round_: Round) -> None:
         """Forget ready sites that can no longer join (too stale, gone): they train anew."""
@@ -355,6 +370,7 @@ class StudyService:
             sha256_hex(self._flush),
             now,
             self.max_update_bytes,
+            self._identities(),
             participants=sites,
         )
         self._audit(

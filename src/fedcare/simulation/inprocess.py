@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from fedcare.federation.messages import TaskReply
 from fedcare.federation.service import RoundReport, StudyService, refusal_status
 from fedcare.federation.state import MemoryState
-from fedcare.privacy.secagg.inmemory import make_identities
+from fedcare.privacy.secagg.inmemory import Identities, make_identities
 from fedcare.releases.registry import ReleaseRegistry
 from fedcare.simulation.pace import Pacing, Schedule, SitePace
 from fedcare.site.client import CoordinatorError
@@ -133,9 +133,8 @@ class InProcessLink:
         return self._call(study_hash, self.service.model_bytes)
 
 
-def secure_sites(workers: Mapping[str, SiteWorker]) -> dict[str, SecureSite]:
+def secure_sites(workers: Mapping[str, SiteWorker], ids: Identities) -> dict[str, SecureSite]:
     """Each worker as a secure site, with identity certificates from an in-memory CA."""
-    ids = make_identities(sorted(workers))
     return {
         name: SecureSite(worker, ids.signers[name], ids.signers[name].certificate_pem, ids.verifier)
         for name, worker in workers.items()
@@ -184,10 +183,17 @@ def run_in_process(
     action is instantaneous); with ``profiles_dir`` each site freezes the reference
     profile of every release it validated and saw promoted in ``profiles_dir/<site>``."""
     clock = SimClock()
+    ids = make_identities(sorted(workers)) if study.secure_aggregation.enabled else None
     service = StudyService(
-        study, sorted(workers), MemoryState(), clock=clock.now, registry=registry, on_round=on_round
+        study,
+        sorted(workers),
+        MemoryState(),
+        clock=clock.now,
+        registry=registry,
+        on_round=on_round,
+        identities=None if ids is None else ids.verifier,
     )
-    secure = secure_sites(workers) if study.secure_aggregation.enabled else {}
+    secure = {} if ids is None else secure_sites(workers, ids)
     links: dict[str, CoordinatorLink] = {
         name: InProcessLink(service, name) for name in sorted(workers) if name not in offline
     }

@@ -16,7 +16,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcare.privacy.secagg import shamir
-from fedcare.privacy.secagg.keys import SecAggError, agree, public_of, signed_by_certificate
+from fedcare.privacy.secagg.keys import (
+    IdentityVerifier,
+    SecAggError,
+    agree,
+    check_exchange_key,
+    public_of,
+    signed_by_certificate,
+)
 from fedcare.privacy.secagg.messages import (
     EncryptedShare,
     KeyAdvertisement,
@@ -46,10 +53,16 @@ class ServerStage(StrEnum):
 
 
 class SecAggServer:
-    """The relay and summing point of one round."""
+    """The relay and summing point of one round.
 
-    def __init__(self, setup: RoundSetup) -> None:
+    ``verifier`` checks each key advertisement against the consortium CA before it is
+    relayed, so one site's bad advertisement is refused here, not met by every peer."""
+
+    def __init__(self, setup: RoundSetup, verifier: IdentityVerifier) -> None:
         self.setup = setup
+        self.verifier = verifier
+        self.refused: dict[str, str] = {}
+        """Sites whose advertisement was refused, with why (until one is accepted)."""
         self.stage = ServerStage.ADVERTISING
         self.reason = ""
         self._adverts: dict[str, KeyAdvertisement] = {}
@@ -99,8 +112,18 @@ class SecAggServer:
         self._expect(ServerStage.ADVERTISING, "take key advertisements")
         self._check(adv, adv.site)
         previous = self._adverts.get(adv.site)
-        if previous is not None and previous != adv:
-            raise SecAggError(f"site '{adv.site}' already advertised different keys")
+        if previous is not None:
+            if previous != adv:
+                raise SecAggError(f"site '{adv.site}' already advertised different keys")
+            return
+        try:
+            self.verifier.verify(adv.site, adv.certificate, adv.signed_bytes(), adv.signature)
+            check_exchange_key(adv.site, adv.encryption_key, "encryption key")
+            check_exchange_key(adv.site, adv.mask_key, "mask key")
+        except SecAggError as exc:
+            self.refused[adv.site] = str(exc)
+            raise
+        self.refused.pop(adv.site, None)
         self._adverts[adv.site] = adv
 
     def close_advertising(self) -> None:
@@ -143,13 +166,14 @@ class SecAggServer:
                 f"only {len(self._bundles)} site(s) sent shares; "
                 f"the threshold is {self.setup.threshold}"
             )
-        for site in self._bundles:
+        # Two sites mask against each other only if each sent the other shares: a site
+        # that left a bad peer out is not paired with it from the peer's side either.
+        sent = {
+            sender: {s.recipient for s in bundle.shares} for sender, bundle in self._bundles.items()
+        }
+        for site, recipients in sent.items():
             self._delivered[site] = tuple(
-                sorted(
-                    sender
-                    for sender, bundle in self._bundles.items()
-                    if any(s.recipient == site for s in bundle.shares)
-                )
+                sorted(other for other in recipients if site in sent.get(other, ()))
             )
         self.stage = ServerStage.MASKING
 
@@ -187,7 +211,10 @@ class SecAggServer:
                 f"only {len(survivors)} site(s) submitted masked inputs; "
                 f"the threshold is {self.setup.threshold}, so no sum is revealed"
             )
-        dropped = tuple(s for s in self.shared if s not in self._submitted)
+        # A site paired with no one added no pairwise mask: there is nothing to rebuild.
+        dropped = tuple(
+            s for s in self.shared if s not in self._submitted and self._delivered.get(s)
+        )
         self._request = UnmaskRequest(
             study_hash=self.setup.study_hash,
             round=self.setup.round,
@@ -243,13 +270,13 @@ class SecAggServer:
         assert self._request is not None
         if site not in self._signatures:
             raise SecAggError(f"site '{site}' did not sign the survivor list")
-        neighbours = self.setup.neighbours[site]
+        paired = self._delivered[site]
         return SurvivorSignatures(
             study_hash=self.setup.study_hash,
             round=self.setup.round,
             session=self.setup.session,
             request=self._request,
-            signatures=tuple(self._signatures[p] for p in neighbours if p in self._signatures),
+            signatures=tuple(self._signatures[p] for p in paired if p in self._signatures),
         )
 
     @property

@@ -27,6 +27,7 @@ from fedcare.privacy.secagg.keys import (
     IdentityVerifier,
     SecAggError,
     agree,
+    check_exchange_key,
     new_exchange_key,
     private_bytes,
     public_bytes,
@@ -80,6 +81,9 @@ class SecAggClient:
         self._held: dict[str, tuple[int, int]] = {}
         self._own = (0, 0)
         self._request: UnmaskRequest | None = None
+        self.dropped: dict[str, str] = {}
+        """Neighbours left out of this session, with why: their key advertisement did not
+        check out against the consortium CA."""
 
     def _expect(self, stage: ClientStage, action: str) -> None:
         if self.stage is not stage:
@@ -119,13 +123,24 @@ class SecAggClient:
         self._expect(ClientStage.ADVERTISED, "share keys")
         neighbours = set(self.setup.neighbours[self.site])
         peers: dict[str, KeyAdvertisement] = {}
+        seen: set[str] = set()
         for adv in advertisements:
             self._check_session(adv, f"the key advertisement of '{adv.site}'")
             if adv.site not in neighbours:
                 raise SecAggError(f"'{adv.site}' is not a neighbour of '{self.site}'")
-            if adv.site in peers:
+            if adv.site in seen:
                 raise SecAggError(f"two key advertisements for '{adv.site}'")
-            self.verifier.verify(adv.site, adv.certificate, adv.signed_bytes(), adv.signature)
+            seen.add(adv.site)
+            try:
+                self.verifier.verify(adv.site, adv.certificate, adv.signed_bytes(), adv.signature)
+                check_exchange_key(adv.site, adv.encryption_key, "encryption key")
+                check_exchange_key(adv.site, adv.mask_key, "mask key")
+            except SecAggError as exc:
+                # One bad peer costs its own place, not the round: this site shares
+                # nothing with it and masks nothing against it, and the coordinator
+                # pairs only sites that sent each other shares.
+                self.dropped[adv.site] = str(exc)
+                continue
             peers[adv.site] = adv
         if len(peers) + 1 < self.setup.threshold:
             raise SecAggError(
@@ -219,7 +234,7 @@ class SecAggClient:
             )
         if self.site not in survivors:
             raise SecAggError(f"refused: '{self.site}' submitted and will not be unmasked")
-        neighbourhood = self.setup.neighbourhood(self.site)
+        neighbourhood = self.setup.neighbourhood(self.site) - set(self.dropped)
         listed = (survivors | dropped) & neighbourhood
         if listed != set(self._held):
             wrong = sorted(listed ^ set(self._held))
@@ -257,6 +272,8 @@ class SecAggClient:
             self._check_session(item, f"the signature of '{item.site}'")
             if item.site in signers:
                 raise SecAggError(f"refused: two survivor signatures from '{item.site}'")
+            if item.site in self.dropped:
+                continue  # a peer this site left out counts for nothing
             peer = self._peers.get(item.site)
             if peer is None or item.site not in request.survivors:
                 raise SecAggError(

@@ -74,4 +74,6 @@ def run_local_round(
     ``drops`` stops answering from that stage on. Raises
     :class:`SecAggFailedError` when the session cannot complete.
     """
-    return run_session(ServerSession(setup), parties_for(setup, inputs, identities), drops)
+    return run_session(
+        ServerSession(setup, identities.verifier), parties_for(setup, inputs, identities), drops
+    )

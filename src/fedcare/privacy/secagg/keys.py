@@ -95,7 +95,9 @@ class IdentityVerifier:
         self.revoked = revoked
         """The serials the consortium CA has revoked (its signed list, as the site last
         fetched it); a revoked peer is refused even after its key was first accepted."""
-        self._known: dict[str, tuple[int, ec.EllipticCurvePublicKey]] = {}
+        self._known: dict[tuple[str, str], tuple[int, ec.EllipticCurvePublicKey]] = {}
+        """Certificates already checked, by site and PEM: a renewed certificate is checked
+        afresh, never answered with the key of the one it replaced."""
 
     def _site_key(self, site: str, certificate_pem: str) -> tuple[int, ec.EllipticCurvePublicKey]:
         try:
@@ -129,14 +131,24 @@ class IdentityVerifier:
         what: str = "key advertisement",
     ) -> None:
         """Raise :class:`SecAggError` unless ``site`` signed ``data``."""
-        serial, key = self._known.get(site) or self._site_key(site, certificate_pem)
+        known = (site, certificate_pem)
+        serial, key = self._known.get(known) or self._site_key(site, certificate_pem)
         if serial in self.revoked():
             raise SecAggError(f"the certificate of '{site}' has been revoked by the consortium CA")
         try:
             key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature as exc:
             raise SecAggError(f"the {what} of '{site}' has a bad signature") from exc
-        self._known[site] = (serial, key)
+        self._known[known] = (serial, key)
+
+
+def check_exchange_key(site: str, public: bytes, what: str) -> None:
+    """Raise :class:`SecAggError` if ``public`` is not a usable X25519 key: a low-order
+    point makes every agreement with it the all-zero secret, which a peer refuses."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError as exc:
+        raise SecAggError(f"the {what} advertised by '{site}' is not a usable key") from exc
 
 
 def signed_by_certificate(certificate_pem: str, data: bytes, signature: bytes) -> bool:
@@ -156,5 +168,5 @@ def pinned_verifier(ca: x509.Certificate, certificates: Mapping[str, str]) -> Id
     """A verifier that already trusts the given sites' certificates (after checking them)."""
     verifier = IdentityVerifier(ca)
     for site, pem in certificates.items():
-        verifier._known[site] = verifier._site_key(site, pem)
+        verifier._known[(site, pem)] = verifier._site_key(site, pem)
     return verifier

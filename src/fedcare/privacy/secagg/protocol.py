@@ -36,7 +36,7 @@ from pydantic import TypeAdapter, ValidationError
 from fedcare.models.wire import DEFAULT_MAX_BYTES, PayloadError
 from fedcare.privacy.secagg.aggregator import SecAggServer, ServerStage
 from fedcare.privacy.secagg.client import SecAggClient
-from fedcare.privacy.secagg.keys import SecAggError
+from fedcare.privacy.secagg.keys import IdentityVerifier, SecAggError
 from fedcare.privacy.secagg.messages import (
     EncryptedShare,
     KeyAdvertisement,
@@ -160,16 +160,18 @@ class ClientParty:
 
 @dataclass
 class ServerSession:
-    """The coordinator's side of one session, message by message, in wire form."""
+    """The coordinator's side of one session, message by message, in wire form;
+    ``verifier`` checks key advertisements against the consortium CA before any is relayed."""
 
     setup: RoundSetup
+    verifier: IdentityVerifier
     max_bytes: int = DEFAULT_MAX_BYTES
     server: SecAggServer = field(init=False)
     losses: dict[str, float | None] = field(default_factory=dict)
     _total: NDArray[np.unsignedinteger] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.server = SecAggServer(self.setup)
+        self.server = SecAggServer(self.setup, self.verifier)
 
     @property
     def stage(self) -> Stage | None:
@@ -202,7 +204,9 @@ class ServerSession:
         """True when everyone expected in the current stage has posted, but for the
         ``excused`` (sites that said they left)."""
         stage = self.stage
-        waiting = set(self.expected(stage)) - excused if stage is not None else set()
+        # A site whose advertisement was refused is not waited for (it may still retry).
+        gone = excused | set(self.server.refused)
+        waiting = set(self.expected(stage)) - gone if stage is not None else set()
         return stage is not None and waiting <= set(self.posted(stage))
 
     def post(self, site: str, stage: Stage, body: bytes) -> None:
