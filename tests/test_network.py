@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import ssl
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,6 +251,11 @@ def _update(study: Study, task_payload: bytes, site: str, delta: np.ndarray, **h
     return encode_update(SiteUpdate(UpdateHeader(**fields), delta.astype(np.float32)))
 
 
+def _raw_header(header: bytes) -> bytes:
+    """A safetensors envelope around an arbitrary header and no tensors."""
+    return struct.pack("<Q", len(header)) + header
+
+
 @pytest.mark.parametrize(
     ("body", "status", "reason"),
     [
@@ -259,6 +265,14 @@ def _update(study: Study, task_payload: bytes, site: str, delta: np.ndarray, **h
         ("wrong-length", 400, "expected (5,)"),
         ("oversized", 413, "exceeds the limit"),
         ("wrong-round", 409, "update says round"),
+        # Issue 21, point 2: one site claiming 2^62 (or 2^70, past any SQL integer)
+        # records would outweigh every other site; the study bounds the claim.
+        ("records-2^62", 409, "allows at most 1000000"),
+        ("records-2^70", 409, "allows at most 1000000"),
+        # Issue 21, point 5: a 4 KB header nested 2,000 deep was a 500 (RecursionError).
+        ("nested-2000", 400, "nests 2001 levels deep"),
+        ("header-array", 400, "payload"),
+        ("header-1MiB", 400, "the limit is 1048576"),
     ],
 )
 def test_bad_payloads_get_a_clear_4xx(live, body, status: int, reason: str) -> None:
@@ -275,6 +289,15 @@ def test_bad_payloads_get_a_clear_4xx(live, body, status: int, reason: str) -> N
             body = b"\0" * (64 * 1024 * 1024 + 1)
         elif body == "wrong-round":
             body = _update(study, task.payload, "alpha", np.zeros(5), round=task.round + 1)
+        elif isinstance(body, str) and body.startswith("records-2^"):
+            huge = np.full(5, np.finfo(np.float32).max)
+            body = _update(study, task.payload, "alpha", huge, n_samples=2 ** int(body[10:]))
+        elif body == "nested-2000":
+            body = _raw_header(b'{"a":' + b"[" * 2000 + b"]" * 2000 + b"}")
+        elif body == "header-array":
+            body = _raw_header(b"[]")
+        elif body == "header-1MiB":
+            body = _raw_header(b'{"a": "' + b"x" * (1024 * 1024) + b'"}')
         with pytest.raises(CoordinatorError) as refused:
             alpha.submit(study.content_hash, task.round, body)
         assert refused.value.status == status
@@ -506,20 +529,46 @@ def test_sites_validate_releases_and_the_registry_survives_a_restart(tmp_path: P
         deployment.procs.remove(coordinator)
         start_coordinator(deployment)
         wait_until_serving(deployment, SITES[0])
-        alpha = client_for(deployment, "alpha")
-        try:
-            listed = alpha.http.get(f"/v1/studies/{study.content_hash}/releases").json()
-            assert alpha.validation_task(study.content_hash) is None
-        finally:
-            alpha.close()
+        path = f"/v1/studies/{study.content_hash}/releases"
+        seen = {}
+        for name in ("alpha", "gamma"):
+            client = client_for(deployment, name)
+            try:
+                seen[name] = client.http.get(path).json()
+                assert client.validation_task(study.content_hash) is None
+            finally:
+                client.close()
+        operator = TlsFiles(
+            cert=deployment.folder / "operator" / "operator.crt",
+            key=deployment.folder / "operator" / "operator.key",
+            ca=deployment.folder / "ca.crt",
+        )
+        with httpx.Client(base_url=deployment.url, verify=tls_context(operator)) as client:
+            listed = client.get(path).json()
     finally:
         for proc in reversed(deployment.procs):
             stop(proc)
+    # The operator sees every verdict and the decision's reasons.
     assert [(r["round"], r["state"]) for r in listed] == [(2, "rejected"), (3, "rejected")]
     for release in listed:
         assert "site gamma: auroc" in release["reason"]
         assert "below 0.999 (site policy)" in release["reason"]
         assert "site alpha" not in release["reason"]
+        assert [v["site"] for v in release["verdicts"]] == list(SITES)
+    # Issue 21, point 3: a site sees the outcome and its own verdict, never another's.
+    for name, releases in seen.items():
+        assert [(r["round"], r["state"]) for r in releases] == [(2, "rejected"), (3, "rejected")]
+        for release in releases:
+            assert release["reason"] == ""
+            (own,) = release["verdicts"]
+            assert own["site"] == name
+            assert own["passed"] is (name != "gamma")
+            assert own["report"]["overall"]["n"] > 0  # its own numbers, in full
+            text = json.dumps(release)
+            others = [s for s in SITES if s != name]
+            assert not any(other in text for other in others), text[:500]
+    (gamma_release, _) = seen["gamma"]
+    assert any("below 0.999 (site policy)" in r for r in gamma_release["verdicts"][0]["reasons"])
     database = f"sqlite:///{deployment.folder / 'coordinator.db'}"
     registry = ReleaseRegistry.open(database, deployment.folder / "models" / "releases")
     try:

@@ -351,3 +351,30 @@ def test_encode_and_decode_generic_names() -> None:
 
 def test_payload_error_is_a_value_error() -> None:
     assert issubclass(PayloadError, ValueError)
+
+
+@pytest.mark.parametrize("depth", [5, 2000, 100_000])
+def test_a_deeply_nested_header_is_refused_before_it_is_parsed(depth: int) -> None:
+    """Issue 21, point 5: 2,000 levels made Python's JSON parser raise RecursionError
+    (an HTTP 500) on both the update and the masked-input upload."""
+    from fedcare.privacy.secagg.wire import decode_masked
+
+    body = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
+    data = struct.pack("<Q", len(body)) + body
+    with pytest.raises(PayloadError, match=rf"nests {depth + 1} levels deep, the limit is 4"):
+        decode_update(data, n_params=4)
+    with pytest.raises(PayloadError, match=r"levels deep"):
+        decode_masked(data, length=4, bits=32)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    from fedcare.models.wire import json_depth
+
+    assert json_depth(b'{"a": "[[[[{{{{\\"[[["}') == 1
+    assert json_depth(VALID[8 : 8 + struct.unpack("<Q", VALID[:8])[0]]) == 3
+
+
+def test_an_oversized_header_is_refused() -> None:
+    body = b'{"a": "' + b"x" * (1024 * 1024) + b'"}'
+    with pytest.raises(PayloadError, match=r"header is 1048585 bytes, the limit is 1048576"):
+        decode_update(struct.pack("<Q", len(body)) + body, n_params=4)

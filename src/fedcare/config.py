@@ -78,6 +78,13 @@ class CoordinatorConfig(_Config):
     )
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     poll_wait_s: float = Field(default=20.0, gt=0, le=60, description="Longest long-poll.")
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="A request body must arrive within this many seconds plus one per 64 KiB; "
+        "a slower sender gets 408 and the connection is closed.",
+    )
 
 
 class SiteConfig(_Config):

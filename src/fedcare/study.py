@@ -120,6 +120,59 @@ DEFAULT_SERVER_LEARNING_RATE: dict[Strategy, float] = {
 }
 
 
+class RobustKind(StrEnum):
+    """Aggregators that bound what a minority of bad updates can do to the mean."""
+
+    MEDIAN = "median"
+    TRIMMED_MEAN = "trimmed_mean"
+    KRUM = "krum"
+    NORM_BOUND = "norm_bound"
+
+
+class RobustSpec(Strict):
+    """A robust aggregator in place of the weighted mean (plain aggregation only:
+    docs/robust_aggregation.md)."""
+
+    kind: RobustKind = Field(
+        description="median: coordinate-wise weighted median; trimmed_mean: drop the beta "
+        "share highest and lowest per coordinate; krum: Multi-Krum; norm_bound: clip each "
+        "update's L2 norm at the coordinator."
+    )
+    beta: float = Field(
+        default=0.2, ge=0.0, lt=0.5, description="trimmed_mean: share trimmed at each end."
+    )
+    byzantine: int = Field(
+        default=1, ge=0, description="krum: how many bad updates to tolerate (f)."
+    )
+    select: int | None = Field(
+        default=None, ge=1, description="krum: updates averaged (m; default n - f)."
+    )
+    max_norm: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="norm_bound: the L2 bound; default the median norm of the round's updates.",
+    )
+
+    @model_validator(mode="after")
+    def _options_of_kind(self) -> Self:
+        # Compared with the defaults, not the fields set: the canonical form (which
+        # the content hash covers) writes every option out.
+        given = {
+            name
+            for name in ("beta", "byzantine", "select", "max_norm")
+            if getattr(self, name) != type(self).model_fields[name].default
+        }
+        allowed = {
+            RobustKind.MEDIAN: set(),
+            RobustKind.TRIMMED_MEAN: {"beta"},
+            RobustKind.KRUM: {"byzantine", "select"},
+            RobustKind.NORM_BOUND: {"max_norm"},
+        }[self.kind]
+        if extra := sorted(given - allowed):
+            raise ValueError(f"robust kind '{self.kind}' takes no {', '.join(extra)}")
+        return self
+
+
 class AggregationSpec(Strict):
     strategy: Strategy = Strategy.FEDAVG
     weighting: Weighting = Field(
@@ -139,6 +192,15 @@ class AggregationSpec(Strict):
     beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="Adaptive first moment.")
     beta2: float = Field(default=0.99, ge=0.0, lt=1.0, description="Adam/Yogi second moment.")
     tau: float = Field(default=1e-3, gt=0.0, description="Adaptivity floor (epsilon).")
+    robust: RobustSpec | None = Field(
+        default=None, description="A robust aggregator in place of the weighted mean."
+    )
+    max_records: int = Field(
+        default=1_000_000,
+        ge=1,
+        le=2**53,
+        description="Most training records a site's update may claim; more is refused.",
+    )
 
     @property
     def effective_learning_rate(self) -> float:
@@ -543,6 +605,12 @@ class Study(Strict):
             raise ValueError(
                 "secure aggregation cannot use weighting 'capped': capping needs every site's "
                 "count, which the coordinator no longer sees; use samples, sqrt or equal"
+            )
+        if self.aggregation.robust is not None:
+            raise ValueError(
+                "aggregation.robust needs every site's update, which secure aggregation "
+                "hides; under secure aggregation the sum's norm is bounded instead "
+                "(docs/robust_aggregation.md)"
             )
         if self.rounds.min_sites < 2:
             raise ValueError("secure aggregation needs rounds.min_sites of at least 2")

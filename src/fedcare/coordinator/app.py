@@ -20,7 +20,8 @@ from typing import Annotated, TypeVar
 from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import SQLAlchemyError
 
 from fedcare.coordinator.tls import PEER_KEY, CertificateBook, Revocations
 from fedcare.coordinator.ui import add_dashboard
@@ -32,12 +33,18 @@ from fedcare.federation.status import StudyStatus
 from fedcare.ids import SHA256_HEX
 from fedcare.pki import Peer
 from fedcare.privacy.secagg.protocol import STAGES
+from fedcare.releases.registry import Release
 from fedcare.validation.messages import MAX_REPLY_BYTES
+from fedcare.validation.report import ValidationReport
 
 MAX_REPORT_BYTES = 256 * 1024
 """A drift summary: a few hundred tests at most."""
 MAX_NOTICE_BYTES = 4096
 """Largest withdrawal or ready message (a few short fields)."""
+STORAGE_RETRY_S = 5
+"""Seconds a site is asked to wait (``Retry-After``) when the coordinator's storage fails."""
+MIN_BODY_RATE = 64 * 1024
+"""Bytes per second a request body must keep up after the first ``body_timeout_s``."""
 
 log = logging.getLogger("fedcare.coordinator")
 
@@ -79,12 +86,46 @@ class VerdictReply(BaseModel):
     reasons: list[str]
 
 
+class VerdictView(BaseModel):
+    """One site's verdict on a release and the report it rests on."""
+
+    site: str
+    passed: bool
+    reasons: list[str]
+    report: ValidationReport
+
+
 class ReleaseSummary(BaseModel):
+    """A release and how it was settled. A site sees the outcome and its own verdict;
+    the decision's reasons (which quote every failing site's results) and the other
+    sites' verdicts are the operator's only."""
+
     id: int
     round: int
     parent: int | None
     state: str
-    reason: str
+    reason: str = Field(description="Why it was settled so: empty for a site's view.")
+    verdicts: list[VerdictView] = Field(
+        description="A site's own verdict (if it sent one); every verdict for the operator."
+    )
+
+
+def release_summary(release: Release, peer: Peer) -> ReleaseSummary:
+    """What ``peer`` may see of ``release`` (docs/validation.md, "Who sees what")."""
+    shown = [v for v in release.verdicts if not peer.is_site or v.site == peer.name]
+    return ReleaseSummary(
+        id=release.id,
+        round=release.round,
+        parent=release.parent,
+        state=release.state.value,
+        reason="" if peer.is_site else release.reason,
+        verdicts=[
+            VerdictView(
+                site=v.site, passed=v.verdict.passed, reasons=v.verdict.reasons, report=v.report
+            )
+            for v in shown
+        ],
+    )
 
 
 def _refusal(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
@@ -130,22 +171,38 @@ def _identity(request: Request) -> str:
     return peer.name
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit``."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` and with 408
+    when it arrives slower than ``timeout_s`` plus one second per ``MIN_BODY_RATE`` bytes
+    (a sender trickling bytes would otherwise hold a connection and a worker forever)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise HTTPException(400, "Content-Length is not a number")
         if int(declared) > limit:
             raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit}")
+    expected = 0 if declared is None else int(declared)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    started = time.monotonic()
+    stream = request.stream().__aiter__()
+    while True:
+        allowed = timeout_s + max(expected, size) / MIN_BODY_RATE
+        remaining = started + allowed - time.monotonic()
+        try:
+            chunk = await asyncio.wait_for(anext(stream), max(remaining, 0.0))
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except TimeoutError:
+            raise HTTPException(
+                408,
+                f"request body not received within {allowed:.1f} s; send at least "
+                f"{MIN_BODY_RATE // 1024} KiB/s",
+            ) from None
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def create_app(
@@ -153,6 +210,7 @@ def create_app(
     max_body_bytes: int = 64 * 1024 * 1024,
     poll_wait_s: float = 20.0,
     tick_s: float = 0.25,
+    body_timeout_s: float = 30.0,
     stopping: threading.Event | None = None,
     audit_log: pathlib.Path | None = None,
     revocations: Revocations | None = None,
@@ -202,7 +260,9 @@ def create_app(
             403: {"model": Problem},
             404: {"model": Problem},
             409: {"model": Problem},
+            408: {"model": Problem, "description": "The request body arrived too slowly"},
             413: {"model": Problem},
+            503: {"model": Problem, "description": "Storage unavailable; retry after Retry-After"},
         },
     )
 
@@ -217,10 +277,18 @@ def create_app(
     for kind, status in REFUSALS.items():
         app.add_exception_handler(kind, _refusal(status))
 
-    @app.exception_handler(StateError)
-    async def _store(_: Request, exc: StateError) -> JSONResponse:
-        log.error("storage problem: %s", exc)
-        return JSONResponse({"detail": "coordinator storage unavailable"}, status_code=503)
+    async def _store(_: Request, exc: Exception) -> JSONResponse:
+        # A locked or full database, a full disk: nothing was recorded, so the site
+        # sends the same request again later and loses nothing.
+        log.error("storage problem: %s: %s", type(exc).__name__, exc)
+        return JSONResponse(
+            {"detail": "coordinator storage unavailable; retry later"},
+            status_code=503,
+            headers={"Retry-After": str(STORAGE_RETRY_S)},
+        )
+
+    for fault in (StateError, SQLAlchemyError, OSError):
+        app.add_exception_handler(fault, _store)
 
     add_dashboard(app, coordinators, viewer, audit_log, stopping)
 
@@ -281,7 +349,7 @@ def create_app(
     ) -> Response:
         site = _identity(request)
         coordinator = study_for(study_hash, site)
-        body = await _read_body(request, limit)
+        body = await _read_body(request, limit, body_timeout_s)
         recorded = await run_in_threadpool(receive, coordinator, site, body)
         reply = RecordedReply(recorded=recorded, duplicate=not recorded)
         return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
@@ -354,7 +422,7 @@ def create_app(
         site = _identity(request)
         coordinator = study_for(study_hash, site)
         coordinator.refuse_plain_updates()
-        body = await _read_body(request, max_body_bytes)
+        body = await _read_body(request, max_body_bytes, body_timeout_s)
         accepted = await run_in_threadpool(coordinator.submit, site, round_number, body)
         reply = SubmitReply(accepted=accepted, duplicate=not accepted, round=round_number)
         return JSONResponse(reply.model_dump(), status_code=201 if accepted else 200)
@@ -384,7 +452,7 @@ def create_app(
         """This site's validation report and verdict on a candidate release."""
         site = _identity(request)
         coordinator = study_for(study_hash, site)
-        body = await _read_body(request, MAX_REPLY_BYTES)
+        body = await _read_body(request, MAX_REPLY_BYTES, body_timeout_s)
         recorded, stored = await run_in_threadpool(
             coordinator.receive_verdict, site, release_id, body
         )
@@ -399,18 +467,20 @@ def create_app(
 
     @app.get("/v1/studies/{study_hash}/releases")
     async def releases(request: Request, study_hash: StudyHash) -> list[ReleaseSummary]:
-        """Every release of the study and how it was settled (no reports)."""
-        coordinator = study_for(study_hash, _identity(request))
+        """Every release of the study and how it was settled: for a site, the outcome
+        and its own verdict and report; for the operator, every verdict and reason."""
+        peer = viewer(request)
+        if peer.is_site:
+            coordinator = study_for(study_hash, peer.name)
+        elif (found := coordinators.get(study_hash)) is not None:
+            coordinator = found
+        else:
+            raise HTTPException(404, f"no study {study_hash[:12]}")
         desk = coordinator.releases
         if desk is None:
             return []
         history = await run_in_threadpool(desk.registry.releases, study_hash)
-        return [
-            ReleaseSummary(
-                id=r.id, round=r.round, parent=r.parent, state=r.state.value, reason=r.reason
-            )
-            for r in history
-        ]
+        return [release_summary(r, peer) for r in history]
 
     @app.post("/v1/studies/{study_hash}/rounds/{round_number}/secagg/{stage}", status_code=204)
     async def secure_post(
@@ -419,7 +489,7 @@ def create_app(
         """A secure-aggregation message: signed keys, sealed shares, masked input, shares."""
         site = _identity(request)
         coordinator = study_for(study_hash, site)
-        body = await _read_body(request, max_body_bytes)
+        body = await _read_body(request, max_body_bytes, body_timeout_s)
         await run_in_threadpool(coordinator.secure_post, site, round_number, stage, body)
         return Response(status_code=204)
 

@@ -153,6 +153,7 @@ def serve(config: CoordinatorConfig) -> None:
             audit_log=config.audit_log,
             revocations=checks,
             certificates=(book, store.save_certificate),
+            body_timeout_s=config.body_timeout_s,
         )
         _Server(uvicorn_config(config, app, checks, book), stopping).run()
     finally:

@@ -102,6 +102,7 @@ class Federation:
             extensions_left=spec.extensions,
             buffer=participation.buffer if participation.is_async else None,
             max_staleness=participation.max_staleness if participation.is_async else 0,
+            max_records=self.study.aggregation.max_records,
         )
         header = TaskHeader(
             study_hash=self.study.content_hash,
@@ -122,9 +123,23 @@ class Federation:
             if participation.is_async
             else None
         )
-        mean_delta = None if round_.finished else round_.close(now, agg.weighting, agg.cap, factor)
+        mean_delta = (
+            None
+            if round_.finished
+            else round_.close(now, agg.weighting, agg.cap, factor, agg.robust)
+        )
         if mean_delta is not None:
-            self.params = self.optimizer.step(self.params, mean_delta)
+            before = self.optimizer.state()
+            with np.errstate(over="ignore", invalid="ignore"):
+                stepped = self.optimizer.step(self.params, mean_delta)
+                state = self.optimizer.state()  # as stored: float32
+            if all(np.all(np.isfinite(v)) for v in (stepped, *state.values())):
+                self.params = stepped
+            else:
+                # The model a site or the coordinator could not load is never made.
+                self.optimizer.load_state(before)
+                round_.status = RoundStatus.FAILED
+                round_.reason = "the model after this round's step is not finite; it does not move"
             self.round_number = round_.number
         elif round_.status is RoundStatus.FAILED:
             self.round_number = round_.number

@@ -19,8 +19,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcare.aggregation import client_weights, weighted_mean
+from fedcare.aggregation.robust import RobustError, robust_aggregate
 from fedcare.federation.messages import SiteUpdate
-from fedcare.study import Weighting
+from fedcare.study import RobustSpec, Weighting
 
 
 class RoundStatus(StrEnum):
@@ -67,6 +68,8 @@ class Round:
     """Asynchronous mode: the round closes once this many updates are in."""
     max_staleness: int = 0
     """How many versions older than this round's model an update may be trained on."""
+    max_records: int = 2**53
+    """Most training records one update may claim (the study's aggregation.max_records)."""
 
     def __post_init__(self) -> None:
         if not self.selected:
@@ -142,6 +145,11 @@ class Round:
             raise RoundError(f"round {self.number} is {self.status}; it takes no more updates")
         if header.site not in self.selected:
             raise RoundError(f"site '{header.site}' was not selected for round {self.number}")
+        if header.n_samples > self.max_records:
+            raise RoundError(
+                f"site '{header.site}' claims {header.n_samples} training records; the study "
+                f"allows at most {self.max_records} (aggregation.max_records)"
+            )
         if header.site in self.excused and header.site not in self.updates:
             raise RoundError(f"site '{header.site}' no longer takes part in round {self.number}")
         previous = self.updates.get(header.site)
@@ -170,12 +178,14 @@ class Round:
         weighting: Weighting,
         cap: float | None = None,
         stale_factor: Callable[[int], float] | None = None,
+        robust: RobustSpec | None = None,
     ) -> NDArray[np.float32] | None:
         """Aggregate if enough sites reported; otherwise extend or fail.
 
-        Returns the weighted mean delta when the round closes, None when it was
-        extended or failed (see ``status`` and ``reason``). ``stale_factor`` scales
-        each update's client weight by its staleness (asynchronous mode); under secure
+        Returns the weighted mean delta (or the ``robust`` aggregate) when the round
+        closes, None when it was extended or failed (see ``status`` and ``reason``); a
+        result that is not finite fails the round. ``stale_factor`` scales each
+        update's client weight by its staleness (asynchronous mode); under secure
         aggregation each site applied it before masking.
         """
         if self.finished:
@@ -202,7 +212,7 @@ class Round:
         if self.summed is not None:
             self.status = RoundStatus.AGGREGATING
             mean = (self.summed.weighted_sum / self.summed.weight_sum).astype(np.float32)
-            return self._closed(mean, self.summed.participants)
+            return self._finite(mean, self.summed.participants)
         sites = sorted(self.updates)
         counts = [self.updates[s].header.n_samples for s in sites]
         try:
@@ -215,7 +225,31 @@ class Round:
             factors = [stale_factor(self.staleness(self.updates[s])) for s in sites]
             weights = weights * np.asarray(factors, dtype=np.float64)
         self.status = RoundStatus.AGGREGATING
-        mean = weighted_mean([self.updates[s].delta for s in sites], weights)
+        deltas = [self.updates[s].delta for s in sites]
+        try:
+            # Overflow to inf in the float32 result is caught below, not warned about.
+            with np.errstate(over="ignore", invalid="ignore"):
+                if robust is None:
+                    mean = weighted_mean(deltas, weights)
+                else:
+                    mean = robust_aggregate(np.stack(deltas), weights, robust)
+        except RobustError as exc:
+            self.status = RoundStatus.FAILED
+            self.reason = f"cannot aggregate robustly: {exc}"
+            return None
+        return self._finite(mean, sites)
+
+    def _finite(
+        self, mean: NDArray[np.float32], sites: Sequence[str]
+    ) -> NDArray[np.float32] | None:
+        if not np.all(np.isfinite(mean)):
+            # float32 overflow of finite but huge updates: the model must not move.
+            self.status = RoundStatus.FAILED
+            self.reason = (
+                f"the aggregate of {len(sites)} update(s) is not finite (NaN or beyond "
+                "float32); the model does not move"
+            )
+            return None
         return self._closed(mean, sites)
 
     def _closed(self, mean: NDArray[np.float32], sites: Sequence[str]) -> NDArray[np.float32]:

@@ -18,9 +18,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcare.federation.rounds import Round, RoundError, SummedUpdate
+from fedcare.fixed_point import QuantizationError
 from fedcare.privacy.secagg.keys import IdentityVerifier, SecAggError
 from fedcare.privacy.secagg.protocol import ServerSession, Stage, stage_named
-from fedcare.privacy.secagg.quantize import decode_sum
+from fedcare.privacy.secagg.quantize import check_sum_bound, decode_sum
 from fedcare.privacy.secagg.study import quantization_for, setup_for
 from fedcare.study import Study
 
@@ -97,7 +98,12 @@ class SecureRelay:
             round_.fail(f"secure aggregation failed: {exc}")
             return True
         total, survivors = session.result()
-        round_.submit_sum(secure_sum(self.study, total, survivors, session.losses))
+        try:
+            summed = secure_sum(self.study, total, survivors, session.losses)
+        except QuantizationError as exc:
+            round_.fail(f"secure aggregation refused the sum: {exc}; the model does not move")
+            return True
+        round_.submit_sum(summed)
         return True
 
 
@@ -108,8 +114,11 @@ def secure_sum(
     losses: Mapping[str, float | None],
 ) -> SummedUpdate:
     """A session's unmasked total as the round's weighted sum (and the sites' mean loss,
-    when they reported one)."""
-    weighted, weight_sum = decode_sum(total, quantization_for(study))
+    when they reported one); :class:`QuantizationError` for a sum no honest, clipped
+    inputs could produce."""
+    plan = quantization_for(study)
+    weighted, weight_sum = decode_sum(total, plan)
+    check_sum_bound(weighted, weight_sum, len(survivors), plan)
     reported = [v for s in survivors if (v := losses.get(s)) is not None]
     return SummedUpdate(
         participants=tuple(survivors),

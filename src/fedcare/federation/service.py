@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import secrets
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -37,6 +36,7 @@ from pydantic import ValidationError
 
 from fedcare.aggregation import make_server_optimizer
 from fedcare.audit import AuditLog, JsonInput
+from fedcare.clock import SteadyClock, rebase_deadline
 from fedcare.drift.alignment import drifting_sites
 from fedcare.drift.summary import DriftSummary
 from fedcare.durable import sha256_hex
@@ -170,7 +170,7 @@ class StudyService:
         study: Study,
         sites: list[str],
         state: StudyState,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         max_update_bytes: int = 64 * 1024 * 1024,
         audit: AuditLog | None = None,
         registry: ReleaseRegistry | None = None,
@@ -178,7 +178,8 @@ class StudyService:
         identities: IdentityVerifier | None = None,
     ) -> None:
         """``identities`` checks secure-aggregation key advertisements against the
-        consortium CA (required when the study aggregates securely)."""
+        consortium CA (required when the study aggregates securely). ``clock`` defaults
+        to a :class:`SteadyClock`, so a stepped wall clock moves no deadline."""
         if study.secure_aggregation.enabled and identities is None:
             raise ValueError(
                 f"study {study.name} aggregates securely: the coordinator needs the "
@@ -188,7 +189,7 @@ class StudyService:
         self.study = study
         self.hash = study.content_hash
         self.state = state
-        self.clock = clock
+        self.clock = SteadyClock() if clock is None else clock
         self.max_update_bytes = max_update_bytes
         self._lock = threading.RLock()
         self.audit = audit
@@ -199,7 +200,7 @@ class StudyService:
         known = next((r for r in state.studies() if r.hash == self.hash), None)
         if known is not None and study.rounds.open_enrolment and set(sites) <= set(known.sites):
             sites = list(known.sites)  # the configured sites and those that joined since
-        if state.register_study(self.hash, study.name, spec, sites, clock()):
+        if state.register_study(self.hash, study.name, spec, sites, self.clock()):
             self._audit("study.registered", name=study.name, sites=sorted(sites))
         last_round = state.study(self.hash).last_round
         params = initial
@@ -222,6 +223,7 @@ class StudyService:
                 # Idempotent: recreates the candidate only if a crash came between
                 # committing the round and recording its release.
                 self.releases.open_candidate(stored.round, params, self.clock())
+            self.releases.rebase(self.clock())
         self.round: Round | None = None
         self.secure: SecureRelay | None = None
         self.asynchronous = study.participation.is_async
@@ -301,8 +303,14 @@ class StudyService:
                 f"{self.federation.round_number}"
             )
         self.round.selected = stored.selected
-        self.round.deadline = stored.deadline
+        self.round.deadline = rebase_deadline(
+            stored.deadline, self.clock(), self.study.rounds.deadline_s
+        )
         self.round.extensions_left = stored.extensions_left
+        if self.round.deadline != stored.deadline:
+            self.state.save_extended(
+                self.hash, stored.number, self.round.deadline, stored.extensions_left
+            )
         for payload in stored.submissions.values():
             self.round.submit(decode_update(payload, self.n_params))
         self._task_bytes = encode_task(self._task)

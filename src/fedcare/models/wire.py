@@ -20,6 +20,11 @@ from safetensors.numpy import load, save
 
 HEADER_KEY = "fedcare"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+MAX_HEADER_BYTES = 1024 * 1024
+"""A safetensors header lists one short entry per tensor: a megabyte is thousands."""
+MAX_HEADER_DEPTH = 4
+"""Our headers nest three deep (tensor, its fields, its shape); Python's JSON parser
+recurses per level, so a deeper one is refused before it is parsed."""
 
 H = TypeVar("H", bound=BaseModel)
 
@@ -48,13 +53,20 @@ def open_payload(
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > len(data) - 8:
         raise PayloadError("payload header length runs past the end of the payload")
+    if header_len > MAX_HEADER_BYTES:
+        raise PayloadError(f"payload header is {header_len} bytes, the limit is {MAX_HEADER_BYTES}")
+    raw = data[8 : 8 + header_len]
+    if (depth := json_depth(raw)) > MAX_HEADER_DEPTH:
+        raise PayloadError(
+            f"payload header nests {depth} levels deep, the limit is {MAX_HEADER_DEPTH}"
+        )
     try:
-        raw_header = json.loads(data[8 : 8 + header_len])
+        raw_header = json.loads(raw)
         arrays = load(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
         raise PayloadError(f"payload is not a valid safetensors file: {exc}") from exc
-    metadata = raw_header.get("__metadata__") or {}
-    if HEADER_KEY not in metadata:
+    metadata = raw_header.get("__metadata__") if isinstance(raw_header, dict) else None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get(HEADER_KEY), str):
         raise PayloadError(f"payload has no '{HEADER_KEY}' header")
     try:
         header = header_type.model_validate_json(metadata[HEADER_KEY])
@@ -86,3 +98,26 @@ def decode(
             raise PayloadError(f"tensor '{name}' contains NaN or infinite values")
         out[name] = array
     return header, out
+
+
+def json_depth(text: bytes) -> int:
+    """How deep JSON ``text`` nests (objects and arrays), counted without parsing it;
+    brackets inside strings do not count."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest

@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedcare.audit import JsonInput
+from fedcare.clock import rebase_deadline
 from fedcare.models.wire import PayloadError
 from fedcare.releases.registry import RegistryError, Release, ReleaseRegistry
 from fedcare.study import Study
@@ -228,6 +229,15 @@ class ReleaseDesk:
     def next_deadline(self) -> float | None:
         """When the earliest open candidate is settled with whatever verdicts are in."""
         return min((r.deadline for r in self.registry.candidates(self.hash)), default=None)
+
+    def rebase(self, now: float) -> None:
+        """After a restart: bound every open candidate's deadline by the study's
+        validation deadline from ``now`` (:func:`fedcare.clock.rebase_deadline`)."""
+        full = self.study.validation.deadline_s
+        for release in self.registry.candidates(self.hash):
+            deadline = rebase_deadline(release.deadline, now, full)
+            if deadline != release.deadline:
+                self.registry.set_deadline(release.id, deadline)
 
     def settle(self, now: float) -> list[Release]:
         """Decide every candidate whose verdicts are all in or whose deadline has passed."""

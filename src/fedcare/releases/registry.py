@@ -309,6 +309,14 @@ class ReleaseRegistry:
             )
             return True
 
+    def set_deadline(self, release_id: int, deadline: float) -> None:
+        """Move an open candidate's validation deadline (re-based after a restart)."""
+        with Session(self.engine) as session, session.begin():
+            row = self._load(session, release_id)
+            if row.state != ReleaseState.CANDIDATE.value:
+                raise RegistryError(f"release {release_id} is already {row.state}")
+            row.deadline = deadline
+
     def decide(self, release_id: int, state: ReleaseState, reason: str) -> Release:
         """Settle a candidate by the validation rules."""
         if state is ReleaseState.CANDIDATE:

@@ -70,6 +70,13 @@ class SiteWorker:
         validation reports. ``privacy``: the site's ledger and budget. Without it a DP
         study still trains with DP-SGD (fresh secret seed each round) but nothing is
         recorded: for simulations and benchmarks, never for a site agent."""
+        if data.n_train > study.aggregation.max_records:
+            # Refused here, at start, not by the coordinator in the middle of a round.
+            raise RoundError(
+                f"site '{data.name}' has {data.n_train} training records; study "
+                f"{study.name} allows at most {study.aggregation.max_records} "
+                "(aggregation.max_records)"
+            )
         self.study = study
         self.data = data
         self.n_params = n_params

@@ -59,3 +59,30 @@ def decode_sum(
     signed = total.view(np.int32 if plan.bits == 32 else np.int64)
     weight_sum = float(signed[-1]) / plan.weight_scale
     return signed[:-1].astype(np.float64) / plan.scale, weight_sum
+
+
+def check_sum_bound(
+    weighted_sum: NDArray[np.float64], weight_sum: float, n_sites: int, plan: Quantization
+) -> None:
+    """Raise :class:`QuantizationError` unless the unmasked sum is one that ``n_sites``
+    honest inputs could produce: each weight in (0, 1], each delta clipped to
+    ``clip_norm``, so the weight sum lies in (0, n] and the sum's L2 norm is at most
+    ``weight_sum * clip_norm`` (plus the rounding error of the fixed point).
+
+    A site that masks a vector outside its clip bound, or a weight outside (0, 1], can
+    push the sum outside this bound; one that sends any vector inside it cannot be
+    told from an honest site (docs/robust_aggregation.md)."""
+    if not 0.0 < weight_sum <= n_sites:
+        raise QuantizationError(
+            f"the unmasked weight sum {weight_sum:.6g} is outside (0, {n_sites}]: a site "
+            "sent a weight no honest site can"
+        )
+    norm = float(np.linalg.norm(weighted_sum))
+    rounding = math.sqrt(weighted_sum.shape[0]) * plan.error_bound(n_sites)
+    bound = weight_sum * plan.clip_norm + rounding
+    if not norm <= bound:
+        raise QuantizationError(
+            f"the unmasked sum has L2 norm {norm:.6g}, above the {bound:.6g} that "
+            f"{n_sites} clipped update(s) can reach: a site sent an input outside its clip "
+            "bound"
+        )
