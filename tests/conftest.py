@@ -108,3 +108,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     """A fresh coordinator database, once on SQLite and once on PostgreSQL."""
     with database(request.param, tmp_path) as url:
         yield url
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the schema fuzzer's counts (kept as a test property, so they reach this
+    summary from an xdist worker too)."""
+    for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get(
+        "failed", []
+    ):
+        for name, value in getattr(report, "user_properties", []):
+            if name == "fuzz" and report.when == "call":
+                terminalreporter.write_line(f"schema fuzz: {value}")

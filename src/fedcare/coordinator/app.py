@@ -25,7 +25,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fedcare.coordinator.tls import PEER_KEY, CertificateBook, Revocations
 from fedcare.coordinator.ui import add_dashboard
-from fedcare.federation.messages import TaskReply, TaskState
+from fedcare.drift.summary import DriftSummary
+from fedcare.federation.messages import Ready, RoundAlignment, TaskReply, TaskState, Withdrawal
 from fedcare.federation.service import REFUSALS, StudyService
 from fedcare.federation.state import StateError
 from fedcare.federation.state.sql import SeenCertificate
@@ -34,7 +35,7 @@ from fedcare.ids import SHA256_HEX
 from fedcare.pki import Peer
 from fedcare.privacy.secagg.protocol import STAGES
 from fedcare.releases.registry import Release
-from fedcare.validation.messages import MAX_REPLY_BYTES
+from fedcare.validation.messages import MAX_REPLY_BYTES, ValidationReply
 from fedcare.validation.report import ValidationReport
 
 MAX_REPORT_BYTES = 256 * 1024
@@ -57,6 +58,33 @@ ReleaseId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 SecureStage = Annotated[
     str, Path(pattern=f"^({'|'.join(STAGES)})$", description="SecAgg+ stage (protocol.STAGES).")
 ]
+
+
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+def _inline(node: object, defs: dict[str, object]) -> object:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
+        return {key: _inline(value, defs) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inline(value, defs) for value in node]
+    return node
+
+
+def _body(content: dict[str, object]) -> dict[str, object]:
+    """An endpoint's declared request body. The handlers read bodies themselves (size,
+    depth and time limits first), so FastAPI cannot infer these; declaring them lets the
+    schema fuzzer send what a site would."""
+    return {"requestBody": {"content": content, "required": True}}
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, object]:
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+    return _body({"application/json": {"schema": _inline(schema, defs)}})
 
 
 class RecordedReply(BaseModel):
@@ -330,7 +358,9 @@ def create_app(
         coordinator = study_for(study_hash, site)
         return await run_in_threadpool(coordinator.status, site)
 
-    def notice(path: str, already: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def notice(
+        path: str, already: str, message: type[BaseModel]
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """The route of a small JSON message a site sends about itself: 201 when newly
         recorded, 200 for an exact repeat."""
         return app.post(
@@ -338,7 +368,7 @@ def create_app(
             status_code=201,
             response_model=RecordedReply,
             responses={200: {"model": RecordedReply, "description": already}},
-            openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
+            openapi_extra=_json_body(message),
         )
 
     async def record(
@@ -354,24 +384,24 @@ def create_app(
         reply = RecordedReply(recorded=recorded, duplicate=not recorded)
         return JSONResponse(reply.model_dump(), status_code=201 if recorded else 200)
 
-    @notice("/v1/studies/{study_hash}/withdraw", "Already withdrawn")
+    @notice("/v1/studies/{study_hash}/withdraw", "Already withdrawn", Withdrawal)
     async def withdraw(request: Request, study_hash: StudyHash) -> Response:
         """This site cannot take part any more (a reason category, nothing about its data):
         it is not selected again and the open round stops waiting for it."""
         return await record(request, study_hash, MAX_NOTICE_BYTES, StudyService.withdraw)
 
-    @notice("/v1/studies/{study_hash}/drift", "Already kept")
+    @notice("/v1/studies/{study_hash}/drift", "Already kept", DriftSummary)
     async def drift(request: Request, study_hash: StudyHash) -> Response:
         """A site's drift summary of a promoted release (flags, p-values, PSI, AUROC):
         kept over time; a failed live gate suspends the release at that site."""
         return await record(request, study_hash, MAX_REPORT_BYTES, StudyService.receive_drift)
 
-    @notice("/v1/studies/{study_hash}/alignment", "Already kept")
+    @notice("/v1/studies/{study_hash}/alignment", "Already kept", RoundAlignment)
     async def alignment(request: Request, study_hash: StudyHash) -> Response:
         """A site's alignment with the consortium's step for one aggregated round."""
         return await record(request, study_hash, MAX_NOTICE_BYTES, StudyService.receive_alignment)
 
-    @notice("/v1/studies/{study_hash}/ready", "Already ready")
+    @notice("/v1/studies/{study_hash}/ready", "Already ready", Ready)
     async def ready(request: Request, study_hash: StudyHash) -> Response:
         """Asynchronous secure aggregation: this site holds an update trained for the
         round named and can join a flush (the update itself never comes here)."""
@@ -413,7 +443,7 @@ def create_app(
         status_code=201,
         response_model=SubmitReply,
         responses={200: {"model": SubmitReply, "description": "Duplicate of an accepted upload"}},
-        openapi_extra={"requestBody": {"content": {PAYLOAD: {}}, "required": True}},
+        openapi_extra=_body({PAYLOAD: BINARY}),
     )
     async def submit(
         request: Request, study_hash: StudyHash, round_number: RoundNumber
@@ -446,7 +476,7 @@ def create_app(
         status_code=201,
         response_model=VerdictReply,
         responses={200: {"model": VerdictReply, "description": "Duplicate of a recorded reply"}},
-        openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}},
+        openapi_extra=_json_body(ValidationReply),
     )
     async def verdict(request: Request, study_hash: StudyHash, release_id: ReleaseId) -> Response:
         """This site's validation report and verdict on a candidate release."""
@@ -482,7 +512,12 @@ def create_app(
         history = await run_in_threadpool(desk.registry.releases, study_hash)
         return [release_summary(r, peer) for r in history]
 
-    @app.post("/v1/studies/{study_hash}/rounds/{round_number}/secagg/{stage}", status_code=204)
+    @app.post(
+        "/v1/studies/{study_hash}/rounds/{round_number}/secagg/{stage}",
+        status_code=204,
+        # Signed JSON for keys and shares, a safetensors payload for the masked input.
+        openapi_extra=_body({"application/json": {"schema": {"type": "object"}}, PAYLOAD: BINARY}),
+    )
     async def secure_post(
         request: Request, study_hash: StudyHash, round_number: RoundNumber, stage: SecureStage
     ) -> Response:
