@@ -256,3 +256,58 @@ def test_a_reused_out_folder_starts_a_fresh_registry(tmp_path: Path) -> None:
         saved = json.loads((tmp_path / "o" / "results.json").read_text())
         assert [r["id"] for r in saved["releases"]] == [1]
     assert "replacing the previous run's registry" in result.output
+
+
+def test_a_repeated_column_is_refused_not_renamed(tmp_path: Path) -> None:
+    """pandas would read the second 'A' as 'A.1'; the site's mapping then reads one of
+    two columns nobody told apart."""
+    study = tmp_path / "study.yaml"
+    study.write_text("name: t\nschema:\n  label: {name: y}\n  features: [{name: a}]\n")
+    mapping = tmp_path / "m.yaml"
+    mapping.write_text("site: s\nfeatures: {a: A}\nlabel: Y\n")
+    data = tmp_path / "d.csv"
+    data.write_text("A,Y,A\n1,0,5\n2,1,6\n")
+    args = ["data", "check", str(data), "--study", str(study), "--mapping", str(mapping)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "repeated column names: 'A' (2 times)" in result.output
+    assert "Traceback" not in result.output
+    data.write_text("A,Y,B\n1,0,5\n2,1,6\n")
+    assert runner.invoke(app, args).exit_code == 0
+
+
+def test_a_binary_study_file_is_one_line(tmp_path: Path) -> None:
+    study = tmp_path / "study.yaml"
+    study.write_bytes(bytes(range(256)) * 4)
+    result = runner.invoke(app, ["study", "check", str(study)])
+    assert result.exit_code == 2
+    assert "study.yaml: the study file is not UTF-8 text (byte 128 is 0x80)" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_missing_or_broken_certificate_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "consortium"
+    assert (
+        runner.invoke(
+            app, ["provision", "--consortium", "c", "--sites", "a", "--out", str(out)]
+        ).exit_code
+        == 0
+    )
+    config = str(out / "coordinator.yaml")
+    (out / "coordinator.key").rename(tmp_path / "key")
+    result = runner.invoke(app, ["coordinator", "serve", "--config", config])
+    assert result.exit_code == 2
+    assert "tls.key: the private key file" in result.output
+    assert "coordinator.key does not exist" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    (tmp_path / "key").rename(out / "coordinator.key")
+    (out / "coordinator.crt").write_text("not a certificate\n")
+    result = runner.invoke(app, ["coordinator", "serve", "--config", config])
+    assert result.exit_code == 2
+    assert "cannot load this party's certificate" in result.output
+    assert "Traceback" not in result.output
+    site = str(out / "sites" / "a" / "site.yaml")
+    (out / "sites" / "a" / "ca.crt").unlink()
+    result = runner.invoke(app, ["site", "run", "--config", site])
+    assert result.exit_code == 2
+    assert "tls.ca: the CA certificate file" in result.output

@@ -534,21 +534,23 @@ def test_load_mapping_from_yaml(tmp_path: Path) -> None:
 def test_load_mapping_with_unknown_key(tmp_path: Path) -> None:
     path = tmp_path / "mapping.yaml"
     path.write_text(VALID_MAPPING_YAML + "lable: oops\n", encoding="utf-8")
-    with pytest.raises(MappingError, match=r"mapping\.yaml: not a valid site mapping:(?s:.*)lable"):
+    with pytest.raises(
+        MappingError, match=r"mapping\.yaml: the mapping does not validate:(?s:.*)lable"
+    ):
         load_mapping(path)
 
 
 def test_load_mapping_without_required_key(tmp_path: Path) -> None:
     path = tmp_path / "mapping.yaml"
     path.write_text("site: s\nfeatures: {a: A}\n", encoding="utf-8")
-    with pytest.raises(MappingError, match=r"not a valid site mapping:(?s:.*)label"):
+    with pytest.raises(MappingError, match=r"the mapping does not validate:(?s:.*)label"):
         load_mapping(path)
 
 
 def test_load_mapping_with_broken_yaml(tmp_path: Path) -> None:
     path = tmp_path / "mapping.yaml"
     path.write_text("site: s\nfeatures: {a: A\n", encoding="utf-8")
-    with pytest.raises(MappingError, match=r"not a valid site mapping"):
+    with pytest.raises(MappingError, match=r"mapping\.yaml: not valid YAML"):
         load_mapping(path)
 
 

@@ -7,13 +7,15 @@ a provisioned folder can be moved as a whole.
 from __future__ import annotations
 
 import re
+import ssl
 from pathlib import Path
 from typing import Self, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from fedcare.ids import SITE_NAME
+from fedcare.yamlfile import read_yaml_model
 
 
 class ConfigError(ValueError):
@@ -37,6 +39,16 @@ class TlsFiles(_Config):
         default=None,
         description="The coordinator only: the CA-signed revocation list (crl.pem), checked "
         "at every TLS handshake and re-read when it changes.",
+    )
+
+
+def tls_files_error(tls: TlsFiles, exc: ssl.SSLError) -> ConfigError:
+    """A one-line error for TLS files that exist but do not load (not PEM, or a key that
+    does not match its certificate)."""
+    return ConfigError(
+        f"{tls.cert}, {tls.key}, {tls.ca}: cannot load this party's certificate, its key and "
+        f"the CA certificate as PEM ({exc.reason or exc}); are these the files `fedcare "
+        "provision` wrote?"
     )
 
 
@@ -144,17 +156,25 @@ def _resolve(value: object, base: Path) -> object:
     return value
 
 
+def _check_tls_files(path: Path, tls: TlsFiles) -> None:
+    # Named here, by field: deep in the TLS stack a missing file is a bare "[Errno 2]".
+    for field, what in (("cert", "certificate"), ("key", "private key"), ("ca", "CA certificate")):
+        file: Path = getattr(tls, field)
+        if not file.is_file():
+            raise ConfigError(
+                f"{path}: tls.{field}: the {what} file {file} does not exist; copy it from "
+                "the folder `fedcare provision` wrote"
+            )
+
+
 def load_config(path: Path, kind: type[C]) -> C:
     """Read a YAML config and resolve its relative paths against its folder."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        parsed = kind.model_validate(data)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from exc
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"{path}: not a valid {kind.__name__}:\n{exc}") from exc
+    parsed = read_yaml_model(path, kind, "config", ConfigError)
     resolved = _resolve(parsed, path.resolve().parent)
     assert isinstance(resolved, kind)
+    tls = getattr(resolved, "tls", None)
+    if isinstance(tls, TlsFiles):
+        _check_tls_files(path, tls)
     database = getattr(resolved, "database", None)
     if isinstance(database, str) and database.startswith("sqlite:///"):
         db_path = Path(database.removeprefix("sqlite:///"))

@@ -33,6 +33,12 @@ def read_yaml_model(path: Path, model: type[M], what: str, error: type[Exception
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise error(f"{path}: cannot read the {what}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise error(
+            f"{path}: the {what} is not UTF-8 text (byte {exc.start} is 0x{byte:02x}); "
+            "is this the right file?"
+        ) from exc
     return parse_yaml_model(text, model, str(path), what, error)
 
 

@@ -10,7 +10,7 @@ from types import FrameType
 import uvicorn
 
 from fedcare.audit import AuditLog
-from fedcare.config import CoordinatorConfig
+from fedcare.config import CoordinatorConfig, tls_files_error
 from fedcare.coordinator.app import create_app
 from fedcare.coordinator.tls import CertificateBook, PeerIdentityProtocol, Revocations
 from fedcare.federation.service import StudyService
@@ -53,9 +53,12 @@ def server_context(config: CoordinatorConfig) -> ssl.SSLContext:
     from the consortium CA only."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
     context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cafile=str(config.tls.ca))
+    try:
+        context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
+        context.load_verify_locations(cafile=str(config.tls.ca))
+    except ssl.SSLError as exc:
+        raise tls_files_error(config.tls, exc) from exc
     return context
 
 

@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from fedcare.aggregation import make_server_optimizer
-from fedcare.audit import AuditLog, JsonInput
+from fedcare.audit import AuditLog, JsonInput, read_entries
 from fedcare.clock import SteadyClock, rebase_deadline
 from fedcare.drift.alignment import drifting_sites
 from fedcare.drift.summary import DriftSummary
@@ -243,6 +243,7 @@ class StudyService:
         # deadline never runs out while the hospitals are still starting up.
         self._present: set[str] = set()
         open_round = state.open_round(self.hash)
+        self._repair_trail(open_round)
         if open_round is not None:
             self._restore_round(open_round)
         elif not self.federation.done and last_round > 0:
@@ -294,6 +295,57 @@ class StudyService:
 
     def _eligible(self) -> list[str]:
         return [s for s in self.federation.sites if self.standing(s).state is SiteState.ACTIVE]
+
+    def _repair_trail(self, open_round: StoredRound | None) -> None:
+        """Entries are appended after their commit, so a kill -9 between the two leaves
+        the database ahead of the trail. Append what the database holds and the trail
+        lacks (round openings and closings, the open round's updates, the study's end),
+        each marked
+        ``recovered``, so the trail never has a silent hole."""
+        if self.audit is None:
+            return
+        logged = {
+            (e.event, e.details.get("round"), e.details.get("site"))
+            for e in read_entries(self.audit.path)
+            if e.details.get("study") == self.hash
+        }
+        recovered = "from the coordinator database at start-up"
+        for stored in self.state.rounds(self.hash):
+            if ("round.opened", stored.number, None) not in logged:
+                self._audit(
+                    "round.opened",
+                    round=stored.number,
+                    selected=list(stored.selected),
+                    deadline=stored.deadline,
+                    recovered=recovered,
+                )
+            if open_round is not None and stored.number == open_round.number:
+                for site, payload in sorted(open_round.submissions.items()):
+                    if ("update.received", stored.number, site) in logged:
+                        continue
+                    header = decode_update(payload, self.n_params).header
+                    self._audit(
+                        "update.received",
+                        round=stored.number,
+                        site=site,
+                        bytes=len(payload),
+                        sha256=sha256_hex(payload),
+                        n_samples=header.n_samples,
+                        trained_for=header.round,
+                        recovered=recovered,
+                    )
+            finished = stored.status in (RoundStatus.CLOSED, RoundStatus.FAILED)
+            if finished and (f"round.{stored.status}", stored.number, None) not in logged:
+                self._audit(
+                    f"round.{stored.status}",
+                    round=stored.number,
+                    participants=list(stored.participants),
+                    reason=stored.reason,
+                    recovered=recovered,
+                )
+        record = self.state.study(self.hash)
+        if record.status == "finished" and ("study.finished", None, None) not in logged:
+            self._audit("study.finished", rounds=record.last_round, recovered=recovered)
 
     def _restore_round(self, stored: StoredRound) -> None:
         self.round, self._task = self.federation.open_round(now=self.clock())

@@ -22,8 +22,7 @@ from typing import Self
 
 import numpy as np
 import pandas as pd
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedcare.schema.features import (
     Censored,
@@ -35,6 +34,7 @@ from fedcare.schema.features import (
     Strict,
 )
 from fedcare.schema.units import UnitError, canonical_unit, conversion
+from fedcare.yamlfile import read_yaml_model
 
 DEFAULT_MISSING_TOKENS: tuple[str, ...] = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "?")
 
@@ -226,13 +226,7 @@ class MappedTable:
 
 def load_mapping(path: Path) -> SiteMapping:
     """Read a site mapping from YAML."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return SiteMapping.model_validate(data)
-    except OSError as exc:
-        raise MappingError(f"{path}: cannot read the mapping: {exc.strerror}") from exc
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise MappingError(f"{path}: not a valid site mapping:\n{exc}") from exc
+    return read_yaml_model(path, SiteMapping, "mapping", MappingError)
 
 
 def _unit_problem(name: str, entry: ColumnMapping, feature: Feature) -> str | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -11,16 +14,36 @@ class DataFileError(ValueError):
     """A data file that cannot be read as a table."""
 
 
+def _refuse_duplicates(path: Path, names: Sequence[object]) -> None:
+    # pandas renames a repeated CSV column ("age", "age.1"): the mapping would then read
+    # one of two columns the hospital never told apart. Refuse instead.
+    repeated = {str(n): k for n, k in Counter(names).items() if k > 1}
+    if repeated:
+        listed = ", ".join(f"'{n}' ({k} times)" for n, k in sorted(repeated.items()))
+        raise DataFileError(f"{path}: repeated column names: {listed}; give each its own name")
+
+
+def _csv_header(path: Path) -> list[str]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        return next(csv.reader(handle), [])
+
+
 def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV or Parquet file. CSV cells stay text so the mapping decides what is missing."""
+    """Read a CSV or Parquet file. CSV cells stay text so the mapping decides what is
+    missing; a file whose columns repeat a name is refused."""
     suffix = path.suffix.lower()
     try:
         if suffix in {".csv", ".txt"}:
+            _refuse_duplicates(path, _csv_header(path))
             return pd.read_csv(path, dtype=str, keep_default_na=False)
         if suffix in {".parquet", ".pq"}:
-            return pd.read_parquet(path)
+            frame = pd.read_parquet(path)
+            _refuse_duplicates(path, list(frame.columns))
+            return frame
+    except DataFileError:
+        raise
     except FileNotFoundError as exc:
         raise DataFileError(f"{path}: no such data file") from exc
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
+    except (OSError, ValueError, csv.Error, pd.errors.ParserError) as exc:
         raise DataFileError(f"{path}: cannot read as {suffix.lstrip('.')}: {exc}") from exc
     raise DataFileError(f"{path}: unsupported data format '{suffix}' (use .csv or .parquet)")

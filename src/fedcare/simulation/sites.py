@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedcare.data.synthetic import generate_cohorts
 from fedcare.policy.model import load_policy
@@ -17,6 +16,7 @@ from fedcare.simulation.runner import SiteRules
 from fedcare.site.dataset import SiteDataset, prepare_site_data
 from fedcare.study import Study
 from fedcare.validation_spec import GateKind, GateSpec, Metric
+from fedcare.yamlfile import read_yaml_model
 
 BUILTIN_MIN_COHORT = 11
 """The built-in hospitals' minimum cohort size (their policies follow HIPAA's small-cell rule)."""
@@ -77,12 +77,7 @@ class SitesFile(BaseModel):
 
 
 def load_sites_file(path: Path) -> SitesFile:
-    try:
-        parsed = SitesFile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except OSError as exc:
-        raise SitesFileError(f"{path}: cannot read the sites file: {exc.strerror}") from exc
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise SitesFileError(f"{path}: not a valid sites file:\n{exc}") from exc
+    parsed = read_yaml_model(path, SitesFile, "sites file", SitesFileError)
     names = [s.name for s in parsed.sites]
     if len(set(names)) != len(names):
         raise SitesFileError(f"{path}: site names must be unique")

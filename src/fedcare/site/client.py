@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from fedcare.config import TlsFiles
+from fedcare.config import TlsFiles, tls_files_error
 from fedcare.federation.messages import TaskReply, TaskState
 
 PAYLOAD = "application/octet-stream"
@@ -31,8 +31,11 @@ class RetryableError(Exception):
 
 def tls_context(tls: TlsFiles) -> ssl.SSLContext:
     """Trust only the consortium CA; present this site's certificate."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
-    context.load_cert_chain(str(tls.cert), str(tls.key))
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+    except ssl.SSLError as exc:
+        raise tls_files_error(tls, exc) from exc
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 
