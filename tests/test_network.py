@@ -461,10 +461,20 @@ def test_site_killed_mid_study_round_closes_at_deadline_and_site_resumes(tmp_pat
         assert later["status"] == "closed", later
         assert later["participants"] == ["alpha", "beta"], later
         assert "closed without gamma" in later["reason"]
-        # gamma comes back and finishes the study with the others.
+        # gamma comes back on a data file that lost rows meanwhile (an export re-run),
+        # and finishes the study with the others: warned and audited, not silent.
+        data = deployment.site_configs["gamma"].parent / "data.csv"
+        lines = data.read_text().splitlines(keepends=True)
+        data.write_text("".join(lines[:201]))
         restarted = start_site(deployment, "gamma")
         for proc in (sites["alpha"], sites["beta"], restarted):
             assert proc.popen.wait(timeout=180) == 0, proc.log.read_text()[-3000:]
+        assert "240 -> 200 rows" in restarted.log.read_text()
+        trail = read_entries(data.parent / "audit.jsonl")
+        first = [e for e in trail if e.event == "data.fingerprint"]
+        changed = [e for e in trail if e.event == "data.changed"]
+        assert [e.details["rows"] for e in first] == [240]
+        assert [(e.details["was"]["rows"], e.details["rows"]) for e in changed] == [(240, 200)]
     finally:
         for proc in reversed(deployment.procs):
             stop(proc)

@@ -15,7 +15,8 @@ from fedcare.policy import SitePolicy, load_policy
 from fedcare.policy.approval import site_audit_path
 from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
-from fedcare.site.monitor import MonitorRun, data_digest, monitor_table, write_monitor
+from fedcare.site.fingerprint import data_digest
+from fedcare.site.monitor import MonitorRun, monitor_table, write_monitor
 from fedcare.site.profiles import ProfileStore
 from fedcare.study import load_study
 

@@ -34,6 +34,7 @@ from fedcare.schema.mapping import DataValidationError, load_mapping
 from fedcare.schema.readers import read_table
 from fedcare.site.client import CoordinatorClient, CoordinatorError, RetryableError
 from fedcare.site.dataset import SiteDataError, prepare_site_data
+from fedcare.site.fingerprint import DataFingerprint, check_data_fingerprint, data_digest
 from fedcare.site.gate import admit_study
 from fedcare.site.participant import Participant, Step
 from fedcare.site.profiles import ProfileStore
@@ -99,7 +100,8 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
             f"the mapping is for site '{mapping.site}' but this agent is '{config.site}'"
         )
     try:
-        data = prepare_site_data(read_table(config.data), mapping, study)
+        frame = read_table(config.data)
+        data = prepare_site_data(frame, mapping, study)
     except (DataValidationError, SiteDataError) as exc:
         _withdraw_for_data(config, study)
         raise SiteAgentError(f"the site's data does not fit study '{study.name}': {exc}") from exc
@@ -114,6 +116,7 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
     policy_path = config.policy
     assert policy_path is not None  # admit_study refuses a site without a policy
     audit = AuditLog(site_audit_path(policy_path), config.site)
+    _check_fingerprint(config, study, len(frame), data.n_train, audit)
     policy = load_policy(policy_path)
     n_params = study_parameter_count(study)
     guard = _privacy_guard(config)
@@ -168,6 +171,26 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
     finally:
         client.close()
         guard.ledger.close()
+
+
+def _check_fingerprint(
+    config: SiteConfig, study: Study, rows: int, n_train: int, audit: AuditLog
+) -> None:
+    assert config.data is not None  # run_site checked
+    current = DataFingerprint(sha256=data_digest(config.data), rows=rows, n_train=n_train)
+    previous = check_data_fingerprint(config.state_dir, study.content_hash, current, audit)
+    if previous is not None:
+        log.warning(
+            "data: %s changed since this site last ran study %s: %d -> %d rows, sha256 "
+            "%s... -> %s...; training goes on with the file as it is now, and the change is "
+            "in the site's audit trail",
+            config.data,
+            study.name,
+            previous.rows,
+            rows,
+            previous.sha256[:12],
+            current.sha256[:12],
+        )
 
 
 def _join(client: CoordinatorClient, config: SiteConfig, study: Study, retry_max: float) -> None:

@@ -182,15 +182,6 @@ def frame_digest(frame: pd.DataFrame) -> str:
     return hashlib.sha256(frame.to_csv(index=False).encode("utf-8")).hexdigest()
 
 
-def data_digest(path: Path) -> str:
-    """SHA-256 of a data file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def render_html(result: MonitorResult) -> str:
     """The run as one self-contained HTML page (no external assets)."""
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))

@@ -1,0 +1,63 @@
+"""A fingerprint of the data a site trains a study on, kept per study at the site.
+
+A site that restarts on a changed data file (an export re-run, rows dropped) would
+otherwise train on it without anyone noticing. The agent compares the file with the
+fingerprint it kept and, when they differ, warns and writes the change (digests and
+row counts, never the data) to the site's audit trail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedcare.audit import AuditLog
+from fedcare.durable import write_file_atomically
+from fedcare.ids import SHA256_HEX
+
+
+class DataFingerprint(BaseModel):
+    """What identifies a data file: its digest and its row counts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str = Field(pattern=SHA256_HEX)
+    rows: int = Field(ge=0)
+    n_train: int = Field(ge=0)
+
+
+def data_digest(path: Path) -> str:
+    """SHA-256 of a data file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_path(state_dir: Path, study_hash: str) -> Path:
+    return state_dir / f"data-{study_hash[:16]}.json"
+
+
+def check_data_fingerprint(
+    state_dir: Path, study_hash: str, current: DataFingerprint, audit: AuditLog
+) -> DataFingerprint | None:
+    """Keep ``current`` as the study's fingerprint; return the previous one when it
+    differs (the caller warns). The first fingerprint and every change are audited."""
+    path = fingerprint_path(state_dir, study_hash)
+    previous = DataFingerprint.model_validate_json(path.read_bytes()) if path.is_file() else None
+    if previous == current:
+        return None
+    if previous is None:
+        audit.append("data.fingerprint", study=study_hash, **current.model_dump())
+    else:
+        audit.append(
+            "data.changed",
+            study=study_hash,
+            **current.model_dump(),
+            was={"sha256": previous.sha256, "rows": previous.rows, "n_train": previous.n_train},
+        )
+    write_file_atomically(path, current.model_dump_json().encode())
+    return previous
