@@ -305,6 +305,44 @@ def test_rewritten_whole_file_passes_the_chain_but_not_a_signed_head(tmp_path: P
     assert "differs from the signed head" in (report.reason or "")
 
 
+def test_the_writer_refuses_an_edited_last_entry_when_it_holds_a_signed_head(
+    tmp_path: Path,
+) -> None:
+    """The tail-edit attack: while the writer is stopped, the last entry is edited and
+    its hash recomputed. The chain alone cannot tell (the documented limit); a writer
+    opened with the head signed at that entry refuses to append."""
+    path = tmp_path / "audit.jsonl"
+    make_log(path, 6).append("budget.spent", eps=0.5)
+    key = new_key()
+    head = sign_head(path, key)
+    lines = lines_of(path)
+    obj = json.loads(lines[-1])
+    obj["details"]["eps"] = 0.05
+    obj["hash"] = entry_hash({k: v for k, v in obj.items() if k != "hash"})
+    lines[-1] = json.dumps(obj).encode() + b"\n"
+    rewrite(path, lines)
+    edited = path.read_bytes()
+    assert AuditLog(path, PARTY).entries()[-1].details["eps"] == 0.05  # the limit
+    with pytest.raises(AuditChainError, match="does not match its signed head"):
+        AuditLog(path, PARTY, trusted_head=(head, key.public_key()))
+    assert path.read_bytes() == edited
+    rewrite(path, lines_of(path)[:-1])  # cutting the entry off is refused too
+    with pytest.raises(AuditChainError, match="the tail was cut off"):
+        AuditLog(path, PARTY, trusted_head=(head, key.public_key()))
+
+
+def test_the_writer_appends_after_the_signed_head(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    make_log(path, 3)
+    key = new_key()
+    head = sign_head(path, key)
+    AuditLog(path, PARTY, trusted_head=(head, key.public_key())).append("later")
+    assert verify(path, head, key.public_key()).ok
+    other = new_key()
+    with pytest.raises(AuditChainError, match="another signing key"):
+        AuditLog(path, PARTY, trusted_head=(head, other.public_key()))
+
+
 # --- signed heads -----------------------------------------------------------------
 
 

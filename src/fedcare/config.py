@@ -52,6 +52,15 @@ def tls_files_error(tls: TlsFiles, exc: ssl.SSLError) -> ConfigError:
     )
 
 
+def _audit_head() -> Path | None:
+    return Field(
+        default=None,
+        description="The newest signed head of this party's audit trail, as kept elsewhere "
+        "(`fedcare audit sign-head`, copied back). The writer then refuses to append to a "
+        "trail that does not hold that entry unchanged; it is checked with tls.cert's key.",
+    )
+
+
 class StudyMembership(_Config):
     """A study the coordinator runs, and the sites that take part."""
 
@@ -97,6 +106,7 @@ class CoordinatorConfig(_Config):
         description="A request body must arrive within this many seconds plus one per 64 KiB; "
         "a slower sender gets 408 and the connection is closed.",
     )
+    audit_head: Path | None = _audit_head()
 
 
 class SiteConfig(_Config):
@@ -112,6 +122,7 @@ class SiteConfig(_Config):
         default=None,
         description="The site's policy.yaml; the agent runs only studies it approves.",
     )
+    audit_head: Path | None = _audit_head()
     dataset: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",

@@ -16,7 +16,7 @@ The format and its guarantees are in ``docs/audit.md``.
 from fedcare.audit.chain import GENESIS, AuditEntry, JsonInput, JsonValue
 from fedcare.audit.errors import AuditChainError, AuditError, AuditValueError, HeadError
 from fedcare.audit.heads import SignedHead, SigningKey, VerifyingKey
-from fedcare.audit.keys import certificate_key, load_signing_key
+from fedcare.audit.keys import certificate_key, load_signing_key, load_trusted_head
 from fedcare.audit.log import (
     AuditLog,
     ExportResult,
@@ -51,6 +51,7 @@ __all__ = [
     "certificate_key",
     "export_jsonl",
     "load_signing_key",
+    "load_trusted_head",
     "read_entries",
     "read_head",
     "read_verified",

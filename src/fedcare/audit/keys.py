@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from fedcare.audit.errors import HeadError
-from fedcare.audit.heads import SigningKey, VerifyingKey, algorithm_of
+from fedcare.audit.heads import SignedHead, SigningKey, VerifyingKey, algorithm_of
+from fedcare.audit.log import read_head
 
 
 def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
@@ -61,3 +62,9 @@ def certificate_key(
         raise HeadError(f"{cert_path}: expected an ECDSA P-256 or Ed25519 key")
     algorithm_of(key)
     return key
+
+
+def load_trusted_head(head_path: Path, cert_path: Path) -> tuple[SignedHead, VerifyingKey]:
+    """A signed head and the key of the certificate that must have signed it, for
+    :class:`~fedcare.audit.AuditLog`'s ``trusted_head``."""
+    return read_head(head_path), certificate_key(cert_path)

@@ -212,10 +212,18 @@ class AuditLog:
         log.append("update.sent", study=study_hash, round=4, to="coordinator", bytes=18244)
 
     ``clock`` (default: now, UTC) stamps entries; pass one for reproducible logs.
+    ``trusted_head`` (a signed head kept elsewhere, and the signer's public key) makes
+    opening refuse a log that does not hold the head's entry unchanged: an edited last
+    entry whose hash was recomputed, or a tail cut off, while the writer was stopped.
     """
 
     def __init__(
-        self, path: Path, party: str, *, clock: Callable[[], datetime] | None = None
+        self,
+        path: Path,
+        party: str,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        trusted_head: tuple[SignedHead, VerifyingKey] | None = None,
     ) -> None:
         self.path = Path(path)
         self.party = check_party(party)
@@ -242,6 +250,16 @@ class AuditLog:
             raise AuditError(
                 f"{self.path} is the audit log of {check.last.party!r}, not of {self.party!r}"
             )
+        if trusted_head is not None:
+            # A chain is consistent with itself: an edited last entry with its hash
+            # recomputed passes check_chain. A head signed elsewhere pins it.
+            pinned = verify(self.path, *trusted_head)
+            if not pinned.ok:
+                raise AuditChainError(
+                    f"{self.path}: refusing to append to a log that does not match its signed "
+                    f"head ({pinned.summary()}); it has not been changed",
+                    pinned,
+                )
         self._ident = (stat.st_dev, stat.st_ino)
         self._size = stat.st_size
         self._state = check.last

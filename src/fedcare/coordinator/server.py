@@ -9,7 +9,7 @@ from types import FrameType
 
 import uvicorn
 
-from fedcare.audit import AuditLog
+from fedcare.audit import AuditLog, load_trusted_head
 from fedcare.config import CoordinatorConfig, tls_files_error
 from fedcare.coordinator.app import create_app
 from fedcare.coordinator.tls import CertificateBook, PeerIdentityProtocol, Revocations
@@ -27,7 +27,10 @@ def build_coordinators(
     """One study service per configured study, resumed from the state; the release
     registry shares the state's database. Secure-aggregation key advertisements are
     checked against the consortium CA and the revocation list ``checks`` enforces."""
-    audit = AuditLog(config.audit_log, "coordinator")
+    head = (
+        None if config.audit_head is None else load_trusted_head(config.audit_head, config.tls.cert)
+    )
+    audit = AuditLog(config.audit_log, "coordinator", trusted_head=head)
     identities = IdentityVerifier(
         load_certificate(config.tls.ca), revoked=frozenset if checks is None else checks.serials
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from fedcare import pki
-from fedcare.audit import AuditLog
+from fedcare.audit import AuditLog, load_trusted_head
 from fedcare.config import SiteConfig
 from fedcare.durable import write_file_atomically
 from fedcare.federation.messages import Withdrawal, WithdrawReason
@@ -115,7 +115,10 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
         log.warning("policy: %s [%s]", finding.message, finding.rule_id)
     policy_path = config.policy
     assert policy_path is not None  # admit_study refuses a site without a policy
-    audit = AuditLog(site_audit_path(policy_path), config.site)
+    head = (
+        None if config.audit_head is None else load_trusted_head(config.audit_head, config.tls.cert)
+    )
+    audit = AuditLog(site_audit_path(policy_path), config.site, trusted_head=head)
     _check_fingerprint(config, study, len(frame), data.n_train, audit)
     policy = load_policy(policy_path)
     n_params = study_parameter_count(study)
