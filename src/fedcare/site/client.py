@@ -68,7 +68,8 @@ class CoordinatorClient:
             response = self.http.request(method, url, **kwargs)
         except httpx.TransportError as exc:
             raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
-        if response.status_code >= 500 or response.status_code == 429:
+        # 408: our body arrived too slowly (a slow link), so sending it again may work.
+        if response.status_code >= 500 or response.status_code in (408, 429):
             raise RetryableError(
                 f"coordinator answered {response.status_code}: {_detail(response)}"
             )
