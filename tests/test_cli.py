@@ -306,8 +306,15 @@ def test_a_missing_or_broken_certificate_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "cannot load this party's certificate" in result.output
     assert "Traceback" not in result.output
-    site = str(out / "sites" / "a" / "site.yaml")
-    (out / "sites" / "a" / "ca.crt").unlink()
-    result = runner.invoke(app, ["site", "run", "--config", site])
+    (out / "ca.crt").unlink()
+    result = runner.invoke(app, ["coordinator", "serve", "--config", config])
     assert result.exit_code == 2
     assert "tls.ca: the CA certificate file" in result.output
+    # The site's client checks its files the same way before it connects.
+    from fedcare.config import ConfigError, TlsFiles
+    from fedcare.site.client import tls_context
+
+    site = out / "sites" / "a"
+    (site / "a.key").unlink()
+    with pytest.raises(ConfigError, match=r"tls\.key: the private key file .*a\.key does not"):
+        tls_context(TlsFiles(cert=site / "a.crt", key=site / "a.key", ca=site / "ca.crt"))

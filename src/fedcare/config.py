@@ -167,14 +167,16 @@ def _resolve(value: object, base: Path) -> object:
     return value
 
 
-def _check_tls_files(path: Path, tls: TlsFiles) -> None:
-    # Named here, by field: deep in the TLS stack a missing file is a bare "[Errno 2]".
+def check_tls_files(tls: TlsFiles) -> None:
+    """Refuse, by field, TLS files that are missing: deep in the TLS stack a missing
+    file is a bare "[Errno 2]". Checked where TLS is used, not when a config is read
+    (offline commands read site.yaml too)."""
     for field, what in (("cert", "certificate"), ("key", "private key"), ("ca", "CA certificate")):
         file: Path = getattr(tls, field)
         if not file.is_file():
             raise ConfigError(
-                f"{path}: tls.{field}: the {what} file {file} does not exist; copy it from "
-                "the folder `fedcare provision` wrote"
+                f"tls.{field}: the {what} file {file} does not exist; copy it from the "
+                "folder `fedcare provision` wrote"
             )
 
 
@@ -183,9 +185,6 @@ def load_config(path: Path, kind: type[C]) -> C:
     parsed = read_yaml_model(path, kind, "config", ConfigError)
     resolved = _resolve(parsed, path.resolve().parent)
     assert isinstance(resolved, kind)
-    tls = getattr(resolved, "tls", None)
-    if isinstance(tls, TlsFiles):
-        _check_tls_files(path, tls)
     database = getattr(resolved, "database", None)
     if isinstance(database, str) and database.startswith("sqlite:///"):
         db_path = Path(database.removeprefix("sqlite:///"))

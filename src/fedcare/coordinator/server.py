@@ -10,7 +10,7 @@ from types import FrameType
 import uvicorn
 
 from fedcare.audit import AuditLog, load_trusted_head
-from fedcare.config import CoordinatorConfig, tls_files_error
+from fedcare.config import CoordinatorConfig, check_tls_files, tls_files_error
 from fedcare.coordinator.app import create_app
 from fedcare.coordinator.tls import CertificateBook, PeerIdentityProtocol, Revocations
 from fedcare.federation.service import StudyService
@@ -57,6 +57,7 @@ def server_context(config: CoordinatorConfig) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
+    check_tls_files(config.tls)
     try:
         context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
         context.load_verify_locations(cafile=str(config.tls.ca))
@@ -148,6 +149,7 @@ def serve(config: CoordinatorConfig) -> None:
     store = SqlState(config.database, config.storage)
     stopping = threading.Event()
     try:
+        check_tls_files(config.tls)
         checks = revocations(config)
         book = CertificateBook()
         coordinators = build_coordinators(config, store, checks)

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from fedcare.config import TlsFiles, tls_files_error
+from fedcare.config import TlsFiles, check_tls_files, tls_files_error
 from fedcare.federation.messages import TaskReply, TaskState
 
 PAYLOAD = "application/octet-stream"
@@ -31,6 +31,7 @@ class RetryableError(Exception):
 
 def tls_context(tls: TlsFiles) -> ssl.SSLContext:
     """Trust only the consortium CA; present this site's certificate."""
+    check_tls_files(tls)
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
         context.load_cert_chain(str(tls.cert), str(tls.key))
