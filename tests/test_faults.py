@@ -5,6 +5,7 @@ Retry-After, 408), never a 500, and nothing is lost or counted twice."""
 from __future__ import annotations
 
 import contextlib
+import resource
 import socket
 import sqlite3
 import time
@@ -91,6 +92,39 @@ def test_a_locked_database_is_503_with_retry_after_and_the_retry_lands_once(live
         again = http.post(path, content=body, headers=headers)
     assert accepted.status_code == 201, accepted.text
     assert again.status_code == 200, again.text
+    assert received(deployment, site, task.round) == 1
+
+
+def test_a_full_disk_is_503_and_the_retry_lands_once(live) -> None:
+    """No file of the coordinator may grow (RLIMIT_FSIZE on the running process: a
+    write past the limit fails as on a full disk, with EFBIG for ENOSPC; Python ignores
+    SIGXFSZ). The update gets 503 with Retry-After and nothing is recorded; once the
+    disk has room, the same update is accepted once."""
+    deployment, study = live
+    site = SITES[1]
+    coordinator = next(p for p in deployment.procs if p.name == "coordinator")
+    client = client_for(deployment, site)
+    try:
+        task = client.task(study.content_hash)
+    finally:
+        client.close()
+    assert task.state is TaskState.READY
+    body = workers(study)[site].handle(task.payload)
+    path = f"/v1/studies/{study.content_hash}/rounds/{task.round}/update"
+    headers = {"content-type": "application/octet-stream"}
+    soft, hard = resource.prlimit(coordinator.popen.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(coordinator.popen.pid, resource.RLIMIT_FSIZE, (1024, hard))
+    try:
+        with raw_client(deployment, site) as http:
+            refused = http.post(path, content=body, headers=headers)
+    finally:
+        resource.prlimit(coordinator.popen.pid, resource.RLIMIT_FSIZE, (soft, hard))
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == str(STORAGE_RETRY_S)
+    assert received(deployment, site, task.round) == 0
+    with raw_client(deployment, site) as http:
+        accepted = http.post(path, content=body, headers=headers)
+    assert accepted.status_code == 201, accepted.text
     assert received(deployment, site, task.round) == 1
 
 
