@@ -514,6 +514,27 @@ class MonitoringSpec(Strict):
     training: TrainingDriftSpec = TrainingDriftSpec()
 
 
+class PersonalizationMethod(StrEnum):
+    FINETUNE = "finetune"
+    DITTO = "ditto"
+
+
+class PersonalizationSpec(Strict):
+    """A personal model at each site beside the global one (its parameters never leave
+    the site): docs/personalization.md."""
+
+    method: PersonalizationMethod = Field(
+        description="finetune: local epochs from the final global model; ditto: a personal "
+        "model trained every round, pulled towards that round's global model by lam."
+    )
+    epochs: int = Field(
+        default=5, ge=1, le=1000, description="finetune: epochs; ditto: epochs per round."
+    )
+    lam: float = Field(
+        default=0.1, gt=0.0, le=1e4, description="ditto: strength of the pull to the global model."
+    )
+
+
 class Study(Strict):
     """A federated study, as declared in ``study.yaml``."""
 
@@ -546,6 +567,10 @@ class Study(Strict):
         default=None,
         description="Drift monitoring whose summaries leave the sites; absent, a site "
         "monitors for itself and nothing about drift leaves it.",
+    )
+    personalization: PersonalizationSpec | None = Field(
+        default=None,
+        description="A personal model per site beside the global one; absent, none.",
     )
     seed: int = Field(default=0, ge=0, lt=2**32)
 

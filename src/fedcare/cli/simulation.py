@@ -35,17 +35,24 @@ def print_comparison(result: SimulationResult) -> None:
     """The per-site table: local vs federated vs pooled, each AUROC with its 95 %
     bootstrap interval and the held-out set's size; then cross-site generalisation."""
     table = Table(title=f"AUROC on each site's held-out data ({result.study_name})")
-    for header in ("site", "n", "pos.", "local", "federated", "pooled"):
+    personal = any(row.personalized is not None for row in result.comparison)
+    headers = ["site", "n", "pos.", "local", "federated", "pooled"]
+    if personal:
+        headers.append("personal")
+    for header in headers:
         table.add_column(header, justify="left" if header == "site" else "right")
     for row in result.comparison:
-        table.add_row(
+        cells = [
             row.site,
             str(row.n),
             str(row.positives),
             _with_ci(row.local, row.local_ci),
             _with_ci(row.federated, row.federated_ci),
             _with_ci(row.pooled, row.pooled_ci),
-        )
+        ]
+        if personal:
+            cells.append(_with_ci(row.personalized, row.personalized_ci))
+        table.add_row(*cells)
     console.print(table)
     console.print(
         "n, pos.: held-out rows and positives; under each AUROC its 95 % bootstrap interval.",

@@ -8,7 +8,7 @@ from fedcare.releases.registry import Release
 from fedcare.validation.curves import Curves
 from fedcare.validation.metrics import BinaryMetrics
 
-RESULTS_SCHEMA_VERSION = 4
+RESULTS_SCHEMA_VERSION = 5
 
 
 class SiteSummary(BaseModel):
@@ -59,6 +59,10 @@ class SiteComparison(BaseModel):
     pooled_ci: tuple[float, float] | None = None
     local_on_other_sites: float | None
     federated_on_other_sites: float | None
+    personalized: float | None = None
+    """With the study's ``personalization``: this site's personal model on its own
+    held-out rows (it is never used at, or sent to, any other site)."""
+    personalized_ci: tuple[float, float] | None = None
 
 
 class SubgroupAuroc(BaseModel):

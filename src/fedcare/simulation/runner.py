@@ -386,6 +386,29 @@ def compare(
     return rows
 
 
+def _with_personal(
+    study: Study,
+    comparison: list[SiteComparison],
+    workers: Mapping[str, SiteWorker],
+    final: NDArray[np.float32],
+    sites: Sequence[SiteDataset],
+) -> list[SiteComparison]:
+    """Each site's personal model, scored on its own held-out rows only."""
+    by_name = {s.name: s for s in sites}
+    rows = []
+    for row in comparison:
+        personal = workers[row.site].personal_model(final)
+        if personal is None:
+            rows.append(row)
+            continue
+        metrics = evaluate(study, personal, [by_name[row.site]], study.validation.n_bootstrap)
+        own = metrics[row.site]
+        rows.append(
+            row.model_copy(update={"personalized": own.auroc, "personalized_ci": own.auroc_ci})
+        )
+    return rows
+
+
 def run_simulation(
     study: Study,
     sites: Sequence[SiteDataset],
@@ -465,6 +488,8 @@ def _run(
         for name, params in models.items()
     }
     comparison = compare(matrix, [s.name for s in sites])
+    if study.personalization is not None:
+        comparison = _with_personal(study, comparison, workers, run.params, sites)
     site_curves, subgroups = _plot_data(study, models, sites)
     descriptions = options.descriptions or {}
     return SimulationResult(

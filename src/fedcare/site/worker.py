@@ -29,9 +29,10 @@ from fedcare.privacy.dp.guard import PrivacyGuard, dp_settings
 from fedcare.privacy.dp.plan import SitePlan, needs_count, plan_site
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.validation import validate_candidate
-from fedcare.study import Study
+from fedcare.study import PersonalizationMethod, Study
 from fedcare.training import predict_proba, train_local
 from fedcare.training.dp_sgd import DpSgdSettings
+from fedcare.training.personal import ditto_step, finetune
 from fedcare.validation.messages import (
     ValidationReply,
     ValidationTaskHeader,
@@ -88,6 +89,8 @@ class SiteWorker:
         self.alignment: RoundAlignment | None = None
         """The last update's alignment with the consortium's step, until it is sent."""
         self._noisy_count: int | None = None
+        self.personal: NDArray[np.float32] | None = None
+        """Ditto's personal model, after the last round this site trained; it stays here."""
 
     def _check_study(self, study_hash: str) -> None:
         if study_hash != self.study.content_hash:
@@ -150,7 +153,36 @@ class SiteWorker:
             delta=result.params - task.params,
         )
         self._last = (task.header.round, task.params, update.delta)
+        spec = self.study.personalization
+        if spec is not None and spec.method is PersonalizationMethod.DITTO:
+            self.personal = ditto_step(
+                self.study,
+                spec,
+                task.params if self.personal is None else self.personal,
+                task.params,
+                self.data.x_train,
+                self.data.y_train,
+                seed=derive_seed(task.header.seed, f"{self.data.name}/personal"),
+            )
         return task, update
+
+    def personal_model(self, final_global: NDArray[np.float32]) -> NDArray[np.float32] | None:
+        """This site's personal model once the study has finished: fine-tuned from
+        ``final_global``, or Ditto's; None without personalisation (or if this site never
+        trained a Ditto round)."""
+        spec = self.study.personalization
+        if spec is None:
+            return None
+        if spec.method is PersonalizationMethod.DITTO:
+            return self.personal
+        return finetune(
+            self.study,
+            spec,
+            final_global,
+            self.data.x_train,
+            self.data.y_train,
+            seed=derive_seed(self.study.seed, f"{self.data.name}/finetune"),
+        )
 
     def validate(self, task_bytes: bytes) -> bytes:
         """Validate a candidate release on held-out data; return the encoded report and verdict."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,8 +71,13 @@ def train_local(
     labels: NDArray[np.float32],
     seed: int,
     dp: DpSgdSettings | None = None,
+    anchor: NDArray[np.float32] | None = None,
 ) -> LocalResult:
     """Train from ``start`` on one site's data; deterministic for a seed (and secret seed).
+
+    The proximal term (``training.proximal_mu``) pulls towards ``anchor``, by default
+    ``start`` (FedProx); Ditto's personal model starts from itself and is pulled towards
+    the global model.
 
     With ``dp``, training is DP-SGD (:mod:`fedcare.training.dp_sgd`): ``dp.steps``
     Poisson-sampled steps replace the study's epochs or steps.
@@ -93,11 +99,13 @@ def train_local(
         x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
         y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
         if dp is not None:
+            if anchor is not None:
+                raise ValueError("a proximal anchor other than the start is not used under DP")
             loss_mean = _train_dp(model, optimizer, training, dp, x, y)
             return _result(model, n, dp.steps, loss_mean)
         batches = _batches(n, training, torch.Generator().manual_seed(seed))
         mu = training.proximal_mu
-        anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
+        pull = _anchor(model, anchor) if mu > 0 else []
         total = 0.0
         for index in batches:
             optimizer.zero_grad(set_to_none=True)
@@ -106,12 +114,21 @@ def train_local(
             if mu > 0:
                 # FedProx (Li et al. 2020): keep local parameters near the global model.
                 drift = sum(
-                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), pull, strict=True)
                 )
                 loss = loss + 0.5 * mu * drift
             loss.backward()
             optimizer.step()
     return _result(model, n, len(batches), total / len(batches))
+
+
+def _anchor(model: nn.Module, anchor: NDArray[np.float32] | None) -> list[torch.Tensor]:
+    """The proximal term's target, shaped like the model's parameters."""
+    if anchor is None:
+        return [p.detach().clone() for p in model.parameters()]
+    target = copy.deepcopy(model)
+    set_flat(target, anchor)
+    return [p.detach() for p in target.parameters()]
 
 
 def _train_dp(
