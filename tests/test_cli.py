@@ -33,7 +33,7 @@ def test_demo_writes_results_and_report(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["schema_version"] == 4
+    assert results["schema_version"] == 5
     assert len(results["sites"]) >= 5
     assert len(results["rounds"]) == 3
     # The last round always makes a candidate release, settled by every site.
