@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -103,3 +105,53 @@ def test_an_unknown_method_is_refused_by_name() -> None:
         parse_study(TOY_STUDY + "personalization: {method: fedbn}\n")
     with pytest.raises(StudyError, match=r"personalization\.lam"):
         parse_study(TOY_STUDY + "personalization: {method: ditto, lam: 0}\n")
+
+
+@pytest.mark.slow
+def test_over_the_network_each_site_keeps_its_ditto_model_and_never_sends_it(
+    tmp_path: Path,
+) -> None:
+    """Real coordinator and site processes over mutual TLS. Each site saves a personal
+    model that differs from the global one; none of its bytes is anywhere in the
+    coordinator's database, model files or audit trail."""
+    from fedcare.audit import read_entries
+    from fedcare.federation.messages import decode_model
+    from fedcare.simulation.loopback import start_coordinator, start_site, stop, wait_until_serving
+
+    from .test_network import N_PARAMS, SITES, deploy, network_study
+
+    study = network_study(
+        rounds=2, min_sites=3, deadline_s=120, extra="personalization: {method: ditto, lam: 0.1}"
+    )
+    deployment = deploy(tmp_path, study)
+    start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, SITES[0])
+        sites = [start_site(deployment, name) for name in SITES]
+        for proc in sites:
+            assert proc.popen.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+    stored = [
+        *deployment.folder.glob("coordinator.db*"),
+        deployment.folder / "audit.jsonl",
+        *(deployment.folder / "models").rglob("*"),
+    ]
+    coordinator_files = b"".join(f.read_bytes() for f in stored if f.is_file())
+    for name in SITES:
+        folder = deployment.site_configs[name].parent
+        (global_file,) = (folder / "state").glob("model-*.safetensors")
+        (personal_file,) = (folder / "state").glob("personal-*.safetensors")
+        _, final, _ = decode_model(global_file.read_bytes(), N_PARAMS)
+        header, personal, _ = decode_model(personal_file.read_bytes(), N_PARAMS)
+        assert header.round == 2
+        assert np.abs(personal - final).max() > 1e-4
+        # The search can find a model: the global one is in the coordinator's files.
+        assert final.tobytes() in coordinator_files
+        assert personal.tobytes() not in coordinator_files
+        assert personal[:2].tobytes() not in coordinator_files
+        events = [
+            e for e in read_entries(folder / "audit.jsonl") if e.event == "model.personalized"
+        ]
+        assert [e.details["method"] for e in events] == ["ditto"]

@@ -9,6 +9,7 @@ retrained update is byte-identical and the coordinator treats it as a duplicate.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -20,7 +21,7 @@ from fedcare import pki
 from fedcare.audit import AuditLog, load_trusted_head
 from fedcare.config import SiteConfig
 from fedcare.durable import write_file_atomically
-from fedcare.federation.messages import Withdrawal, WithdrawReason
+from fedcare.federation.messages import Withdrawal, WithdrawReason, decode_model, encode_model
 from fedcare.models.size import study_parameter_count
 from fedcare.policy import load_policy
 from fedcare.policy.approval import is_approved, site_audit_path
@@ -62,6 +63,8 @@ class SiteRunSummary:
     model_path: str
     refused: str | None = None
     """Why this site stopped sending updates (its privacy budget), if it did."""
+    personal_model_path: str | None = None
+    """With the study's personalization: where this site's personal model is kept."""
 
 
 def with_retry(
@@ -163,6 +166,7 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
         path = config.state_dir / f"model-{study_hash[:16]}.safetensors"
         write_file_atomically(path, participant.final_model)
         log.info("study finished after round %d; model saved to %s", participant.final_round, path)
+        personal = _save_personal(config, study, worker, participant, audit)
         return SiteRunSummary(
             config.site,
             study_hash,
@@ -170,10 +174,41 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
             participant.final_round,
             str(path),
             refused=participant.refused,
+            personal_model_path=personal,
         )
     finally:
         client.close()
         guard.ledger.close()
+
+
+def _save_personal(
+    config: SiteConfig,
+    study: Study,
+    worker: SiteWorker,
+    participant: Participant,
+    audit: AuditLog,
+) -> str | None:
+    """The site's personal model, kept in its state folder (it is never sent)."""
+    spec = study.personalization
+    if spec is None:
+        return None
+    _, final, _ = decode_model(participant.final_model, worker.n_params)
+    personal = worker.personal_model(final)
+    if personal is None:
+        log.warning("no personal model: this site trained no round of the study")
+        return None
+    payload = encode_model(study.content_hash, participant.final_round, personal)
+    path = config.state_dir / f"personal-{study.content_hash[:16]}.safetensors"
+    write_file_atomically(path, payload)
+    audit.append(
+        "model.personalized",
+        study=study.content_hash,
+        method=spec.method.value,
+        round=participant.final_round,
+        sha256=hashlib.sha256(payload).hexdigest(),
+    )
+    log.info("personal model (%s) saved to %s; it stays at this site", spec.method.value, path)
+    return str(path)
 
 
 def _check_fingerprint(
