@@ -62,9 +62,8 @@ def received(deployment: _Deployment, site: str, round_number: int) -> int:
     )
 
 
-def test_a_locked_database_is_503_with_retry_after_and_the_retry_lands_once(live) -> None:
-    deployment, study = live
-    site = SITES[0]
+def _pending_update(deployment: _Deployment, study: Study, site: str) -> tuple[str, bytes, int]:
+    """The open round's upload path, ``site``'s honest update for it, and its number."""
     client = client_for(deployment, site)
     try:
         task = client.task(study.content_hash)
@@ -72,7 +71,13 @@ def test_a_locked_database_is_503_with_retry_after_and_the_retry_lands_once(live
         client.close()
     assert task.state is TaskState.READY
     body = workers(study)[site].handle(task.payload)
-    path = f"/v1/studies/{study.content_hash}/rounds/{task.round}/update"
+    return f"/v1/studies/{study.content_hash}/rounds/{task.round}/update", body, task.round
+
+
+def test_a_locked_database_is_503_with_retry_after_and_the_retry_lands_once(live) -> None:
+    deployment, study = live
+    site = SITES[0]
+    path, body, round_number = _pending_update(deployment, study, site)
     headers = {"content-type": "application/octet-stream"}
     # Another process holds the write lock, as a backup tool or a stuck migration would.
     lock = sqlite3.connect(deployment.folder / "coordinator.db", isolation_level=None, timeout=30)
@@ -86,13 +91,13 @@ def test_a_locked_database_is_503_with_retry_after_and_the_retry_lands_once(live
     finally:
         lock.rollback()
         lock.close()
-    assert received(deployment, site, task.round) == 0
+    assert received(deployment, site, round_number) == 0
     with raw_client(deployment, site) as http:
         accepted = http.post(path, content=body, headers=headers)
         again = http.post(path, content=body, headers=headers)
     assert accepted.status_code == 201, accepted.text
     assert again.status_code == 200, again.text
-    assert received(deployment, site, task.round) == 1
+    assert received(deployment, site, round_number) == 1
 
 
 def test_a_full_disk_is_503_and_the_retry_lands_once(live) -> None:
@@ -103,14 +108,7 @@ def test_a_full_disk_is_503_and_the_retry_lands_once(live) -> None:
     deployment, study = live
     site = SITES[1]
     coordinator = next(p for p in deployment.procs if p.name == "coordinator")
-    client = client_for(deployment, site)
-    try:
-        task = client.task(study.content_hash)
-    finally:
-        client.close()
-    assert task.state is TaskState.READY
-    body = workers(study)[site].handle(task.payload)
-    path = f"/v1/studies/{study.content_hash}/rounds/{task.round}/update"
+    path, body, round_number = _pending_update(deployment, study, site)
     headers = {"content-type": "application/octet-stream"}
     soft, hard = resource.prlimit(coordinator.popen.pid, resource.RLIMIT_FSIZE)
     resource.prlimit(coordinator.popen.pid, resource.RLIMIT_FSIZE, (1024, hard))
@@ -121,11 +119,11 @@ def test_a_full_disk_is_503_and_the_retry_lands_once(live) -> None:
         resource.prlimit(coordinator.popen.pid, resource.RLIMIT_FSIZE, (soft, hard))
     assert refused.status_code == 503, refused.text
     assert refused.headers["retry-after"] == str(STORAGE_RETRY_S)
-    assert received(deployment, site, task.round) == 0
+    assert received(deployment, site, round_number) == 0
     with raw_client(deployment, site) as http:
         accepted = http.post(path, content=body, headers=headers)
     assert accepted.status_code == 201, accepted.text
-    assert received(deployment, site, task.round) == 1
+    assert received(deployment, site, round_number) == 1
 
 
 def test_a_body_trickled_byte_by_byte_is_cut_off_with_408(live) -> None:
