@@ -66,7 +66,7 @@ def opacus_hooks_epoch(study: Study, site: SiteDataset, start: np.ndarray) -> No
     from opacus.grad_sample import GradSampleModule
 
     dp = _settings(study, site.n_train)
-    model = build_model(study.model, site.x_train.shape[1])
+    model = build_model(study.model, site.x_train.shape[1:])
     set_flat(model, start)
     gsm = GradSampleModule(model, loss_reduction="sum")
     params = list(gsm.parameters())
@@ -109,7 +109,7 @@ def main() -> None:
     torch.set_num_threads(1)  # as the CLI does
     study = demo_study()
     sites, _ = builtin_sites(study, seed=2026)  # the demo's default data seed
-    start = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
+    start = initial_parameters(study.model, study.feature_schema.input_shape, study.seed)
     times: dict[str, dict[str, list[float]]] = {v: {s.name: [] for s in sites} for v in VARIANTS}
     for site in sites:
         for fn in VARIANTS.values():

@@ -233,7 +233,7 @@ def test_five_processes_two_throttled_secure_async_flushes_are_exact_and_private
     assert all(len(c["participants"]) <= 3 for c in closed)
     # Every flush's sum is the sum of exactly its sites' weighted, staleness-scaled updates.
     state_names = make_server_optimizer(study.aggregation).state_names
-    versions = {0: initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)}
+    versions = {0: initial_parameters(study.model, study.feature_schema.input_shape, study.seed)}
     for number in range(1, rounds + 1):
         found = list((folder / "models").rglob(f"round-{number:05d}.safetensors"))
         versions[number] = (

@@ -68,7 +68,7 @@ def test_clipped_sums_match_opacus_per_sample_gradients(spec: ModelSpec, clip: f
 
     x, y = _data()
     torch.manual_seed(1)
-    model = build_model(spec, x.shape[1])
+    model = build_model(spec, x.shape[1:])
     ours, loss = clipped_gradient_sum(model, x, y, clip)
     reference = _opacus_clipped_sum(model, x, y, clip)
     for a, b in zip(ours, reference, strict=True):
@@ -86,7 +86,7 @@ def test_dropout_clipped_sums_match_a_row_by_row_autograd_reference() -> None:
 
     x, y = _data(60)
     torch.manual_seed(2)
-    model = build_model(ModelSpec(kind=ModelKind.MLP, hidden=(6,), dropout=0.4), x.shape[1])
+    model = build_model(ModelSpec(kind=ModelKind.MLP, hidden=(6,), dropout=0.4), x.shape[1:])
     torch.manual_seed(9)
     ours, _ = GhostClipper(model, 0.5)(x, y)
     torch.manual_seed(9)

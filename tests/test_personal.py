@@ -102,6 +102,8 @@ def test_the_simulation_reports_each_sites_personal_model(
 
 def test_an_unknown_method_is_refused_by_name() -> None:
     with pytest.raises(StudyError, match=r"personalization\.method"):
+        parse_study(TOY_STUDY + "personalization: {method: fedprox}\n")
+    with pytest.raises(StudyError, match="'fedbn' keeps normalisation layers at each site"):
         parse_study(TOY_STUDY + "personalization: {method: fedbn}\n")
     with pytest.raises(StudyError, match=r"personalization\.lam"):
         parse_study(TOY_STUDY + "personalization: {method: ditto, lam: 0}\n")

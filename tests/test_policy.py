@@ -511,10 +511,10 @@ def test_review_counts_parameters_like_the_model_builder(study: Study) -> None:
 
     for model in ({"kind": "logistic_regression"}, {"kind": "mlp", "hidden": [16, 8]}):
         changed = study.replace(model=model)
-        n_inputs = changed.feature_schema.n_inputs
-        built = build_model(changed.model, n_inputs)
+        shape = changed.feature_schema.input_shape
+        built = build_model(changed.model, shape)
         expected = sum(p.numel() for p in built.parameters())
-        assert count_parameters(changed.model, n_inputs) == expected
+        assert count_parameters(changed.model, shape) == expected
         assert review_study(changed, make_policy()).model.n_params == expected
 
 

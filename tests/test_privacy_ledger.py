@@ -129,7 +129,7 @@ def _dp_study(study: Study, eps: float = 3.0) -> Study:
 
 
 def _task(study: Study, rnd: int) -> bytes:
-    params = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
+    params = initial_parameters(study.model, study.feature_schema.input_shape, study.seed)
     header = TaskHeader(study_hash=study.content_hash, round=rnd, seed=rnd, nonce=f"{rnd:032x}")
     return encode_task(Task(header=header, params=params))
 
@@ -144,7 +144,7 @@ def test_worker_refuses_before_training_and_sends_nothing(
     two = epsilon([*plan.count, plan.round_mechanism, plan.round_mechanism], 1e-4)
     ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
     guard = PrivacyGuard(ledger, "icu", Budget((one + two) / 2, 1e-4))
-    n_params = initial_parameters(study.model, study.feature_schema.n_inputs, 0).shape[0]
+    n_params = initial_parameters(study.model, study.feature_schema.input_shape, 0).shape[0]
     worker = SiteWorker(study, site, n_params, privacy=guard)
     assert worker.handle(_task(study, 1))
     with pytest.raises(BudgetExceededError, match="would be exceeded"):
@@ -186,7 +186,7 @@ def test_study_goes_on_without_a_site_whose_budget_is_spent(
     tmp_path: Path, toy_study: Study, toy_sites: list[SiteDataset]
 ) -> None:
     study = _dp_study(toy_study, eps=4.0).replace(rounds={"count": 4, "min_sites": 2})
-    n_params = initial_parameters(study.model, study.feature_schema.n_inputs, 0).shape[0]
+    n_params = initial_parameters(study.model, study.feature_schema.input_shape, 0).shape[0]
     small = toy_sites[2]
     plan = plan_site(study, small.n_train)
     two_rounds = epsilon([*plan.count, *[plan.round_mechanism] * 2], 1e-4, AccountantKind.RDP)
@@ -216,7 +216,7 @@ def test_the_spend_is_on_disk_before_training_starts(
     site = toy_sites[0]
     path = tmp_path / "ledger.sqlite"
     guard = PrivacyGuard(PrivacyLedger(path), "icu", Budget(100.0, 1e-4))
-    n_params = initial_parameters(study.model, study.feature_schema.n_inputs, 0).shape[0]
+    n_params = initial_parameters(study.model, study.feature_schema.input_shape, 0).shape[0]
     worker = SiteWorker(study, site, n_params, privacy=guard)
     real = worker_module.train_local
     seen: list[int] = []
@@ -240,7 +240,7 @@ def test_the_worker_keys_the_release_on_the_exact_rows(
     study = _dp_study(toy_study)
     site = toy_sites[0]
     guard = PrivacyGuard(PrivacyLedger(tmp_path / "l.sqlite"), "icu", Budget(100.0, 1e-4))
-    n_params = initial_parameters(study.model, study.feature_schema.n_inputs, 0).shape[0]
+    n_params = initial_parameters(study.model, study.feature_schema.input_shape, 0).shape[0]
     corrected = site.x_train.copy()
     corrected[0, 0] += 0.5
     fixed = dataclasses.replace(site, x_train=corrected)
@@ -275,7 +275,7 @@ study = parse_study(TOY_STUDY).replace(
     privacy={"dp": True, "noise_multiplier": 5.0, "delta": 1e-4}, rounds={"count": 10000}
 )
 data = prepare_site_data(toy_frame(0, 300), toy_mapping("alpha"), study)
-params = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
+params = initial_parameters(study.model, study.feature_schema.input_shape, study.seed)
 guard = PrivacyGuard(PrivacyLedger(folder / "ledger.sqlite"), "icu", Budget(1e6, 1e-4))
 worker = SiteWorker(study, data, params.shape[0], privacy=guard)
 sent = open(folder / "sent.txt", "a")

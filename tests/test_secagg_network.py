@@ -69,7 +69,7 @@ def _windows(data: bytes, width: int = 8) -> set[bytes]:
 def _needles(study: Study, deployment_models: Path) -> tuple[dict[str, set[bytes]], list]:
     """Every site's update of every round, as raw float32/float64, quantised, and as text."""
     state_names = make_server_optimizer(study.aggregation).state_names
-    params = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
+    params = initial_parameters(study.model, study.feature_schema.input_shape, study.seed)
     local = workers(study)
     plan = quantization_for(study)
     needles: dict[str, set[bytes]] = {}
@@ -362,5 +362,5 @@ def test_one_site_with_bad_advertisements_fails_no_round(tmp_path: Path) -> None
     state_names = make_server_optimizer(study.aggregation).state_names
     (last,) = (tmp_path / "models").rglob(f"round-{rounds:05d}.safetensors")
     _, final, _ = decode_model(last.read_bytes(), N_PARAMS, state_names)
-    initial = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
+    initial = initial_parameters(study.model, study.feature_schema.input_shape, study.seed)
     assert np.abs(final - initial).max() > 1e-3

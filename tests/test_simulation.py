@@ -38,7 +38,7 @@ def test_one_round_equals_hand_computed_fedavg(
     """One round of the federation equals local training at each site, sample-weighted."""
     study = toy_study.replace(rounds={"count": 1, "min_sites": 2})
     n_inputs = study.feature_schema.n_inputs
-    start = initial_parameters(study.model, n_inputs, study.seed)
+    start = initial_parameters(study.model, (n_inputs,), study.seed)
     round_seed = derive_seed(study.seed, "round", 1)
     local = [
         train_local(

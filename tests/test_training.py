@@ -55,7 +55,7 @@ def count_sgd_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_train_local_is_deterministic_for_a_seed(spec: ModelSpec, optimizer: OptimizerKind) -> None:
     x, y = toy_data()
     training = TrainingSpec(epochs=2, batch_size=8, optimizer=optimizer, learning_rate=0.05)
-    start = initial_parameters(spec, 5, seed=1)
+    start = initial_parameters(spec, (5,), seed=1)
     a = train_local(spec, training, start, x, y, seed=7)
     torch.manual_seed(12345)  # the global RNG must not matter
     b = train_local(spec, training, start, x, y, seed=7)
@@ -75,7 +75,7 @@ def test_train_local_with_dropout_is_deterministic_for_a_seed() -> None:
     spec = ModelSpec(kind=ModelKind.MLP, hidden=(8, 4), dropout=0.5)
     x, y = toy_data()
     training = TrainingSpec(epochs=2, batch_size=8)
-    start = initial_parameters(spec, 5, seed=1)
+    start = initial_parameters(spec, (5,), seed=1)
     torch.manual_seed(1)
     a = train_local(spec, training, start, x, y, seed=7)
     torch.manual_seed(2)
@@ -85,7 +85,7 @@ def test_train_local_with_dropout_is_deterministic_for_a_seed() -> None:
 
 def test_train_local_does_not_modify_its_inputs() -> None:
     x, y = toy_data()
-    start = initial_parameters(MLP, 5, seed=1)
+    start = initial_parameters(MLP, (5,), seed=1)
     copies = (start.copy(), x.copy(), y.copy())
     train_local(MLP, TrainingSpec(epochs=1, batch_size=8), start, x, y, seed=1)
     for before, after in zip(copies, (start, x, y), strict=True):
@@ -147,7 +147,7 @@ def test_one_full_batch_sgd_step_by_hand() -> None:
 def test_loss_decreases_on_a_separable_problem() -> None:
     x, y = toy_data(n=64, d=2, seed=3)
     training = TrainingSpec(epochs=1, batch_size=16, learning_rate=0.5)
-    params = initial_parameters(LOGISTIC, 2, seed=0)
+    params = initial_parameters(LOGISTIC, (2,), seed=0)
     full_losses = [bce(LOGISTIC, params, x, y)]
     epoch_losses = []
     for epoch in range(6):
@@ -188,22 +188,22 @@ def test_train_local_refuses_bad_inputs() -> None:
 
 
 def test_mlp_parameter_count() -> None:
-    model = build_model(MLP, 5)
+    model = build_model(MLP, (5,))
     assert parameter_count(model) == (5 * 8 + 8) + (8 * 4 + 4) + (4 + 1)  # 89
-    assert initial_parameters(MLP, 5, seed=0).shape == (89,)
+    assert initial_parameters(MLP, (5,), seed=0).shape == (89,)
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in layers] == [(5, 8), (8, 4), (4, 1)]
 
 
 def test_logistic_regression_is_one_linear_layer() -> None:
-    model = build_model(LOGISTIC, 5)
+    model = build_model(LOGISTIC, (5,))
     assert isinstance(model, nn.Linear)
     assert parameter_count(model) == 6
 
 
 def test_dropout_layers_are_added_only_when_asked() -> None:
-    plain = build_model(MLP, 5)
-    dropped = build_model(ModelSpec(kind=ModelKind.MLP, hidden=(8, 4), dropout=0.25), 5)
+    plain = build_model(MLP, (5,))
+    dropped = build_model(ModelSpec(kind=ModelKind.MLP, hidden=(8, 4), dropout=0.25), (5,))
     assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
     dropouts = [m for m in dropped.modules() if isinstance(m, nn.Dropout)]
     assert len(dropouts) == 2
@@ -212,22 +212,22 @@ def test_dropout_layers_are_added_only_when_asked() -> None:
 
 
 def test_build_model_needs_an_input() -> None:
-    with pytest.raises(ValueError, match=r"a model needs at least one input, got 0"):
-        build_model(LOGISTIC, 0)
+    with pytest.raises(ValueError, match=r"a model needs at least one input, got shape \(0,\)"):
+        build_model(LOGISTIC, (0,))
 
 
 def test_logistic_regression_starts_at_zero() -> None:
     for seed in (0, 1, 99):
-        params = initial_parameters(LOGISTIC, 5, seed=seed)
+        params = initial_parameters(LOGISTIC, (5,), seed=seed)
         assert params.dtype == np.float32
         np.testing.assert_array_equal(params, np.zeros(6, np.float32))
 
 
 def test_mlp_initial_parameters_depend_only_on_the_seed() -> None:
-    a = initial_parameters(MLP, 5, seed=3)
+    a = initial_parameters(MLP, (5,), seed=3)
     torch.manual_seed(999)
-    b = initial_parameters(MLP, 5, seed=3)
-    c = initial_parameters(MLP, 5, seed=4)
+    b = initial_parameters(MLP, (5,), seed=3)
+    c = initial_parameters(MLP, (5,), seed=4)
     assert a.tobytes() == b.tobytes()
     assert not np.array_equal(a, c)
     assert np.all(np.isfinite(a))
@@ -238,7 +238,7 @@ def test_initial_parameters_leave_the_global_rng_alone() -> None:
     torch.manual_seed(42)
     expected = torch.rand(3)
     torch.manual_seed(42)
-    initial_parameters(MLP, 5, seed=7)
+    initial_parameters(MLP, (5,), seed=7)
     np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())
 
 
@@ -246,7 +246,7 @@ def test_initial_parameters_leave_the_global_rng_alone() -> None:
 
 
 def test_get_flat_set_flat_round_trip() -> None:
-    model = build_model(MLP, 5)
+    model = build_model(MLP, (5,))
     vector = np.random.default_rng(0).normal(size=89).astype(np.float32)
     set_flat(model, vector)
     out = get_flat(model)
@@ -260,7 +260,7 @@ def test_get_flat_set_flat_round_trip() -> None:
 
 
 def test_get_flat_is_a_copy() -> None:
-    model = build_model(LOGISTIC, 2)
+    model = build_model(LOGISTIC, (2,))
     set_flat(model, np.array([1.0, 2.0, 3.0], np.float32))
     flat = get_flat(model)
     flat[0] = 100.0
@@ -268,7 +268,7 @@ def test_get_flat_is_a_copy() -> None:
 
 
 def test_set_flat_refuses_the_wrong_length() -> None:
-    model = build_model(LOGISTIC, 5)
+    model = build_model(LOGISTIC, (5,))
     before = get_flat(model)
     with pytest.raises(
         ValueError, match=r"parameter vector has shape \(5,\), the model needs \(6,\)"
@@ -283,7 +283,7 @@ def test_set_flat_refuses_the_wrong_length() -> None:
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_set_flat_refuses_non_finite_values(bad: float) -> None:
-    model = build_model(LOGISTIC, 5)
+    model = build_model(LOGISTIC, (5,))
     before = get_flat(model)
     vector = np.ones(6, np.float32)
     vector[3] = bad
@@ -332,8 +332,8 @@ def test_fedcare_sgd_matches_torch_optim_sgd_bit_for_bit(
     torch.manual_seed(0)
     x = torch.randn(64, 5)
     y = (torch.rand(64) > 0.5).float()
-    ours = build_model(ModelSpec(kind=ModelKind.MLP, hidden=(8,)), 5)
-    theirs = build_model(ModelSpec(kind=ModelKind.MLP, hidden=(8,)), 5)
+    ours = build_model(ModelSpec(kind=ModelKind.MLP, hidden=(8,)), (5,))
+    theirs = build_model(ModelSpec(kind=ModelKind.MLP, hidden=(8,)), (5,))
     theirs.load_state_dict(ours.state_dict())
     opt_ours = SGD(ours.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
     opt_theirs = torch.optim.SGD(

@@ -36,25 +36,80 @@ class StudyError(ValueError):
 class ModelKind(StrEnum):
     LOGISTIC_REGRESSION = "logistic_regression"
     MLP = "mlp"
+    CNN = "cnn"
+    MODULE = "module"
+
+
+class Normalization(StrEnum):
+    """The built-in CNN's normalisation layers."""
+
+    BATCH = "batch"
+    """BatchNorm: statistics over a batch (not under DP, which clips per patient)."""
+    GROUP = "group"
+    """GroupNorm: statistics within one image, so DP-SGD can clip per patient."""
+    NONE = "none"
+
+
+ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class ModelSpec(Strict):
     kind: ModelKind = Field(
         default=ModelKind.LOGISTIC_REGRESSION,
-        description="logistic_regression, or mlp with hidden layers.",
+        description="logistic_regression, mlp with hidden layers, cnn (images), or module: "
+        "a PyTorch model each party installs (docs/models.md).",
     )
     hidden: tuple[int, ...] = Field(default=(), description="Hidden layer widths (MLP only).")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    channels: tuple[int, ...] | None = Field(
+        default=None,
+        description="cnn only: channels of each convolution block (default [8, 16, 32]).",
+    )
+    norm: Normalization | None = Field(
+        default=None, description="cnn only: batch (default), group or none."
+    )
+    entrypoint: str | None = Field(
+        default=None,
+        pattern=ENTRYPOINT,
+        description="module only: 'package.module:build', a function taking the input "
+        "shape and returning a torch.nn.Module with one logit per row.",
+    )
+    source_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="module only: SHA-256 of the entrypoint module's source file; a party "
+        "whose installed file differs refuses the study.",
+    )
 
     @model_validator(mode="after")
-    def _hidden_matches_kind(self) -> Self:
-        if self.kind is ModelKind.MLP and not self.hidden:
+    def _options_match_kind(self) -> Self:
+        kind = self.kind
+        if kind is ModelKind.MLP and not self.hidden:
             raise ValueError("an mlp needs at least one hidden layer, e.g. hidden: [32]")
-        if self.kind is ModelKind.LOGISTIC_REGRESSION and self.hidden:
-            raise ValueError("logistic_regression takes no hidden layers")
+        if kind is not ModelKind.MLP and self.hidden:
+            raise ValueError(f"{kind} takes no hidden layers")
         if any(width < 1 for width in self.hidden):
             raise ValueError("hidden layer widths must be positive")
+        if kind is not ModelKind.CNN and (self.channels is not None or self.norm is not None):
+            raise ValueError("channels and norm apply to kind 'cnn' only")
+        if self.channels is not None and (not self.channels or any(c < 1 for c in self.channels)):
+            raise ValueError("cnn channels must be one or more positive widths")
+        is_module = kind is ModelKind.MODULE
+        if is_module != (self.entrypoint is not None) or is_module != (
+            self.source_sha256 is not None
+        ):
+            raise ValueError(
+                "kind 'module' needs entrypoint and source_sha256 (and they apply to it only)"
+            )
         return self
+
+    @property
+    def cnn_channels(self) -> tuple[int, ...]:
+        return self.channels if self.channels is not None else (8, 16, 32)
+
+    @property
+    def cnn_norm(self) -> Normalization:
+        return self.norm if self.norm is not None else Normalization.BATCH
 
 
 class OptimizerKind(StrEnum):
@@ -517,6 +572,7 @@ class MonitoringSpec(Strict):
 class PersonalizationMethod(StrEnum):
     FINETUNE = "finetune"
     DITTO = "ditto"
+    FEDBN = "fedbn"
 
 
 class PersonalizationSpec(Strict):
@@ -525,7 +581,8 @@ class PersonalizationSpec(Strict):
 
     method: PersonalizationMethod = Field(
         description="finetune: local epochs from the final global model; ditto: a personal "
-        "model trained every round, pulled towards that round's global model by lam."
+        "model trained every round, pulled towards that round's global model by lam; "
+        "fedbn: the normalisation layers stay at each site, the rest is federated."
     )
     epochs: int = Field(
         default=5, ge=1, le=1000, description="finetune: epochs; ditto: epochs per round."
@@ -582,6 +639,37 @@ class Study(Strict):
             raise ValueError(
                 f"aggregation.cap {cap} is below 1/rounds.min_sites "
                 f"(1/{self.rounds.min_sites}); raise the cap or min_sites"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _model_fits_inputs(self) -> Self:
+        kind = self.model.kind
+        image = self.feature_schema.image
+        if kind is ModelKind.CNN and image is None:
+            raise ValueError("model kind 'cnn' needs an image feature in the schema")
+        if image is not None and kind in (ModelKind.LOGISTIC_REGRESSION, ModelKind.MLP):
+            raise ValueError(
+                f"the image feature '{image.name}' needs model kind 'cnn' or 'module', not {kind}"
+            )
+        if image is not None and self.monitoring is not None:
+            raise ValueError(
+                "monitoring profiles tabular features; a study with an image feature has none"
+            )
+        if self.privacy.dp and kind is ModelKind.CNN and self.model.cnn_norm is Normalization.BATCH:
+            raise ValueError(
+                "privacy.dp clips each patient's gradient, and BatchNorm mixes the patients "
+                "of a batch: use model.norm: group (or none)"
+            )
+        personal = self.personalization
+        if (
+            personal is not None
+            and personal.method is PersonalizationMethod.FEDBN
+            and kind in (ModelKind.LOGISTIC_REGRESSION, ModelKind.MLP)
+        ):
+            raise ValueError(
+                f"personalization 'fedbn' keeps normalisation layers at each site; a {kind} "
+                "has none (use a cnn or a module with normalisation layers)"
             )
         return self
 
@@ -689,7 +777,9 @@ class Study(Strict):
     def _subgroups_exist(self) -> Self:
         schema = self.feature_schema
         allowed = {a.name for a in schema.attributes} | {
-            f.name for f in schema.features if f.type is not FeatureType.CONTINUOUS
+            f.name
+            for f in schema.features
+            if f.type in (FeatureType.BINARY, FeatureType.CATEGORICAL)
         }
         if "age" in {f.name for f in schema.features} | {a.name for a in schema.attributes}:
             allowed.add(AGE_BAND)

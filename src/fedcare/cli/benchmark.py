@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from fedcare.cli.common import console, errors, fail, guarded, progress_bar
-from fedcare.study import AccountantKind
+from fedcare.study import AccountantKind, PersonalizationMethod, PersonalizationSpec
 
 benchmark_app = typer.Typer(
     help="Reproduce published federated benchmarks on real hospital data.", no_args_is_help=True
@@ -45,6 +45,19 @@ def benchmark_heart_disease(
         list[str] | None,
         typer.Option("--method", help="Run only these federated methods (repeat the option)."),
     ] = None,
+    personal: Annotated[
+        list[PersonalizationMethod] | None,
+        typer.Option(
+            "--personal",
+            help="Also FedAvg with each centre's personal model: finetune or ditto (repeat).",
+        ),
+    ] = None,
+    personal_epochs: Annotated[
+        int, typer.Option(min=1, help="finetune: epochs after the study; ditto: per round.")
+    ] = 5,
+    ditto_lam: Annotated[
+        float, typer.Option(min=1e-6, max=1e4, help="ditto: pull towards the global model.")
+    ] = 0.1,
 ) -> None:
     """Fed-Heart-Disease (four real centres): pooled, local and every strategy vs FLamby."""
     from fedcare.data.heart_disease import (
@@ -66,7 +79,14 @@ def benchmark_heart_disease(
     if unknown:
         fail(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
 
+    if PersonalizationMethod.FEDBN in (personal or ()):
+        fail("fedbn needs normalisation layers; the heart-disease model is logistic regression")
+
     def run() -> BenchmarkResult:
+        specs = [
+            PersonalizationSpec(method=m, epochs=personal_epochs, lam=ditto_lam)
+            for m in dict.fromkeys(personal or ())
+        ]
         study = heart_disease_study()
         if epsilon is not None:
             privacy = {"dp": True, "epsilon": epsilon, "delta": delta, "accountant": accountant}
@@ -80,7 +100,12 @@ def benchmark_heart_disease(
         )
         with progress_bar() as progress:
             return run_benchmark(
-                sites, study, n_seeds=seeds, methods=methods or METHODS, progress=progress
+                sites,
+                study,
+                n_seeds=seeds,
+                methods=methods or METHODS,
+                progress=progress,
+                personalization=specs,
             )
 
     result = guarded(run)

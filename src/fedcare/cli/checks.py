@@ -24,6 +24,13 @@ def study_check(path: Path) -> None:
     console.print(f"hash     {study.content_hash}")
     console.print(f"features {len(schema.features)} ({schema.n_inputs} model inputs)")
     console.print(f"model    {study.model.kind.value} {list(study.model.hidden) or ''}")
+    if study.model.entrypoint is not None:
+        from fedcare.models.builders import check_model
+        from fedcare.models.module import module_source
+
+        guarded(lambda: check_model(study))
+        source = module_source(study.model.entrypoint)
+        console.print(f"source   {source} matches source_sha256", markup=False)
     console.print(
         f"training {study.aggregation.strategy.value}, {study.rounds.count} rounds, "
         f"weighting {study.aggregation.weighting.value}"

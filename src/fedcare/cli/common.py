@@ -33,6 +33,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedcare.config import ConfigError
     from fedcare.drift.summary import SummaryRefusedError
     from fedcare.federation.state import StateError
+    from fedcare.models.builders import ModelError
+    from fedcare.models.module import ModelSourceError
     from fedcare.privacy.dp.accountant import AccountingError
     from fedcare.privacy.dp.budget import BudgetExceededError
     from fedcare.privacy.dp.plan import PlanError
@@ -48,9 +50,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedcare.site.dataset import SiteDataError
     from fedcare.site.profiles import ProfileError
     from fedcare.study import StudyError
+    from fedcare.training.dp_sgd import UnsupportedModelError
 
     return (
         StudyError,
+        ModelError,
+        ModelSourceError,
+        UnsupportedModelError,
         ProfileError,
         SummaryRefusedError,
         MappingError,

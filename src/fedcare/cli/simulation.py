@@ -51,13 +51,23 @@ def print_comparison(result: SimulationResult) -> None:
             _with_ci(row.pooled, row.pooled_ci),
         ]
         if personal:
-            cells.append(_with_ci(row.personalized, row.personalized_ci))
+            cell = _with_ci(row.personalized, row.personalized_ci)
+            cells.append(cell + ("\nheld" if row.personal_released is False else ""))
         table.add_row(*cells)
     console.print(table)
     console.print(
         "n, pos.: held-out rows and positives; under each AUROC its 95 % bootstrap interval.",
         style="dim",
     )
+    if personal:
+        console.print(
+            "personal: each site's own model (it never leaves the site), released there if "
+            "it passes the study's and the site's gates; 'held' if not:",
+            style="dim",
+        )
+        for row in result.comparison:
+            for reason in row.personal_reasons:
+                console.print(f"  {row.site}: {reason}", style="dim", markup=False)
     cross = Table(title="Cross-site generalisation (mean AUROC on the other sites)")
     for header in ("site", "local model", "federated model"):
         cross.add_column(header, justify="left" if header == "site" else "right")
@@ -237,19 +247,30 @@ def demo(
     drift_site: Annotated[
         str, typer.Option(help="The hospital --drift monitors.")
     ] = "ashby-general",
+    imaging: Annotated[
+        bool,
+        typer.Option(
+            "--imaging",
+            help="The built-in imaging study instead: lesion detection on 64x64 scans from "
+            "five hospitals' image folders, a CNN with FedBN (with --network too).",
+        ),
+    ] = False,
 ) -> None:
     """Train the built-in early-warning study across five synthetic hospitals, with baselines."""
-    from fedcare.data import demo_study
+    from fedcare.data import demo_study, imaging_study
 
+    builtin = imaging_study if imaging else demo_study
     if drift:
+        if imaging:
+            fail("--drift monitors tabular features; the imaging study has none")
         _drift_demo(_override(demo_study(), rounds=rounds), out / "drift", seed, scale, drift_site)
         return
     if network:
-        _network_demo(_override(demo_study(), rounds=rounds), out / "network", seed, scale)
+        _network_demo(_override(builtin(), rounds=rounds), out / "network", seed, scale)
         return
 
     def run() -> SimulationResult:
-        study = _override(demo_study(), rounds=rounds)
+        study = _override(builtin(), rounds=rounds)
         return _simulate(study, None, out, baselines=True, scale=scale, data_seed=seed)
 
     result = guarded(run)

@@ -13,6 +13,16 @@ def demo_study_path() -> Path:
     return Path(str(files("fedcare.data").joinpath("studies/early_warning.yaml")))
 
 
+def imaging_study_path() -> Path:
+    """The packaged lesion-detection study file (the imaging cohort's)."""
+    return Path(str(files("fedcare.data").joinpath("studies/imaging.yaml")))
+
+
+def imaging_study() -> Study:
+    """The packaged lesion-detection study, validated."""
+    return load_study(imaging_study_path())
+
+
 def template_text(name: str) -> str:
     """The text of the packaged template ``name`` (study, mapping, site, policy, sites,
     coordinator): what ``fedcare init`` writes and docs/reference/ ends with."""

@@ -93,9 +93,12 @@ def level_counts(values: pd.Series) -> dict[str, int]:
 
 
 def feature_profiles(frame: pd.DataFrame, schema: FeatureSchema) -> dict[str, FeatureProfile]:
-    """Every schema feature's profile in a mapped table."""
+    """Every tabular feature's profile in a mapped table (images have none: their drift
+    is not monitored, and a study with an image feature refuses ``monitoring``)."""
     out: dict[str, FeatureProfile] = {}
     for feature in schema.features:
+        if feature.type is FeatureType.IMAGE:
+            continue
         column = frame[feature.name]
         missing = int(column.isna().sum())
         if feature.type is FeatureType.CONTINUOUS:

@@ -194,7 +194,7 @@ class StudyService:
         self._lock = threading.RLock()
         self.audit = audit
         self.on_round = on_round
-        initial = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
+        initial = initial_parameters(study.model, study.feature_schema.input_shape, study.seed)
         self.n_params = int(initial.shape[0])
         spec = study.model_dump_json(by_alias=True)
         known = next((r for r in state.studies() if r.hash == self.hash), None)

@@ -397,7 +397,7 @@ def review_study(
     and held against each budget; a study that cannot be planned there is refused."""
     profile = profile or load_profile(policy.jurisdiction)
     schema = study.feature_schema
-    n_params = count_parameters(study.model, schema.n_inputs)
+    n_params = count_parameters(study.model, schema.input_shape)
     columns, column_notes = _columns(study, mapping)
     outflows, outflow_notes = _outflows(study, n_params, coordinator_url)
     notes = column_notes + outflow_notes

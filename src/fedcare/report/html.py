@@ -60,6 +60,7 @@ def render_html(result: SimulationResult) -> str:
             site_plots=site_plots,
             forests=forests,
             losses_reported=any(r.mean_train_loss is not None for r in result.rounds),
+            personal=any(c.personalized is not None for c in result.comparison),
         )
     )
 

@@ -20,6 +20,8 @@ class FeatureType(StrEnum):
     CONTINUOUS = "continuous"
     BINARY = "binary"
     CATEGORICAL = "categorical"
+    IMAGE = "image"
+    """A single-channel image file per row (an image folder's manifest names it)."""
 
 
 class MissingRule(StrEnum):
@@ -92,7 +94,12 @@ class Feature(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     type: FeatureType = Field(
         default=FeatureType.CONTINUOUS,
-        description="continuous, binary (0/1) or categorical (one-hot encoded).",
+        description="continuous, binary (0/1), categorical (one-hot encoded) or image.",
+    )
+    shape: tuple[int, int] | None = Field(
+        default=None,
+        description="image only: [height, width] in pixels; an image of another size is "
+        "refused, never resized.",
     )
     unit: str | None = Field(
         default=None,
@@ -138,6 +145,8 @@ class Feature(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self._check_image():
+            return self
         if self.unit is not None:
             canonical_unit(self.unit)
         if self.range is not None and not self.range[0] < self.range[1]:
@@ -165,6 +174,31 @@ class Feature(Strict):
             raise ValueError("categorical features can only impute with 'mode' or 'value'")
         self._check_fill()
         return self
+
+    def _check_image(self) -> bool:
+        """Whether this is an image feature (then nothing else applies to it)."""
+        if self.type is not FeatureType.IMAGE:
+            if self.shape is not None:
+                raise ValueError("shape applies to image features only")
+            return False
+        if self.shape is None or min(self.shape) < 1:
+            raise ValueError("an image feature needs shape: [height, width] in pixels")
+        tabular = {
+            "unit": self.unit,
+            "range": self.range,
+            "categories": self.categories,
+            "clip": self.clip,
+            "reference": self.reference,
+            "analyte": self.analyte,
+        }
+        extra = [name for name, value in tabular.items() if value is not None]
+        if self.transform is not Transform.NONE:
+            extra.append("transform")
+        if extra:
+            raise ValueError(f"an image feature takes no {', '.join(extra)}")
+        if self.missing.rule is not MissingRule.REFUSE or self.on_invalid is not OnInvalid.REFUSE:
+            raise ValueError("an image may not be missing or invalid: leave missing and on_invalid")
+        return True
 
     def _check_transform(self) -> None:
         if self.type is not FeatureType.CONTINUOUS and (
@@ -207,6 +241,12 @@ class Feature(Strict):
             assert self.categories is not None
             levels = self.categories[1:] if self.drop_first else self.categories
             names = [f"{self.name}={level}" for level in levels]
+        elif self.shape is not None:
+            return [
+                f"{self.name}[{row},{col}]"
+                for row in range(self.shape[0])
+                for col in range(self.shape[1])
+            ]
         else:
             names = [self.name]
         if self.missing.indicator:
@@ -268,7 +308,26 @@ class FeatureSchema(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"names used more than once: {', '.join(duplicates)}")
+        if self.image is not None and len(self.features) > 1:
+            raise ValueError(
+                f"an image feature ('{self.image.name}') is the schema's only feature; "
+                "carry other columns as attributes"
+            )
         return self
+
+    @property
+    def image(self) -> Feature | None:
+        """The schema's image feature, if it has one."""
+        return next((f for f in self.features if f.type is FeatureType.IMAGE), None)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one row's model input: (channels, height, width) for an image,
+        else (inputs,)."""
+        image = self.image
+        if image is not None and image.shape is not None:
+            return (1, *image.shape)
+        return (self.n_inputs,)
 
     def input_names(self) -> list[str]:
         """Model input columns, in the order the model sees them."""

@@ -33,6 +33,7 @@ from fedcare.schema.features import (
     OnInvalid,
     Strict,
 )
+from fedcare.schema.images import IMAGE_ROOT, ImageError, image_path, load_image
 from fedcare.schema.units import UnitError, canonical_unit, conversion
 from fedcare.yamlfile import read_yaml_model
 
@@ -263,6 +264,8 @@ def check_mapping(mapping: SiteMapping, schema: FeatureSchema) -> None:
             problems.append(problem)
         if entry.linear is not None and feature.type is not FeatureType.CONTINUOUS:
             problems.append(f"feature '{feature.name}': factor/offset need a continuous feature")
+        if feature.type is FeatureType.IMAGE and entry.values:
+            problems.append(f"feature '{feature.name}' is an image: no values to recode")
     for name in mapping.attributes:
         entry = mapping.column(name)
         if entry.unit is not None or entry.linear is not None:
@@ -410,6 +413,48 @@ def _map_feature(feature: Feature, entry: ColumnMapping, column: _Column) -> pd.
     return out
 
 
+def _map_image(feature: Feature, column: _Column, root: Path | None) -> pd.Series:
+    """Each cell's image as a (height, width) uint8 array; every unreadable, misplaced or
+    mis-sized image is reported by reason, with the first paths and the count."""
+    assert feature.shape is not None
+    empty = column.raw.isna()
+    if empty.any():
+        column.violations.append(
+            Violation(
+                column.name,
+                f"missing image, and '{feature.name}' may not be missing",
+                int(empty.sum()),
+            )
+        )
+    if root is None:
+        column.violations.append(
+            Violation(
+                column.name,
+                "image paths need an image folder: give the folder holding manifest.csv as "
+                "the data",
+                int((~empty).sum()),
+            )
+        )
+        return pd.Series([None] * len(column.raw), index=column.raw.index, dtype=object)
+    images: list[object] = []
+    failed: dict[str, list[str]] = {}
+    for cell in column.raw:
+        if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+            images.append(None)
+            continue
+        try:
+            images.append(load_image(image_path(root, str(cell).strip()), feature.shape))
+        except ImageError as exc:
+            failed.setdefault(str(exc), []).append(str(cell))
+            images.append(None)
+    for rule, cells in failed.items():
+        shown = ", ".join(f"'{c}'" for c in cells[:_SHOWN_VALUES])
+        more = len(cells) - _SHOWN_VALUES
+        shown += f" and {more} more" if more > 0 else ""
+        column.violations.append(Violation(column.name, f"{rule}: {shown}", len(cells)))
+    return pd.Series(images, index=column.raw.index, dtype=object)
+
+
 def _to_schema_units(feature: Feature, entry: ColumnMapping, values: pd.Series) -> pd.Series:
     linear = entry.linear
     if linear is None and entry.unit is not None and feature.unit is not None:
@@ -456,10 +501,15 @@ def apply_mapping(
         raw = _as_missing(frame[entry.column], mapping.missing_tokens)
         return _Column(entry.column, raw, on_invalid, violations, notices)
 
+    root = frame.attrs.get(IMAGE_ROOT)
     for feature in schema.features:
         entry = mapping.column(feature.name)
         column = source(entry, feature.on_invalid)
-        if column is not None:
+        if column is None:
+            continue
+        if feature.type is FeatureType.IMAGE:
+            out[feature.name] = _map_image(feature, column, None if root is None else Path(root))
+        else:
             out[feature.name] = _map_feature(feature, entry, column)
 
     for attribute in () if features_only else schema.attributes:

@@ -40,7 +40,11 @@ class Preprocessor(Strict):
     states: dict[str, FeatureState]
 
     def transform(self, frame: pd.DataFrame, schema: FeatureSchema) -> NDArray[np.float32]:
-        """The float32 input matrix, columns in ``schema.input_names()`` order."""
+        """The float32 model input: a matrix, columns in ``schema.input_names()`` order,
+        or for an image schema (rows, 1, height, width) with pixels scaled to [0, 1]."""
+        image = schema.image
+        if image is not None:
+            return _pixels(frame[image.name], schema.input_shape)
         columns: list[NDArray[np.float64]] = []
         for feature in schema.features:
             columns.extend(_encode(feature, frame[feature.name], self.states[feature.name]))
@@ -112,6 +116,14 @@ def declared_preprocessor(schema: FeatureSchema, scaling: Scaling) -> Preprocess
     if scaling is Scaling.SITE or any(f.missing.rule in SITE_FITTED for f in schema.features):
         return None
     return fit_preprocessor(pd.DataFrame({f.name: [] for f in schema.features}), schema, scaling)
+
+
+def _pixels(images: pd.Series, shape: tuple[int, ...]) -> NDArray[np.float32]:
+    """The mapping's uint8 images stacked as (rows, *shape) float32 in [0, 1]."""
+    if images.empty:
+        return np.zeros((0, *shape), dtype=np.float32)
+    stacked = np.stack(images.to_list()).astype(np.float32)
+    return (stacked / np.float32(255.0)).reshape(len(images), *shape)
 
 
 def _encode(feature: Feature, values: pd.Series, state: FeatureState) -> list[NDArray[np.float64]]:

@@ -1,4 +1,4 @@
-"""Readers for the table formats hospitals export: CSV and Parquet."""
+"""Readers for the table formats hospitals export: CSV, Parquet and image folders."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+
+from fedcare.schema.images import IMAGE_ROOT, MANIFEST
 
 
 class DataFileError(ValueError):
@@ -29,8 +31,19 @@ def _csv_header(path: Path) -> list[str]:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV or Parquet file. CSV cells stay text so the mapping decides what is
-    missing; a file whose columns repeat a name is refused."""
+    """Read a CSV or Parquet file, or an image folder's manifest. CSV cells stay text so
+    the mapping decides what is missing; a file whose columns repeat a name is refused.
+
+    For a folder, the table is its ``manifest.csv``; the mapping reads the images its
+    image column names, relative to the folder (kept in ``frame.attrs``).
+    """
+    if path.is_dir():
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            raise DataFileError(f"{path}: a data folder needs an image manifest, {MANIFEST}")
+        frame = read_table(manifest)
+        frame.attrs[IMAGE_ROOT] = str(path.resolve())
+        return frame
     suffix = path.suffix.lower()
     try:
         if suffix in {".csv", ".txt"}:

@@ -33,6 +33,9 @@ def keyed_holdout(frame: pd.DataFrame, fraction: float, key: int) -> NDArray[np.
 
 def _canonical(value: object) -> str:
     """One spelling per value: 1, 1.0 and numpy's 1.0 hash alike; missing is empty."""
+    if isinstance(value, np.ndarray):
+        # An image: its pixels decide, wherever the file was stored.
+        return hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
     if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
         return ""
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):

@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, Field
 
 from fedcare.data.heart_disease import CENTER_NAMES, heart_disease_study
+from fedcare.models.size import study_parameter_count
 from fedcare.simulation.results import RoundRecord
 from fedcare.simulation.runner import (
     POOLED,
@@ -32,7 +33,8 @@ from fedcare.simulation.runner import (
     train_baselines,
 )
 from fedcare.site.dataset import SiteDataset
-from fedcare.study import Strategy, Study
+from fedcare.site.worker import SiteWorker
+from fedcare.study import PersonalizationSpec, Strategy, Study
 
 FEDPROX = "fedprox"
 
@@ -45,6 +47,9 @@ METHODS: tuple[str, ...] = (
     Strategy.FEDYOGI.value,
 )
 """Federated methods: the server strategies, plus FedProx (FedAvg + a proximal term)."""
+
+PERSONAL_PREFIX = "fedavg+"
+"""Rows of FedAvg with each centre's personal model: "fedavg+finetune", "fedavg+ditto"."""
 
 DEFAULT_PROXIMAL_MU = 0.1
 """FedProx's mu in this benchmark (docs/strategies.md, sweep)."""
@@ -111,6 +116,7 @@ PUBLISHED: dict[str, Scores] = {
     "scaffold": _published(0.684, 0.727, 0.719, 0.650, 0.640),
     "fedadagrad": _published(0.731, 0.760, 0.753, 0.738, 0.676),
     "fedadam": _published(0.726, 0.752, 0.746, 0.738, 0.667),
+    "fedavg+finetune": Scores(avg=0.735, centers=dict.fromkeys(CENTER_NAMES)),
 }
 """FLamby's Fed-Heart-Disease table (mean accuracy over 5 seeds), as in the data README."""
 
@@ -142,9 +148,10 @@ def cross_site_lift(
 
 
 def lifts(table: Mapping[str, Scores]) -> dict[str, float | None]:
-    """The lift of every non-local method in ``table``."""
+    """The lift of every non-local method in ``table``; none for personal models (each
+    centre's own, never scored on another centre: the lift's premise)."""
     return {
-        name: cross_site_lift(table, name)
+        name: None if name.startswith(PERSONAL_PREFIX) else cross_site_lift(table, name)
         for name in table
         if not name.startswith(local_model_name(""))
     }
@@ -194,6 +201,22 @@ def federate(
     return FederatedRun(run.params, accuracies(study, run.params, sites), run.rounds)
 
 
+def personal_accuracies(
+    study: Study, sites: Sequence[SiteDataset], progress: Progress = _quiet
+) -> dict[str, float]:
+    """Each centre's personal model (the study's ``personalization``) on that centre's own
+    test set: the accuracy a personalised centre would see."""
+    n_params = study_parameter_count(study)
+    workers = {s.name: SiteWorker(study, s, n_params) for s in sites}
+    run = run_federation(study, sites, progress, workers=workers)
+    out = {}
+    for site in sites:
+        personal = workers[site.name].personal_model(run.params)
+        assert personal is not None  # every centre trains every round here
+        out[site.name] = evaluate(study, personal, [site])[site.name].accuracy
+    return out
+
+
 def summarise(per_seed: Sequence[Mapping[str, float]], centers: Sequence[str]) -> Scores:
     """Mean over seeds per centre, their mean, and the seed-to-seed spread of the avg."""
     means = {c: statistics.fmean(run[c] for run in per_seed) for c in centers}
@@ -215,6 +238,8 @@ LABELS: dict[str, str] = {
     "fedadagrad": "FedAdagrad",
     "fedadam": "FedAdam",
     "fedyogi": "FedYogi",
+    "fedavg+finetune": "FedAvg + fine-tuning (personal)",
+    "fedavg+ditto": "FedAvg + Ditto (personal)",
 }
 
 
@@ -278,8 +303,11 @@ def run_benchmark(
     methods: Sequence[str] = METHODS,
     progress: Progress = _quiet,
     proximal_mu: float = DEFAULT_PROXIMAL_MU,
+    personalization: Sequence[PersonalizationSpec] = (),
 ) -> BenchmarkResult:
-    """Pooled, the local models and every method over ``n_seeds`` seeds (study seed + i)."""
+    """Pooled, the local models and every method over ``n_seeds`` seeds (study seed + i);
+    each ``personalization`` on FedAvg as "fedavg+<method>" (each centre's personal model
+    on its own test set)."""
     if n_seeds < 1:
         raise ValueError("the benchmark needs at least one seed")
     started = time.perf_counter()
@@ -299,6 +327,14 @@ def run_benchmark(
             seeded = method_study(base.replace(seed=seed), method, proximal_mu=proximal_mu)
             report = _rounds_progress(progress, method, i * rounds, n_seeds * rounds)
             runs[method].append(federate(seeded, sites, report).accuracy)
+    for spec in personalization:
+        name = f"{PERSONAL_PREFIX}{spec.method.value}"
+        runs[name] = []
+        for i, seed in enumerate(seeds):
+            seeded = method_study(base.replace(seed=seed), Strategy.FEDAVG.value)
+            personal = seeded.replace(personalization=spec)
+            report = _rounds_progress(progress, name, i * rounds, n_seeds * rounds)
+            runs[name].append(personal_accuracies(personal, sites, report))
     measured = {name: summarise(per_seed, centers) for name, per_seed in runs.items()}
     return BenchmarkResult(
         measured=measured,

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,16 +33,18 @@ from fedcare.config import (
     load_config,
     write_config,
 )
+from fedcare.data.imaging import ImagingSite, write_imaging_cohorts
 from fedcare.data.synthetic import HospitalCohort, generate_cohorts
 from fedcare.federation.messages import decode_model
 from fedcare.federation.state.sql import SqlState
 from fedcare.models.size import study_parameter_count
 from fedcare.policy import SitePolicy, approve, save_policy
 from fedcare.provision import provision
+from fedcare.schema.readers import read_table
 from fedcare.simulation.runner import Progress, run_federation
 from fedcare.simulation.sites import BUILTIN_BUDGETS, BUILTIN_SITE_GATES
 from fedcare.site.client import CoordinatorClient, RetryableError
-from fedcare.site.dataset import prepare_site_data
+from fedcare.site.dataset import SiteDataset, prepare_site_data
 from fedcare.study import Study
 
 
@@ -110,10 +113,29 @@ def _write_study(study: Study, path: Path) -> None:
     path.write_text(yaml.safe_dump(study.canonical(), sort_keys=False), encoding="utf-8")
 
 
+Cohort = HospitalCohort | ImagingSite
+"""A built-in hospital: a table (written as data.csv) or an image folder (copied as data/)."""
+
+
+def builtin_cohorts(study: Study, data_seed: int, scale: float, folder: Path) -> list[Cohort]:
+    """The built-in hospitals for ``study``: the imaging cohort (written under ``folder``)
+    for a study with an image feature, else the tabular cohorts."""
+    if study.feature_schema.image is not None:
+        return list(write_imaging_cohorts(folder, seed=data_seed, scale=scale))
+    return list(generate_cohorts(seed=data_seed, scale=scale))
+
+
+def prepare_cohort(cohort: Cohort, study: Study) -> SiteDataset:
+    """A built-in hospital's data prepared for ``study``, as its site reads it."""
+    if isinstance(cohort, ImagingSite):
+        return prepare_site_data(read_table(cohort.folder), cohort.mapping, study)
+    return prepare_site_data(cohort.frame, cohort.mapping, study)
+
+
 def prepare_deployment(
     folder: Path,
     study: Study,
-    cohorts: list[HospitalCohort],
+    cohorts: Sequence[Cohort],
     port: int,
     database: str = "sqlite:///coordinator.db",
 ) -> _Deployment:
@@ -147,12 +169,17 @@ def prepare_deployment(
     return _Deployment(folder, study_file, coordinator_config, site_configs, url)
 
 
-def write_site_folder(site_dir: Path, study: Study, cohort: HospitalCohort, url: str) -> Path:
+def write_site_folder(site_dir: Path, study: Study, cohort: Cohort, url: str) -> Path:
     """A site's data, mapping, study, policy (approving ``study``) and ``site.yaml``, as
     its staff would write them; returns the config's path. The certificate and key are
     the provisioning's or the enrolment's business."""
     site_dir.mkdir(parents=True, exist_ok=True)
-    cohort.frame.to_csv(site_dir / "data.csv", index=False)
+    if isinstance(cohort, ImagingSite):
+        data = "data"
+        shutil.copytree(cohort.folder, site_dir / data, dirs_exist_ok=True)
+    else:
+        data = "data.csv"
+        cohort.frame.to_csv(site_dir / data, index=False)
     (site_dir / "mapping.yaml").write_text(
         yaml.safe_dump(cohort.mapping.model_dump(mode="json"), sort_keys=False)
     )
@@ -175,7 +202,9 @@ def write_site_folder(site_dir: Path, study: Study, cohort: HospitalCohort, url:
                     g.model_dump(mode="json", exclude_none=True)
                     for g in BUILTIN_SITE_GATES.get(cohort.name, ())
                 ],
-                "privacy_budget": _budget(cohort.name),
+                # A budget in epsilon bounds DP studies; this officer lets the built-in
+                # studies without DP (the imaging one) run on the hospital's data too.
+                "privacy_budget": _budget(cohort.name) if study.privacy.dp else {},
             }
         ),
         policy_path,
@@ -193,7 +222,7 @@ def write_site_folder(site_dir: Path, study: Study, cohort: HospitalCohort, url:
                     "ca": "ca.crt",
                 },
                 "study": "study.yaml",
-                "data": "data.csv",
+                "data": data,
                 "mapping": "mapping.yaml",
                 "policy": "policy.yaml",
                 "state_dir": "state",
@@ -328,7 +357,7 @@ def run_network_demo(
 ) -> NetworkDemoResult:
     """Run the study through real processes on loopback, then the same study in-process;
     the coordinator keeps its state in ``database``."""
-    cohorts = generate_cohorts(seed=data_seed, scale=scale)
+    cohorts = builtin_cohorts(study, data_seed, scale, folder / "cohorts")
     port = free_port()
     deployment = prepare_deployment(folder, study, cohorts, port, database)
     names = [c.name for c in cohorts]
@@ -370,7 +399,7 @@ def run_network_demo(
         models.append(params)
 
     reference_started = time.perf_counter()
-    prepared = [prepare_site_data(c.frame, c.mapping, study) for c in cohorts]
+    prepared = [prepare_cohort(c, study) for c in cohorts]
     reference = run_federation(study, prepared).params
     in_process_wall = time.perf_counter() - reference_started
     difference = None

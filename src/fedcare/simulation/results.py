@@ -63,6 +63,11 @@ class SiteComparison(BaseModel):
     """With the study's ``personalization``: this site's personal model on its own
     held-out rows (it is never used at, or sent to, any other site)."""
     personalized_ci: tuple[float, float] | None = None
+    personal_released: bool | None = None
+    """Whether the personal model passed the study's and the site's gates at the site
+    (with the global model as the no-drop reference): released there, or held."""
+    personal_reasons: list[str] = []
+    """Why a held personal model failed, one sentence per gate."""
 
 
 class SubgroupAuroc(BaseModel):

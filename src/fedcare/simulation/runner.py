@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from fedcare.federation.service import RoundReport
 from fedcare.federation.state import SiteState
-from fedcare.models.builders import initial_parameters
+from fedcare.models.builders import check_model, initial_parameters
 from fedcare.models.size import study_parameter_count
 from fedcare.privacy.dp.budget import Budget
 from fedcare.privacy.dp.guard import PrivacyGuard
@@ -41,11 +41,13 @@ from fedcare.simulation.results import (
     SubgroupAuroc,
 )
 from fedcare.site.dataset import SiteDataset
+from fedcare.site.personal import release_personal
 from fedcare.site.validation import report_on
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, TrainingSpec
 from fedcare.training import predict_proba, train_local
 from fedcare.training.convergence import CONVERGENCE_WINDOW, still_falling
+from fedcare.training.local import check_dp_model
 from fedcare.validation.curves import Curves, curves
 from fedcare.validation.metrics import BinaryMetrics, binary_metrics
 from fedcare.validation.report import FEW_POSITIVES, CellReport
@@ -288,7 +290,7 @@ def train_baselines(
     study: Study, sites: Sequence[SiteDataset], progress: Progress = _quiet
 ) -> dict[str, NDArray[np.float32]]:
     """A local-only model for each site and one pooled model."""
-    initial = initial_parameters(study.model, study.feature_schema.n_inputs, study.seed)
+    initial = initial_parameters(study.model, study.feature_schema.input_shape, study.seed)
     training = _baseline_training(study.training, study.rounds.count)
     models: dict[str, NDArray[np.float32]] = {}
     total = len(sites) + 1
@@ -392,19 +394,32 @@ def _with_personal(
     workers: Mapping[str, SiteWorker],
     final: NDArray[np.float32],
     sites: Sequence[SiteDataset],
+    rounds: int,
 ) -> list[SiteComparison]:
-    """Each site's personal model, scored on its own held-out rows only."""
+    """Each site's personal model, scored on its own held-out rows only, and released or
+    held under the study's and the site's gates as its site would."""
     by_name = {s.name: s for s in sites}
     rows = []
     for row in comparison:
-        personal = workers[row.site].personal_model(final)
+        worker = workers[row.site]
+        personal = worker.personal_model(final)
         if personal is None:
             rows.append(row)
             continue
         metrics = evaluate(study, personal, [by_name[row.site]], study.validation.n_bootstrap)
         own = metrics[row.site]
+        release = release_personal(
+            study, by_name[row.site], personal, final, rounds, worker.site_gates, worker.min_cohort
+        )
         rows.append(
-            row.model_copy(update={"personalized": own.auroc, "personalized_ci": own.auroc_ci})
+            row.model_copy(
+                update={
+                    "personalized": own.auroc,
+                    "personalized_ci": own.auroc_ci,
+                    "personal_released": release.released,
+                    "personal_reasons": release.verdict.reasons,
+                }
+            )
         )
     return rows
 
@@ -417,6 +432,8 @@ def run_simulation(
 ) -> SimulationResult:
     """The federation plus (optionally) its baselines, scored on every site's held-out data."""
     started = time.perf_counter()
+    check_model(study)
+    check_dp_model(study)
     n_params = study_parameter_count(study)
     guards: dict[str, PrivacyGuard] = {}
     with contextlib.ExitStack() as stack:
@@ -489,7 +506,7 @@ def _run(
     }
     comparison = compare(matrix, [s.name for s in sites])
     if study.personalization is not None:
-        comparison = _with_personal(study, comparison, workers, run.params, sites)
+        comparison = _with_personal(study, comparison, workers, run.params, sites, len(run.rounds))
     site_curves, subgroups = _plot_data(study, models, sites)
     descriptions = options.descriptions or {}
     return SimulationResult(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedcare.data.imaging import write_imaging_cohorts
 from fedcare.data.synthetic import generate_cohorts
 from fedcare.policy.model import load_policy
 from fedcare.privacy.dp.budget import Budget
@@ -132,7 +134,13 @@ def sites_from_file(path: Path, study: Study) -> tuple[list[SiteDataset], dict[s
 def builtin_sites(
     study: Study, seed: int, scale: float = 1.0
 ) -> tuple[list[SiteDataset], dict[str, str]]:
-    """The synthetic hospital cohorts, prepared for ``study``."""
+    """The synthetic hospital cohorts, prepared for ``study``: the imaging cohort's image
+    folders (written, then read as a site reads them) for a study with an image feature."""
+    if study.feature_schema.image is not None:
+        with tempfile.TemporaryDirectory(prefix="fedcare-imaging-") as root:
+            written = write_imaging_cohorts(Path(root), seed=seed, scale=scale)
+            sites = [prepare_site_data(read_table(w.folder), w.mapping, study) for w in written]
+        return sites, {w.name: w.description for w in written}
     cohorts = generate_cohorts(seed=seed, scale=scale)
     sites = [prepare_site_data(c.frame, c.mapping, study) for c in cohorts]
     return sites, {c.name: c.description for c in cohorts}

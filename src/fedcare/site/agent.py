@@ -22,6 +22,8 @@ from fedcare.audit import AuditLog, load_trusted_head
 from fedcare.config import SiteConfig
 from fedcare.durable import write_file_atomically
 from fedcare.federation.messages import Withdrawal, WithdrawReason, decode_model, encode_model
+from fedcare.models.builders import ModelError, check_model
+from fedcare.models.module import ModelSourceError
 from fedcare.models.size import study_parameter_count
 from fedcare.policy import load_policy
 from fedcare.policy.approval import is_approved, site_audit_path
@@ -38,11 +40,14 @@ from fedcare.site.dataset import SiteDataError, prepare_site_data
 from fedcare.site.fingerprint import DataFingerprint, check_data_fingerprint, data_digest
 from fedcare.site.gate import admit_study
 from fedcare.site.participant import Participant, Step
+from fedcare.site.personal import release_personal
 from fedcare.site.profiles import ProfileStore
 from fedcare.site.revocation import PeerRevocations
 from fedcare.site.secagg import secure_site
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, load_study
+from fedcare.training.dp_sgd import UnsupportedModelError
+from fedcare.training.local import check_dp_model
 
 log = logging.getLogger("fedcare.site")
 T = TypeVar("T")
@@ -116,6 +121,11 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
     log.info("preprocessing for prediction kept in %s", kept)
     for finding in admit_study(config, study, data):
         log.warning("policy: %s [%s]", finding.message, finding.rule_id)
+    try:
+        check_model(study)  # before any connection: the installed model is the approved one
+        check_dp_model(study)
+    except (ModelError, ModelSourceError, UnsupportedModelError) as exc:
+        raise SiteAgentError(f"cannot run study '{study.name}': {exc}") from exc
     policy_path = config.policy
     assert policy_path is not None  # admit_study refuses a site without a policy
     head = (
@@ -188,7 +198,9 @@ def _save_personal(
     participant: Participant,
     audit: AuditLog,
 ) -> str | None:
-    """The site's personal model, kept in its state folder (it is never sent)."""
+    """The site's personal model, kept in its state folder (it is never sent), validated
+    under the study's and the site's gates beside the global model: released at this
+    site if it passes, held if not (``personal-*.json`` says which, and why)."""
     spec = study.personalization
     if spec is None:
         return None
@@ -198,16 +210,34 @@ def _save_personal(
         log.warning("no personal model: this site trained no round of the study")
         return None
     payload = encode_model(study.content_hash, participant.final_round, personal)
-    path = config.state_dir / f"personal-{study.content_hash[:16]}.safetensors"
+    stem = config.state_dir / f"personal-{study.content_hash[:16]}"
+    path = stem.with_suffix(".safetensors")
+    release = release_personal(
+        study,
+        worker.data,
+        personal,
+        final,
+        participant.final_round,
+        worker.site_gates,
+        worker.min_cohort,
+    )
     write_file_atomically(path, payload)
+    write_file_atomically(stem.with_suffix(".json"), release.model_dump_json(indent=2).encode())
     audit.append(
         "model.personalized",
         study=study.content_hash,
         method=spec.method.value,
         round=participant.final_round,
         sha256=hashlib.sha256(payload).hexdigest(),
+        released=release.released,
+        reasons=release.verdict.reasons,
     )
-    log.info("personal model (%s) saved to %s; it stays at this site", spec.method.value, path)
+    log.info(
+        "personal model (%s) saved to %s; it stays at this site; %s",
+        spec.method.value,
+        path,
+        release.summary(),
+    )
     return str(path)
 
 

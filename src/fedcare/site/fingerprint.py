@@ -29,11 +29,16 @@ class DataFingerprint(BaseModel):
 
 
 def data_digest(path: Path) -> str:
-    """SHA-256 of a data file, streamed."""
+    """SHA-256 of a data file, streamed; of an image folder, over every file's relative
+    path and content in path order (a changed, added or removed image changes it)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(f"{file.relative_to(path).as_posix()}\0".encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -32,7 +32,7 @@ from fedcare.site.validation import validate_candidate
 from fedcare.study import PersonalizationMethod, Study
 from fedcare.training import predict_proba, train_local
 from fedcare.training.dp_sgd import DpSgdSettings
-from fedcare.training.personal import ditto_step, finetune
+from fedcare.training.personal import ditto_step, finetune, local_positions, with_local
 from fedcare.validation.messages import (
     ValidationReply,
     ValidationTaskHeader,
@@ -90,7 +90,9 @@ class SiteWorker:
         """The last update's alignment with the consortium's step, until it is sent."""
         self._noisy_count: int | None = None
         self.personal: NDArray[np.float32] | None = None
-        """Ditto's personal model, after the last round this site trained; it stays here."""
+        """Ditto's personal model, or under FedBN the site's last trained model (whose
+        normalisation layers are its own), after the last round this site trained; it
+        stays here."""
 
     def _check_study(self, study_hash: str) -> None:
         if study_hash != self.study.content_hash:
@@ -132,15 +134,23 @@ class SiteWorker:
         self._check_study(task.header.study_hash)
         self._align(task)
         reported = self.reported_count()
+        spec = self.study.personalization
+        fedbn = spec is not None and spec.method is PersonalizationMethod.FEDBN
+        start = with_local(self.study, task.params, self.personal) if fedbn else task.params
         result = train_local(
             self.study.model,
             self.study.training,
-            task.params,
+            start,
             self.data.x_train,
             self.data.y_train,
             seed=derive_seed(task.header.seed, self.data.name),
             dp=self._dp(task.header.round, task_bytes),
         )
+        delta = result.params - task.params
+        if fedbn:
+            # The normalisation layers stay here: nothing of them is in the update.
+            self.personal = result.params
+            delta = np.where(local_positions(self.study), np.float32(0), delta).astype(np.float32)
         update = SiteUpdate(
             header=UpdateHeader(
                 study_hash=self.study.content_hash,
@@ -150,10 +160,9 @@ class SiteWorker:
                 # Under DP the loss is computed from the rows without noise: it stays here.
                 loss=None if self.study.privacy.dp else result.loss,
             ),
-            delta=result.params - task.params,
+            delta=delta,
         )
         self._last = (task.header.round, task.params, update.delta)
-        spec = self.study.personalization
         if spec is not None and spec.method is PersonalizationMethod.DITTO:
             self.personal = ditto_step(
                 self.study,
@@ -168,13 +177,20 @@ class SiteWorker:
 
     def personal_model(self, final_global: NDArray[np.float32]) -> NDArray[np.float32] | None:
         """This site's personal model once the study has finished: fine-tuned from
-        ``final_global``, or Ditto's; None without personalisation (or if this site never
-        trained a Ditto round)."""
+        ``final_global``, Ditto's, or ``final_global`` with this site's normalisation
+        layers (FedBN); None without personalisation (or if this site never trained a
+        Ditto or FedBN round)."""
         spec = self.study.personalization
         if spec is None:
             return None
         if spec.method is PersonalizationMethod.DITTO:
             return self.personal
+        if spec.method is PersonalizationMethod.FEDBN:
+            return (
+                None
+                if self.personal is None
+                else with_local(self.study, final_global, self.personal)
+            )
         return finetune(
             self.study,
             spec,
@@ -192,6 +208,11 @@ class SiteWorker:
         """Validate a candidate release on held-out data: the candidate and the reply."""
         header, params = decode_validation_task(task_bytes, self.n_params)
         self._check_study(header.study_hash)
+        spec = self.study.personalization
+        if spec is not None and spec.method is PersonalizationMethod.FEDBN:
+            # Under FedBN a site runs the shared model with its own normalisation layers:
+            # that is what it validates (the candidate's own are untrained).
+            params = with_local(self.study, params, self.personal)
         reply = validate_candidate(
             self.study, self.data, header, params, self.site_gates, self.min_cohort
         )

@@ -12,14 +12,16 @@ from torch import nn
 
 from fedcare.models.builders import build_model
 from fedcare.models.params import get_flat, set_flat
-from fedcare.study import ModelSpec, OptimizerKind, TrainingSpec
+from fedcare.study import ModelSpec, OptimizerKind, Study, TrainingSpec
 from fedcare.training.dp_sgd import (
     DpSgdSettings,
     GhostClipper,
+    UnsupportedModelError,
     noise_rows,
     noisy_mean,
     poisson_batches,
 )
+from fedcare.training.grad_sample import GradSampleClipper
 from fedcare.training.sgd import SGD
 
 
@@ -91,7 +93,7 @@ def train_local(
     # and the caller's random state is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(model_spec, features.shape[1])
+        model = build_model(model_spec, features.shape[1:])
         set_flat(model, start)
         model.train()
         optimizer = _optimizer(model, training)
@@ -109,7 +111,7 @@ def train_local(
         total = 0.0
         for index in batches:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[index]).squeeze(-1), y[index])
+            loss = loss_fn(model(x[index]).reshape(-1), y[index])
             total += float(loss.detach())
             if mu > 0:
                 # FedProx (Li et al. 2020): keep local parameters near the global model.
@@ -140,7 +142,7 @@ def _train_dp(
     y: torch.Tensor,
 ) -> float:
     """DP-SGD steps; returns the mean per-row loss over the rows sampled."""
-    clipper = GhostClipper(model, dp.max_grad_norm)  # refuses layers it cannot clip
+    clipper = per_sample_clipper(model, dp.max_grad_norm)
     n = x.shape[0]
     secret = torch.Generator().manual_seed(dp.secret_seed)
     params = list(model.parameters())
@@ -162,6 +164,24 @@ def _train_dp(
     return total / max(rows, 1)
 
 
+def per_sample_clipper(model: nn.Module, max_grad_norm: float) -> GhostClipper | GradSampleClipper:
+    """fedcare's ghost clipping for stacks of Linear, ReLU and Dropout (the faster path);
+    Opacus' per-sample gradients for anything else; BatchNorm refused."""
+    try:
+        return GhostClipper(model, max_grad_norm)
+    except UnsupportedModelError:
+        return GradSampleClipper(model, max_grad_norm)
+
+
+def check_dp_model(study: Study) -> None:
+    """Under DP, refuse a model whose gradients cannot be clipped per patient, before any
+    round: :class:`~fedcare.training.dp_sgd.UnsupportedModelError` with the reason."""
+    if not study.privacy.dp:
+        return
+    with torch.random.fork_rng(devices=[]):
+        per_sample_clipper(build_model(study.model, study.feature_schema.input_shape), 1.0)
+
+
 def _result(model: nn.Module, n: int, steps: int, loss: float) -> LocalResult:
     params = get_flat(model)
     if not np.all(np.isfinite(params)):
@@ -175,9 +195,11 @@ def predict_proba(
     model_spec: ModelSpec, params: NDArray[np.float32], features: NDArray[np.float32]
 ) -> NDArray[np.float64]:
     """Predicted probability of the positive class for each row."""
-    model = build_model(model_spec, features.shape[1])
+    model = build_model(model_spec, features.shape[1:])
     set_flat(model, params)
     model.eval()
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     with torch.no_grad():
-        logits = model(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
-    return torch.sigmoid(logits.squeeze(-1)).to(torch.float64).numpy()
+        # In blocks: an image cohort's activations need not all be held at once.
+        logits = torch.cat([model(block).reshape(-1) for block in torch.split(x, 4096)])
+    return torch.sigmoid(logits).to(torch.float64).numpy()
