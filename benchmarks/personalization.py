@@ -75,7 +75,7 @@ def cohort_table(
 ) -> dict[str, Any]:
     """One cohort: the plain run (local, federated, pooled), then each method's run."""
     sites, descriptions = builtin_sites(study, seed=2026)
-    rules = builtin_rules([s.name for s in sites])
+    rules = builtin_rules([s.name for s in sites], study)
     options = SimulationOptions(True, descriptions, site_rules=rules)
     started = time.perf_counter()
     plain = run_simulation(study.replace(personalization=None), sites, options)

@@ -178,7 +178,7 @@ def _simulate(
     started = time.perf_counter()
     if sites_file is None:
         sites, descriptions = builtin_sites(study, seed=data_seed, scale=scale)
-        rules = builtin_rules([s.name for s in sites])
+        rules = builtin_rules([s.name for s in sites], study)
     else:
         sites, descriptions = sites_from_file(sites_file, study)
         rules = rules_from_file(sites_file)

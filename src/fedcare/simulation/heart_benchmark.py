@@ -116,7 +116,6 @@ PUBLISHED: dict[str, Scores] = {
     "scaffold": _published(0.684, 0.727, 0.719, 0.650, 0.640),
     "fedadagrad": _published(0.731, 0.760, 0.753, 0.738, 0.676),
     "fedadam": _published(0.726, 0.752, 0.746, 0.738, 0.667),
-    "fedavg+finetune": Scores(avg=0.735, centers=dict.fromkeys(CENTER_NAMES)),
 }
 """FLamby's Fed-Heart-Disease table (mean accuracy over 5 seeds), as in the data README."""
 

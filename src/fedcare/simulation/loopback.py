@@ -42,7 +42,7 @@ from fedcare.policy import SitePolicy, approve, save_policy
 from fedcare.provision import provision
 from fedcare.schema.readers import read_table
 from fedcare.simulation.runner import Progress, run_federation
-from fedcare.simulation.sites import BUILTIN_BUDGETS, BUILTIN_SITE_GATES
+from fedcare.simulation.sites import BUILTIN_BUDGETS, builtin_gates
 from fedcare.site.client import CoordinatorClient, RetryableError
 from fedcare.site.dataset import SiteDataset, prepare_site_data
 from fedcare.study import Study
@@ -200,7 +200,7 @@ def write_site_folder(site_dir: Path, study: Study, cohort: Cohort, url: str) ->
                 + (["drift_summaries"] if study.monitoring is not None else []),
                 "validation_gates": [
                     g.model_dump(mode="json", exclude_none=True)
-                    for g in BUILTIN_SITE_GATES.get(cohort.name, ())
+                    for g in builtin_gates(cohort.name, study)
                 ],
                 # A budget in epsilon bounds DP studies; this officer lets the built-in
                 # studies without DP (the imaging one) run on the hospital's data too.

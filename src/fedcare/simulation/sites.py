@@ -104,11 +104,23 @@ def rules_from_file(path: Path) -> dict[str, SiteRules]:
     return rules
 
 
-def builtin_rules(names: Sequence[str]) -> dict[str, SiteRules]:
-    """The built-in hospitals' validation rules and privacy budgets."""
+def builtin_gates(name: str, study: Study | None = None) -> tuple[GateSpec, ...]:
+    """A built-in hospital's own gates for ``study``: a subgroup gate only when the study
+    reports that subgroup (riverside's gate on women is about the early-warning study's
+    sex_female; an imaging study reporting 'sex' would fail it as uncheckable)."""
+    gates = BUILTIN_SITE_GATES.get(name, ())
+    if study is None:
+        return gates
+    reported = set(study.validation.subgroups)
+    return tuple(g for g in gates if g.attribute is None or g.attribute in reported)
+
+
+def builtin_rules(names: Sequence[str], study: Study | None = None) -> dict[str, SiteRules]:
+    """The built-in hospitals' validation rules (for ``study``, see :func:`builtin_gates`)
+    and privacy budgets."""
     return {
         name: SiteRules(
-            BUILTIN_SITE_GATES.get(name, ()),
+            builtin_gates(name, study),
             BUILTIN_MIN_COHORT,
             BUILTIN_BUDGETS.get(name),
         )
