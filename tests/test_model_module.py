@@ -211,3 +211,59 @@ def test_site_run_refuses_a_changed_module_before_connecting(
     assert "installed here" in result.output
     assert "install the version the study names" in result.output
     assert "Traceback" not in result.output
+
+
+def test_coordinator_serve_refuses_a_changed_module_in_one_line(
+    module_site: tuple[SiteConfig, Path], tmp_path: Path
+) -> None:
+    """The coordinator builds the round-0 model from the study's module too: a changed
+    file there is refused at start, before it serves anything."""
+    config, _ = module_site
+    assert config.study is not None
+    name = yaml.safe_load(config.study.read_text())["model"]["entrypoint"].partition(":")[0]
+    source = tmp_path / "installed" / f"{name}.py"
+    source.write_text(source.read_text() + "\n# edited at the coordinator\n")
+    coordinator = tmp_path / "deploy" / "coordinator.yaml"
+    result = CliRunner().invoke(app, ["coordinator", "serve", "--config", str(coordinator)])
+    assert result.exit_code == 2, result.output
+    assert "install the version the study names" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_a_module_study_runs_over_the_network_with_each_party_s_own_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real coordinator and site processes over mutual TLS, each importing the module
+    from its own installation (PYTHONPATH here); nothing but parameters travels. Every
+    site ends with the in-process simulation's model, LayerNorm included."""
+    from fedcare.federation.messages import decode_model
+    from fedcare.simulation.loopback import start_coordinator, start_site, stop, wait_until_serving
+    from fedcare.simulation.runner import run_federation
+
+    from .test_network import deploy
+
+    entrypoint = install(tmp_path, monkeypatch)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "installed"))
+    study = module_study(network_study(rounds=2, min_sites=3, deadline_s=120), entrypoint)
+    deployment = deploy(tmp_path / "deploy", study)
+    start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, SITES[0])
+        procs = [start_site(deployment, name) for name in SITES]
+        for proc in procs:
+            assert proc.popen.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
+    from fedcare.simulation.loopback import prepare_cohort
+
+    from .test_network import cohorts
+
+    reference = run_federation(study, [prepare_cohort(c, study) for c in cohorts()]).params
+    n = study_parameter_count(study)
+    for name in SITES:
+        state = deployment.site_configs[name].parent / "state"
+        (model_file,) = state.glob("model-*.safetensors")
+        _, final, _ = decode_model(model_file.read_bytes(), n)
+        np.testing.assert_allclose(final, reference, atol=1e-5)
