@@ -318,3 +318,25 @@ def test_a_missing_or_broken_certificate_is_one_line(tmp_path: Path) -> None:
     (site / "a.key").unlink()
     with pytest.raises(ConfigError, match=r"tls\.key: the private key file .*a\.key does not"):
         tls_context(TlsFiles(cert=site / "a.crt", key=site / "a.key", ca=site / "ca.crt"))
+
+
+HEAVY = ("numpy", "pandas", "torch", "sklearn", "scipy", "pint", "pyarrow")
+
+
+def test_help_loads_no_numerical_library() -> None:
+    """`fedcare --help` (and the study contract it imports for option types) stays free
+    of numpy, pandas, torch, scikit-learn, scipy, pint and pyarrow: a help page or a
+    typo should not cost a second. Timing is measured, not asserted; this guards the
+    cause (benchmarks: `time fedcare --help`)."""
+    script = (
+        "import sys\n"
+        "sys.argv = ['fedcare', '--help']\n"
+        "from fedcare.cli import app\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        f"print('loaded:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert "Usage" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "loaded:"

@@ -9,16 +9,16 @@ only itself, and a conversion from or to it is refused rather than guessed.
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from typing import TYPE_CHECKING
 
-import numpy as np
-from numpy.typing import NDArray
-
 if TYPE_CHECKING:
+    import numpy as np
     import pint
+    from numpy.typing import NDArray
 
-FloatArray = NDArray[np.float64]
+    FloatArray = NDArray[np.float64]
 
 # Spellings seen in hospital extracts that pint reads differently or not at all
 # ("C" would be coulomb, "F" farad), mapped to one canonical token each.
@@ -155,7 +155,7 @@ def _affine(
     # a third point refuses anything that is not (pint's log units, say).
     offset = to_target(0.0)
     factor = (to_target(100.0) - offset) / 100.0
-    if not np.isclose(to_target(10.0), 10.0 * factor + offset, rtol=1e-9, atol=1e-12):
+    if not math.isclose(to_target(10.0), 10.0 * factor + offset, rel_tol=1e-9, abs_tol=1e-12):
         raise UnitError("the conversion is not linear")
     return factor, offset
 
@@ -187,6 +187,8 @@ def convert(
     source_analyte: str | None = None,
 ) -> FloatArray:
     """Convert ``values`` from ``source`` to ``target`` units. NaN stays NaN."""
+    import numpy as np  # here: reading a study (units checked, nothing converted) needs none
+
     factor, offset = conversion(source, target, analyte, source_analyte)
     converted: FloatArray = np.asarray(values, dtype=np.float64) * factor + offset
     return converted
