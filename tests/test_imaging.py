@@ -264,26 +264,16 @@ def test_over_the_network_with_secure_aggregation_fedbn_layers_never_leave(
     from fedcare.simulation.loopback import (
         free_port,
         prepare_deployment,
-        start_coordinator,
-        start_site,
-        stop,
-        wait_until_serving,
     )
     from fedcare.simulation.runner import run_federation
+
+    from .test_network import run_to_end
 
     study = small_study.replace(rounds={"count": 2, "min_sites": 3, "deadline_s": 240})
     assert study.secure_aggregation.enabled
     chosen = [c for c in cohort if c.name in SMALL]
     deployment = prepare_deployment(tmp_path, study, chosen, free_port())
-    start_coordinator(deployment)
-    try:
-        wait_until_serving(deployment, SMALL[0])
-        procs = [start_site(deployment, name) for name in SMALL]
-        for proc in procs:
-            assert proc.popen.wait(timeout=400) == 0, proc.log.read_text()[-3000:]
-    finally:
-        for proc in reversed(deployment.procs):
-            stop(proc)
+    run_to_end(deployment, SMALL, timeout_s=400)
     n = study_parameter_count(study)
     mask = local_positions(study)
     initial = initial_parameters(study.model, (1, 64, 64), study.seed)

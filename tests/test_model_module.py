@@ -238,24 +238,15 @@ def test_a_module_study_runs_over_the_network_with_each_party_s_own_install(
     from its own installation (PYTHONPATH here); nothing but parameters travels. Every
     site ends with the in-process simulation's model, LayerNorm included."""
     from fedcare.federation.messages import decode_model
-    from fedcare.simulation.loopback import start_coordinator, start_site, stop, wait_until_serving
     from fedcare.simulation.runner import run_federation
 
-    from .test_network import deploy
+    from .test_network import deploy, run_to_end
 
     entrypoint = install(tmp_path, monkeypatch)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "installed"))
     study = module_study(network_study(rounds=2, min_sites=3, deadline_s=120), entrypoint)
     deployment = deploy(tmp_path / "deploy", study)
-    start_coordinator(deployment)
-    try:
-        wait_until_serving(deployment, SITES[0])
-        procs = [start_site(deployment, name) for name in SITES]
-        for proc in procs:
-            assert proc.popen.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
-    finally:
-        for proc in reversed(deployment.procs):
-            stop(proc)
+    run_to_end(deployment)
     from fedcare.simulation.loopback import prepare_cohort
 
     from .test_network import cohorts

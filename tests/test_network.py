@@ -8,7 +8,7 @@ import signal
 import ssl
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -83,6 +83,22 @@ def deploy(folder: Path, study: Study, database: str | None = None) -> _Deployme
     if database is None:
         return prepare_deployment(folder, study, cohorts(), free_port())
     return prepare_deployment(folder, study, cohorts(), free_port(), database)
+
+
+def run_to_end(
+    deployment: _Deployment, names: Sequence[str] = SITES, timeout_s: float = 300.0
+) -> None:
+    """Start the coordinator and every named site, wait until each site has finished the
+    study (exit status 0, or fail with the tail of its log), and stop every process."""
+    start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, names[0])
+        sites = [start_site(deployment, name) for name in names]
+        for proc in sites:
+            assert proc.popen.wait(timeout=timeout_s) == 0, proc.log.read_text()[-3000:]
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
 
 
 def site_tls(deployment: _Deployment, site: str) -> TlsFiles:
@@ -359,15 +375,7 @@ def test_full_study_over_mutual_tls_matches_the_simulation(
 ) -> None:
     study = network_study(rounds=3, min_sites=3, deadline_s=120)
     deployment = deploy(tmp_path, study, database_url)
-    start_coordinator(deployment)
-    try:
-        wait_until_serving(deployment, SITES[0])
-        sites = [start_site(deployment, name) for name in SITES]
-        for proc in sites:
-            assert proc.popen.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
-    finally:
-        for proc in reversed(deployment.procs):
-            stop(proc)
+    run_to_end(deployment)
     expected = reference_model(study)
     for name in SITES:
         model_file = deployment.site_configs[name].parent / "state"
@@ -645,15 +653,7 @@ def test_dp_study_over_the_network_site_refuses_when_its_budget_is_spent(
         allowed = (one + two) / 2 if name == "gamma" else 100.0
         budget = {"data": DatasetBudget(epsilon=allowed, delta=1e-4)}
         save_policy(policy.model_copy(update={"privacy_budget": budget}), policy_path)
-    start_coordinator(deployment)
-    try:
-        wait_until_serving(deployment, SITES[0])
-        sites = [start_site(deployment, name) for name in SITES]
-        for proc in sites:
-            assert proc.popen.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
-    finally:
-        for proc in reversed(deployment.procs):
-            stop(proc)
+    run_to_end(deployment)
     received = [
         (e.details["site"], e.details["round"])
         for e in read_entries(deployment.folder / "audit.jsonl")

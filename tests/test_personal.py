@@ -118,23 +118,14 @@ def test_over_the_network_each_site_keeps_its_ditto_model_and_never_sends_it(
     coordinator's database, model files or audit trail."""
     from fedcare.audit import read_entries
     from fedcare.federation.messages import decode_model
-    from fedcare.simulation.loopback import start_coordinator, start_site, stop, wait_until_serving
 
-    from .test_network import N_PARAMS, SITES, deploy, network_study
+    from .test_network import N_PARAMS, SITES, deploy, network_study, run_to_end
 
     study = network_study(
         rounds=2, min_sites=3, deadline_s=120, extra="personalization: {method: ditto, lam: 0.1}"
     )
     deployment = deploy(tmp_path, study)
-    start_coordinator(deployment)
-    try:
-        wait_until_serving(deployment, SITES[0])
-        sites = [start_site(deployment, name) for name in SITES]
-        for proc in sites:
-            assert proc.popen.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
-    finally:
-        for proc in reversed(deployment.procs):
-            stop(proc)
+    run_to_end(deployment)
     stored = [
         *deployment.folder.glob("coordinator.db*"),
         deployment.folder / "audit.jsonl",
