@@ -316,3 +316,29 @@ def test_the_site_fingerprint_covers_every_image(cohort: list[ImagingSite], tmp_
     assert changed != before
     scan.unlink()
     assert data_digest(folder) not in (before, changed)
+
+
+def test_the_split_does_not_depend_on_where_the_folder_is(
+    cohort: list[ImagingSite], small_study: Study, tmp_path: Path
+) -> None:
+    """Keyed on each scan's pixels, not its path: a moved folder, or a manifest whose
+    files were renamed, splits the same patients the same way."""
+    import shutil
+
+    site = cohort[1]
+    here = prepare_site_data(read_table(site.folder), site.mapping, small_study)
+    moved = tmp_path / "elsewhere" / "deeper"
+    shutil.copytree(site.folder, moved)
+    column = site.mapping.column("scan").column
+    rows = list(csv.DictReader((moved / MANIFEST).open()))
+    for row in rows:
+        renamed = row[column].replace(".png", "-renamed.png")
+        (moved / row[column]).rename(moved / renamed)
+        row[column] = renamed
+    with (moved / MANIFEST).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    there = prepare_site_data(read_table(moved), site.mapping, small_study)
+    np.testing.assert_array_equal(here.x_test, there.x_test)
+    np.testing.assert_array_equal(here.y_train, there.y_train)

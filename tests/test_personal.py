@@ -13,7 +13,7 @@ from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, StudyError, parse_study
 from fedcare.training.local import train_local
-from fedcare.training.personal import ditto_step, personal_training
+from fedcare.training.personal import personal_training, train_personal
 
 from .conftest import TOY_STUDY
 
@@ -60,7 +60,9 @@ def test_ditto_is_pulled_towards_the_global_model(
         study = toy_study.replace(personalization={"method": "ditto", "epochs": 2, "lam": lam})
         spec = study.personalization
         assert spec is not None
-        personal = ditto_step(study, spec, start, far, site.x_train, site.y_train, seed=1)
+        personal = train_personal(
+            study, spec, start, site.x_train, site.y_train, seed=1, anchor=far
+        )
         distances.append(float(np.linalg.norm(personal - far)))
     assert distances[0] > distances[1] > distances[2]
 

@@ -33,18 +33,21 @@ from fedcare.config import (
     load_config,
     write_config,
 )
-from fedcare.data.imaging import ImagingSite, write_imaging_cohorts
-from fedcare.data.synthetic import HospitalCohort, generate_cohorts
+from fedcare.data.imaging import ImagingSite
 from fedcare.federation.messages import decode_model
 from fedcare.federation.state.sql import SqlState
 from fedcare.models.size import study_parameter_count
 from fedcare.policy import SitePolicy, approve, save_policy
 from fedcare.provision import provision
-from fedcare.schema.readers import read_table
 from fedcare.simulation.runner import Progress, run_federation
-from fedcare.simulation.sites import BUILTIN_BUDGETS, builtin_gates
+from fedcare.simulation.sites import (
+    BUILTIN_BUDGETS,
+    Cohort,
+    builtin_cohorts,
+    builtin_gates,
+    prepare_cohort,
+)
 from fedcare.site.client import CoordinatorClient, RetryableError
-from fedcare.site.dataset import SiteDataset, prepare_site_data
 from fedcare.study import Study
 
 
@@ -111,25 +114,6 @@ class _Deployment:
 
 def _write_study(study: Study, path: Path) -> None:
     path.write_text(yaml.safe_dump(study.canonical(), sort_keys=False), encoding="utf-8")
-
-
-Cohort = HospitalCohort | ImagingSite
-"""A built-in hospital: a table (written as data.csv) or an image folder (copied as data/)."""
-
-
-def builtin_cohorts(study: Study, data_seed: int, scale: float, folder: Path) -> list[Cohort]:
-    """The built-in hospitals for ``study``: the imaging cohort (written under ``folder``)
-    for a study with an image feature, else the tabular cohorts."""
-    if study.feature_schema.image is not None:
-        return list(write_imaging_cohorts(folder, seed=data_seed, scale=scale))
-    return list(generate_cohorts(seed=data_seed, scale=scale))
-
-
-def prepare_cohort(cohort: Cohort, study: Study) -> SiteDataset:
-    """A built-in hospital's data prepared for ``study``, as its site reads it."""
-    if isinstance(cohort, ImagingSite):
-        return prepare_site_data(read_table(cohort.folder), cohort.mapping, study)
-    return prepare_site_data(cohort.frame, cohort.mapping, study)
 
 
 def prepare_deployment(

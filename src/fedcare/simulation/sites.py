@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedcare.data.imaging import write_imaging_cohorts
-from fedcare.data.synthetic import generate_cohorts
+from fedcare.data.imaging import ImagingSite, write_imaging_cohorts
+from fedcare.data.synthetic import HospitalCohort, generate_cohorts
 from fedcare.policy.model import load_policy
 from fedcare.privacy.dp.budget import Budget
 from fedcare.schema.mapping import load_mapping
@@ -143,16 +143,31 @@ def sites_from_file(path: Path, study: Study) -> tuple[list[SiteDataset], dict[s
     return sites, {s.name: s.description for s in parsed.sites}
 
 
+Cohort = HospitalCohort | ImagingSite
+"""A built-in hospital: a table (written as data.csv) or an image folder (copied as data/)."""
+
+
+def builtin_cohorts(study: Study, data_seed: int, scale: float, folder: Path) -> list[Cohort]:
+    """The built-in hospitals for ``study``: the imaging cohort (written under ``folder``)
+    for a study with an image feature, else the tabular cohorts."""
+    if study.feature_schema.image is not None:
+        return list(write_imaging_cohorts(folder, seed=data_seed, scale=scale))
+    return list(generate_cohorts(seed=data_seed, scale=scale))
+
+
+def prepare_cohort(cohort: Cohort, study: Study) -> SiteDataset:
+    """A built-in hospital's data prepared for ``study``, as its site reads it."""
+    if isinstance(cohort, ImagingSite):
+        return prepare_site_data(read_table(cohort.folder), cohort.mapping, study)
+    return prepare_site_data(cohort.frame, cohort.mapping, study)
+
+
 def builtin_sites(
     study: Study, seed: int, scale: float = 1.0
 ) -> tuple[list[SiteDataset], dict[str, str]]:
-    """The synthetic hospital cohorts, prepared for ``study``: the imaging cohort's image
-    folders (written, then read as a site reads them) for a study with an image feature."""
-    if study.feature_schema.image is not None:
-        with tempfile.TemporaryDirectory(prefix="fedcare-imaging-") as root:
-            written = write_imaging_cohorts(Path(root), seed=seed, scale=scale)
-            sites = [prepare_site_data(read_table(w.folder), w.mapping, study) for w in written]
-        return sites, {w.name: w.description for w in written}
-    cohorts = generate_cohorts(seed=seed, scale=scale)
-    sites = [prepare_site_data(c.frame, c.mapping, study) for c in cohorts]
+    """The built-in hospitals prepared for ``study``; the imaging cohort's image folders
+    are written to a scratch folder and read as a site reads them."""
+    with tempfile.TemporaryDirectory(prefix="fedcare-cohorts-") as root:
+        cohorts = builtin_cohorts(study, seed, scale, Path(root))
+        sites = [prepare_cohort(c, study) for c in cohorts]
     return sites, {c.name: c.description for c in cohorts}

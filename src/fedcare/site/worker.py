@@ -32,7 +32,7 @@ from fedcare.site.validation import validate_candidate
 from fedcare.study import PersonalizationMethod, Study
 from fedcare.training import predict_proba, train_local
 from fedcare.training.dp_sgd import DpSgdSettings
-from fedcare.training.personal import ditto_step, finetune, local_positions, with_local
+from fedcare.training.personal import local_positions, train_personal, with_local
 from fedcare.validation.messages import (
     ValidationReply,
     ValidationTaskHeader,
@@ -164,14 +164,14 @@ class SiteWorker:
         )
         self._last = (task.header.round, task.params, update.delta)
         if spec is not None and spec.method is PersonalizationMethod.DITTO:
-            self.personal = ditto_step(
+            self.personal = train_personal(
                 self.study,
                 spec,
                 task.params if self.personal is None else self.personal,
-                task.params,
                 self.data.x_train,
                 self.data.y_train,
                 seed=derive_seed(task.header.seed, f"{self.data.name}/personal"),
+                anchor=task.params,
             )
         return task, update
 
@@ -191,7 +191,7 @@ class SiteWorker:
                 if self.personal is None
                 else with_local(self.study, final_global, self.personal)
             )
-        return finetune(
+        return train_personal(
             self.study,
             spec,
             final_global,

@@ -45,33 +45,20 @@ def personal_training(study: Study, spec: PersonalizationSpec) -> TrainingSpec:
     )
 
 
-def finetune(
+def train_personal(
     study: Study,
     spec: PersonalizationSpec,
-    global_params: NDArray[np.float32],
+    start: NDArray[np.float32],
     features: NDArray[np.float32],
     labels: NDArray[np.float32],
     seed: int,
+    anchor: NDArray[np.float32] | None = None,
 ) -> NDArray[np.float32]:
-    """The final global model, trained on for ``spec.epochs`` on this site's rows."""
+    """``spec.epochs`` on this site's rows from ``start``: finetune from the final global
+    model; Ditto's round from the personal model, pulled towards ``anchor`` (that round's
+    global model) by ``spec.lam``."""
     training = personal_training(study, spec)
-    return train_local(study.model, training, global_params, features, labels, seed).params
-
-
-def ditto_step(
-    study: Study,
-    spec: PersonalizationSpec,
-    personal: NDArray[np.float32],
-    global_params: NDArray[np.float32],
-    features: NDArray[np.float32],
-    labels: NDArray[np.float32],
-    seed: int,
-) -> NDArray[np.float32]:
-    """One round of the personal model: from itself, pulled towards this round's global."""
-    training = personal_training(study, spec)
-    return train_local(
-        study.model, training, personal, features, labels, seed, anchor=global_params
-    ).params
+    return train_local(study.model, training, start, features, labels, seed, anchor=anchor).params
 
 
 @cache
