@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from fedcare.ids import SITE_NAME
+from fedcare.sources.spec import OmopSource, Source, TableSource, sqlite_beside
 from fedcare.yamlfile import read_yaml_model
 
 
@@ -116,8 +117,18 @@ class SiteConfig(_Config):
     coordinator: HttpUrl
     tls: TlsFiles
     study: Path | None = Field(default=None, description="The study file this site runs.")
-    data: Path | None = Field(default=None, description="CSV or Parquet file of local data.")
-    mapping: Path | None = Field(default=None, description="The site's column mapping.")
+    data: Path | None = Field(
+        default=None,
+        description="CSV or Parquet file of local data (short for source: {kind: table, path}).",
+    )
+    source: Source | None = Field(
+        default=None,
+        description="Where the site's rows come from: {kind: table, path}, {kind: fhir, path} "
+        "(a bulk export folder) or {kind: omop, url} (a CDM database).",
+    )
+    mapping: Path | None = Field(
+        default=None, description="The site's mapping (columns for a table, codes for FHIR/OMOP)."
+    )
     policy: Path | None = Field(
         default=None,
         description="The site's policy.yaml; the agent runs only studies it approves.",
@@ -140,14 +151,29 @@ class SiteConfig(_Config):
         default=600.0, gt=0, description="Give up after the coordinator is unreachable this long."
     )
 
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if self.data is not None and self.source is not None:
+            raise ValueError("give data (a table file) or source, not both")
+        return self
+
+    @property
+    def data_source(self) -> Source | None:
+        """The site's source: ``source``, or the table ``data`` names."""
+        if self.source is not None:
+            return self.source
+        return None if self.data is None else TableSource(path=self.data)
+
     @property
     def dataset_name(self) -> str:
-        """The name the privacy ledger and the policy's budget use for this site's data."""
+        """The name the privacy ledger and the policy's budget use for this site's data
+        (default: the data file's or export folder's name, or the OMOP database's)."""
         if self.dataset is not None:
             return self.dataset
-        if self.data is None:
-            raise ConfigError(f"site '{self.site}' names no data file and no dataset")
-        return self.data.stem
+        source = self.data_source
+        if source is None:
+            raise ConfigError(f"site '{self.site}' names no data source and no dataset")
+        return source.dataset_name
 
     @property
     def ledger_path(self) -> Path:
@@ -185,12 +211,14 @@ def load_config(path: Path, kind: type[C]) -> C:
     parsed = read_yaml_model(path, kind, "config", ConfigError)
     resolved = _resolve(parsed, path.resolve().parent)
     assert isinstance(resolved, kind)
+    source = getattr(resolved, "source", None)
+    if isinstance(source, OmopSource):
+        resolved = resolved.model_copy(update={"source": source.beside(path.resolve().parent)})
     database = getattr(resolved, "database", None)
-    if isinstance(database, str) and database.startswith("sqlite:///"):
-        db_path = Path(database.removeprefix("sqlite:///"))
-        if not db_path.is_absolute():
-            db_url = f"sqlite:///{path.resolve().parent / db_path}"
-            return resolved.model_copy(update={"database": db_url})
+    if isinstance(database, str):
+        return resolved.model_copy(
+            update={"database": sqlite_beside(database, path.resolve().parent)}
+        )
     return resolved
 
 

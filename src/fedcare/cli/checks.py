@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
 from fedcare.cli.common import console, guarded
 from fedcare.study import load_study
+
+if TYPE_CHECKING:
+    from fedcare.sources.spec import Source
 
 study_app = typer.Typer(help="Inspect and check study files.", no_args_is_help=True)
 data_app = typer.Typer(help="Check a site's data against a study.", no_args_is_help=True)
@@ -52,21 +55,83 @@ def study_check(path: Path) -> None:
 
 @data_app.command("check")
 def data_check(
-    data: Path,
-    study_file: Annotated[Path, typer.Option("--study", help="study.yaml")],
-    mapping_file: Annotated[Path, typer.Option("--mapping", help="the site's mapping.yaml")],
+    data: Annotated[
+        str | None,
+        typer.Argument(
+            help="A CSV or Parquet file, an image folder, a FHIR bulk export folder or an "
+            "OMOP database URL (sqlite:///cdm.sqlite, postgresql+psycopg://...)."
+        ),
+    ] = None,
+    study_file: Annotated[Path | None, typer.Option("--study", help="study.yaml")] = None,
+    mapping_file: Annotated[
+        Path | None, typer.Option("--mapping", help="the site's mapping.yaml")
+    ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="a site.yaml: its study, source and mapping"),
+    ] = None,
+    sites_file: Annotated[
+        Path | None,
+        typer.Option("--sites", help="a sites.yaml: check every site in it (with --study)"),
+    ] = None,
 ) -> None:
-    """Check a site's data file against the study schema through its mapping; nothing is sent."""
-    from fedcare.schema.mapping import MappedTable, apply_mapping, load_mapping
-    from fedcare.schema.readers import read_table
+    """Check a site's data against the study schema through its mapping; nothing is sent.
 
-    def run() -> MappedTable:
+    Give DATA with --study and --mapping, or --config site.yaml, or --sites sites.yaml
+    with --study. Every unmapped code, value left out and broken rule is listed.
+    """
+    checks = guarded(lambda: _data_checks(data, study_file, mapping_file, config_file, sites_file))
+    for name, source, mapping, study in checks:
+        _check_one(name, source, mapping, study, len(checks) > 1)
+
+
+def _data_checks(
+    data: str | None,
+    study_file: Path | None,
+    mapping_file: Path | None,
+    config_file: Path | None,
+    sites_file: Path | None,
+) -> list[tuple[str, Source, Path, Path]]:
+    """(site, source, mapping file, study file) for each check the options ask for."""
+    from fedcare.config import ConfigError, SiteConfig, load_config
+    from fedcare.simulation.sites import load_sites_file
+    from fedcare.sources.load import source_from_argument
+
+    given = [x for x in (data, config_file, sites_file) if x is not None]
+    if len(given) != 1:
+        raise ConfigError("give DATA (with --study and --mapping), --config or --sites")
+    if config_file is not None:
+        config = load_config(config_file, SiteConfig)
+        source = config.data_source
+        study = study_file or config.study
+        if source is None or config.mapping is None or study is None:
+            raise ConfigError(f"{config_file}: needs study, data (or source) and mapping")
+        return [(config.site, source, mapping_file or config.mapping, study)]
+    if study_file is None:
+        raise ConfigError("--study names the study to check the data against")
+    if sites_file is not None:
+        base = sites_file.parent
+        parsed = load_sites_file(sites_file)
+        return [(e.name, e.data_source(base), base / e.mapping, study_file) for e in parsed.sites]
+    if mapping_file is None:
+        raise ConfigError("--mapping names the site's mapping file")
+    assert data is not None
+    return [("", source_from_argument(data), mapping_file, study_file)]
+
+
+def _check_one(name: str, source: Source, mapping: Path, study_file: Path, many: bool) -> None:
+    from fedcare.schema.mapping import MappedTable, apply_mapping
+    from fedcare.sources.load import SourceTable, read_source
+
+    def run() -> tuple[SourceTable, MappedTable]:
         study = load_study(study_file)
-        mapping = load_mapping(mapping_file)
-        frame = read_table(data)
-        return apply_mapping(frame, mapping, study.feature_schema)
+        table = read_source(source, mapping, study.feature_schema)
+        return table, apply_mapping(table.frame, table.mapping, study.feature_schema)
 
-    mapped = guarded(run)
-    for notice in mapped.notices:
-        console.print(f"[yellow]note[/] {escape(str(notice))}")
-    console.print(f"[green]ok[/] {len(mapped.frame)} rows fit the schema of the study")
+    table, mapped = guarded(run)
+    prefix = f"{name}: " if many else ""
+    for notice in (*table.notices, *mapped.notices):
+        console.print(f"[yellow]note[/] {escape(prefix + str(notice))}")
+    console.print(
+        f"[green]ok[/] {escape(prefix)}{len(mapped.frame)} rows fit the schema of the study"
+    )

@@ -255,9 +255,22 @@ def demo(
             "five hospitals' image folders, a CNN with FedBN (with --network too).",
         ),
     ] = False,
+    export: Annotated[
+        tuple[str, Path] | None,
+        typer.Option(
+            "--export",
+            metavar="fhir|omop DIR",
+            help="Write the hospitals as FHIR R4 bulk exports (NDJSON) or OMOP CDM SQLite "
+            "databases under DIR, with their mappings, a sites.yaml and the study; train nothing.",
+        ),
+    ] = None,
 ) -> None:
     """Train the built-in early-warning study across five synthetic hospitals, with baselines."""
     from fedcare.data import demo_study, imaging_study
+
+    if export is not None:
+        _export_demo(export[0], export[1], seed, scale)
+        return
 
     builtin = imaging_study if imaging else demo_study
     if drift:
@@ -277,6 +290,25 @@ def demo(
     print_comparison(result)
     print_releases(result.releases)
     console.print(f"done in {result.wall_s:.1f} s; open {out / 'report.html'}")
+
+
+def _export_demo(kind: str, folder: Path, seed: int, scale: float) -> None:
+
+    from fedcare.data import demo_study_path
+    from fedcare.data.exports import write_exports
+    from fedcare.data.synthetic import generate_cohorts
+
+    if kind not in ("fhir", "omop"):
+        fail(f"--export: '{kind}' is not an export kind; use fhir or omop")
+    with progress_bar() as progress:
+        sites = guarded(
+            lambda: write_exports(generate_cohorts(seed, scale), kind, folder, progress)
+        )
+    study = folder / "study.yaml"
+    shutil.copyfile(demo_study_path(), study)
+    console.print(f"wrote the five hospitals as {kind} under {folder}", markup=False)
+    console.print(f"check:    fedcare data check --sites {sites} --study {study}", markup=False)
+    console.print(f"simulate: fedcare simulate --sites {sites} --study {study}", markup=False)
 
 
 def _drift_demo(study: Study, folder: Path, seed: int, scale: float, hospital: str) -> None:

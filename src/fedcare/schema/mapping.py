@@ -45,7 +45,8 @@ Code = str | int | float
 _SHOWN_VALUES = 5
 
 
-def _key_text(key: object) -> str:
+def key_text(key: object) -> str:
+    """A local code as text: the form `values:` keys and codes are compared in."""
     # YAML reads `{1: 0}` with an integer key; the key is the raw value's text.
     if isinstance(key, bool):
         raise ValueError(f"values key {key!r}: write the local code as text")
@@ -88,7 +89,7 @@ class ColumnMapping(Strict):
     @classmethod
     def _keys_as_text(cls, value: object) -> object:
         if isinstance(value, dict):
-            return {_key_text(k): v for k, v in value.items()}
+            return {key_text(k): v for k, v in value.items()}
         return value
 
     @model_validator(mode="after")
@@ -189,10 +190,15 @@ class Violation:
     column: str
     rule: str
     rows: int
+    unit: str = "row"
+    """What ``rows`` counts: rows of a table, or resources, lines or measurements of a source."""
+    in_table: bool = True
+    """``column`` is a table's column; else it names a field or resource type of a source."""
 
     def __str__(self) -> str:
-        noun = "row" if self.rows == 1 else "rows"
-        return f"column '{self.column}': {self.rule} ({self.rows} {noun})"
+        noun = self.unit if self.rows == 1 else f"{self.unit}s"
+        where = f"column '{self.column}'" if self.in_table else self.column
+        return f"{where}: {self.rule} ({self.rows} {noun})"
 
 
 class DataValidationError(ValueError):

@@ -5,17 +5,19 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedcare.data.imaging import ImagingSite, write_imaging_cohorts
 from fedcare.data.synthetic import HospitalCohort, generate_cohorts
 from fedcare.policy.model import load_policy
 from fedcare.privacy.dp.budget import Budget
-from fedcare.schema.mapping import load_mapping
 from fedcare.schema.readers import read_table
 from fedcare.simulation.runner import SiteRules
 from fedcare.site.dataset import SiteDataset, prepare_site_data
+from fedcare.sources.load import read_source
+from fedcare.sources.spec import Source, TableSource
 from fedcare.study import Study
 from fedcare.validation_spec import GateKind, GateSpec, Metric
 from fedcare.yamlfile import read_yaml_model
@@ -62,12 +64,31 @@ class SiteEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
-    data: Path = Field(description="The site's data file (CSV or Parquet).")
+    data: Path | None = Field(
+        default=None,
+        description="The site's data file (CSV or Parquet): short for source: {kind: table, path}.",
+    )
+    source: Source | None = Field(
+        default=None,
+        description="Where the site's rows come from: {kind: table, path}, {kind: fhir, path} "
+        "or {kind: omop, url}; paths and SQLite files relative to the sites file.",
+    )
     mapping: Path = Field(description="The site's mapping.yaml.")
     description: str = Field(default="", description="A line about the site, shown in reports.")
     policy: Path | None = Field(
         default=None, description="The site's policy.yaml: its own gates and minimum cohort."
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.data is None) == (self.source is None):
+            raise ValueError("give data (a table file) or source, exactly one")
+        return self
+
+    def data_source(self, base: Path) -> Source:
+        """The site's source, relative paths resolved against the sites file's folder."""
+        source = self.source if self.source is not None else TableSource(path=Path(self.data or ""))
+        return source.beside(base)
 
 
 class SitesFile(BaseModel):
@@ -94,7 +115,7 @@ def rules_from_file(path: Path) -> dict[str, SiteRules]:
     for entry in parsed.sites:
         if entry.policy is not None:
             policy = load_policy(path.parent / entry.policy)
-            allowed = policy.privacy_budget.get(Path(entry.data).stem)
+            allowed = policy.privacy_budget.get(entry.data_source(path.parent).dataset_name)
             budget = (
                 None
                 if allowed is None
@@ -134,12 +155,13 @@ def sites_from_file(path: Path, study: Study) -> tuple[list[SiteDataset], dict[s
     base = path.parent
     sites = []
     for entry in parsed.sites:
-        mapping = load_mapping(base / entry.mapping)
-        if mapping.site != entry.name:
+        table = read_source(entry.data_source(base), base / entry.mapping, study.feature_schema)
+        if table.mapping.site != entry.name:
             raise SitesFileError(
-                f"{path}: site '{entry.name}' uses a mapping written for site '{mapping.site}'"
+                f"{path}: site '{entry.name}' uses a mapping written for site "
+                f"'{table.mapping.site}'"
             )
-        sites.append(prepare_site_data(read_table(base / entry.data), mapping, study))
+        sites.append(prepare_site_data(table.frame, table.mapping, study, table.notices))
     return sites, {s.name: s.description for s in parsed.sites}
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import pandas as pd
+
 from fedcare import pki
 from fedcare.audit import AuditLog, load_trusted_head
 from fedcare.config import SiteConfig
@@ -33,11 +35,15 @@ from fedcare.privacy.dp.ledger import Budget, BudgetExceededError, PrivacyLedger
 from fedcare.privacy.dp.plan import PlanError
 from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.releases.bundle import save_site_preprocessing
-from fedcare.schema.mapping import DataValidationError, load_mapping
-from fedcare.schema.readers import read_table
+from fedcare.schema.mapping import DataValidationError
 from fedcare.site.client import CoordinatorClient, CoordinatorError, RetryableError
 from fedcare.site.dataset import SiteDataError, prepare_site_data
-from fedcare.site.fingerprint import DataFingerprint, check_data_fingerprint, data_digest
+from fedcare.site.fingerprint import (
+    DataFingerprint,
+    check_data_fingerprint,
+    source_digest,
+    source_label,
+)
 from fedcare.site.gate import admit_study
 from fedcare.site.participant import Participant, Step
 from fedcare.site.personal import release_personal
@@ -45,6 +51,7 @@ from fedcare.site.profiles import ProfileStore
 from fedcare.site.revocation import PeerRevocations
 from fedcare.site.secagg import secure_site
 from fedcare.site.worker import SiteWorker
+from fedcare.sources.load import read_source
 from fedcare.study import Study, load_study
 from fedcare.training.dp_sgd import UnsupportedModelError
 from fedcare.training.local import check_dp_model
@@ -99,17 +106,17 @@ def with_retry(
 
 def run_site(config: SiteConfig) -> SiteRunSummary:
     """Take part in the configured study until it finishes."""
-    if config.study is None or config.data is None or config.mapping is None:
-        raise SiteAgentError("the site config needs study, data and mapping files")
+    source = config.data_source
+    if config.study is None or source is None or config.mapping is None:
+        raise SiteAgentError("the site config needs study, data (or source) and mapping files")
     study = load_study(config.study)
-    mapping = load_mapping(config.mapping)
-    if mapping.site != config.site:
-        raise SiteAgentError(
-            f"the mapping is for site '{mapping.site}' but this agent is '{config.site}'"
-        )
     try:
-        frame = read_table(config.data)
-        data = prepare_site_data(frame, mapping, study)
+        table = read_source(source, config.mapping, study.feature_schema)
+        if table.mapping.site != config.site:
+            raise SiteAgentError(
+                f"the mapping is for site '{table.mapping.site}' but this agent is '{config.site}'"
+            )
+        data = prepare_site_data(table.frame, table.mapping, study, table.notices)
     except (DataValidationError, SiteDataError) as exc:
         _withdraw_for_data(config, study)
         raise SiteAgentError(f"the site's data does not fit study '{study.name}': {exc}") from exc
@@ -132,7 +139,7 @@ def run_site(config: SiteConfig) -> SiteRunSummary:
         None if config.audit_head is None else load_trusted_head(config.audit_head, config.tls.cert)
     )
     audit = AuditLog(site_audit_path(policy_path), config.site, trusted_head=head)
-    _check_fingerprint(config, study, len(frame), data.n_train, audit)
+    _check_fingerprint(config, study, table.frame, data.n_train, audit)
     policy = load_policy(policy_path)
     n_params = study_parameter_count(study)
     guard = _privacy_guard(config)
@@ -242,17 +249,19 @@ def _save_personal(
 
 
 def _check_fingerprint(
-    config: SiteConfig, study: Study, rows: int, n_train: int, audit: AuditLog
+    config: SiteConfig, study: Study, frame: pd.DataFrame, n_train: int, audit: AuditLog
 ) -> None:
-    assert config.data is not None  # run_site checked
-    current = DataFingerprint(sha256=data_digest(config.data), rows=rows, n_train=n_train)
+    rows = len(frame)
+    source = config.data_source
+    assert source is not None  # run_site checked
+    current = DataFingerprint(sha256=source_digest(source, frame), rows=rows, n_train=n_train)
     previous = check_data_fingerprint(config.state_dir, study.content_hash, current, audit)
     if previous is not None:
         log.warning(
             "data: %s changed since this site last ran study %s: %d -> %d rows, sha256 "
             "%s... -> %s...; training goes on with the file as it is now, and the change is "
             "in the site's audit trail",
-            config.data,
+            source_label(source),
             study.name,
             previous.rows,
             rows,

@@ -57,8 +57,16 @@ class SiteDataset:
         return int(self.x_test.shape[0])
 
 
-def prepare_site_data(frame: pd.DataFrame, mapping: SiteMapping, study: Study) -> SiteDataset:
+def prepare_site_data(
+    frame: pd.DataFrame,
+    mapping: SiteMapping,
+    study: Study,
+    notices: tuple[Violation, ...] = (),
+) -> SiteDataset:
     """Map, validate, split (keyed per record, or stratified) and preprocess a site's table.
+
+    ``notices`` are what reading the table's source already left out (a FHIR export's
+    unmapped codes, say); they come first in the dataset's notices.
 
     Raises :class:`fedcare.schema.mapping.DataValidationError` if the data breaks
     the schema, before anything is trained.
@@ -98,6 +106,6 @@ def prepare_site_data(frame: pd.DataFrame, mapping: SiteMapping, study: Study) -
         y_test=test[schema.label.name].to_numpy(dtype=np.float32),
         test_frame=test.reset_index(drop=True),
         preprocessor=preprocessor,
-        notices=table.notices,
+        notices=notices + table.notices,
         train_frame=train.reset_index(drop=True),
     )

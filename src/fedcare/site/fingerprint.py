@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedcare.audit import AuditLog
 from fedcare.durable import write_file_atomically
 from fedcare.ids import SHA256_HEX
+from fedcare.sources.spec import FhirSource, Source, TableSource
 
 
 class DataFingerprint(BaseModel):
@@ -40,6 +42,25 @@ def data_digest(path: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def source_digest(source: Source, frame: pd.DataFrame) -> str:
+    """SHA-256 of a table file or FHIR export folder as stored; of an OMOP database, over
+    the extracted table (a database's files say nothing about one study's rows)."""
+    if isinstance(source, TableSource | FhirSource):
+        return data_digest(source.path)
+    digest = hashlib.sha256(",".join(map(str, frame.columns)).encode())
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def source_label(source: Source) -> str:
+    """How a source is named in the site's log: its path, or its URL without a password."""
+    if isinstance(source, TableSource | FhirSource):
+        return str(source.path)
+    from sqlalchemy.engine import make_url
+
+    return make_url(source.url).render_as_string(hide_password=True)
 
 
 def fingerprint_path(state_dir: Path, study_hash: str) -> Path:
