@@ -11,10 +11,13 @@ from typer.testing import CliRunner
 
 from fedcare.cli import app
 from fedcare.config import CoordinatorConfig, SiteConfig
+from fedcare.data import demo_study
 from fedcare.policy.model import load_policy
 from fedcare.report.reference import generate, pages
 from fedcare.schema.mapping import check_mapping, load_mapping
 from fedcare.simulation.sites import SitesFile
+from fedcare.sources.extract import conversions
+from fedcare.sources.mapping import load_extract_mapping
 from fedcare.study import load_study
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "reference"
@@ -48,6 +51,9 @@ def _validate(kind: str, path: Path) -> None:
             Path(__file__).resolve().parents[1] / "src/fedcare/data/templates/study.yaml"
         )
         check_mapping(load_mapping(path), study.feature_schema)
+    elif kind == "source-mapping":
+        # Written for the demo early-warning study: its units convert to that schema's.
+        conversions(load_extract_mapping(path), demo_study().feature_schema)
     elif kind == "policy":
         load_policy(path)
     else:

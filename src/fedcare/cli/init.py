@@ -14,6 +14,7 @@ from fedcare.cli.common import fail, say
 class Kind(StrEnum):
     STUDY = "study"
     MAPPING = "mapping"
+    SOURCE_MAPPING = "source-mapping"
     SITE = "site"
     POLICY = "policy"
     SITES = "sites"
@@ -27,7 +28,8 @@ def init(
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
-    """Write a commented template for study.yaml, mapping.yaml, site.yaml, policy.yaml,
+    """Write a commented template for study.yaml, mapping.yaml (a table's),
+    source-mapping.yaml (a FHIR export's or OMOP database's), site.yaml, policy.yaml,
     sites.yaml or coordinator.yaml; docs/reference/ explains every field."""
     from fedcare.data import template_text
 

@@ -45,6 +45,7 @@ def pages() -> list[Page]:
     from fedcare.policy.model import SitePolicy
     from fedcare.schema.mapping import SiteMapping
     from fedcare.simulation.sites import SitesFile
+    from fedcare.sources.mapping import ExtractMapping
     from fedcare.study import Study
 
     return [
@@ -66,6 +67,17 @@ def pages() -> list[Page]:
             "and equal (`1.0` matches `1`). Anything else is refused with the column, the raw "
             "values and their counts, or set to missing and counted where the study's feature "
             "says `on_invalid: missing`.",
+        ),
+        Page(
+            "source-mapping.yaml",
+            ExtractMapping,
+            "src/fedcare/sources/mapping.py",
+            "A site's mapping from its FHIR R4 bulk export or OMOP CDM 5.4 database to the "
+            "study's schema (docs/sources.md). Kept at the site and never sent. Each row is one "
+            "index encounter (visit); each feature is a patient field or the value its codes "
+            "give within a window after the encounter starts, converted to the schema's unit. "
+            "Codes the mapping does not name are counted and reported; a unit it does not "
+            "list is refused.",
         ),
         Page(
             "sites.yaml",
@@ -111,10 +123,11 @@ def _type(schema: JsonSchema, defs: JsonSchema) -> str:
         if "enum" in target:
             return _enum(target["enum"])
         return f"[{name}](#{_anchor(name)})"
-    if "anyOf" in schema:
-        options = [s for s in schema["anyOf"] if s.get("type") != "null"]
+    union = schema.get("anyOf") or schema.get("oneOf")
+    if union:
+        options = [s for s in union if s.get("type") != "null"]
         text = " or ".join(_type(s, defs) for s in options)
-        nullable = len(options) < len(schema["anyOf"])
+        nullable = len(options) < len(union)
         return f"{text} (optional)" if nullable else text
     if "enum" in schema:
         return _enum(schema["enum"])

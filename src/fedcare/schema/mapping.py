@@ -204,13 +204,18 @@ class Violation:
 class DataValidationError(ValueError):
     """Site data that does not fit the schema. Nothing is trained or sent."""
 
-    def __init__(self, site: str, violations: list[Violation]) -> None:
+    def __init__(
+        self, site: str, violations: list[Violation], notices: tuple[Violation, ...] = ()
+    ) -> None:
         self.site = site
         self.violations = violations
+        self.notices = notices
         details = "\n".join(f"  - {v}" for v in violations)
+        noted = "".join(f"\n  - {n}" for n in notices)
         super().__init__(
             f"site '{site}': data refused, {len(violations)} rule(s) broken; "
             f"nothing was trained or sent:\n{details}"
+            + (f"\nnoted as well (not refused):{noted}" if notices else "")
         )
 
 

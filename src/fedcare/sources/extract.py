@@ -173,7 +173,7 @@ class Extract:
                 apply_mapping(self.frame, self.mapping, schema)
             except DataValidationError as exc:
                 found.extend(exc.violations)
-        raise DataValidationError(self.mapping.site, found)
+        raise DataValidationError(self.mapping.site, found, self.notices)
 
 
 def check_picks(mapping: ExtractMapping) -> None:

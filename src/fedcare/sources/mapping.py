@@ -181,9 +181,18 @@ class Outcome(Strict):
 class LabelRule(Strict):
     """Exactly one of: a Condition, an Observation (measurement) or the encounter's outcome."""
 
-    condition: Coded | None = None
-    observation: Coded | None = None
-    encounter_outcome: Outcome | None = None
+    condition: Coded | None = Field(
+        default=None,
+        description="1 if a Condition (condition_occurrence) of these codes "
+        "starts within the window.",
+    )
+    observation: Coded | None = Field(
+        default=None,
+        description="1 if an Observation (measurement) of these codes falls within the window.",
+    )
+    encounter_outcome: Outcome | None = Field(
+        default=None, description="The encounter's discharge disposition, recoded to 0/1."
+    )
 
     @model_validator(mode="after")
     def _one(self) -> Self:
@@ -213,9 +222,14 @@ class ExtractMapping(Strict):
 
     site: str = Field(min_length=1)
     index: Index = Field(default_factory=Index)
-    features: dict[str, Measured | Demographic]
+    features: dict[str, Measured | Demographic] = Field(
+        description="Per schema feature: a patient field, or the codes, units and window "
+        "of its measurements."
+    )
     label: LabelRule
-    attributes: dict[str, Measured | Demographic] = Field(default_factory=dict)
+    attributes: dict[str, Measured | Demographic] = Field(
+        default_factory=dict, description="Per schema attribute (for subgroups only)."
+    )
 
     @model_validator(mode="after")
     def _codes_once(self) -> Self:

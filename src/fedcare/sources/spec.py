@@ -22,7 +22,7 @@ def sqlite_beside(url: str, base: Path) -> str:
 class TableSource(Strict):
     """A CSV or Parquet file, or an image folder with its manifest."""
 
-    kind: Literal["table"] = "table"
+    kind: Literal["table"] = Field(default="table", description="A table file.")
     path: Path = Field(description="The data file or image folder.")
 
     @property
@@ -37,7 +37,7 @@ class TableSource(Strict):
 class FhirSource(Strict):
     """A FHIR R4 Bulk Data ``$export`` output folder (a manifest and NDJSON files)."""
 
-    kind: Literal["fhir"]
+    kind: Literal["fhir"] = Field(description="A FHIR R4 bulk export.")
     path: Path = Field(description="The export's folder, holding manifest.json or *.ndjson.")
 
     @property
@@ -52,7 +52,7 @@ class FhirSource(Strict):
 class OmopSource(Strict):
     """An OMOP CDM 5.4 database, read through SQLAlchemy."""
 
-    kind: Literal["omop"]
+    kind: Literal["omop"] = Field(description="An OMOP CDM 5.4 database.")
     url: str = Field(
         min_length=1,
         description="SQLAlchemy URL, e.g. sqlite:///cdm.sqlite or "

@@ -1,0 +1,189 @@
+"""OMOP CDM 5.4 databases read at the site, on SQLite and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from fedcare.data import demo_study
+from fedcare.data.exports import omop_mapping, write_omop_database
+from fedcare.data.synthetic import HospitalCohort, generate_cohorts
+from fedcare.schema.mapping import DataValidationError, MappingError
+from fedcare.site.dataset import prepare_site_data
+from fedcare.sources.mapping import ExtractMapping
+from fedcare.sources.omop import OmopError, read_omop
+
+from .databases import BACKENDS, database
+
+STUDY = demo_study()
+HEART_RATE, TEMPERATURE = 3_027_018, 3_020_891
+DEG_F = 9289
+
+
+def renal() -> HospitalCohort:
+    return generate_cohorts(scale=0.1)[3]  # kestrel-renal, 120 admissions
+
+
+@pytest.fixture(params=BACKENDS)
+def cdm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh OMOP database holding the renal hospital."""
+    with database(request.param, tmp_path) as url:
+        write_omop_database(renal(), url)
+        yield url
+
+
+def mapping(**changes: Any) -> ExtractMapping:
+    return ExtractMapping.model_validate({**omop_mapping(renal()), **changes})
+
+
+def execute(url: str, statement: str, **params: Any) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(statement), params)
+    engine.dispose()
+
+
+def add_measurement(
+    url: str,
+    mid: int,
+    concept: int,
+    value: float,
+    unit: int,
+    when: str,
+    visit: int | None,
+    person: int = 1,
+) -> None:
+    execute(
+        url,
+        "INSERT INTO measurement (measurement_id, person_id, measurement_concept_id, "
+        "measurement_datetime, value_as_number, unit_concept_id, visit_occurrence_id) "
+        "VALUES (:mid, :person, :concept, :when, :value, :unit, :visit)",
+        mid=mid,
+        person=person,
+        concept=concept,
+        when=when,
+        value=value,
+        unit=unit,
+        visit=visit,
+    )
+
+
+def test_the_database_gives_the_same_training_data_as_the_table(cdm: str) -> None:
+    cohort = renal()
+    extract = read_omop(cdm, None, mapping(), STUDY.feature_schema).checked(STUDY.feature_schema)
+    assert [str(n) for n in extract.notices] == [
+        "measurement: concept 3025315 is not mapped: ignored (120 rows)"
+    ]
+    from_db = prepare_site_data(extract.frame, extract.mapping, STUDY)
+    from_csv = prepare_site_data(cohort.frame, cohort.mapping, STUDY)
+    for part in ("x_train", "y_train", "x_test", "y_test"):
+        assert np.array_equal(getattr(from_db, part), getattr(from_csv, part)), part
+
+
+def test_a_unit_the_mapping_does_not_list_is_refused_with_counts(cdm: str) -> None:
+    for mid in (900_001, 900_002):
+        add_measurement(cdm, mid, TEMPERATURE, 99.1, DEG_F, "2026-01-05 00:30:00", 1)
+    extract = read_omop(cdm, None, mapping(), STUDY.feature_schema)
+    assert [str(v) for v in extract.violations] == [
+        "temperature: unit concept 9289 is not among the mapped units ['586323'] (2 rows)"
+    ]
+    with pytest.raises(DataValidationError, match="unit concept 9289"):
+        extract.checked(STUDY.feature_schema)
+
+
+def test_the_window_and_pick_decide_which_value_a_visit_takes(cdm: str) -> None:
+    # Visit 1 starts 2026-01-05 00:00. Before admission (outside), 5 h in (inside, the
+    # highest), 7 h in (outside the 6 h window).
+    add_measurement(cdm, 900_001, HEART_RATE, 30, 8541, "2026-01-04 23:00:00", 1)
+    add_measurement(cdm, 900_002, HEART_RATE, 200, 8541, "2026-01-05 05:00:00", 1)
+    add_measurement(cdm, 900_003, HEART_RATE, 240, 8541, "2026-01-05 07:00:00", 1)
+    base = omop_mapping(renal())["features"]
+    picked = {}
+    for pick in ("first", "last", "max"):
+        features = {**base, "heart_rate": {**base["heart_rate"], "pick": pick}}
+        frame = read_omop(cdm, None, mapping(features=features), STUDY.feature_schema).frame
+        picked[pick] = frame["heart_rate"].iloc[0]
+    first = renal().frame.iloc[0][renal().mapping.column("heart_rate").column]
+    assert picked == {"first": first, "last": 200.0, "max": 200.0}
+
+
+def test_a_measurement_without_a_visit_joins_by_person_and_time(cdm: str) -> None:
+    execute(
+        cdm,
+        "DELETE FROM measurement WHERE person_id = 2 AND measurement_concept_id = :c",
+        c=HEART_RATE,
+    )
+    add_measurement(cdm, 900_001, HEART_RATE, 111, 8541, "2026-01-05 01:00:00", None, person=2)
+    frame = read_omop(cdm, None, mapping(), STUDY.feature_schema).frame
+    assert frame["heart_rate"].iloc[1] == 111.0
+
+
+def test_only_the_extracted_table_leaves_the_database(
+    cdm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten thousand more measurements in the visits' windows: the rows fedcare fetches
+    stay one per visit and field (plus grouped counts), not one per measurement."""
+    engine = sa.create_engine(cdm)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO measurement (measurement_id, person_id, measurement_concept_id, "
+                "measurement_datetime, value_as_number, unit_concept_id, visit_occurrence_id) "
+                "VALUES (:mid, :visit, :concept, :when, 80, 8541, :visit)"
+            ),
+            [
+                {
+                    "mid": 1_000_000 + i,
+                    "visit": 1 + i % 120,
+                    "concept": HEART_RATE,
+                    "when": "2026-01-05 03:00:00",
+                }
+                for i in range(10_000)
+            ],
+        )
+    engine.dispose()
+    fetched = 0
+    execute_sql = sa.engine.Connection.execute
+
+    def counting(self: sa.engine.Connection, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal fetched
+        rows = list(execute_sql(self, statement, *args, **kwargs))
+        fetched += len(rows)
+        return rows
+
+    monkeypatch.setattr(sa.engine.Connection, "execute", counting)
+    extract = read_omop(cdm, None, mapping(), STUDY.feature_schema)
+    assert len(extract.frame) == 120
+    fields = len(mapping().measured())
+    assert fetched <= 120 * (1 + fields + 1) + 10, fetched
+
+
+def test_a_mapping_that_is_not_omop_is_refused(cdm: str) -> None:
+    features = omop_mapping(renal())["features"]
+    bad = {
+        **features,
+        "heart_rate": {**features["heart_rate"], "codes": ["http://loinc.org|8867-4"]},
+    }
+    with pytest.raises(MappingError, match="OMOP concept ids are integers"):
+        read_omop(cdm, None, mapping(features=bad), STUDY.feature_schema)
+    with pytest.raises(MappingError, match="person fields"):
+        read_omop(
+            cdm,
+            None,
+            mapping(features={**features, "age": {"patient": "birthDate"}}),
+            STUDY.feature_schema,
+        )
+
+
+def test_a_database_without_the_cdm_is_refused_in_one_line(tmp_path: Path) -> None:
+    empty = f"sqlite:///{tmp_path / 'empty.sqlite'}"
+    with pytest.raises(OmopError, match="cannot read the OMOP CDM tables: no such table") as error:
+        read_omop(empty, None, mapping(), STUDY.feature_schema)
+    assert "\n" not in str(error.value)
+    with pytest.raises(OmopError, match="not a database URL"):
+        read_omop("nonsense://x", None, mapping(), STUDY.feature_schema)
