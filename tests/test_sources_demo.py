@@ -183,3 +183,26 @@ def test_site_agents_run_from_fhir_and_omop_sources(tmp_path: Path) -> None:
         )
         _, params, _ = decode_model(model_file.read_bytes(), study_parameter_count(study))
         assert np.allclose(params, reference, atol=1e-6), cohort.name
+
+
+def test_data_check_reads_the_source_a_site_config_names(tmp_path: Path) -> None:
+    write_exports(three_hospitals()[2:], "omop", tmp_path)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(demo_study().canonical()))
+    config = {
+        "site": "kestrel-renal",
+        "coordinator": "https://127.0.0.1:8443",
+        "tls": {"cert": "k.crt", "key": "k.key", "ca": "ca.crt"},
+        "study": "study.yaml",
+        "source": {"kind": "omop", "url": "sqlite:///kestrel-renal.omop.sqlite"},
+        "mapping": "kestrel-renal.mapping.yaml",
+    }
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "check", "--config", str(tmp_path / "site.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "ok 120 rows fit the schema" in " ".join(result.output.split())
+    both = {**config, "data": "x.csv"}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(both))
+    refused = runner.invoke(app, ["data", "check", "--config", str(tmp_path / "site.yaml")])
+    assert refused.exit_code == 2
+    assert "give data (a table file) or source, not both" in refused.output

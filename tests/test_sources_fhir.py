@@ -403,3 +403,64 @@ def test_observations_are_streamed_not_loaded(tmp_path: Path) -> None:
     assert size > 7
     ratio = _peak_bytes(large, STUDY) / _peak_bytes(small, STUDY)
     assert ratio < 1.5, f"peak memory grew {ratio:.2f}x for a {size:.1f}x larger file"
+
+
+def test_a_value_inside_a_panel_component_is_read(tmp_path: Path) -> None:
+    panel = observation("bp", "p0", "e0", [(LOINC, "85354-9")], 0, "mm[Hg]")
+    del panel["valueQuantity"]
+    panel["component"] = [
+        {"code": {"coding": [{"system": LOINC, "code": "8462-4"}]}, "valueQuantity": {"value": 70}},
+        {
+            "code": {"coding": [{"system": LOINC, "code": HR}]},
+            "valueQuantity": {"value": 77, "unit": "/min", "system": UCUM, "code": "/min"},
+        },
+    ]
+    resources = [patient("p0"), encounter("e0", "p0"), panel]
+    extract = read_fhir(write_export(tmp_path, resources), mapping(), STUDY.feature_schema)
+    assert extract.frame["heart_rate"].tolist() == [77.0]
+    assert extract.notices == ()
+
+
+def test_broken_references_and_repeated_ids_are_refused(tmp_path: Path) -> None:
+    resources = [
+        *cohort(2),
+        patient("p0"),  # a second Patient p0
+        encounter("e9", "nobody"),  # an encounter of a patient not in the export
+        # one Observation whose codings name two features
+        observation("x", "p1", "e1", [(LOINC, HR), (LOINC, TEMP)], 80, "/min"),
+    ]
+    extract = read_fhir(write_export(tmp_path, resources), mapping(), STUDY.feature_schema)
+    assert sorted(str(v) for v in extract.violations) == [
+        "Encounter: its subject is not a Patient in the export (1 resource)",
+        f"Observation: codes ['{LOINC}|{HR}', '{LOINC}|{TEMP}'] map to "
+        "['heart_rate', 'temperature'] (1 resource)",
+        "Patient: id 'p0' appears more than once (1 resource)",
+    ]
+
+
+def test_what_is_left_out_is_counted(tmp_path: Path) -> None:
+    resources = cohort(2)
+    wrong = observation("w", "p0", "e0", [(LOINC, HR)], 300, "/min")
+    wrong["status"] = "entered-in-error"
+    undated = observation("u", "p0", "e0", [(LOINC, HR)], 300, "/min")
+    del undated["effectiveDateTime"]
+    extract = read_fhir(
+        write_export(tmp_path, [*resources, wrong, undated]), mapping(), STUDY.feature_schema
+    )
+    notices = {str(n) for n in extract.notices}
+    assert "Observation: status entered-in-error: ignored (1 resource)" in notices
+    assert "heart_rate: observation without an effective time: ignored (1 resource)" in notices
+    assert extract.frame["heart_rate"].tolist() == [70.0, 71.0]
+
+
+def test_an_attribute_inside_a_complex_extension_is_read(tmp_path: Path) -> None:
+    person = patient("p0")
+    person["extension"] = [
+        {
+            "url": "https://h.example.org/race",
+            "extension": [{"url": ETHNICITY_URL, "valueCoding": {"code": "B"}}],
+        }
+    ]
+    resources = [person, encounter("e0", "p0")]
+    extract = read_fhir(write_export(tmp_path, resources), mapping(), STUDY.feature_schema)
+    assert extract.frame["ethnicity"].tolist() == ["B"]

@@ -15,8 +15,10 @@ from fedcare.data.exports import omop_mapping, write_omop_database
 from fedcare.data.synthetic import HospitalCohort, generate_cohorts
 from fedcare.schema.mapping import DataValidationError, MappingError
 from fedcare.site.dataset import prepare_site_data
+from fedcare.site.fingerprint import source_digest, source_label
 from fedcare.sources.mapping import ExtractMapping
 from fedcare.sources.omop import OmopError, read_omop
+from fedcare.sources.spec import FhirSource, OmopSource
 
 from .databases import BACKENDS, database
 
@@ -187,3 +189,55 @@ def test_a_database_without_the_cdm_is_refused_in_one_line(tmp_path: Path) -> No
     assert "\n" not in str(error.value)
     with pytest.raises(OmopError, match="not a database URL"):
         read_omop("nonsense://x", None, mapping(), STUDY.feature_schema)
+
+
+def test_the_label_from_the_visit_outcome_refuses_an_unlisted_code(cdm: str) -> None:
+    update = "UPDATE visit_occurrence SET discharged_to_concept_id = :code"
+    execute(cdm, update, code=8536)  # home
+    execute(cdm, update + " WHERE visit_occurrence_id <= 10", code=4216643)  # died
+    execute(cdm, update + " WHERE visit_occurrence_id = 11", code=8863)  # not in the mapping
+    label = {"encounter_outcome": {"values": {8536: 0, 4216643: 1}}}
+    extract = read_omop(cdm, None, mapping(label=label), STUDY.feature_schema)
+    assert extract.frame["deterioration_48h"].tolist()[:12] == ["4216643"] * 10 + ["8863", "8536"]
+    with pytest.raises(
+        DataValidationError, match=r"not listed in values \['4216643', '8536'\]: '8863'"
+    ):
+        prepare_site_data(extract.frame, extract.mapping, STUDY)
+
+
+def test_an_unknown_birth_day_leaves_age_missing_and_counted(cdm: str) -> None:
+    execute(cdm, "UPDATE person SET birth_datetime = NULL, day_of_birth = NULL WHERE person_id = 1")
+    extract = read_omop(cdm, None, mapping(), STUDY.feature_schema)
+    assert np.isnan(extract.frame["age"].iloc[0])
+    assert "age: person's birth month or day unknown: age left missing (1 visit)" in [
+        str(n) for n in extract.notices
+    ]
+
+
+def test_the_fingerprint_follows_the_extracted_table(cdm: str) -> None:
+    source = OmopSource(kind="omop", url=cdm)
+    before = source_digest(source, read_omop(cdm, None, mapping(), STUDY.feature_schema).frame)
+    again = source_digest(source, read_omop(cdm, None, mapping(), STUDY.feature_schema).frame)
+    execute(
+        cdm, "UPDATE measurement SET value_as_number = value_as_number + 1 WHERE measurement_id = 1"
+    )
+    after = source_digest(source, read_omop(cdm, None, mapping(), STUDY.feature_schema).frame)
+    assert before == again != after
+
+
+def test_a_password_in_the_url_is_never_shown(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://fedcare:s3cret-word@127.0.0.1:1/cdm"
+    with pytest.raises(OmopError) as error:
+        read_omop(url, None, mapping(), STUDY.feature_schema)
+    assert "s3cret-word" not in str(error.value)
+    assert "127.0.0.1" in str(error.value)
+    assert "s3cret-word" not in source_label(OmopSource(kind="omop", url=url))
+
+
+def test_the_data_set_is_named_after_the_database_or_the_export() -> None:
+    assert (
+        OmopSource(kind="omop", url="sqlite:////data/kestrel-cdm.sqlite").dataset_name
+        == "kestrel-cdm"
+    )
+    assert OmopSource(kind="omop", url="postgresql+psycopg://u@h/cdm54").dataset_name == "cdm54"
+    assert FhirSource(kind="fhir", path=Path("/exports/ehr-2026")).dataset_name == "ehr-2026"

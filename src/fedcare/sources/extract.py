@@ -11,7 +11,6 @@ exactly as for a CSV file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import pandas as pd
 
@@ -106,7 +105,7 @@ def identity_mapping(mapping: ExtractMapping, schema: FeatureSchema) -> SiteMapp
 
 
 def better(
-    pick: Pick, held: tuple[datetime, float | str] | None, time: datetime, value: float | str
+    pick: Pick, held: tuple[float, float | str] | None, time: float, value: float | str
 ) -> bool:
     """Whether ``(time, value)`` replaces the value held for a row. Ties in time keep the
     value read first, so the result does not depend on anything but the data's order."""

@@ -19,6 +19,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
@@ -35,7 +36,7 @@ from fedcare.sources.extract import (
     conversions,
     identity_mapping,
 )
-from fedcare.sources.mapping import UCUM, Demographic, ExtractMapping, Measured
+from fedcare.sources.mapping import UCUM, Demographic, ExtractMapping, Measured, Pick
 
 if TYPE_CHECKING:
     from fhir.resources.R4B.codeableconcept import CodeableConcept
@@ -163,12 +164,40 @@ def _completed_years(born: date, moment: datetime) -> int:
     return day.year - born.year - ((day.month, day.day) < (born.month, born.day))
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Row:
     encounter: str
     patient: str
     start: datetime
     outcome: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Person:
+    """What a row needs of a Patient; the resource itself is not kept."""
+
+    born: date | None
+    gender: str | None
+    extensions: dict[str, str]
+
+
+class _Held:
+    """For one field, the value each row holds so far and when it was taken (epoch s)."""
+
+    def __init__(self, rows: int) -> None:
+        self.times = np.full(rows, np.nan)
+        self.values: list[float | str | None] = [None] * rows
+
+    def offer(self, pick: Pick, row: int, time: float, value: float | str) -> None:
+        held_time = float(self.times[row])
+        held_value = self.values[row]
+        held = None if held_value is None else (held_time, held_value)
+        if better(pick, held, time, value):
+            self.times[row] = time
+            self.values[row] = value
+
+    def column(self) -> list[object]:
+        return [math.nan if v is None else v for v in self.values]
 
 
 @dataclass
@@ -177,12 +206,12 @@ class _Reader:
     schema: FeatureSchema
     linear: dict[str, dict[str, Linear]]
     tally: Tally = field(default_factory=Tally)
-    patients: dict[str, Patient] = field(default_factory=dict)
+    patients: dict[str, _Person] = field(default_factory=dict)
     rows: list[_Row] = field(default_factory=list)
     by_encounter: dict[str, int] = field(default_factory=dict)
     other_encounters: set[str] = field(default_factory=set)
     by_patient: dict[str, list[int]] = field(default_factory=dict)
-    best: dict[tuple[int, str], tuple[datetime, float | str]] = field(default_factory=dict)
+    held: dict[str, _Held] = field(default_factory=dict)
     labelled: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -191,11 +220,23 @@ class _Reader:
         label = self.mapping.label
         self.label_rule = label.condition or label.observation
         self.label_codes = set(self.label_rule.codes if self.label_rule else ())
+        self.urls = {d.url for d in self.mapping.demographic().values() if d.url is not None}
 
     def patient(self, resource: Patient) -> None:
         if resource.id in self.patients:
             self.tally.refuse("Patient", f"id '{resource.id}' appears more than once")
-        self.patients[str(resource.id)] = resource
+        extensions: dict[str, str] = {}
+        for extension in resource.extension or ():
+            for candidate in [extension, *(extension.extension or ())]:
+                if candidate.url in self.urls and candidate.url not in extensions:
+                    found = _extension_value(candidate)
+                    if found is not None:
+                        extensions[candidate.url] = found
+        self.patients[str(resource.id)] = _Person(resource.birthDate, resource.gender, extensions)
+
+    def start_values(self) -> None:
+        """After the encounters: room for one value per row and measured field."""
+        self.held = {name: _Held(len(self.rows)) for name in self.rules}
 
     def encounter(self, resource: Encounter) -> None:
         eid = str(resource.id)
@@ -284,9 +325,7 @@ class _Reader:
                     name, f"observation outside the window {list(rule.window_h)} h: ignored"
                 )
                 continue
-            held = self.best.get((row, name))
-            if better(rule.pick, held, moment, value):
-                self.best[(row, name)] = (moment, value)
+            self.held[name].offer(rule.pick, row, moment.timestamp(), value)
 
     def value(self, name: str, rule: Measured, holder: Any) -> float | str | None:
         quantity = holder.valueQuantity
@@ -341,29 +380,20 @@ class _Reader:
                 self.labelled.add(row)
 
     def demographic(self, rule: Demographic, row: _Row) -> object:
-        patient = self.patients[row.patient]
+        person = self.patients[row.patient]
         if rule.patient == "age":
-            born = patient.birthDate
+            born = person.born
             return math.nan if born is None else float(_completed_years(born, row.start))
         if rule.patient == "gender":
-            return patient.gender if patient.gender else math.nan
-        for extension in patient.extension or ():
-            for candidate in [extension, *(extension.extension or ())]:
-                if candidate.url == rule.url:
-                    found = _extension_value(candidate)
-                    if found is not None:
-                        return found
-        return math.nan
+            return person.gender if person.gender else math.nan
+        return person.extensions.get(rule.url or "", math.nan)
 
     def frame(self) -> pd.DataFrame:
         columns: dict[str, list[object]] = {}
         for name, demographic in self.mapping.demographic().items():
             columns[name] = [self.demographic(demographic, row) for row in self.rows]
-        for name in self.mapping.measured():
-            columns[name] = [
-                held[1] if (held := self.best.get((i, name))) else math.nan
-                for i in range(len(self.rows))
-            ]
+        for name, held in self.held.items():
+            columns[name] = held.column()
         label = self.schema.label.name
         if self.mapping.label.encounter_outcome is not None:
             columns[label] = [math.nan if r.outcome is None else r.outcome for r in self.rows]
@@ -410,6 +440,7 @@ def read_fhir(folder: Path, mapping: ExtractMapping, schema: FeatureSchema) -> E
     for path in files["Encounter"]:
         for resource in _resources(path, "Encounter", reader.tally):
             reader.encounter(resource)
+    reader.start_values()
     for path in files["Observation"]:
         for resource in _resources(path, "Observation", reader.tally):
             reader.observation(resource)
