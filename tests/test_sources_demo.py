@@ -17,13 +17,18 @@ from fedcare.data.exports import write_exports
 from fedcare.data.synthetic import HospitalCohort, generate_cohorts
 from fedcare.federation.messages import decode_model
 from fedcare.models.size import study_parameter_count
-from fedcare.simulation.loopback import free_port, prepare_deployment
+from fedcare.simulation.loopback import (
+    free_port,
+    prepare_deployment,
+    start_coordinator,
+    start_site,
+    stop,
+    wait_until_serving,
+)
 from fedcare.simulation.runner import run_federation
 from fedcare.simulation.sites import sites_from_file
 from fedcare.site.dataset import prepare_site_data
 from fedcare.study import Study
-
-from .test_network import run_to_end
 
 FROM_FHIR = ("riverside", "ashby-general")  # degF and mg/dL; local lab codes first
 FROM_OMOP = ("kestrel-renal",)
@@ -147,7 +152,9 @@ def network_study() -> Study:
 
 
 @pytest.mark.slow
-def test_site_agents_run_from_fhir_and_omop_sources(tmp_path: Path) -> None:
+def test_site_agents_run_from_fhir_and_omop_sources_with_a_coordinator_without_torch(
+    tmp_path: Path,
+) -> None:
     study = network_study()
     cohorts = three_hospitals()
     deployment = prepare_deployment(tmp_path / "net", study, cohorts, free_port())
@@ -171,7 +178,21 @@ def test_site_agents_run_from_fhir_and_omop_sources(tmp_path: Path) -> None:
             SiteConfig.model_validate({**fields, "source": source}),
             deployment.site_configs[cohort.name],
         )
-    run_to_end(deployment, [c.name for c in cohorts])
+    coordinator = start_coordinator(deployment)
+    try:
+        wait_until_serving(deployment, cohorts[0].name)
+        sites = [start_site(deployment, c.name) for c in cohorts]
+        for proc in sites:
+            assert proc.popen.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
+        # The coordinator ran the study (an MLP's round 0 included) without loading the
+        # numerical libraries a site trains with: none of their shared objects is mapped.
+        mapped = Path(f"/proc/{coordinator.popen.pid}/maps").read_text()
+        assert "/numpy/" in mapped  # the map lists Python's extension modules: it can tell
+        for library in ("libtorch", "/pandas/", "/sklearn/", "/scipy/"):
+            assert library not in mapped, f"the coordinator loaded {library}"
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
     reference = run_federation(
         study, [prepare_site_data(c.frame, c.mapping, study) for c in cohorts]
     ).params

@@ -19,13 +19,10 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from fedcare.validation.cells import CellReport, Estimate, SuppressedCell, ValidationReport
 from fedcare.validation.gates import GateKind, GateSpec, evaluate_gates
 from fedcare.validation.report import (
-    CellReport,
-    Estimate,
     Metric,
-    SuppressedCell,
-    ValidationReport,
     age_band,
     batch_metrics,
     calibration_fit,

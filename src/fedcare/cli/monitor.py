@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcare.config import ConfigError, SiteConfig, load_config
-from fedcare.drift.monitor import TEST_NAMES
+from fedcare.drift.checks import TEST_NAMES
 from fedcare.policy import SitePolicy, load_policy
 from fedcare.policy.approval import site_audit_path
 from fedcare.schema.mapping import load_mapping

@@ -35,8 +35,8 @@ from fedcare.ids import SHA256_HEX
 from fedcare.pki import Peer
 from fedcare.privacy.secagg.protocol import STAGES
 from fedcare.releases.registry import Release
+from fedcare.validation.cells import ValidationReport
 from fedcare.validation.messages import MAX_REPLY_BYTES, ValidationReply
-from fedcare.validation.report import ValidationReport
 
 MAX_REPORT_BYTES = 256 * 1024
 """A drift summary: a few hundred tests at most."""

@@ -24,8 +24,8 @@ from fedcare.federation.service import StudyService
 from fedcare.federation.status import SiteView, StudyStatus
 from fedcare.pki import Peer
 from fedcare.releases.registry import Release
+from fedcare.validation.cells import CellReport, ValidationReport
 from fedcare.validation.gates import evaluate_gates
-from fedcare.validation.report import CellReport, ValidationReport
 from fedcare.validation_spec import GateKind, GateSpec
 
 SITE_POLICY = "(site policy)"

@@ -12,14 +12,13 @@ with labels, what the labels measure.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import StrEnum
 
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict
 from sklearn.metrics import roc_auc_score
 
+from fedcare.drift.checks import Check, CheckKind, DriftChecks, Estimates
 from fedcare.drift.estimate import adjust_prior, bbse_prevalence, calibrated, expected_auroc
 from fedcare.drift.profile import LevelProfile, NumericProfile, ReferenceProfile, level_counts
 from fedcare.drift.tests import (
@@ -31,65 +30,8 @@ from fedcare.drift.tests import (
     rate_test,
 )
 from fedcare.schema.features import FeatureSchema
-from fedcare.validation.report import few_events, subgroup_levels
-
-
-class CheckKind(StrEnum):
-    KS = "ks"
-    CHI2 = "chi2"
-    MISSINGNESS = "missingness"
-    SCORES = "scores"
-    PREVALENCE = "prevalence"
-
-
-TEST_NAMES: dict[CheckKind, str] = {
-    CheckKind.KS: "Kolmogorov-Smirnov",
-    CheckKind.CHI2: "chi-squared",
-    CheckKind.MISSINGNESS: "Fisher exact (missing rate)",
-    CheckKind.SCORES: "BBSD: permutation KS on scores",
-    CheckKind.PREVALENCE: "Fisher exact (label rate)",
-}
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class Check(_Frozen):
-    """One test of the family."""
-
-    name: str
-    kind: CheckKind
-    statistic: float
-    p_value: float
-    p_adjusted: float
-    effect: float
-    effect_name: str
-    flagged: bool
-
-
-class Estimates(_Frozen):
-    """Prevalence and AUROC: on the reference, estimated without labels, measured with."""
-
-    reference_prevalence: float
-    estimated_prevalence: float | None
-    measured_prevalence: float | None
-    reference_auroc: float | None
-    estimated_auroc: float | None
-    measured_auroc: float | None
-    estimated_subgroup_auroc: dict[str, float | None]
-    """Per subgroup cell ('attribute=level'); None for a cell under the cohort rule."""
-
-
-class DriftChecks(_Frozen):
-    """The family of tests and the estimates for one batch of new patients."""
-
-    n: int
-    labelled: bool
-    alpha: float
-    drift: bool
-    checks: list[Check]
-    estimates: Estimates
+from fedcare.validation.cells import few_events
+from fedcare.validation.report import subgroup_levels
 
 
 def _feature_results(

@@ -23,7 +23,8 @@ from fedcare.drift.estimate import fit_calibration
 from fedcare.drift.tests import decile_edges
 from fedcare.schema.features import FeatureSchema, FeatureType
 from fedcare.schema.preprocess import Preprocessor
-from fedcare.validation.report import ValidationReport, level_text
+from fedcare.validation.cells import ValidationReport
+from fedcare.validation.report import level_text
 
 PROFILE_VERSION: Literal[1] = 1
 

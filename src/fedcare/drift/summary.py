@@ -9,9 +9,9 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedcare.drift.monitor import CheckKind, DriftChecks
+from fedcare.drift.checks import CheckKind, DriftChecks
 from fedcare.ids import SHA256_HEX, SITE_NAME
-from fedcare.validation.report import CellReport, ValidationReport
+from fedcare.validation.cells import CellReport, ValidationReport
 
 MAX_CHECKS = 2_000
 

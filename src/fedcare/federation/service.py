@@ -73,7 +73,8 @@ from fedcare.federation.status import (
     round_views,
     site_views,
 )
-from fedcare.models.builders import initial_parameters
+from fedcare.models.initial import round_zero_parameters
+from fedcare.models.size import study_parameter_count
 from fedcare.models.wire import PayloadError
 from fedcare.pki import check_site_name
 from fedcare.privacy.secagg.keys import IdentityVerifier
@@ -194,8 +195,7 @@ class StudyService:
         self._lock = threading.RLock()
         self.audit = audit
         self.on_round = on_round
-        initial = initial_parameters(study.model, study.feature_schema.input_shape, study.seed)
-        self.n_params = int(initial.shape[0])
+        self.n_params = study_parameter_count(study)
         spec = study.model_dump_json(by_alias=True)
         known = next((r for r in state.studies() if r.hash == self.hash), None)
         if known is not None and study.rounds.open_enrolment and set(sites) <= set(known.sites):
@@ -203,13 +203,14 @@ class StudyService:
         if state.register_study(self.hash, study.name, spec, sites, self.clock()):
             self._audit("study.registered", name=study.name, sites=sorted(sites))
         last_round = state.study(self.hash).last_round
-        params = initial
         opt_state: dict[str, NDArray[np.float32]] = {}
         stored = state.latest_model(self.hash)
         if stored is not None:
             _, params, opt_state = decode_model(
                 stored.data, self.n_params, make_server_optimizer(study.aggregation).state_names
             )
+        else:
+            params = round_zero_parameters(study)
         self.federation = Federation(study, sites, params, round_number=last_round)
         self.federation.optimizer.load_state(opt_state)
         self._sites: dict[str, SiteRecord] = dict(state.sites(self.hash))

@@ -13,15 +13,15 @@ from fedcare.durable import write_file_atomically
 from fedcare.releases.bundle import MANIFEST, MODEL, STUDY, manifest_for
 from fedcare.releases.registry import RegistryError, Release, ReleaseRegistry
 from fedcare.study import Study
-from fedcare.validation.gates import Verdict
-from fedcare.validation.release import ReleaseState
-from fedcare.validation.report import (
+from fedcare.validation.cells import (
     FEW_POSITIVES,
     CellReport,
     Estimate,
     SuppressedCell,
     ValidationReport,
 )
+from fedcare.validation.gates import Verdict
+from fedcare.validation.release import ReleaseState
 from fedcare.validation_spec import GateSpec, Metric
 
 CARD_METRICS = (

@@ -19,6 +19,7 @@ from fedcare.clock import rebase_deadline
 from fedcare.models.wire import PayloadError
 from fedcare.releases.registry import RegistryError, Release, ReleaseRegistry
 from fedcare.study import Study
+from fedcare.validation.cells import CellReport, ValidationReport, few_events
 from fedcare.validation.gates import Verdict, evaluate_gates
 from fedcare.validation.messages import (
     ValidationReply,
@@ -27,7 +28,6 @@ from fedcare.validation.messages import (
     encode_validation_task,
 )
 from fedcare.validation.release import ReleaseState, decide, required_passes
-from fedcare.validation.report import CellReport, ValidationReport, few_events
 
 Audit = Callable[..., None]
 """Called as ``audit(event, **details)`` after a change is committed."""

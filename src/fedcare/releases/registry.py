@@ -27,9 +27,9 @@ from fedcare.durable import sha256_hex, sqlite_pragmas, write_file_atomically
 from fedcare.models.wire import decode, encode
 from fedcare.releases.bundle import ModelHeader as ReleaseModelHeader
 from fedcare.study import Study
+from fedcare.validation.cells import ValidationReport
 from fedcare.validation.gates import Verdict
 from fedcare.validation.release import ReleaseState
-from fedcare.validation.report import ValidationReport
 
 
 class RegistryError(ValueError):

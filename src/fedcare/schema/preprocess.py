@@ -11,8 +11,9 @@ The fitted state is a small pydantic model the site keeps beside its model.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 from numpy.typing import NDArray
 
 from fedcare.schema.features import (
@@ -25,6 +26,9 @@ from fedcare.schema.features import (
     Transform,
 )
 from fedcare.study import Scaling
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class FeatureState(Strict):
@@ -51,14 +55,27 @@ class Preprocessor(Strict):
         return np.column_stack(columns).astype(np.float32)
 
 
+def _declared_fill(feature: Feature) -> float | str | None:
+    """The fill a study declares (none where missing values are refused)."""
+    if feature.missing.rule is MissingRule.REFUSE:
+        return None
+    fill = feature.missing.fill
+    return str(fill) if feature.type is FeatureType.CATEGORICAL else fill
+
+
+def _declared_scale(feature: Feature, scaling: Scaling) -> tuple[float, float]:
+    """(center, spread) unless the site fits them: the reference's, or none."""
+    if feature.type is FeatureType.CONTINUOUS and scaling is Scaling.REFERENCE:
+        assert feature.reference is not None
+        return feature.reference
+    return 0.0, 1.0
+
+
 def _fill_value(feature: Feature, values: pd.Series) -> float | str | None:
     rule = feature.missing.rule
+    if rule in (MissingRule.REFUSE, MissingRule.VALUE):
+        return _declared_fill(feature)
     present = values.dropna()
-    if rule is MissingRule.REFUSE:
-        return None
-    if rule is MissingRule.VALUE:
-        fill = feature.missing.fill
-        return str(fill) if feature.type is FeatureType.CATEGORICAL else fill
     if present.empty:
         # A site that never measures a feature imputes a neutral value; the
         # missing-indicator (when configured) carries the information instead.
@@ -73,22 +90,20 @@ def _fill_value(feature: Feature, values: pd.Series) -> float | str | None:
 
 def fit_preprocessor(frame: pd.DataFrame, schema: FeatureSchema, scaling: Scaling) -> Preprocessor:
     """Fit imputation and scaling on a mapped training frame."""
+    import pandas as pd  # here: a process that only reads declared preprocessing needs none
+
     states: dict[str, FeatureState] = {}
     for feature in schema.features:
         values = frame[feature.name]
         fill = _fill_value(feature, values)
-        center, spread = 0.0, 1.0
-        if feature.type is FeatureType.CONTINUOUS:
-            if scaling is Scaling.SITE:
-                filled = values.fillna(fill) if fill is not None else values
-                shaped = pd.Series(shape(feature, filled.to_numpy(dtype=np.float64)))
-                center = float(shaped.mean()) if shaped.notna().any() else 0.0
-                std = float(shaped.std(ddof=0)) if shaped.notna().sum() > 1 else 0.0
-                # A constant column carries no information; leave it centred, unscaled.
-                spread = std if std > 1e-12 else 1.0
-            elif scaling is Scaling.REFERENCE:
-                assert feature.reference is not None
-                center, spread = feature.reference
+        center, spread = _declared_scale(feature, scaling)
+        if feature.type is FeatureType.CONTINUOUS and scaling is Scaling.SITE:
+            filled = values.fillna(fill) if fill is not None else values
+            shaped = pd.Series(shape(feature, filled.to_numpy(dtype=np.float64)))
+            center = float(shaped.mean()) if shaped.notna().any() else 0.0
+            std = float(shaped.std(ddof=0)) if shaped.notna().sum() > 1 else 0.0
+            # A constant column carries no information; leave it centred, unscaled.
+            spread = std if std > 1e-12 else 1.0
         states[feature.name] = FeatureState(fill=fill, center=center, spread=spread)
     return Preprocessor(scaling=scaling, states=states)
 
@@ -115,7 +130,13 @@ def declared_preprocessor(schema: FeatureSchema, scaling: Scaling) -> Preprocess
     it is fitted on a site's own rows."""
     if scaling is Scaling.SITE or any(f.missing.rule in SITE_FITTED for f in schema.features):
         return None
-    return fit_preprocessor(pd.DataFrame({f.name: [] for f in schema.features}), schema, scaling)
+    states = {}
+    for feature in schema.features:
+        center, spread = _declared_scale(feature, scaling)
+        states[feature.name] = FeatureState(
+            fill=_declared_fill(feature), center=center, spread=spread
+        )
+    return Preprocessor(scaling=scaling, states=states)
 
 
 def _pixels(images: pd.Series, shape: tuple[int, ...]) -> NDArray[np.float32]:

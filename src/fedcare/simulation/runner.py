@@ -48,9 +48,9 @@ from fedcare.study import Study, TrainingSpec
 from fedcare.training import predict_proba, train_local
 from fedcare.training.convergence import CONVERGENCE_WINDOW, still_falling
 from fedcare.training.local import check_dp_model
+from fedcare.validation.cells import FEW_POSITIVES, CellReport
 from fedcare.validation.curves import Curves, curves
 from fedcare.validation.metrics import BinaryMetrics, binary_metrics
-from fedcare.validation.report import FEW_POSITIVES, CellReport
 from fedcare.validation_spec import GateSpec
 
 FEDERATED = "federated"

@@ -21,7 +21,8 @@ import pandas as pd
 from jinja2 import Environment, select_autoescape
 from pydantic import BaseModel, ConfigDict
 
-from fedcare.drift.monitor import TEST_NAMES, DriftChecks, check_drift
+from fedcare.drift.checks import TEST_NAMES, DriftChecks
+from fedcare.drift.monitor import check_drift
 from fedcare.drift.summary import DriftSummary, SummaryRefusedError, summarize
 from fedcare.durable import write_file_atomically
 from fedcare.ids import derive_seed
@@ -31,7 +32,7 @@ from fedcare.site.profiles import ProfileStore
 from fedcare.site.validation import disclosure_cohort, report_on, site_verdict
 from fedcare.study import MonitoringSpec, Study
 from fedcare.training import predict_proba
-from fedcare.validation.report import ValidationReport
+from fedcare.validation.cells import ValidationReport
 from fedcare.validation_spec import GateKind, GateSpec, Metric
 
 

@@ -21,8 +21,8 @@ from fedcare.ids import derive_seed
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.validation import site_report, site_verdict
 from fedcare.study import Study
+from fedcare.validation.cells import SuppressedCell, ValidationReport
 from fedcare.validation.gates import Verdict
-from fedcare.validation.report import SuppressedCell, ValidationReport
 from fedcare.validation_spec import GateSpec
 
 

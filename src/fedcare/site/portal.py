@@ -26,7 +26,7 @@ from fedcare.drift.profile import ReferenceProfile
 from fedcare.policy import load_policy
 from fedcare.policy.approval import site_audit_path
 from fedcare.site.budget import budget_summary
-from fedcare.validation.report import CellReport
+from fedcare.validation.cells import CellReport
 
 LOOPBACK = "127.0.0.1"
 

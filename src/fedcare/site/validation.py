@@ -18,9 +18,10 @@ from fedcare.ids import derive_seed
 from fedcare.site.dataset import SiteDataset
 from fedcare.study import Study
 from fedcare.training import predict_proba
+from fedcare.validation.cells import ValidationReport
 from fedcare.validation.gates import Verdict, evaluate_gates
 from fedcare.validation.messages import ValidationReply, ValidationTaskHeader
-from fedcare.validation.report import ValidationReport, validate
+from fedcare.validation.report import validate
 from fedcare.validation_spec import GateSpec
 
 

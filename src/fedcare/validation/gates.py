@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from fedcare.validation.report import CellReport, SuppressedCell, ValidationReport
+from fedcare.validation.cells import CellReport, SuppressedCell, ValidationReport
 from fedcare.validation_spec import (
     HIGHER_IS_BETTER,
     IDEAL,

@@ -8,8 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedcare.ids import SHA256_HEX, SITE_NAME
 from fedcare.models.wire import PayloadError, decode, encode
+from fedcare.validation.cells import ValidationReport
 from fedcare.validation.gates import Verdict
-from fedcare.validation.report import ValidationReport
 
 MAX_REPLY_BYTES = 1024 * 1024
 """A report of a few dozen cells is a few tens of kB; anything far larger is refused."""
