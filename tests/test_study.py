@@ -121,3 +121,14 @@ def test_canonical_form_round_trips() -> None:
     again = parse_study(yaml.safe_dump(study.canonical()))
     assert again == study
     assert again.content_hash == study.content_hash
+
+
+def test_a_copy_with_changed_settings_never_carries_the_old_hash() -> None:
+    from fedcare.data import demo_study
+
+    study = demo_study()
+    original = study.content_hash  # computed, and kept on the study
+    changed = study.model_copy(update={"seed": study.seed + 1})
+    assert changed.content_hash != original
+    assert changed.content_hash == parse_study(yaml.safe_dump(changed.canonical())).content_hash
+    assert study.model_copy().content_hash == original

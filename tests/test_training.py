@@ -11,8 +11,10 @@ from torch import nn
 
 from fedcare.models.builders import build_model, initial_parameters
 from fedcare.models.params import get_flat, parameter_count, set_flat
-from fedcare.study import ModelKind, ModelSpec, OptimizerKind, TrainingSpec
+from fedcare.study import ModelKind, ModelSpec, OptimizerKind, TrainingSpec, parse_study
 from fedcare.training import predict_proba, train_local
+
+from .conftest import TOY_STUDY
 
 LOGISTIC = ModelSpec()
 MLP = ModelSpec(kind=ModelKind.MLP, hidden=(8, 4))
@@ -357,3 +359,18 @@ def test_a_loss_still_falling_at_the_last_round_is_flagged_and_a_flat_one_is_not
     assert still_falling([0.9, 0.5, 0.401, 0.4005, 0.4002, 0.4]) is None
     assert still_falling([0.5, 0.4, 0.3]) is None  # too few rounds to tell
     assert still_falling([None, None, None, None, None]) is None  # DP: no loss reported
+
+
+@pytest.mark.parametrize("model", ["{kind: logistic_regression}", "{kind: mlp, hidden: [16, 8]}"])
+def test_the_numpy_forward_pass_is_the_torch_modules(model: str) -> None:
+    study = parse_study(TOY_STUDY.replace("training:", f"model: {model}\ntraining:"))
+    shape = study.feature_schema.input_shape
+    rng = np.random.default_rng(4)
+    module = build_model(study.model, shape)
+    params = rng.normal(0, 1.5, sum(p.numel() for p in module.parameters())).astype(np.float32)
+    x = rng.normal(0, 2, (300, *shape)).astype(np.float32)
+    set_flat(module, params)
+    module.eval()
+    with torch.no_grad():
+        expected = torch.sigmoid(module(torch.from_numpy(x)).reshape(-1)).double().numpy()
+    assert np.abs(predict_proba(study.model, params, x) - expected).max() < 1e-6

@@ -411,3 +411,30 @@ def test_binary_subgroup_levels_read_as_integers_not_floats() -> None:
     attributes = pd.DataFrame({"sex_female": np.where(np.arange(100) % 2 == 0, 0.0, 1.0)})
     report = validate(y, p, attributes, 0.5, 10, ("sex_female",), 10, 0)
     assert [c.group for c in report.subgroups["sex_female"]] == ["sex_female=0", "sex_female=1"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_binary_metrics_agree_with_scikit_learn(seed: int) -> None:
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        brier_score_loss,
+        roc_auc_score,
+    )
+
+    from fedcare.validation.metrics import binary_metrics
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 400))
+    y = (rng.random(n) < 0.3).astype(np.int64)
+    y[:2] = [0, 1]
+    # Rounded scores: many ties, where the two ways of counting could part.
+    p = np.round(np.clip(rng.normal(0.3 + 0.3 * y, 0.2), 0, 1), int(rng.integers(1, 4)))
+    got = binary_metrics(y, p, threshold=0.4)
+    assert got.auroc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert got.auprc == pytest.approx(average_precision_score(y, p), abs=1e-12)
+    assert got.accuracy == pytest.approx(accuracy_score(y, p >= 0.4), abs=1e-12)
+    assert got.brier == pytest.approx(brier_score_loss(y, p), abs=1e-12)
+    one_class = binary_metrics(np.zeros(5, dtype=np.int64), np.linspace(0, 1, 5))
+    assert one_class.auroc is None
+    assert one_class.auprc is None

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -809,11 +811,20 @@ class Study(Strict):
         """The fully resolved settings, defaults included, as plain JSON types."""
         return self.model_dump(mode="json", by_alias=True)
 
-    @property
+    @cached_property
     def content_hash(self) -> str:
-        """SHA-256 over the canonical JSON form: stable under formatting, sensitive to settings."""
+        """SHA-256 over the canonical JSON form: stable under formatting, sensitive to settings.
+
+        Computed once per (frozen) study: every message of every round names it."""
         text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy (pydantic's), whose content hash is computed afresh: a copy with
+        changed settings must never carry the original's hash."""
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("content_hash", None)
+        return copy
 
     def replace(self, **changes: Any) -> Study:
         """A copy with top-level sections replaced, validated like a fresh file."""

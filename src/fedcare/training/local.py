@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from fedcare.models.builders import build_model
 from fedcare.models.params import get_flat, set_flat
-from fedcare.study import ModelSpec, OptimizerKind, Study, TrainingSpec
+from fedcare.study import ModelKind, ModelSpec, OptimizerKind, Study, TrainingSpec
 from fedcare.training.dp_sgd import (
     DpSgdSettings,
     GhostClipper,
@@ -92,7 +93,9 @@ def train_local(
     # Dropout draws from torch's global generator: fork it so a seed fixes everything
     # and the caller's random state is left as it was.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # The CPU generator alone: torch.manual_seed also queues seeds for every
+        # accelerator backend, a millisecond per call with a stack capture each.
+        torch.default_generator.manual_seed(seed)
         model = build_model(model_spec, features.shape[1:])
         set_flat(model, start)
         model.train()
@@ -191,10 +194,37 @@ def _result(model: nn.Module, n: int, steps: int, loss: float) -> LocalResult:
     return LocalResult(params=params, n_samples=n, steps=steps, loss=loss)
 
 
+def _dense_logits(
+    model_spec: ModelSpec, params: NDArray[np.float32], features: NDArray[np.float32]
+) -> NDArray[np.float32]:
+    """Logistic regression's or the MLP's logits in numpy (float32, as PyTorch computes
+    them): the flat vector is each Linear's weight (out x in) then its bias, in order."""
+    hidden = model_spec.hidden if model_spec.kind is ModelKind.MLP else ()
+    widths = [features.shape[1], *hidden, 1]
+    h = np.ascontiguousarray(features, dtype=np.float32)
+    offset = 0
+    for layer, (fan_in, fan_out) in enumerate(pairwise(widths)):
+        weight = params[offset : offset + fan_in * fan_out].reshape(fan_out, fan_in)
+        offset += fan_in * fan_out
+        bias = params[offset : offset + fan_out]
+        offset += fan_out
+        h = h @ weight.T + bias
+        if layer < len(widths) - 2:
+            h = np.maximum(h, np.float32(0.0))
+    logits: NDArray[np.float32] = h.reshape(-1)
+    return logits
+
+
 def predict_proba(
     model_spec: ModelSpec, params: NDArray[np.float32], features: NDArray[np.float32]
 ) -> NDArray[np.float64]:
     """Predicted probability of the positive class for each row."""
+    if model_spec.kind in (ModelKind.LOGISTIC_REGRESSION, ModelKind.MLP) and features.ndim == 2:
+        # Called for every site every round: building a PyTorch module per call costs
+        # more than the arithmetic of these small models.
+        z = _dense_logits(model_spec, np.asarray(params, dtype=np.float32), features)
+        with np.errstate(over="ignore"):
+            return (1.0 / (1.0 + np.exp(-z.astype(np.float64)))).astype(np.float64)
     model = build_model(model_spec, features.shape[1:])
     set_flat(model, params)
     model.eval()

@@ -1,4 +1,9 @@
-"""Discrimination and calibration metrics, computed by scikit-learn."""
+"""Discrimination and calibration metrics of a model on one data set, in numpy.
+
+Called for every site every round of a simulation, so nothing here goes through
+scikit-learn's per-call input validation; the test suite checks the values against
+scikit-learn's.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,8 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    brier_score_loss,
-    roc_auc_score,
-)
 
-from fedcare.validation.report import auroc_interval
+from fedcare.validation.report import auroc_interval, ranking_metrics
 
 
 class BinaryMetrics(BaseModel):
@@ -50,11 +49,11 @@ def binary_metrics(
     p = np.asarray(scores, dtype=np.float64)
     if y.shape != p.shape or y.ndim != 1 or y.size == 0:
         raise ValueError(f"labels {y.shape} and scores {p.shape} must be equal-length vectors")
-    both = 0 < int(y.sum()) < y.size
-    auroc = float(roc_auc_score(y, p)) if both else None
-    auprc = float(average_precision_score(y, p)) if both else None
-    accuracy = float(accuracy_score(y, (p >= threshold).astype(np.int64)))
-    brier = float(brier_score_loss(y, p))
+    if not np.all(np.isfinite(p)):
+        raise ValueError("metric is not finite; the scores contain NaN")
+    auroc, auprc = ranking_metrics(y, p)
+    accuracy = float(np.mean((p >= threshold) == (y == 1)))
+    brier = float(np.mean((p - y) ** 2))
     for value in (auroc, auprc, accuracy, brier):
         if value is not None and not math.isfinite(value):
             raise ValueError("metric is not finite; the scores contain NaN")

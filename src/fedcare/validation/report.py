@@ -183,6 +183,21 @@ def batch_metrics(
         }
 
 
+def ranking_metrics(
+    y: NDArray[np.int64], p: NDArray[np.float64]
+) -> tuple[float | None, float | None]:
+    """AUROC and average precision (AUPRC) of one sample, None with one class: the
+    bootstrap's counting over distinct scores, equal to scikit-learn's (to rounding) and
+    without its per-call input checks, which dominate on a few hundred patients."""
+    pos, neg = _tied_counts(y, p, np.arange(y.size)[None, :])
+    with np.errstate(divide="ignore", invalid="ignore"):  # one class: NaN, returned as None
+        auroc, auprc = (
+            float(_counted_auroc(pos, neg)[0]),
+            float(_counted_average_precision(pos, neg)[0]),
+        )
+    return (None if math.isnan(auroc) else auroc), (None if math.isnan(auprc) else auprc)
+
+
 def _tied_counts(
     y: NDArray[np.int64], p: NDArray[np.float64], index: NDArray[np.intp]
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
