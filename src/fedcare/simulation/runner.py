@@ -46,6 +46,7 @@ from fedcare.site.validation import report_on
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, TrainingSpec
 from fedcare.training import predict_proba, train_local
+from fedcare.training.batched import SharedRound, shares_rounds
 from fedcare.training.convergence import CONVERGENCE_WINDOW, still_falling
 from fedcare.training.local import check_dp_model
 from fedcare.validation.cells import FEW_POSITIVES, CellReport
@@ -146,7 +147,8 @@ def run_federation(
     """
     n_params = study_parameter_count(study)
     if workers is None:
-        workers = {s.name: SiteWorker(study, s, n_params) for s in sites}
+        shared = SharedRound(study) if shares_rounds(study) else None
+        workers = {s.name: SiteWorker(study, s, n_params, shared=shared) for s in sites}
     records: list[RoundRecord] = []
     total = study.rounds.count
 
@@ -453,6 +455,7 @@ def _workers(
     scratch folder: a simulation releases nothing, so nothing carries over to a next run)."""
     ledgers: Path | None = None
     workers = {}
+    shared = SharedRound(study) if shares_rounds(study) else None
     for s in sites:
         rules = options.site_rules.get(s.name, SiteRules())
         guard = None
@@ -463,7 +466,7 @@ def _workers(
             stack.callback(ledger.close)
             guard = guards[s.name] = PrivacyGuard(ledger, s.name, rules.budget)
         workers[s.name] = SiteWorker(
-            study, s, n_params, rules.gates, rules.min_cohort, privacy=guard
+            study, s, n_params, rules.gates, rules.min_cohort, privacy=guard, shared=shared
         )
     return workers
 

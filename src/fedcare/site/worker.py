@@ -31,6 +31,7 @@ from fedcare.site.dataset import SiteDataset
 from fedcare.site.validation import validate_candidate
 from fedcare.study import PersonalizationMethod, Study
 from fedcare.training import predict_proba, train_local
+from fedcare.training.batched import SharedRound
 from fedcare.training.dp_sgd import DpSgdSettings
 from fedcare.training.personal import local_positions, train_personal, with_local
 from fedcare.validation.messages import (
@@ -66,11 +67,13 @@ class SiteWorker:
         min_cohort: int = 1,
         *,
         privacy: PrivacyGuard | None = None,
+        shared: SharedRound | None = None,
     ) -> None:
         """``site_gates`` and ``min_cohort`` come from the site's policy and govern its
         validation reports. ``privacy``: the site's ledger and budget. Without it a DP
         study still trains with DP-SGD (fresh secret seed each round) but nothing is
-        recorded: for simulations and benchmarks, never for a site agent."""
+        recorded: for simulations and benchmarks, never for a site agent. ``shared``:
+        in a simulation, the sites' training batched across sites (this site joins it)."""
         if data.n_train > study.aggregation.max_records:
             # Refused here, at start, not by the coordinator in the middle of a round.
             raise RoundError(
@@ -84,6 +87,9 @@ class SiteWorker:
         self.site_gates = tuple(site_gates)
         self.min_cohort = min_cohort
         self.privacy = privacy
+        self.shared = shared
+        if shared is not None:
+            shared.register(data.name, data.x_train, data.y_train)
         self._plan: SitePlan | None = None
         self._last: tuple[int, NDArray[np.float32], NDArray[np.float32]] | None = None
         self.alignment: RoundAlignment | None = None
@@ -137,15 +143,19 @@ class SiteWorker:
         spec = self.study.personalization
         fedbn = spec is not None and spec.method is PersonalizationMethod.FEDBN
         start = with_local(self.study, task.params, self.personal) if fedbn else task.params
-        result = train_local(
-            self.study.model,
-            self.study.training,
-            start,
-            self.data.x_train,
-            self.data.y_train,
-            seed=derive_seed(task.header.seed, self.data.name),
-            dp=self._dp(task.header.round, task_bytes),
-        )
+        dp = self._dp(task.header.round, task_bytes)
+        if self.shared is not None and dp is None and not fedbn:
+            result = self.shared.train(self.data.name, start, task.header.seed)
+        else:
+            result = train_local(
+                self.study.model,
+                self.study.training,
+                start,
+                self.data.x_train,
+                self.data.y_train,
+                seed=derive_seed(task.header.seed, self.data.name),
+                dp=dp,
+            )
         delta = result.params - task.params
         if fedbn:
             # The normalisation layers stay here: nothing of them is in the update.
