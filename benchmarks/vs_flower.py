@@ -113,7 +113,9 @@ def feature_names() -> list[str]:
     return [f"x{i}" for i in range(1, N_FEATURES + 1)]
 
 
-def write_workload(work_dir: Path, rounds: int, seed: int = SEED) -> tuple[Path, Path, Path]:
+def write_workload(
+    work_dir: Path, rounds: int, seed: int = SEED, n_sites: int = N_SITES
+) -> tuple[Path, Path, Path]:
     """Write site CSVs, mappings, ``sites.yaml`` and ``study.yaml``; return (data, study, sites)."""
     data_dir = work_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +124,7 @@ def write_workload(work_dir: Path, rounds: int, seed: int = SEED) -> tuple[Path,
     weights = rng.normal(0.0, 1.0, N_FEATURES) * (2.0 / math.sqrt(N_FEATURES))
     intercept = -0.3
     sites = []
-    for index in range(1, N_SITES + 1):
+    for index in range(1, n_sites + 1):
         site = f"site-{index}"
         mean_shift = rng.normal(0.0, 0.5, N_FEATURES)
         intercept_shift = rng.normal(0.0, 0.5)
@@ -159,7 +161,7 @@ def write_workload(work_dir: Path, rounds: int, seed: int = SEED) -> tuple[Path,
         },
         "aggregation": {"strategy": "fedavg", "weighting": "samples"},
         "preprocessing": {"scaling": "none", "holdout_fraction": HOLDOUT_FRACTION},
-        "rounds": {"count": rounds, "min_sites": N_SITES},
+        "rounds": {"count": rounds, "min_sites": n_sites},
         "seed": seed,
     }
     study_path = work_dir / "study.yaml"
@@ -313,6 +315,8 @@ class RunResult:
         data: dict[str, Any] = {
             "wall_s": None if self.wall_s is None else round(self.wall_s, 3),
             "peak_rss_mb": None if self.peak_rss_mb is None else round(self.peak_rss_mb, 1),
+            "cpu_s": round(self.cpu_s, 2),
+            "other_load": round(self.other_load, 3),
         }
         if self.error is not None:
             data["error"] = self.error
