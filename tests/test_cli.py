@@ -340,3 +340,24 @@ def test_help_loads_no_numerical_library() -> None:
     )
     assert "Usage" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "loaded:"
+
+
+def test_the_report_draws_figures_for_the_largest_sites_only() -> None:
+    from fedcare.report.html import MAX_SITE_FIGURES, render_html
+    from fedcare.simulation.runner import SimulationOptions, run_simulation
+    from fedcare.site.dataset import prepare_site_data
+    from fedcare.study import parse_study
+
+    from .conftest import TOY_STUDY, toy_frame, toy_mapping
+
+    study = parse_study(TOY_STUDY.replace("count: 4", "count: 1"))
+    sites = [
+        prepare_site_data(toy_frame(i, 60 + 2 * i), toy_mapping(f"h{i:02d}"), study)
+        for i in range(MAX_SITE_FIGURES + 6)
+    ]
+    result = run_simulation(study, sites, SimulationOptions(False, {}))
+    html = render_html(result)
+    drawn = [s.name for s in sites if f'id="curves-{s.name}"' in html]
+    largest = sorted(sites, key=lambda s: (-s.n_test, s.name))[:MAX_SITE_FIGURES]
+    assert sorted(drawn) == sorted(s.name for s in largest)
+    assert "the other 6 sites' curves are in results.json" in " ".join(html.split())

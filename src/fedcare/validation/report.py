@@ -389,8 +389,10 @@ def auroc_interval(
     parts = []
     for start in range(0, n_bootstrap, chunk):
         index = rng.integers(0, y.size, size=(min(chunk, n_bootstrap - start), y.size))
-        parts.append(_counted_auroc(*_tied_counts(y, p, index)))
-    point = float(roc_auc_score(y, p))
+        with np.errstate(divide="ignore", invalid="ignore"):  # one-class resamples: NaN, left out
+            parts.append(_counted_auroc(*_tied_counts(y, p, index)))
+    point, _ = ranking_metrics(y, p)
+    assert point is not None  # both classes are present
     low, high = _interval(point, np.concatenate(parts))
     return None if low is None or high is None else (low, high)
 
