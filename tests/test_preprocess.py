@@ -381,3 +381,26 @@ def test_keyed_split_is_per_record_stable_and_keeps_identical_records_together()
     floats = ints.astype(float)
     assert (keyed_holdout(ints, 0.5, 3) == keyed_holdout(floats, 0.5, 3)).all()
     assert (keyed_holdout(frame, 0.25, key=8) != held).any()
+
+
+def test_the_split_reads_each_column_as_it_reads_each_cell() -> None:
+    """The column-wise text of the keyed split is the per-cell canonical text, for every
+    kind of column a mapped table holds (so no record moves when the code path changes)."""
+    from fedcare.schema.split import _canonical, _column_text
+
+    rng = np.random.default_rng(0)
+    n = 500
+    frame = pd.DataFrame(
+        {
+            "rounded": np.round(rng.normal(size=n), 3),
+            "whole": rng.integers(0, 5, n).astype(float),
+            "big": rng.integers(-9, 2**60, n),
+            "gaps": np.where(rng.random(n) < 0.2, np.nan, rng.normal(size=n)),
+            "text": rng.choice(["x", "y", None], n),
+            "inf": np.where(rng.random(n) < 0.05, np.inf, 1.5),
+            "flag": rng.random(n) < 0.5,
+        }
+    )
+    for name in frame.columns:
+        cells = [_canonical(v) for v in frame[name].tolist()]
+        assert _column_text(frame[name]) == cells, name

@@ -23,12 +23,26 @@ def keyed_holdout(frame: pd.DataFrame, fraction: float, key: int) -> NDArray[np.
         raise ValueError(f"the holdout fraction must lie in (0, 1), not {fraction}")
     secret = key.to_bytes(8, "little")
     columns = sorted(frame.columns)
+    texts = [[f"{c}={t}" for t in _column_text(frame[c])] for c in columns]
     out = np.empty(len(frame), dtype=bool)
-    for i, row in enumerate(frame[columns].itertuples(index=False, name=None)):
-        text = "\x1f".join(f"{c}={_canonical(v)}" for c, v in zip(columns, row, strict=True))
-        digest = hashlib.blake2b(text.encode(), key=secret, digest_size=8).digest()
+    for i, parts in enumerate(zip(*texts, strict=True)):
+        digest = hashlib.blake2b("\x1f".join(parts).encode(), key=secret, digest_size=8).digest()
         out[i] = int.from_bytes(digest, "little") / 2**64 < fraction
     return out
+
+
+def _column_text(column: pd.Series) -> list[str]:
+    """:func:`_canonical` of every cell; numeric columns without per-cell type checks (a
+    site of 200,000 rows would otherwise spend seconds here)."""
+    kind = column.dtype.kind
+    if kind == "f":
+        return [
+            "" if v != v else repr(int(v)) if v.is_integer() else repr(v)
+            for v in column.to_numpy(dtype=np.float64).tolist()
+        ]
+    if kind in "iu":
+        return [repr(int(float(v))) for v in column.to_numpy().tolist()]
+    return [_canonical(v) for v in column.tolist()]
 
 
 def _canonical(value: object) -> str:
