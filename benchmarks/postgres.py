@@ -37,7 +37,8 @@ from fedcare.data import demo_study
 from fedcare.simulation.loopback import run_network_demo
 
 
-def _fresh(admin_url: str) -> tuple[str, str]:
+def fresh_database(admin_url: str) -> tuple[str, str]:
+    """A new, empty database on the server: (its name, its URL)."""
     name = f"fedcare_bench_{uuid.uuid4().hex[:10]}"
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
@@ -46,7 +47,8 @@ def _fresh(admin_url: str) -> tuple[str, str]:
     return name, make_url(admin_url).set(database=name).render_as_string(hide_password=False)
 
 
-def _drop(admin_url: str, name: str) -> None:
+def drop_database(admin_url: str, name: str) -> None:
+    """Drop a database :func:`fresh_database` made."""
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -72,14 +74,14 @@ def main() -> None:
             name = None
             database = "sqlite:///coordinator.db"
             if backend == "postgresql":
-                name, database = _fresh(args.postgres)
+                name, database = fresh_database(args.postgres)
             try:
                 result = run_network_demo(
                     Path(tmp), study, 7, 1.0, lambda *_: None, timeout_s=900, database=database
                 )
             finally:
                 if name is not None:
-                    _drop(args.postgres, name)
+                    drop_database(args.postgres, name)
         overheads[backend] += result.coordinator_overhead_s[1:]
         walls[backend].append(result.network_wall_s)
     print(

@@ -31,13 +31,11 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import create_engine, make_url, text
 
 from fedcare.data import demo_study
 from fedcare.data.exports import fhir_mapping, omop_mapping, write_fhir_export, write_omop_database
@@ -45,6 +43,10 @@ from fedcare.data.synthetic import HospitalCohort, generate_cohorts
 from fedcare.schema.mapping import apply_mapping
 from fedcare.sources.load import read_source
 from fedcare.sources.spec import FhirSource, OmopSource, Source, TableSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from postgres import drop_database, fresh_database
 
 NORTHGATE_ROWS = 20_000  # northgate's size at scale 1
 BYTES_PER_ADMISSION = 4_100  # measured: an admission's resources as NDJSON
@@ -137,22 +139,6 @@ def peak_read(kind: str, where: str, mapping: Path) -> dict[str, float]:
     return {"rows": int(rows), "wall_s": float(wall), "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def fresh_postgres(admin_url: str) -> tuple[str, str]:
-    name = f"fedcare_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return name, make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_postgres(admin_url: str, name: str) -> None:
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
 def main() -> None:
     if sys.argv[1:2] == ["--read"]:
         child_read(*sys.argv[2:5])
@@ -171,7 +157,7 @@ def main() -> None:
 
     pg_name = pg_url = None
     if args.postgres:
-        pg_name, pg_url = fresh_postgres(args.postgres)
+        pg_name, pg_url = fresh_database(args.postgres)
     try:
         note(f"writing {args.rows:,} admissions as CSV, FHIR and OMOP ...")
         sources = write_sources(northgate(args.rows), args.work_dir / "throughput", pg_url)
@@ -188,7 +174,7 @@ def main() -> None:
             note(f"  {name}: {rows / wall:,.0f} rows/s")
     finally:
         if pg_name is not None:
-            drop_postgres(args.postgres, pg_name)
+            drop_database(args.postgres, pg_name)
 
     if args.gb > 0:
         big_rows = round(args.gb * 1e9 / BYTES_PER_ADMISSION)

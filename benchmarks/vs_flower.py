@@ -93,6 +93,14 @@ BATCH_SIZE = 32
 LEARNING_RATE = 0.05
 SEED = 2026
 
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DISABLE_IMPORT_WARNING": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+"""Flower's and Ray's environment for a measured run: no telemetry, no warnings."""
+
 SPEEDUP_GOAL = 10.0
 MEMORY_RATIO_GOAL = 0.25
 
@@ -703,14 +711,7 @@ def main(argv: list[str] | None = None) -> int:
             work_dir / "flower.log",
             args.timeout,
             interval,
-            _child_env(
-                {
-                    "FLWR_TELEMETRY_ENABLED": "0",
-                    "RAY_USAGE_STATS_ENABLED": "0",
-                    "RAY_DISABLE_IMPORT_WARNING": "1",
-                    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-                }
-            ),
+            _child_env(FLOWER_ENV),
         )
         if flower.ok and result_path.exists():
             summary = json.loads(result_path.read_text(encoding="utf-8"))

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from fedcare.models.builders import initial_parameters
 from fedcare.models.size import study_parameter_count
 from fedcare.simulation.runner import run_federation
 from fedcare.site.worker import SiteWorker
-from fedcare.study import Study, parse_study
+from fedcare.study import ModelSpec, Study, TrainingSpec, parse_study
 from fedcare.training.batched import Job, batchable, shares_rounds, train_many
-from fedcare.training.local import train_local
+from fedcare.training.local import LocalResult, train_local
 
 from .conftest import toy_frame, toy_mapping
 
@@ -66,16 +67,30 @@ def test_each_site_gets_what_it_would_train_alone(model: str, training: str) -> 
         assert result.loss == pytest.approx(alone.loss, abs=1e-6)
 
 
-def test_a_simulation_batched_trains_the_per_site_model() -> None:
+def test_a_simulation_batched_trains_the_per_site_model(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = study("{kind: mlp, hidden: [8]}", "{epochs: 1, batch_size: 16, learning_rate: 0.1}")
     assert shares_rounds(spec)
     from fedcare.site.dataset import prepare_site_data
+    from fedcare.training import batched as batched_module
 
     sites = [
         prepare_site_data(toy_frame(i, 120 + 30 * i, 0.2 * i), toy_mapping(f"s{i}"), spec)
         for i in range(4)
     ]
+    calls: list[int] = []
+    real = batched_module.train_many
+
+    def counted(
+        model: ModelSpec, training: TrainingSpec, start: NDArray[np.float32], jobs: list[Job]
+    ) -> list[LocalResult]:
+        calls.append(len(jobs))
+        return real(model, training, start, jobs)
+
+    monkeypatch.setattr(batched_module, "train_many", counted)
     batched = run_federation(spec, sites).params
+    # One batched call per round, for all four sites: the shared path really ran.
+    assert calls == [4] * spec.rounds.count
+    monkeypatch.undo()
     n_params = study_parameter_count(spec)
     alone = {s.name: SiteWorker(spec, s, n_params) for s in sites}
     reference = run_federation(spec, sites, workers=alone).params

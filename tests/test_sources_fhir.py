@@ -23,7 +23,7 @@ LOCAL = "https://lab.example.org/codes"
 UCUM = "http://unitsofmeasure.org"
 HR, TEMP, WEIGHT = "8867-4", "8310-5", "29463-7"
 
-STUDY = parse_study("""
+STUDY_TEXT = """
 name: fhir-toy
 schema:
   label: {name: y}
@@ -37,7 +37,8 @@ schema:
 training: {epochs: 1, batch_size: 16, learning_rate: 0.1}
 rounds: {count: 2, min_sites: 1}
 seed: 3
-""")
+"""
+STUDY = parse_study(STUDY_TEXT)
 ETHNICITY_URL = "https://h.example.org/ethnicity"
 
 
@@ -464,3 +465,39 @@ def test_an_attribute_inside_a_complex_extension_is_read(tmp_path: Path) -> None
     resources = [person, encounter("e0", "p0")]
     extract = read_fhir(write_export(tmp_path, resources), mapping(), STUDY.feature_schema)
     assert extract.frame["ethnicity"].tolist() == ["B"]
+
+
+def test_an_age_is_converted_to_the_schema_unit(tmp_path: Path) -> None:
+    months = parse_study(
+        STUDY_TEXT.replace("unit: years, range: [16, 110]", "unit: months, range: [0, 1400]")
+    )
+    assert "months" in months.canonical()["schema"]["features"][0]["unit"]
+    extract = read_fhir(write_export(tmp_path, cohort(2)), mapping(), months.feature_schema)
+    assert extract.frame["age"].tolist() == [65.0 * 12, 65.0 * 12]
+
+
+def test_a_text_value_for_a_measured_number_is_refused(tmp_path: Path) -> None:
+    resources = cohort(3)
+    heart = next(r for r in resources if r["id"] == "hr1")
+    del heart["valueQuantity"]
+    heart["valueString"] = "tachycardic"
+    features = mapping().model_dump(mode="json")["features"]
+    features["heart_rate"]["pick"] = "max"
+    extract = read_fhir(
+        write_export(tmp_path, resources), mapping(features=features), STUDY.feature_schema
+    )
+    assert [str(v) for v in extract.violations] == [
+        "heart_rate: a text or coded value, and the mapping lists no values (1 resource)"
+    ]
+
+
+def test_a_label_observation_is_timed_by_its_effective_period(tmp_path: Path) -> None:
+    event = observation("ev", "p0", "e0", [("https://x.org/outcome", "icu")], 1, "1")
+    del event["effectiveDateTime"]
+    event["effectivePeriod"] = {"start": "2026-03-02T10:00:00+00:00"}
+    label = {"observation": {"codes": ["https://x.org/outcome|icu"], "window_h": [0, 48]}}
+    resources = [*cohort(2), event]
+    extract = read_fhir(
+        write_export(tmp_path, resources), mapping(label=label), STUDY.feature_schema
+    )
+    assert extract.frame["y"].tolist() == [1, 0]

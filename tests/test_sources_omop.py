@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
+import yaml
 
 from fedcare.data import demo_study
 from fedcare.data.exports import omop_mapping, write_omop_database
@@ -19,6 +20,7 @@ from fedcare.site.fingerprint import source_digest, source_label
 from fedcare.sources.mapping import ExtractMapping
 from fedcare.sources.omop import OmopError, read_omop
 from fedcare.sources.spec import FhirSource, OmopSource
+from fedcare.study import parse_study
 
 from .databases import BACKENDS, database
 
@@ -241,3 +243,33 @@ def test_the_data_set_is_named_after_the_database_or_the_export() -> None:
     )
     assert OmopSource(kind="omop", url="postgresql+psycopg://u@h/cdm54").dataset_name == "cdm54"
     assert FhirSource(kind="fhir", path=Path("/exports/ehr-2026")).dataset_name == "ehr-2026"
+
+
+def test_a_foreign_unit_on_a_measurement_without_a_visit_is_refused(cdm: str) -> None:
+    # No visit named, the same person, inside the 6 h window of their admission.
+    add_measurement(cdm, 900_001, TEMPERATURE, 99.1, DEG_F, "2026-01-05 01:00:00", None, person=3)
+    extract = read_omop(cdm, None, mapping(), STUDY.feature_schema)
+    assert [str(v) for v in extract.violations] == [
+        "temperature: unit concept 9289 is not among the mapped units ['586323'] (1 row)"
+    ]
+
+
+def test_an_age_is_converted_to_the_schema_unit(cdm: str) -> None:
+    canonical = STUDY.canonical()
+    for feature in canonical["schema"]["features"]:
+        if feature["name"] == "age":
+            feature.update(unit="months", range=[0, 1400], reference=[780, 216])
+    months = parse_study(yaml.safe_dump(canonical))
+    in_years = read_omop(cdm, None, mapping(), STUDY.feature_schema).frame["age"]
+    in_months = read_omop(cdm, None, mapping(), months.feature_schema).frame["age"]
+    assert (in_months == in_years * 12).all()
+
+
+def test_the_cdm_may_live_in_its_own_postgresql_schema(tmp_path: Path) -> None:
+    with database("postgresql", tmp_path) as url:
+        execute(url, "CREATE SCHEMA cdm")
+        write_omop_database(renal(), url, schema_name="cdm")
+        extract = read_omop(url, "cdm", mapping(), STUDY.feature_schema)
+        assert len(extract.frame) == 120
+        with pytest.raises(OmopError, match="cannot read the OMOP CDM tables"):
+            read_omop(url, None, mapping(), STUDY.feature_schema)  # not in the default schema

@@ -374,3 +374,25 @@ def test_the_numpy_forward_pass_is_the_torch_modules(model: str) -> None:
     with torch.no_grad():
         expected = torch.sigmoid(module(torch.from_numpy(x)).reshape(-1)).double().numpy()
     assert np.abs(predict_proba(study.model, params, x) - expected).max() < 1e-6
+
+
+def test_the_coordinators_round_zero_model_is_the_in_process_one() -> None:
+    """The child process the coordinator asks (it never loads PyTorch itself) gives the
+    very vector the simulation starts from."""
+    import subprocess
+    import sys
+
+    from fedcare.data import demo_study
+
+    study = demo_study()
+    done = subprocess.run(
+        [sys.executable, "-m", "fedcare.models.initial"],
+        input=study.model_dump_json(by_alias=True).encode(),
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    child = np.frombuffer(done.stdout, dtype="<f4")
+    here = initial_parameters(study.model, study.feature_schema.input_shape, study.seed)
+    assert child.tobytes() == here.astype("<f4").tobytes()
+    assert np.any(child != 0)

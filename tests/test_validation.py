@@ -435,6 +435,8 @@ def test_binary_metrics_agree_with_scikit_learn(seed: int) -> None:
     assert got.auprc == pytest.approx(average_precision_score(y, p), abs=1e-12)
     assert got.accuracy == pytest.approx(accuracy_score(y, p >= 0.4), abs=1e-12)
     assert got.brier == pytest.approx(brier_score_loss(y, p), abs=1e-12)
+    with pytest.raises(ValueError, match="not all finite"):
+        binary_metrics(y, np.where(np.arange(n) == 3, np.nan, p))
     one_class = binary_metrics(np.zeros(5, dtype=np.int64), np.linspace(0, 1, 5))
     assert one_class.auroc is None
     assert one_class.auprc is None

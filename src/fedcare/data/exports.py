@@ -27,6 +27,7 @@ import yaml
 from fedcare.data._profiles import ETHNICITIES, FEATURES, PROFILES, SiteProfile
 from fedcare.data.synthetic import HospitalCohort
 from fedcare.sources.mapping import UCUM
+from fedcare.sources.omop import cdm_tables
 
 LOINC = "http://loinc.org"
 OUTCOME_SYSTEM = "https://fedcare.dev/fhir/CodeSystem/outcome"
@@ -311,67 +312,6 @@ def fhir_mapping(cohort: HospitalCohort) -> dict[str, Any]:
     }
 
 
-def _cdm_tables(metadata: sa.MetaData) -> dict[str, sa.Table]:
-    """The CDM 5.4 tables the demo fills, with the columns the extraction reads (and the
-    required dates beside each datetime)."""
-    big, dt, day, text = sa.BigInteger, sa.DateTime, sa.Date, sa.String(50)
-    person = sa.Table(
-        "person",
-        metadata,
-        sa.Column("person_id", big, primary_key=True),
-        sa.Column("gender_concept_id", big),
-        sa.Column("year_of_birth", sa.Integer),
-        sa.Column("month_of_birth", sa.Integer),
-        sa.Column("day_of_birth", sa.Integer),
-        sa.Column("birth_datetime", dt),
-        sa.Column("race_concept_id", big),
-        sa.Column("ethnicity_concept_id", big),
-        sa.Column("gender_source_value", text),
-        sa.Column("race_source_value", text),
-        sa.Column("ethnicity_source_value", text),
-    )
-    visit = sa.Table(
-        "visit_occurrence",
-        metadata,
-        sa.Column("visit_occurrence_id", big, primary_key=True),
-        sa.Column("person_id", big, index=True),
-        sa.Column("visit_concept_id", big),
-        sa.Column("visit_start_date", day),
-        sa.Column("visit_start_datetime", dt),
-        sa.Column("visit_end_date", day),
-        sa.Column("visit_type_concept_id", big),
-        sa.Column("discharged_to_concept_id", big),
-    )
-    tables = {"person": person, "visit_occurrence": visit}
-    for name in ("measurement", "observation"):
-        tables[name] = sa.Table(
-            name,
-            metadata,
-            sa.Column(f"{name}_id", big, primary_key=True),
-            sa.Column("person_id", big, index=True),
-            sa.Column(f"{name}_concept_id", big, index=True),
-            sa.Column(f"{name}_date", day),
-            sa.Column(f"{name}_datetime", dt),
-            sa.Column(f"{name}_type_concept_id", big),
-            sa.Column("value_as_number", sa.Float),
-            sa.Column("value_as_concept_id", big),
-            sa.Column("unit_concept_id", big),
-            sa.Column("visit_occurrence_id", big, index=True),
-        )
-    tables["condition_occurrence"] = sa.Table(
-        "condition_occurrence",
-        metadata,
-        sa.Column("condition_occurrence_id", big, primary_key=True),
-        sa.Column("person_id", big, index=True),
-        sa.Column("condition_concept_id", big),
-        sa.Column("condition_start_date", day),
-        sa.Column("condition_start_datetime", dt),
-        sa.Column("condition_type_concept_id", big),
-        sa.Column("visit_occurrence_id", big, index=True),
-    )
-    return tables
-
-
 _EHR = 32817  # type concept: the record came from an EHR
 _BATCH = 20_000
 
@@ -381,8 +321,8 @@ def write_omop_database(cohort: HospitalCohort, url: str, schema_name: str | Non
     PostgreSQL), in batches, with indexes on the columns the extraction joins on."""
     profile = profile_of(cohort)
     engine = sa.create_engine(url)
-    metadata = sa.MetaData(schema=schema_name)
-    tables = _cdm_tables(metadata)
+    tables = cdm_tables(schema_name)
+    metadata = tables["person"].metadata
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in tables}
 
     def flush(conn: sa.Connection, force: bool = False) -> None:

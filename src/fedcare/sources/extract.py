@@ -11,6 +11,7 @@ exactly as for a CSV file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date, datetime
 
 import pandas as pd
 
@@ -78,12 +79,29 @@ def conversions(mapping: ExtractMapping, schema: FeatureSchema) -> dict[str, dic
     for name, demographic in mapping.demographic().items():
         if name in fields and demographic.patient == "age" and fields[name][0] is not None:
             try:
-                out[name] = {"years": conversion("years", fields[name][0] or "years")}
+                out[name] = {AGE_UNIT: conversion(AGE_UNIT, fields[name][0] or AGE_UNIT)}
             except UnitError as exc:
                 problems.append(f"feature '{name}' (age): {exc}")
     if problems:
         raise MappingError(f"mapping for site '{mapping.site}': " + "; ".join(problems))
     return out
+
+
+AGE_UNIT = "years"
+"""What an age from a birth date counts; converted to the schema's unit like any value."""
+
+
+def to_schema(linear: dict[str, Linear], unit: str, number: float) -> float:
+    """``number`` in ``unit`` converted with that unit's (factor, offset); exact when the
+    unit is already the schema's."""
+    factor, offset = linear.get(unit, (1.0, 0.0))
+    return number if (factor, offset) == (1.0, 0.0) else number * factor + offset
+
+
+def completed_years(born: date, moment: datetime) -> int:
+    """Age in whole years at ``moment``, as a birthday counts it."""
+    day = moment.date()
+    return day.year - born.year - ((day.month, day.day) < (born.month, born.day))
 
 
 def identity_mapping(mapping: ExtractMapping, schema: FeatureSchema) -> SiteMapping:
@@ -116,8 +134,10 @@ def better(
         return time < held_time
     if pick is Pick.LAST:
         return time > held_time
-    if isinstance(value, str) or isinstance(held_value, str):
-        return False  # min/max of coded values is refused by check_picks
+    # min/max rank numbers only: coded fields are refused them (check_picks), and a text
+    # value for a numeric field is refused before it gets here.
+    assert isinstance(value, float)
+    assert isinstance(held_value, float)
     return value < held_value if pick is Pick.MIN else value > held_value
 
 

@@ -27,14 +27,17 @@ from fedcare.schema.features import FeatureSchema
 from fedcare.schema.mapping import MappingError, check_mapping
 from fedcare.schema.readers import DataFileError
 from fedcare.sources.extract import (
+    AGE_UNIT,
     NO_UNIT,
     Extract,
     Linear,
     Tally,
     better,
     check_picks,
+    completed_years,
     conversions,
     identity_mapping,
+    to_schema,
 )
 from fedcare.sources.mapping import UCUM, Demographic, ExtractMapping, Measured, Pick
 
@@ -153,15 +156,21 @@ def _instant(value: object) -> datetime | None:
     return None
 
 
+def _observed_at(resource: Observation) -> datetime | None:
+    """When an Observation was made: effectiveDateTime, effectivePeriod.start or
+    effectiveInstant."""
+    period = resource.effectivePeriod
+    return (
+        _instant(resource.effectiveDateTime)
+        or _instant(period.start if period else None)
+        or _instant(resource.effectiveInstant)
+    )
+
+
 def _codings(concept: CodeableConcept | None) -> list[str]:
     if concept is None or not concept.coding:
         return []
     return [f"{c.system or ''}|{c.code}" for c in concept.coding if c.code]
-
-
-def _completed_years(born: date, moment: datetime) -> int:
-    day = moment.date()
-    return day.year - born.year - ((day.month, day.day) < (born.month, born.day))
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +302,7 @@ class _Reader:
         for codes, holder in parts:
             if self.label_codes.intersection(codes) and self.mapping.label.observation:
                 matched = True
-                self.label_event(resource, _instant(resource.effectiveDateTime), "Observation")
+                self.label_event(resource, _observed_at(resource), "Observation")
             owners = {self.code_owner[c] for c in codes if c in self.code_owner}
             if len(owners) > 1:
                 self.tally.refuse("Observation", f"codes {codes} map to {sorted(owners)}")
@@ -307,16 +316,17 @@ class _Reader:
 
     def take(self, name: str, resource: Observation, holder: Any) -> None:
         rule = self.rules[name]
-        moment = (
-            _instant(resource.effectiveDateTime)
-            or _instant(resource.effectivePeriod.start if resource.effectivePeriod else None)
-            or _instant(resource.effectiveInstant)
-        )
+        moment = _observed_at(resource)
         if moment is None:
             self.tally.note(name, "observation without an effective time: ignored")
             return
         value = self.value(name, rule, holder)
         if value is None:
+            return
+        if isinstance(value, str) and rule.values is None:
+            # A text or coded value for a measured number: refused, never left out
+            # quietly (min and max could not rank it against numbers).
+            self.tally.refuse(name, "a text or coded value, and the mapping lists no values")
             return
         rows = self.linked(resource, "Observation")
         for row in rows or ():
@@ -341,9 +351,7 @@ class _Reader:
                     f"unit '{key}' is not among the mapped units {sorted(rule.units)}",
                 )
                 return None
-            factor, offset = linear.get(key, (1.0, 0.0))
-            number = float(quantity.value)
-            return number * factor + offset if (factor, offset) != (1.0, 0.0) else number
+            return to_schema(linear, key, float(quantity.value))
         if holder.valueInteger is not None:
             return float(holder.valueInteger)
         if holder.valueBoolean is not None:
@@ -379,11 +387,14 @@ class _Reader:
             if self.label_rule.contains(self.hours(row, moment)):
                 self.labelled.add(row)
 
-    def demographic(self, rule: Demographic, row: _Row) -> object:
+    def demographic(self, rule_name: str, rule: Demographic, row: _Row) -> object:
         person = self.patients[row.patient]
         if rule.patient == "age":
             born = person.born
-            return math.nan if born is None else float(_completed_years(born, row.start))
+            if born is None:
+                return math.nan
+            years = float(completed_years(born, row.start))
+            return to_schema(self.linear.get(rule_name, {}), AGE_UNIT, years)
         if rule.patient == "gender":
             return person.gender if person.gender else math.nan
         return person.extensions.get(rule.url or "", math.nan)
@@ -391,7 +402,7 @@ class _Reader:
     def frame(self) -> pd.DataFrame:
         columns: dict[str, list[object]] = {}
         for name, demographic in self.mapping.demographic().items():
-            columns[name] = [self.demographic(demographic, row) for row in self.rows]
+            columns[name] = [self.demographic(name, demographic, row) for row in self.rows]
         for name, held in self.held.items():
             columns[name] = held.column()
         label = self.schema.label.name

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from enum import StrEnum
 from pathlib import Path
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from fedcare.schema.features import Strict
 from fedcare.schema.mapping import Code, MappingError, key_text
@@ -63,6 +63,19 @@ def _codes_as_text(value: object) -> object:
     return value
 
 
+def _keys_as_text(value: object) -> object:
+    if isinstance(value, dict):
+        return {key_text(k): v for k, v in value.items()}
+    return value
+
+
+Codes = Annotated[list[str], BeforeValidator(_codes_as_text)]
+"""Codes compared as text: ``system|code`` tokens, or OMOP concept ids written as numbers."""
+
+Recoding = Annotated[dict[str, Code], BeforeValidator(_keys_as_text)]
+"""Local values (as text) to schema values."""
+
+
 class Window(Strict):
     """Hours relative to the index event's start, both ends included."""
 
@@ -85,7 +98,7 @@ class Window(Strict):
 class Measured(Window):
     """A feature measured as an Observation (FHIR) or a measurement row (OMOP)."""
 
-    codes: list[str] = Field(
+    codes: Codes = Field(
         min_length=1,
         description="FHIR: system|code (LOINC and local systems alike); OMOP: concept ids.",
     )
@@ -95,7 +108,7 @@ class Measured(Window):
         "unit concept id: fedcare unit. Any other unit is refused.",
     )
     pick: Pick = Field(default=Pick.FIRST, description="first, last, min or max in the window.")
-    values: dict[str, Code] | None = Field(
+    values: Recoding | None = Field(
         default=None, description="Recode coded values (a FHIR code, an OMOP value concept)."
     )
     table: str = Field(
@@ -104,26 +117,12 @@ class Measured(Window):
         description="OMOP only: the table the concept is recorded in.",
     )
 
-    @field_validator("codes", mode="before")
-    @classmethod
-    def _text_codes(cls, value: object) -> object:
-        return _codes_as_text(value)
-
     @field_validator("units", mode="before")
     @classmethod
     def _unit_table(cls, value: object) -> object:
         if isinstance(value, list):
             return {key_text(code): ucum_unit(str(code)) for code in value}
-        if isinstance(value, dict):
-            return {key_text(k): v for k, v in value.items()}
-        return value
-
-    @field_validator("values", mode="before")
-    @classmethod
-    def _value_keys(cls, value: object) -> object:
-        if isinstance(value, dict):
-            return {key_text(k): v for k, v in value.items()}
-        return value
+        return _keys_as_text(value)
 
 
 class Demographic(Strict):
@@ -135,16 +134,9 @@ class Demographic(Strict):
         "(gender_concept_id, race_source_value, ...).",
     )
     url: str | None = Field(default=None, description="FHIR extension: its url.")
-    values: dict[str, Code] | None = Field(
+    values: Recoding | None = Field(
         default=None, description="Recode local values, e.g. {male: 0, female: 1}."
     )
-
-    @field_validator("values", mode="before")
-    @classmethod
-    def _value_keys(cls, value: object) -> object:
-        if isinstance(value, dict):
-            return {key_text(k): v for k, v in value.items()}
-        return value
 
     @model_validator(mode="after")
     def _extension_url(self) -> Self:
@@ -156,26 +148,14 @@ class Demographic(Strict):
 class Coded(Window):
     """Any record of one of ``codes`` within the window makes the label 1."""
 
-    codes: list[str] = Field(min_length=1)
-
-    @field_validator("codes", mode="before")
-    @classmethod
-    def _text_codes(cls, value: object) -> object:
-        return _codes_as_text(value)
+    codes: Codes = Field(min_length=1, description="Any of these codes (system|code, or ids).")
 
 
 class Outcome(Strict):
     """The index encounter's outcome: FHIR hospitalization.dischargeDisposition, OMOP
     visit_occurrence.discharged_to_concept_id; every code must be listed."""
 
-    values: dict[str, Code] = Field(min_length=1, description="Outcome code: 0 or 1.")
-
-    @field_validator("values", mode="before")
-    @classmethod
-    def _value_keys(cls, value: object) -> object:
-        if isinstance(value, dict):
-            return {key_text(k): v for k, v in value.items()}
-        return value
+    values: Recoding = Field(min_length=1, description="Outcome code: 0 or 1.")
 
 
 class LabelRule(Strict):
@@ -205,16 +185,11 @@ class LabelRule(Strict):
 class Index(Strict):
     """Which encounters (visits) are index events; each one is a row."""
 
-    classes: list[str] = Field(
+    classes: Codes = Field(
         default_factory=list,
         description="FHIR Encounter.class codes (e.g. IMP) or OMOP visit_concept_ids; "
         "empty: every encounter.",
     )
-
-    @field_validator("classes", mode="before")
-    @classmethod
-    def _text_codes(cls, value: object) -> object:
-        return _codes_as_text(value)
 
 
 class ExtractMapping(Strict):

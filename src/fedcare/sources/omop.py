@@ -23,13 +23,16 @@ from fedcare.schema.features import FeatureSchema
 from fedcare.schema.mapping import MappingError, check_mapping
 from fedcare.schema.readers import DataFileError
 from fedcare.sources.extract import (
+    AGE_UNIT,
     NO_UNIT,
     Extract,
     Linear,
     Tally,
     check_picks,
+    completed_years,
     conversions,
     identity_mapping,
+    to_schema,
 )
 from fedcare.sources.mapping import Coded, Demographic, ExtractMapping, Measured, Pick
 
@@ -57,54 +60,79 @@ def _concepts(codes: list[str], what: str, site: str) -> list[int]:
         ) from None
 
 
+def cdm_tables(schema_name: str | None = None) -> dict[str, sa.Table]:
+    """The CDM 5.4 tables the extraction reads, by name: the columns it reads and, for a
+    database written from scratch (the demo's), the required dates beside each datetime
+    and indexes on what it joins on. Declared, not reflected: a missing table or column
+    is an error when queried."""
+    metadata = sa.MetaData(schema=schema_name)
+    big, dt, day, text = sa.BigInteger, sa.DateTime, sa.Date, sa.String(50)
+    person = sa.Table(
+        "person",
+        metadata,
+        sa.Column("person_id", big, primary_key=True),
+        sa.Column("gender_concept_id", big),
+        sa.Column("year_of_birth", sa.Integer),
+        sa.Column("month_of_birth", sa.Integer),
+        sa.Column("day_of_birth", sa.Integer),
+        sa.Column("birth_datetime", dt),
+        sa.Column("race_concept_id", big),
+        sa.Column("ethnicity_concept_id", big),
+        sa.Column("gender_source_value", text),
+        sa.Column("race_source_value", text),
+        sa.Column("ethnicity_source_value", text),
+    )
+    visit = sa.Table(
+        "visit_occurrence",
+        metadata,
+        sa.Column("visit_occurrence_id", big, primary_key=True),
+        sa.Column("person_id", big, index=True),
+        sa.Column("visit_concept_id", big),
+        sa.Column("visit_start_date", day),
+        sa.Column("visit_start_datetime", dt),
+        sa.Column("visit_end_date", day),
+        sa.Column("visit_type_concept_id", big),
+        sa.Column("discharged_to_concept_id", big),
+    )
+    tables = {"person": person, "visit_occurrence": visit}
+    for name in ("measurement", "observation"):
+        tables[name] = sa.Table(
+            name,
+            metadata,
+            sa.Column(f"{name}_id", big, primary_key=True),
+            sa.Column("person_id", big, index=True),
+            sa.Column(f"{name}_concept_id", big, index=True),
+            sa.Column(f"{name}_date", day),
+            sa.Column(f"{name}_datetime", dt),
+            sa.Column(f"{name}_type_concept_id", big),
+            sa.Column("value_as_number", sa.Float),
+            sa.Column("value_as_concept_id", big),
+            sa.Column("unit_concept_id", big),
+            sa.Column("visit_occurrence_id", big, index=True),
+        )
+    tables["condition_occurrence"] = sa.Table(
+        "condition_occurrence",
+        metadata,
+        sa.Column("condition_occurrence_id", big, primary_key=True),
+        sa.Column("person_id", big, index=True),
+        sa.Column("condition_concept_id", big),
+        sa.Column("condition_start_date", day),
+        sa.Column("condition_start_datetime", dt),
+        sa.Column("condition_type_concept_id", big),
+        sa.Column("visit_occurrence_id", big, index=True),
+    )
+    return tables
+
+
 class _Cdm:
-    """The CDM tables and columns the extraction reads (declared, not reflected)."""
+    """The tables one extraction queries."""
 
     def __init__(self, schema_name: str | None) -> None:
-        dt, num, text = sa.DateTime, sa.Float, sa.String
-        big = sa.BigInteger
-
-        def table(name: str, *columns: tuple[str, Any]) -> sa.TableClause:
-            return sa.table(name, *(sa.column(c, t) for c, t in columns), schema=schema_name)
-
-        self.person = table(
-            "person",
-            ("person_id", big),
-            ("year_of_birth", sa.Integer),
-            ("month_of_birth", sa.Integer),
-            ("day_of_birth", sa.Integer),
-            ("birth_datetime", dt),
-            *((c, text if c.endswith("source_value") else big) for c in PERSON_COLUMNS),
-        )
-        self.visit = table(
-            "visit_occurrence",
-            ("visit_occurrence_id", big),
-            ("person_id", big),
-            ("visit_concept_id", big),
-            ("visit_start_datetime", dt),
-            ("discharged_to_concept_id", big),
-        )
-        self.events = {
-            name: table(
-                name,
-                (f"{name}_id", big),
-                ("person_id", big),
-                ("visit_occurrence_id", big),
-                (f"{name}_concept_id", big),
-                (f"{name}_datetime", dt),
-                ("value_as_number", num),
-                ("value_as_concept_id", big),
-                ("unit_concept_id", big),
-            )
-            for name in ("measurement", "observation")
-        }
-        self.condition = table(
-            "condition_occurrence",
-            ("person_id", big),
-            ("visit_occurrence_id", big),
-            ("condition_concept_id", big),
-            ("condition_start_datetime", dt),
-        )
+        tables = cdm_tables(schema_name)
+        self.person = tables["person"]
+        self.visit = tables["visit_occurrence"]
+        self.events = {name: tables[name] for name in ("measurement", "observation")}
+        self.condition = tables["condition_occurrence"]
 
 
 def _hours(engine: Engine | Connection, later: Any, start: Any) -> Any:
@@ -128,11 +156,19 @@ class _Query:
             query = query.where(v.c.visit_concept_id.in_(self.classes))
         return query.where(v.c.visit_start_datetime.is_not(None))
 
-    def linked(self, table: sa.TableClause, visits: Any) -> Any:
-        """Rows of ``table`` in an index visit, or naming no visit but the same person."""
+    def linked(
+        self, table: sa.TableClause, visits: Any, when: str, window: tuple[float, float]
+    ) -> Any:
+        """Rows of ``table`` in an index visit, or naming no visit but the same person at a
+        time (column ``when``) within ``window`` hours of the visit's start."""
+        hours = _hours(self.conn, table.c[when], visits.c.visit_start_datetime)
         return sa.or_(
             table.c.visit_occurrence_id == visits.c.visit_occurrence_id,
-            sa.and_(table.c.visit_occurrence_id.is_(None), table.c.person_id == visits.c.person_id),
+            sa.and_(
+                table.c.visit_occurrence_id.is_(None),
+                table.c.person_id == visits.c.person_id,
+                hours.between(*window),
+            ),
         )
 
     def rows(self) -> list[sa.Row[Any]]:
@@ -200,7 +236,7 @@ class _Query:
                 table.c.unit_concept_id.label("unit"),
                 rank,
             )
-            .select_from(table.join(visits, self.linked(table, visits)))
+            .select_from(table.join(visits, self.linked(table, visits, moment.name, rule.window_h)))
             .where(*where)
             .subquery("ranked")
         )
@@ -208,17 +244,19 @@ class _Query:
         return {row.visit: (row.value, row.unit) for row in self.conn.execute(query)}
 
     def foreign_units(self, name: str, rule: Measured) -> list[tuple[Any, int]]:
+        """Rows of the field's concepts, linked to an index visit as :meth:`picked` links
+        them, whose unit the mapping does not list, counted by unit: they are refused, in
+        or out of the window, as FHIR refuses them."""
         if rule.units is None:
             return []
         table = self.cdm.events[rule.table]
         visits = self.index_visits().subquery("visits")
         concept = table.c[f"{rule.table}_concept_id"]
         unit = table.c.unit_concept_id
+        when = f"{rule.table}_datetime"
         query = (
             sa.select(unit, sa.func.count())
-            .select_from(
-                table.join(visits, table.c.visit_occurrence_id == visits.c.visit_occurrence_id)
-            )
+            .select_from(table.join(visits, self.linked(table, visits, when, rule.window_h)))
             .where(
                 concept.in_(_concepts(rule.codes, name, self.mapping.site)),
                 table.c.value_as_number.is_not(None),
@@ -229,6 +267,8 @@ class _Query:
         return [(row[0], int(row[1])) for row in self.conn.execute(query)]
 
     def unmapped(self, table_name: str, mapped: list[int]) -> list[tuple[Any, int]]:
+        """Rows of the index visits whose concept no field names, counted by concept (rows
+        naming no visit have no window to place them by, and are not counted)."""
         table = self.cdm.events[table_name]
         visits = self.index_visits().subquery("visits")
         concept = table.c[f"{table_name}_concept_id"]
@@ -250,7 +290,7 @@ class _Query:
         query = (
             sa.select(visits.c.visit_occurrence_id)
             .distinct()
-            .select_from(table.join(visits, self.linked(table, visits)))
+            .select_from(table.join(visits, self.linked(table, visits, when, rule.window_h)))
             .where(
                 table.c[column].in_(_concepts(rule.codes, "label", self.mapping.site)),
                 hours.between(*rule.window_h),
@@ -278,13 +318,14 @@ def _age(row: sa.Row[Any], tally: Tally, name: str) -> float:
     else:
         born = date(row.year_of_birth, row.month_of_birth, row.day_of_birth)
     assert start is not None  # index visits have a start
-    day = start.date()
-    return float(day.year - born.year - ((day.month, day.day) < (born.month, born.day)))
+    return float(completed_years(born, start))
 
 
-def _demographic(rule: Demographic, row: sa.Row[Any], tally: Tally, name: str) -> object:
+def _demographic(
+    rule: Demographic, row: sa.Row[Any], tally: Tally, name: str, linear: dict[str, Linear]
+) -> object:
     if rule.patient == "age":
-        return _age(row, tally, name)
+        return to_schema(linear, AGE_UNIT, _age(row, tally, name))
     value = getattr(row, rule.patient)
     return math.nan if value is None else str(value)
 
@@ -338,7 +379,8 @@ def _extract(
     rows = query.rows()
     columns: dict[str, list[object]] = {}
     for name, person in mapping.demographic().items():
-        columns[name] = [_demographic(person, row, tally, name) for row in rows]
+        ages = linear.get(name, {})
+        columns[name] = [_demographic(person, row, tally, name, ages) for row in rows]
     mapped: dict[str, list[int]] = {"measurement": [], "observation": []}
     for name, rule in mapping.measured().items():
         mapped[rule.table] += _concepts(rule.codes, name, mapping.site)
@@ -359,11 +401,7 @@ def _extract(
             elif rule.values:
                 values.append(str(held[0]))
             else:
-                factor, offset = linear.get(name, {}).get(str(held[1]), (1.0, 0.0))
-                number = _number(held[0])
-                values.append(
-                    number * factor + offset if (factor, offset) != (1.0, 0.0) else number
-                )
+                values.append(to_schema(linear.get(name, {}), str(held[1]), _number(held[0])))
         columns[name] = values
     label = mapping.label
     if label.observation is not None:

@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 
 from fedcare.ids import derive_seed
 from fedcare.study import ModelKind, ModelSpec, OptimizerKind, Study, TrainingSpec
-from fedcare.training.local import LocalResult, _batches, train_local
+from fedcare.training.local import LocalResult, finite, shuffled_batches, train_local
 
 
 def batchable(study: Study) -> bool:
@@ -81,7 +81,7 @@ def train_many(
     xs = [torch.from_numpy(np.ascontiguousarray(j.features, dtype=np.float32)) for j in jobs]
     ys = [torch.from_numpy(np.ascontiguousarray(j.labels, dtype=np.float32)) for j in jobs]
     schedules = [
-        _batches(int(x.shape[0]), training, torch.Generator().manual_seed(job.seed))
+        shuffled_batches(int(x.shape[0]), training, torch.Generator().manual_seed(job.seed))
         for x, job in zip(xs, jobs, strict=True)
     ]
     steps = max(len(s) for s in schedules)
@@ -123,13 +123,9 @@ def train_many(
     results = []
     for site, schedule in enumerate(schedules):
         flat_params = torch.cat([t[site].detach().reshape(-1) for t in params]).numpy().copy()
-        if not np.all(np.isfinite(flat_params)):
-            raise FloatingPointError(
-                "local training diverged (non-finite parameters); lower the learning rate"
-            )
         results.append(
             LocalResult(
-                params=flat_params,
+                params=finite(flat_params),
                 n_samples=int(xs[site].shape[0]),
                 steps=len(schedule),
                 loss=float(losses[site] / len(schedule)),

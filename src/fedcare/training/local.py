@@ -50,8 +50,9 @@ def _optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer | 
     )
 
 
-def _batches(n: int, spec: TrainingSpec, generator: torch.Generator) -> list[torch.Tensor]:
-    """Index batches for one call: whole shuffled epochs, or exactly ``steps`` batches."""
+def shuffled_batches(n: int, spec: TrainingSpec, generator: torch.Generator) -> list[torch.Tensor]:
+    """Index batches for one call: whole shuffled epochs, or exactly ``steps`` batches;
+    the same for a generator in the same state, whichever path trains with them."""
     batches: list[torch.Tensor] = []
     wanted = spec.steps
     epochs = spec.epochs or 0
@@ -108,7 +109,7 @@ def train_local(
                 raise ValueError("a proximal anchor other than the start is not used under DP")
             loss_mean = _train_dp(model, optimizer, training, dp, x, y)
             return _result(model, n, dp.steps, loss_mean)
-        batches = _batches(n, training, torch.Generator().manual_seed(seed))
+        batches = shuffled_batches(n, training, torch.Generator().manual_seed(seed))
         mu = training.proximal_mu
         pull = _anchor(model, anchor) if mu > 0 else []
         total = 0.0
@@ -185,13 +186,17 @@ def check_dp_model(study: Study) -> None:
         per_sample_clipper(build_model(study.model, study.feature_schema.input_shape), 1.0)
 
 
-def _result(model: nn.Module, n: int, steps: int, loss: float) -> LocalResult:
-    params = get_flat(model)
+def finite(params: NDArray[np.float32]) -> NDArray[np.float32]:
+    """``params``, unless training diverged."""
     if not np.all(np.isfinite(params)):
         raise FloatingPointError(
             "local training diverged (non-finite parameters); lower the learning rate"
         )
-    return LocalResult(params=params, n_samples=n, steps=steps, loss=loss)
+    return params
+
+
+def _result(model: nn.Module, n: int, steps: int, loss: float) -> LocalResult:
+    return LocalResult(params=finite(get_flat(model)), n_samples=n, steps=steps, loss=loss)
 
 
 def _dense_logits(

@@ -7,8 +7,6 @@ scikit-learn's.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel
@@ -50,13 +48,10 @@ def binary_metrics(
     if y.shape != p.shape or y.ndim != 1 or y.size == 0:
         raise ValueError(f"labels {y.shape} and scores {p.shape} must be equal-length vectors")
     if not np.all(np.isfinite(p)):
-        raise ValueError("metric is not finite; the scores contain NaN")
+        raise ValueError("the scores are not all finite numbers (NaN or infinity)")
     auroc, auprc = ranking_metrics(y, p)
     accuracy = float(np.mean((p >= threshold) == (y == 1)))
     brier = float(np.mean((p - y) ** 2))
-    for value in (auroc, auprc, accuracy, brier):
-        if value is not None and not math.isfinite(value):
-            raise ValueError("metric is not finite; the scores contain NaN")
     return BinaryMetrics(
         n=int(y.size),
         positives=int(y.sum()),
