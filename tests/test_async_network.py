@@ -119,10 +119,12 @@ def test_coordinator_killed_with_a_partly_filled_buffer_loses_and_repeats_nothin
     np.testing.assert_allclose(params, reference_model(study), atol=1e-6)
 
 
-# --- five processes, two behind a slow link ------------------------------------------------
+# --- five processes, three behind a slow link ----------------------------------------------
 
 FIVE = ("alpha", "beta", "gamma", "delta", "epsilon")
-THROTTLED = ("delta", "epsilon")
+THROTTLED = ("gamma", "delta", "epsilon")
+"""Three of five: a site holds one ready update at a time, so with a buffer of three no flush
+can be filled by the two fast sites alone, however slow the machine."""
 DELAY_S = 0.15
 """Added to every chunk a throttled site's connection carries, each way."""
 
@@ -189,7 +191,7 @@ def _five_cohorts() -> list[HospitalCohort]:
     ]
 
 
-def test_five_processes_two_throttled_secure_async_flushes_are_exact_and_private(
+def test_five_processes_three_throttled_secure_async_flushes_are_exact_and_private(
     tmp_path: Path,
 ) -> None:
     rounds = 6
@@ -262,7 +264,6 @@ def test_five_processes_two_throttled_secure_async_flushes_are_exact_and_private
             needles[f"{site} trained for {trained_for}"] = _windows(
                 update.delta.astype("<f4").tobytes()
             ) | _windows(update.delta.astype("<f8").tobytes())
-    slow_counted = 0
     for record in closed:
         number, sites = record["round"], record["participants"]
         bases = flushes[number]["trained_for"]
@@ -274,11 +275,10 @@ def test_five_processes_two_throttled_secure_async_flushes_are_exact_and_private
             w = quantize_weight(weight, plan) / plan.weight_scale
             weighted += w * clip_l2(delta, plan.clip_norm)
             weight_sum += w
-            slow_counted += site in THROTTLED
         np.testing.assert_allclose(
             versions[number] - versions[number - 1], weighted / weight_sum, atol=1e-5
         )
-    assert slow_counted >= 1, "no throttled site's update ever counted"
+    assert all(set(c["participants"]) & set(THROTTLED) for c in closed), closed
     # The coordinator holds no individual update: not in its database, files or log. The
     # search works: a plain upload of any of these updates would be found.
     for (site, trained_for), delta in updates.items():
