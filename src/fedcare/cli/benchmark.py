@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedcare.cli.common import console, errors, fail, guarded, progress_bar
+from fedcare.cli.common import (
+    ProcessesOption,
+    RayOption,
+    check_placement,
+    console,
+    errors,
+    fail,
+    guarded,
+    progress_bar,
+)
 from fedcare.study import AccountantKind, PersonalizationMethod, PersonalizationSpec
 
 benchmark_app = typer.Typer(
@@ -58,6 +67,8 @@ def benchmark_heart_disease(
     ditto_lam: Annotated[
         float, typer.Option(min=1e-6, max=1e4, help="ditto: pull towards the global model.")
     ] = 0.1,
+    processes: ProcessesOption = None,
+    ray: RayOption = None,
 ) -> None:
     """Fed-Heart-Disease (four real centres): pooled, local and every strategy vs FLamby."""
     from fedcare.data.heart_disease import (
@@ -73,6 +84,7 @@ def benchmark_heart_disease(
         table_rows,
     )
 
+    check_placement(processes, ray)
     if (epsilon is None) != (delta is None):
         fail("give --epsilon and --delta together (differential privacy needs both)")
     unknown = sorted(set(methods or ()) - set(METHODS))
@@ -106,6 +118,8 @@ def benchmark_heart_disease(
                 methods=methods or METHODS,
                 progress=progress,
                 personalization=specs,
+                processes=processes,
+                ray_address=ray,
             )
 
     result = guarded(run)

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from fedcare.cli.common import console, errors, fail, guarded, progress_bar
+from fedcare.cli.common import (
+    ProcessesOption,
+    RayOption,
+    check_placement,
+    console,
+    errors,
+    fail,
+    guarded,
+    progress_bar,
+)
 from fedcare.study import AccountantKind
 
 
@@ -48,6 +57,8 @@ def calibrate(
     out: Annotated[
         Path, typer.Option(help="Folder for calibration.json and calibration.html.")
     ] = Path("calibration"),
+    processes: ProcessesOption = None,
+    ray: RayOption = None,
 ) -> None:
     """Privacy-utility sweep: AUROC overall and per site, sensitivity per subgroup, per epsilon."""
     from fedcare.simulation.calibrate import DEFAULT_EPSILONS, CalibrationResult
@@ -55,6 +66,7 @@ def calibrate(
 
     if heart_disease is not None and (study_file is not None or sites_file is not None):
         fail("give --study/--sites or --heart-disease, not both")
+    check_placement(processes, ray)
 
     def run() -> CalibrationResult:
         from fedcare.data import demo_study
@@ -90,6 +102,8 @@ def calibrate(
                 max_grad_norm=max_grad_norm,
                 accountant=accountant,
                 progress=progress,
+                processes=processes,
+                ray_address=ray,
             )
 
     result = guarded(run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn, TypeVar
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,6 +22,30 @@ console = Console()
 errors = Console(stderr=True)
 
 T = TypeVar("T")
+
+ProcessesOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Local processes for the independent runs (default: one per core once the "
+        "first run shows the rest would take over 10 s; 1: all in this process).",
+    ),
+]
+RayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS",
+        help="Run the independent runs on this Ray cluster ('local' starts one here); needs "
+        "fedcare[ray]. The cluster receives the sites' data.",
+    ),
+]
+
+
+def check_placement(processes: int | None, ray: str | None) -> None:
+    """``--processes`` and ``--ray`` exclude each other."""
+    if ray is not None and processes is not None:
+        fail("give --processes or --ray, not both (Ray places the runs itself)")
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -43,6 +67,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedcare.releases.registry import RegistryError
     from fedcare.schema.mapping import DataValidationError, MappingError
     from fedcare.schema.readers import DataFileError
+    from fedcare.simulation.cells import RayError
     from fedcare.simulation.pace import PaceError
     from fedcare.simulation.sites import SitesFileError
     from fedcare.site.agent import SiteAgentError
@@ -65,6 +90,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         SiteDataError,
         SitesFileError,
         PaceError,
+        RayError,
         ConfigError,
         SiteAgentError,
         CoordinatorError,

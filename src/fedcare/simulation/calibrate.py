@@ -13,13 +13,16 @@ final model is scored on every site's held-out rows:
   patients, or no positives, has no number.
 
 Each figure is the mean over seeds with its standard deviation. Sites run
-without a privacy ledger here: nothing leaves a machine.
+without a privacy ledger here: nothing leaves a machine, and each run's DP noise is
+seeded from its seed, so the table is the same on one process, on several, or on a Ray
+cluster.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -27,10 +30,9 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, Field
 from sklearn.metrics import roc_auc_score
 
-from fedcare.models.size import study_parameter_count
+from fedcare.simulation.cells import run_cells
 from fedcare.simulation.runner import run_federation
 from fedcare.site.dataset import SiteDataset
-from fedcare.site.worker import SiteWorker
 from fedcare.study import AccountantKind, Study
 from fedcare.training import predict_proba
 from fedcare.validation.report import age_band
@@ -135,6 +137,57 @@ def _sensitivity(
     return float(predicted[positives].mean())
 
 
+@dataclass(frozen=True)
+class SweepInputs:
+    """What every cell of the sweep reads: sent to each worker once."""
+
+    study: Study
+    sites: tuple[SiteDataset, ...]
+    delta: float
+    max_grad_norm: float
+    accountant: AccountantKind
+    threshold: float
+    levels: dict[str, NDArray[np.str_]]
+    """Each held-out row's subgroup level, per subgroup the data has."""
+
+
+@dataclass(frozen=True)
+class CellScores:
+    """One run of the study (one epsilon, one seed), scored on every site's held-out rows."""
+
+    auroc: float
+    auroc_by_site: dict[str, float | None]
+    sensitivity: dict[str, float | None]
+
+
+def score_cell(inputs: SweepInputs, cell: tuple[float | None, int]) -> CellScores:
+    """Run the study at ``cell`` = (epsilon per site or None for no DP, seed) and score it.
+
+    DP noise is seeded from the cell's seed (no ledger: nothing leaves the machine), so a
+    cell gives the same scores in any process."""
+    epsilon, seed = cell
+    study, sites = inputs.study, inputs.sites
+    run = _private_study(study, epsilon, inputs.delta, inputs.max_grad_norm, inputs.accountant)
+    run = run.replace(seed=seed)
+    params = run_federation(run, sites, noise_seed=seed).params
+    scores = _score(run, params, sites)
+    y_all = np.concatenate([s.y_test for s in sites]).astype(np.float64)
+    p_all = np.concatenate([scores[s.name] for s in sites])
+    by_site: dict[str, float | None] = {}
+    for site in sites:
+        y = site.y_test.astype(np.float64)
+        ok = 0 < y.sum() < y.size
+        by_site[site.name] = float(roc_auc_score(y, scores[site.name])) if ok else None
+    predicted = p_all >= inputs.threshold
+    min_cohort = study.disclosure.min_cohort_size
+    sensitivity: dict[str, float | None] = {}
+    for name, lv in inputs.levels.items():
+        for level in sorted(set(lv.tolist())):
+            mask = lv == level
+            sensitivity[f"{name}={level}"] = _sensitivity(y_all[mask], predicted[mask], min_cohort)
+    return CellScores(float(roc_auc_score(y_all, p_all)), by_site, sensitivity)
+
+
 def calibrate(
     study: Study,
     sites: Sequence[SiteDataset],
@@ -145,13 +198,20 @@ def calibrate(
     max_grad_norm: float = 1.0,
     accountant: AccountantKind = AccountantKind.RDP,
     progress: Progress = _quiet,
+    *,
+    processes: int | None = None,
+    ray_address: str | None = None,
 ) -> CalibrationResult:
     """Sweep ``epsilons`` (and no DP) over ``n_seeds`` seeds; see the module docstring.
 
     ``threshold`` defaults to the study's operating threshold when its sites
     validate releases (``validation.threshold``, the point the consortium agreed),
     otherwise to the positive rate of all sites' training labels, a fixed
-    operating point that suits rare outcomes better than 0.5.
+    operating point that suits rare outcomes better than 0.5. The runs are independent
+    cells: on ``processes`` local processes (by default one per core for a sweep long
+    enough to gain from them; 1 runs them here) or
+    on the Ray cluster at ``ray_address`` (:func:`fedcare.simulation.cells.run_cells`),
+    with the same table either way.
     """
     if n_seeds < 1:
         raise ValueError("the sweep needs at least one seed")
@@ -161,48 +221,36 @@ def calibrate(
         threshold = study.validation.threshold
     if threshold is None:
         threshold = float(np.concatenate([s.y_train for s in sites]).mean())
-    min_cohort = study.disclosure.min_cohort_size
-    y_all = np.concatenate([s.y_test for s in sites]).astype(np.float64)
     frame = pd.concat([s.test_frame for s in sites], ignore_index=True)
     levels = {name: subgroup_levels(frame, name) for name in SUBGROUPS}
     available = {name: lv for name, lv in levels.items() if lv is not None}
-    n_params = study_parameter_count(study)
     seeds = [study.seed + i for i in range(n_seeds)]
     grid: list[float | None] = [*sorted(epsilons), None]
+    inputs = SweepInputs(
+        study, tuple(sites), delta, max_grad_norm, accountant, threshold, available
+    )
+    cells = [(epsilon, seed) for epsilon in grid for seed in seeds]
+    scored = run_cells(
+        score_cell,
+        inputs,
+        cells,
+        processes=processes,
+        ray_address=ray_address,
+        progress=lambda done, total: progress("calibrate", done, total),
+    )
     points: list[GridPoint] = []
     for k, epsilon in enumerate(grid):
-        label = NO_DP if epsilon is None else f"{epsilon:g}"
-        auroc: list[float | None] = []
-        by_site: dict[str, list[float | None]] = {s.name: [] for s in sites}
-        sensitivity: dict[str, list[float | None]] = {}
-        for i, seed in enumerate(seeds):
-            run = _private_study(study, epsilon, delta, max_grad_norm, accountant)
-            run = run.replace(seed=seed)
-            workers = {s.name: SiteWorker(run, s, n_params) for s in sites}
-            params = run_federation(run, sites, workers=workers).params
-            scores = _score(run, params, sites)
-            p_all = np.concatenate([scores[s.name] for s in sites])
-            auroc.append(float(roc_auc_score(y_all, p_all)))
-            for site in sites:
-                y = site.y_test.astype(np.float64)
-                ok = 0 < y.sum() < y.size
-                by_site[site.name].append(
-                    float(roc_auc_score(y, scores[site.name])) if ok else None
-                )
-            predicted = p_all >= threshold
-            for name, lv in available.items():
-                for level in sorted(set(lv.tolist())):
-                    mask = lv == level
-                    value = _sensitivity(y_all[mask], predicted[mask], min_cohort)
-                    sensitivity.setdefault(f"{name}={level}", []).append(value)
-            progress("calibrate", k * n_seeds + i + 1, len(grid) * n_seeds)
+        runs = scored[k * n_seeds : (k + 1) * n_seeds]
+        groups = list(dict.fromkeys(g for r in runs for g in r.sensitivity))
         points.append(
             GridPoint(
                 epsilon=epsilon,
-                label=label,
-                auroc=_spread(auroc),
-                auroc_by_site={name: _spread(v) for name, v in by_site.items()},
-                sensitivity={group: _spread(v) for group, v in sensitivity.items()},
+                label=NO_DP if epsilon is None else f"{epsilon:g}",
+                auroc=_spread([r.auroc for r in runs]),
+                auroc_by_site={
+                    s.name: _spread([r.auroc_by_site[s.name] for r in runs]) for s in sites
+                },
+                sensitivity={g: _spread([r.sensitivity.get(g) for r in runs]) for g in groups},
             )
         )
     return CalibrationResult(
@@ -211,7 +259,7 @@ def calibrate(
         accountant=accountant.value,
         max_grad_norm=max_grad_norm,
         threshold=threshold,
-        min_cohort=min_cohort,
+        min_cohort=study.disclosure.min_cohort_size,
         seeds=seeds,
         subgroups=list(available),
         unavailable_subgroups=[n for n in SUBGROUPS if n not in available],

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from fedcare.data.heart_disease import CENTER_NAMES, heart_disease_study
 from fedcare.models.size import study_parameter_count
+from fedcare.simulation.cells import run_cells
 from fedcare.simulation.results import RoundRecord
 from fedcare.simulation.runner import (
     POOLED,
@@ -201,12 +202,15 @@ def federate(
 
 
 def personal_accuracies(
-    study: Study, sites: Sequence[SiteDataset], progress: Progress = _quiet
+    study: Study,
+    sites: Sequence[SiteDataset],
+    progress: Progress = _quiet,
+    noise_seed: int | None = None,
 ) -> dict[str, float]:
     """Each centre's personal model (the study's ``personalization``) on that centre's own
     test set: the accuracy a personalised centre would see."""
     n_params = study_parameter_count(study)
-    workers = {s.name: SiteWorker(study, s, n_params) for s in sites}
+    workers = {s.name: SiteWorker(study, s, n_params, noise_seed=noise_seed) for s in sites}
     run = run_federation(study, sites, progress, workers=workers)
     out = {}
     for site in sites:
@@ -286,13 +290,39 @@ def table_rows(result: BenchmarkResult) -> list[TableRow]:
     ]
 
 
-def _rounds_progress(progress: Progress, stage: str, offset: int, total: int) -> Progress:
-    """Report a run's rounds as part of one bar spanning every seed of a method."""
+BASELINES = "pooled and local"
+"""The cell that trains the pooled model and every centre's local model for one seed."""
 
-    def report(_stage: str, done: int, _total: int) -> None:
-        progress(stage, offset + done, total)
 
-    return report
+@dataclass(frozen=True)
+class BenchmarkInputs:
+    """What every run of the benchmark reads: sent to each worker once."""
+
+    base: Study
+    sites: tuple[SiteDataset, ...]
+    proximal_mu: float
+
+
+BenchmarkCell = tuple[str, int, PersonalizationSpec | None]
+"""(row: BASELINES, a method or a personalised row; seed; that row's personalisation)."""
+
+
+def run_cell(inputs: BenchmarkInputs, cell: BenchmarkCell) -> dict[str, dict[str, float]]:
+    """One seed of one row (or of the baselines): each row's test accuracy per centre.
+
+    DP noise, when the study has it, is seeded from the cell's seed, so a cell gives the
+    same accuracies in any process."""
+    name, seed, spec = cell
+    seeded, sites = inputs.base.replace(seed=seed), inputs.sites
+    if name == BASELINES:
+        baselines = train_baselines(seeded, sites)
+        return {row: accuracies(seeded, params, sites) for row, params in baselines.items()}
+    if spec is None:
+        study = method_study(seeded, name, proximal_mu=inputs.proximal_mu)
+        params = run_federation(study, sites, noise_seed=seed).params
+        return {name: accuracies(study, params, sites)}
+    personal = method_study(seeded, Strategy.FEDAVG.value).replace(personalization=spec)
+    return {name: personal_accuracies(personal, sites, noise_seed=seed)}
 
 
 def run_benchmark(
@@ -303,37 +333,38 @@ def run_benchmark(
     progress: Progress = _quiet,
     proximal_mu: float = DEFAULT_PROXIMAL_MU,
     personalization: Sequence[PersonalizationSpec] = (),
+    *,
+    processes: int | None = None,
+    ray_address: str | None = None,
 ) -> BenchmarkResult:
     """Pooled, the local models and every method over ``n_seeds`` seeds (study seed + i);
     each ``personalization`` on FedAvg as "fedavg+<method>" (each centre's personal model
-    on its own test set)."""
+    on its own test set). Each (row, seed) is an independent cell: on ``processes`` local
+    processes (by default one per core when long enough to gain from them) or on the Ray
+    cluster at ``ray_address``."""
     if n_seeds < 1:
         raise ValueError("the benchmark needs at least one seed")
     started = time.perf_counter()
     base = study or heart_disease_study()
     seeds = [base.seed + i for i in range(n_seeds)]
     centers = [s.name for s in sites]
+    rows: list[tuple[str, PersonalizationSpec | None]] = [(BASELINES, None)]
+    rows += [(method, None) for method in methods]
+    rows += [(f"{PERSONAL_PREFIX}{spec.method.value}", spec) for spec in personalization]
+    cells: list[BenchmarkCell] = [(name, seed, spec) for name, spec in rows for seed in seeds]
+    scored = run_cells(
+        run_cell,
+        BenchmarkInputs(base, tuple(sites), proximal_mu),
+        cells,
+        processes=processes,
+        ray_address=ray_address,
+        progress=lambda done, total: progress("benchmark runs", done, total),
+    )
     runs: dict[str, list[dict[str, float]]] = {}
-    for done, seed in enumerate(seeds, start=1):
-        seeded = base.replace(seed=seed)
-        for name, params in train_baselines(seeded, sites).items():
-            runs.setdefault(name, []).append(accuracies(seeded, params, sites))
-        progress("pooled and local", done, n_seeds)
+    for result in scored:
+        for name, accuracy in result.items():
+            runs.setdefault(name, []).append(accuracy)
     rounds = base.rounds.count
-    for method in methods:
-        runs[method] = []
-        for i, seed in enumerate(seeds):
-            seeded = method_study(base.replace(seed=seed), method, proximal_mu=proximal_mu)
-            report = _rounds_progress(progress, method, i * rounds, n_seeds * rounds)
-            runs[method].append(federate(seeded, sites, report).accuracy)
-    for spec in personalization:
-        name = f"{PERSONAL_PREFIX}{spec.method.value}"
-        runs[name] = []
-        for i, seed in enumerate(seeds):
-            seeded = method_study(base.replace(seed=seed), Strategy.FEDAVG.value)
-            personal = seeded.replace(personalization=spec)
-            report = _rounds_progress(progress, name, i * rounds, n_seeds * rounds)
-            runs[name].append(personal_accuracies(personal, sites, report))
     measured = {name: summarise(per_seed, centers) for name, per_seed in runs.items()}
     return BenchmarkResult(
         measured=measured,

@@ -137,18 +137,23 @@ def run_federation(
     offline: frozenset[str] = frozenset(),
     registry: ReleaseRegistry | None = None,
     pacing: Pacing | None = None,
+    noise_seed: int | None = None,
 ) -> FederationRun:
     """Run every round of the study through the study service, in this process.
 
     Each site is a real :class:`SiteWorker` (``workers``, or plain ones built from
-    ``sites``); sites in ``offline`` never answer. A study that validates releases
+    ``sites``, whose DP noise is seeded from ``noise_seed`` when given, so the run
+    repeats); sites in ``offline`` never answer. A study that validates releases
     keeps them in ``registry`` (a temporary one when not given). ``pacing`` gives the
     sites their speed, latency and availability on the virtual clock.
     """
     n_params = study_parameter_count(study)
     if workers is None:
         shared = SharedRound(study) if shares_rounds(study) else None
-        workers = {s.name: SiteWorker(study, s, n_params, shared=shared) for s in sites}
+        workers = {
+            s.name: SiteWorker(study, s, n_params, shared=shared, noise_seed=noise_seed)
+            for s in sites
+        }
     records: list[RoundRecord] = []
     total = study.rounds.count
 

@@ -68,12 +68,18 @@ class SiteWorker:
         *,
         privacy: PrivacyGuard | None = None,
         shared: SharedRound | None = None,
+        noise_seed: int | None = None,
     ) -> None:
         """``site_gates`` and ``min_cohort`` come from the site's policy and govern its
         validation reports. ``privacy``: the site's ledger and budget. Without it a DP
         study still trains with DP-SGD (fresh secret seed each round) but nothing is
         recorded: for simulations and benchmarks, never for a site agent. ``shared``:
-        in a simulation, the sites' training batched across sites (this site joins it)."""
+        in a simulation, the sites' training batched across sites (this site joins it).
+        ``noise_seed``: without a guard, each round's DP secret seed is derived from it, the
+        site and the round instead of drawn fresh, so a privacy-utility sweep gives the same
+        table wherever its runs execute; never for a site agent, whose seeds are secret."""
+        if noise_seed is not None and privacy is not None:
+            raise ValueError("a site with a privacy ledger draws its DP seeds from the ledger")
         if data.n_train > study.aggregation.max_records:
             # Refused here, at start, not by the coordinator in the middle of a round.
             raise RoundError(
@@ -88,6 +94,7 @@ class SiteWorker:
         self.min_cohort = min_cohort
         self.privacy = privacy
         self.shared = shared
+        self.noise_seed = noise_seed
         if shared is not None:
             shared.register(data.name, data.x_train, data.y_train)
         self._plan: SitePlan | None = None
@@ -250,9 +257,8 @@ class SiteWorker:
                         largest,
                     )
                 else:
-                    self._noisy_count = noisy_count(
-                        n, study.privacy.count_noise, secrets.randbits(63), largest
-                    )
+                    seed = self._simulated_seed("dp-count", 0)
+                    self._noisy_count = noisy_count(n, study.privacy.count_noise, seed, largest)
             return self._noisy_count
         if secure.enabled:
             return bucket(n)
@@ -273,4 +279,10 @@ class SiteWorker:
             return None
         if self._plan is None:
             self._plan = plan_site(self.study, self.data.n_train)
-        return dp_settings(self._plan, secrets.randbits(63))
+        return dp_settings(self._plan, self._simulated_seed("dp-noise", round_number))
+
+    def _simulated_seed(self, purpose: str, round_number: int) -> int:
+        """A DP secret seed without a ledger: fresh, or derived from ``noise_seed``."""
+        if self.noise_seed is None:
+            return secrets.randbits(63)
+        return derive_seed(self.noise_seed, purpose, self.data.name, round_number)

@@ -1,0 +1,203 @@
+"""Independent cells of a sweep (epsilon, seed, strategy), run in this process, on local
+processes or on a Ray cluster, with results in the order of the cells.
+
+A cell is a pure function of the shared inputs and its own key: it returns the same
+result wherever it runs, so the three ways give the same table. The shared inputs (the
+study and every site's data) are sent to each worker once; a Ray cluster therefore
+receives the sites' data and must sit inside the same trust domain as the machine that
+holds it. Workers train with one thread each: the parallelism is across cells.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Any, Generic, TypeVar, cast
+
+Shared = TypeVar("Shared")
+Cell = TypeVar("Cell")
+Result = TypeVar("Result")
+
+CellProgress = Callable[[int, int], None]
+"""Called with (cells done, cells in all) as each cell finishes."""
+
+
+def _quiet(done: int, total: int) -> None:
+    del done, total
+
+
+class CellTask(Generic[Shared, Cell, Result]):
+    """``task(shared, cell)`` for every cell: a module-level function, so that other
+    processes can import it by name."""
+
+    def __init__(self, task: Callable[[Shared, Cell], Result], shared: Shared) -> None:
+        self.task = task
+        self.shared = shared
+
+
+def default_processes() -> int:
+    """One process per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+WORTH_SPREADING_S = 10.0
+"""By default the cells after the first go to other processes only when, at the first
+cell's pace, they would take longer than this here: a process that imports PyTorch
+takes seconds to start, more than a short sweep saves."""
+
+
+def run_cells(
+    task: Callable[[Shared, Cell], Result],
+    shared: Shared,
+    cells: Sequence[Cell],
+    *,
+    processes: int | None = None,
+    ray_address: str | None = None,
+    progress: CellProgress = _quiet,
+) -> list[Result]:
+    """``task(shared, cell)`` for each cell, in cell order.
+
+    ``ray_address``: on that Ray cluster (``"local"`` starts one on this machine for the
+    run; the optional ``fedcare[ray]`` extra). ``processes``: on that many local processes
+    (1: all in this process). By default the first cell runs here, and the rest on one
+    process per core when they would take more than :data:`WORTH_SPREADING_S` here.
+    """
+    if ray_address is not None:
+        return _on_ray(task, shared, cells, ray_address, progress)
+    total = len(cells)
+    if processes is None:
+        if not cells:
+            return []
+        started = time.perf_counter()
+        first = task(shared, cells[0])
+        progress(1, total)
+        rest = cells[1:]
+        count = min(default_processes(), len(rest))
+        if count > 1 and (time.perf_counter() - started) * len(rest) > WORTH_SPREADING_S:
+            after = _on_processes(task, shared, rest, count, _offset(progress, 1, total))
+        else:
+            after = _here(task, shared, rest, _offset(progress, 1, total))
+        return [first, *after]
+    if min(processes, total) <= 1:
+        return _here(task, shared, cells, progress)
+    return _on_processes(task, shared, cells, min(processes, total), progress)
+
+
+def _offset(progress: CellProgress, done: int, total: int) -> CellProgress:
+    """Progress of a tail of the cells, reported against all of them."""
+    return lambda finished, _: progress(done + finished, total)
+
+
+def _here(
+    task: Callable[[Shared, Cell], Result],
+    shared: Shared,
+    cells: Sequence[Cell],
+    progress: CellProgress,
+) -> list[Result]:
+    results = []
+    for done, cell in enumerate(cells, start=1):
+        results.append(task(shared, cell))
+        progress(done, len(cells))
+    return results
+
+
+_WORKER: dict[str, CellTask[Any, Any, Any]] = {}
+"""The task and shared inputs of this worker process, set once when it starts."""
+
+
+def _start_worker(job: CellTask[Any, Any, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER["job"] = job
+
+
+def _run_in_worker(cell: object) -> object:
+    job = _WORKER["job"]
+    return job.task(job.shared, cell)
+
+
+def _on_processes(
+    task: Callable[[Shared, Cell], Result],
+    shared: Shared,
+    cells: Sequence[Cell],
+    count: int,
+    progress: CellProgress,
+) -> list[Result]:
+    # Spawned, not forked: a fork of a process that has started PyTorch's threads can hang.
+    context = multiprocessing.get_context("spawn")
+    job = CellTask(task, shared)
+    pool = ProcessPoolExecutor(count, context, initializer=_start_worker, initargs=(job,))
+    with pool:
+        futures = {pool.submit(_run_in_worker, c): i for i, c in enumerate(cells)}
+        results: dict[int, Result] = {}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                results[futures[future]] = cast(Result, future.result())
+            progress(len(results), len(cells))
+    return [results[i] for i in range(len(cells))]
+
+
+def _run_on_ray(job: CellTask[Any, Any, Any], cell: object) -> object:
+    return job.task(job.shared, cell)
+
+
+def _on_ray(
+    task: Callable[[Shared, Cell], Result],
+    shared: Shared,
+    cells: Sequence[Cell],
+    address: str,
+    progress: CellProgress,
+) -> list[Result]:
+    try:
+        import ray
+    except ImportError as exc:
+        raise RayError(
+            "--ray needs Ray: pip install 'fedcare[ray]' (on this machine and every node)"
+        ) from exc
+    _check_listening(address)
+    try:
+        if address == "local":
+            # A dashboard only for a cluster started here; a running cluster keeps its own.
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RayError(f"cannot use the Ray cluster at '{address}': {first}") from exc
+    try:
+        job = ray.put(CellTask(task, shared))
+        remote = ray.remote(num_cpus=1)(_run_on_ray)
+        refs = [remote.remote(job, cell) for cell in cells]
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: dict[int, Result] = {}
+        pending = list(refs)
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            for ref in finished:
+                results[index[ref]] = cast(Result, ray.get(ref))
+            progress(len(results), len(cells))
+        return [results[i] for i in range(len(cells))]
+    finally:
+        ray.shutdown()
+
+
+def _check_listening(address: str) -> None:
+    """Refuse at once a ``host:port`` where nothing listens (Ray itself retries for minutes)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return  # "local", "auto": Ray resolves these itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise RayError(f"no Ray cluster answers at '{address}': {exc.strerror or exc}") from exc
+
+
+class RayError(RuntimeError):
+    """``--ray`` was asked for and Ray is not installed or its cluster cannot be reached."""

@@ -1,0 +1,76 @@
+"""A sweep's cells: the same results, in cell order, in this process and on local processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from fedcare.simulation.cells import RayError, run_cells
+
+
+def _where(offset: int, cell: int) -> tuple[int, int]:
+    """A cell's value and the process that computed it."""
+    if cell < 0:
+        raise ValueError(f"cell {cell} refused")
+    return offset + cell * cell, os.getpid()
+
+
+def test_serial_cells_run_here_in_order_with_progress() -> None:
+    seen: list[tuple[int, int]] = []
+    results = run_cells(
+        _where, 10, [3, 1, 2], processes=1, progress=lambda d, t: seen.append((d, t))
+    )
+    assert [value for value, _ in results] == [19, 11, 14]
+    assert {pid for _, pid in results} == {os.getpid()}
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_cells_on_local_processes_come_back_in_cell_order() -> None:
+    seen: list[tuple[int, int]] = []
+    cells = list(range(8, 0, -1))
+    results = run_cells(_where, 5, cells, processes=2, progress=lambda d, t: seen.append((d, t)))
+    assert [value for value, _ in results] == [5 + c * c for c in cells]
+    pids = {pid for _, pid in results}
+    assert os.getpid() not in pids
+    assert 1 <= len(pids) <= 2
+    assert seen[-1] == (8, 8)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_a_failing_cell_fails_the_sweep_with_its_error() -> None:
+    with pytest.raises(ValueError, match="cell -1 refused"):
+        run_cells(_where, 0, [1, -1, 2], processes=2)
+    with pytest.raises(ValueError, match="cell -1 refused"):
+        run_cells(_where, 0, [1, -1], processes=1)
+
+
+def test_ray_without_ray_installed_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
+    with pytest.raises(RayError, match=r"pip install 'fedcare\[ray\]'"):
+        run_cells(_where, 0, [1], ray_address="local")
+
+
+def test_ray_where_no_cluster_listens_is_one_clear_error() -> None:
+    from fedcare.simulation.loopback import free_port
+
+    with pytest.raises(RayError, match=r"no Ray cluster answers at '127\.0\.0\.1:\d+'"):
+        run_cells(_where, 0, [1], ray_address=f"127.0.0.1:{free_port()}")
+
+
+def test_by_default_a_short_sweep_stays_here_and_a_long_one_spreads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    short = run_cells(_where, 1, [1, 2, 3])
+    assert [value for value, _ in short] == [2, 5, 10]
+    assert {pid for _, pid in short} == {os.getpid()}
+    # As if each cell took long: the first runs here, the rest on other processes.
+    monkeypatch.setattr("fedcare.simulation.cells.WORTH_SPREADING_S", 0.0)
+    seen: list[int] = []
+    long = run_cells(_where, 1, [1, 2, 3, 4], progress=lambda d, t: seen.append(d))
+    assert [value for value, _ in long] == [2, 5, 10, 17]
+    assert long[0][1] == os.getpid()
+    assert os.getpid() not in {pid for _, pid in long[1:]}
+    assert seen[0] == 1
+    assert seen[-1] == 4
