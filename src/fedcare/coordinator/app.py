@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
+from fedcare.coordinator.changes import Changes, NotifyOnWrite
 from fedcare.coordinator.tls import PEER_KEY, CertificateBook, Revocations
 from fedcare.coordinator.ui import add_dashboard
 from fedcare.drift.summary import DriftSummary
@@ -163,18 +164,24 @@ def _refusal(status: int) -> Callable[[Request, Exception], Awaitable[JSONRespon
     return handler
 
 
+STOP_CHECK_S = 1.0
+"""Longest a long-poll waits without a change before it looks at ``stopping`` again (the
+ticker's notifications usually wake it sooner)."""
+
+
 async def _long_poll(
-    fetch: Callable[[], T | None], wait_s: float, stopping: threading.Event
+    fetch: Callable[[], T | None], wait_s: float, stopping: threading.Event, changes: Changes
 ) -> T | None:
     """Call ``fetch`` (in a worker thread) until it has something, ``wait_s`` has passed,
     or the server is stopping (the site is told to come back, and shutdown waits for
-    no long-poll)."""
+    no long-poll); between calls, wait for a change (:class:`Changes`), not a timer."""
     until = time.monotonic() + wait_s
     while True:
+        seen = changes.generation
         result = await run_in_threadpool(fetch)
         if result is not None or time.monotonic() >= until or stopping.is_set():
             return result
-        await asyncio.sleep(0.1)
+        await changes.wait(seen, min(until - time.monotonic(), STOP_CHECK_S))
 
 
 def _ready(reply: TaskReply) -> TaskReply | None:
@@ -248,6 +255,7 @@ def create_app(
     ``/ui`` (it verifies ``audit_log``). Setting ``stopping`` ends every open long-poll
     and event stream at once (the server sets it on SIGTERM)."""
     stopping = stopping or threading.Event()
+    changes = Changes()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -271,6 +279,8 @@ def create_app(
                         await run_in_threadpool(coordinator.tick)
                     except Exception:
                         log.exception("closing a round of %s failed", coordinator.hash[:12])
+                # A deadline may have closed a stage or a round: waiting polls look again.
+                changes.notify()
                 await asyncio.sleep(tick_s)
 
         task = asyncio.create_task(ticker())
@@ -319,6 +329,7 @@ def create_app(
         app.add_exception_handler(fault, _store)
 
     add_dashboard(app, coordinators, viewer, audit_log, stopping)
+    app.add_middleware(NotifyOnWrite, changes=changes)
 
     @app.get("/v1/health")
     async def health() -> dict[str, str]:
@@ -420,7 +431,7 @@ def create_app(
         site = _identity(request)
         coordinator = study_for(study_hash, site)
         reply = await _long_poll(
-            lambda: _ready(coordinator.task_for(site)), min(wait, poll_wait_s), stopping
+            lambda: _ready(coordinator.task_for(site)), min(wait, poll_wait_s), stopping, changes
         )
         if reply is None:
             return Response(status_code=204, headers={"Retry-After": "1"})
@@ -546,6 +557,7 @@ def create_app(
             lambda: coordinator.secure_fetch(site, round_number, stage),
             min(wait, poll_wait_s),
             stopping,
+            changes,
         )
         if data is None:
             return Response(status_code=204, headers={"Retry-After": "1"})

@@ -1,0 +1,89 @@
+"""Long-polls wake on a change, not on a timer, and never miss one that lands mid-ask."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from fedcare.coordinator.app import _long_poll
+from fedcare.coordinator.changes import Changes
+
+
+def test_a_change_made_while_asking_is_not_missed() -> None:
+    async def scenario() -> float:
+        changes = Changes()
+        seen = changes.generation
+        changes.notify()  # lands after the poll read the generation, before it waits
+        started = time.monotonic()
+        await changes.wait(seen, 5.0)
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 0.1
+
+
+def test_a_waiting_poll_answers_when_state_changes_and_asks_once_per_change() -> None:
+    calls: list[float] = []
+    state = {"ready": False}
+
+    def fetch() -> str | None:
+        calls.append(time.monotonic())
+        return "task" if state["ready"] else None
+
+    async def scenario() -> tuple[str | None, float]:
+        changes = Changes()
+
+        async def writer() -> None:
+            await asyncio.sleep(0.5)
+            state["ready"] = True
+            changes.notify()
+
+        started = time.monotonic()
+        task = asyncio.create_task(writer())
+        result = await _long_poll(fetch, 10.0, threading.Event(), changes)
+        await task
+        return result, time.monotonic() - started
+
+    result, elapsed = asyncio.run(scenario())
+    assert result == "task"
+    assert 0.5 <= elapsed < 0.7
+    # Asked when it came in and once after the change: no asking every 100 ms between.
+    assert len(calls) == 2
+
+
+def test_without_changes_a_poll_ends_at_its_wait_having_asked_rarely() -> None:
+    calls: list[float] = []
+
+    def fetch() -> None:
+        calls.append(time.monotonic())
+
+    async def scenario() -> float:
+        started = time.monotonic()
+        await _long_poll(fetch, 0.8, threading.Event(), Changes())
+        return time.monotonic() - started
+
+    elapsed = asyncio.run(scenario())
+    assert 0.8 <= elapsed < 1.2
+    assert len(calls) == 2  # on arrival and at the end of the wait
+
+
+def test_writes_notify_and_reads_do_not() -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from fedcare.coordinator.changes import NotifyOnWrite
+
+    async def endpoint(_: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    changes = Changes()
+    app = Starlette(routes=[Route("/x", endpoint, methods=["GET", "POST", "DELETE"])])
+    client = TestClient(NotifyOnWrite(app, changes))
+    client.get("/x")
+    assert changes.generation == 0
+    client.post("/x")
+    client.delete("/x")
+    client.post("/missing")  # a refused write notifies too: harmless, polls just ask again
+    assert changes.generation == 3
