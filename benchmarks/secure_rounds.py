@@ -2,13 +2,13 @@
 
 Run from the repository root with the project's venv::
 
-    .venv/bin/python benchmarks/secure_rounds.py [--sites 5 10 20] [--rounds 8] [--json FILE]
+    .venv/bin/python benchmarks/secure_rounds.py [--rounds 8] [--json FILE]
 
 Workload
-    The demo study (DP-SGD at every site, as in the demo) on N sites: the five built-in
-    hospitals, then five more per further data seed (renamed), ``--rounds`` rounds, real
-    processes on loopback over mutual TLS, once with secure aggregation (SecAgg+) and once
-    without, per N.
+    The demo study (DP-SGD at every site, as in the demo) on the five built-in hospitals,
+    ``--rounds`` rounds, real processes on loopback over mutual TLS, once with secure
+    aggregation (SecAgg+) and once without. More sites are not measured yet: the demo
+    deployment gives privacy budgets to the five built-in hospitals only.
 
 What is measured
     Per round, the coordinator's overhead: the round's wall time (opened to closed, from
@@ -17,14 +17,12 @@ What is measured
     secure stage, from the coordinator's log: how long the stage stayed open (the sites'
     pace plus the round trips; the masked stage holds the training) and what closing it
     cost the coordinator (the unmask stage reconstructs and removes the masks); medians
-    over rounds 2... The 2-core machine runs every site process too: with many sites the
-    sites' training contends for the cores, which the overhead figure subtracts.
+    over rounds 2... The 2-core machine runs every site process too.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -33,24 +31,11 @@ import tempfile
 from pathlib import Path
 
 from fedcare.data import demo_study
-from fedcare.data.synthetic import HospitalCohort, generate_cohorts
 from fedcare.simulation.loopback import run_network_demo
 
 STAGE_LINE = re.compile(
     r"secure round (\d+) stage (\w+) closed: open ([\d.]+) s, close ([\d.]+) s, (\d+) posted"
 )
-
-
-def cohorts(n: int) -> list[HospitalCohort]:
-    """``n`` sites: the built-in hospitals of data seed 7, then of seeds 8, 9, ... renamed."""
-    out: list[HospitalCohort] = []
-    seed = 7
-    while len(out) < n:
-        batch = generate_cohorts(seed=seed, scale=1.0)
-        suffix = "" if seed == 7 else f"-{seed}"
-        out += [dataclasses.replace(c, name=f"{c.name}{suffix}") for c in batch]
-        seed += 1
-    return out[:n]
 
 
 def stage_medians(log: Path) -> dict[str, dict[str, float]]:
@@ -68,24 +53,18 @@ def stage_medians(log: Path) -> dict[str, dict[str, float]]:
     }
 
 
-def run(n: int, rounds: int, secure: bool) -> dict[str, object]:
+def run(rounds: int, secure: bool) -> dict[str, object]:
     study = demo_study()
     study = study.replace(
-        rounds={**study.canonical()["rounds"], "count": rounds, "min_sites": min(3, n)},
-        secure_aggregation={
-            **study.canonical()["secure_aggregation"],
-            "enabled": secure,
-            "max_sites": max(n, study.secure_aggregation.max_sites),
-        },
+        rounds={**study.canonical()["rounds"], "count": rounds},
+        secure_aggregation={**study.canonical()["secure_aggregation"], "enabled": secure},
     )
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_network_demo(
-            Path(tmp), study, 7, 1.0, lambda *_: None, timeout_s=1800, cohorts=cohorts(n)
-        )
+        result = run_network_demo(Path(tmp), study, 7, 1.0, lambda *_: None, timeout_s=1800)
         stages = stage_medians(Path(tmp) / "coordinator.log")
     overhead = result.coordinator_overhead_s[1:]
     return {
-        "sites": n,
+        "sites": len(result.sites),
         "secure": secure,
         "overhead_median_s": statistics.median(overhead),
         "overhead_s": overhead,
@@ -97,7 +76,6 @@ def run(n: int, rounds: int, secure: bool) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sites", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -105,22 +83,21 @@ def main() -> None:
     if load > 0.5:
         print(f"warning: load average {load:.2f} before the run; figures may be inflated")
     results = []
-    for n in args.sites:
-        for secure in (True, False):
-            row = run(n, args.rounds, secure)
-            results.append(row)
+    for secure in (True, False):
+        row = run(args.rounds, secure)
+        results.append(row)
+        print(
+            f"{row['sites']} sites, secure {'on ' if secure else 'off'}: coordinator overhead per "
+            f"round, median {row['overhead_median_s']:.3f} s; first round "
+            f"{row['first_round_s']:.1f} s; study wall {row['wall_s']:.1f} s"
+        )
+        stages = row["stages"]
+        assert isinstance(stages, dict)
+        for stage, times in stages.items():
             print(
-                f"{n:>3} sites, secure {'on ' if secure else 'off'}: coordinator overhead per "
-                f"round, median {row['overhead_median_s']:.3f} s; first round "
-                f"{row['first_round_s']:.1f} s; study wall {row['wall_s']:.1f} s"
+                f"      stage {stage:<9} open {times['open_s']:.3f} s, "
+                f"close {times['close_s'] * 1000:.1f} ms"
             )
-            stages = row["stages"]
-            assert isinstance(stages, dict)
-            for stage, times in stages.items():
-                print(
-                    f"      stage {stage:<9} open {times['open_s']:.3f} s, "
-                    f"close {times['close_s'] * 1000:.1f} ms"
-                )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
