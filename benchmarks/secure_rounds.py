@@ -1,4 +1,4 @@
-"""Where a secure round's time goes over the network, per stage, as the sites grow.
+"""Where a secure round's time goes over the network, per stage (five built-in hospitals).
 
 Run from the repository root with the project's venv::
 
