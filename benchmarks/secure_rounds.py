@@ -1,14 +1,16 @@
-"""Where a secure round's time goes over the network, per stage (five built-in hospitals).
+"""Where a secure round's time goes over the network, per stage, as the sites grow.
 
 Run from the repository root with the project's venv::
 
-    .venv/bin/python benchmarks/secure_rounds.py [--rounds 8] [--json FILE]
+    .venv/bin/python benchmarks/secure_rounds.py [--sites 5] [--no-dp] [--rounds 8] [--json FILE]
 
 Workload
-    The demo study (DP-SGD at every site, as in the demo) on the five built-in hospitals,
-    ``--rounds`` rounds, real processes on loopback over mutual TLS, once with secure
-    aggregation (SecAgg+) and once without. More sites are not measured yet: the demo
-    deployment gives privacy budgets to the five built-in hospitals only.
+    The demo study on N sites (``--sites``, default 5; repeat for several): the five
+    built-in hospitals, then copies of them from further data seeds under new names.
+    DP-SGD at every site as in the demo; copies have no privacy budget in the demo
+    deployment, so more than five sites needs ``--no-dp`` (training time is subtracted
+    from the figure either way). ``--rounds`` rounds, real processes on loopback over
+    mutual TLS, once with secure aggregation (SecAgg+) and once without, per N.
 
 What is measured
     Per round, the coordinator's overhead: the round's wall time (opened to closed, from
@@ -23,6 +25,7 @@ What is measured
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -31,11 +34,26 @@ import tempfile
 from pathlib import Path
 
 from fedcare.data import demo_study
+from fedcare.data.synthetic import HospitalCohort, generate_cohorts
 from fedcare.simulation.loopback import run_network_demo
 
 STAGE_LINE = re.compile(
     r"secure round (\d+) stage (\w+) closed: open ([\d.]+) s, close ([\d.]+) s, (\d+) posted"
 )
+
+
+def cohorts(n: int) -> list[HospitalCohort]:
+    """``n`` sites: the built-in hospitals of data seed 7, then of seeds 8, 9, ... renamed."""
+    out: list[HospitalCohort] = []
+    seed = 7
+    while len(out) < n:
+        suffix = "" if seed == 7 else f"-{seed}"
+        for cohort in generate_cohorts(seed=seed, scale=1.0):
+            name = f"{cohort.name}{suffix}"
+            mapping = cohort.mapping.model_copy(update={"site": name})
+            out.append(dataclasses.replace(cohort, name=name, mapping=mapping))
+        seed += 1
+    return out[:n]
 
 
 def stage_medians(log: Path) -> dict[str, dict[str, float]]:
@@ -53,19 +71,28 @@ def stage_medians(log: Path) -> dict[str, dict[str, float]]:
     }
 
 
-def run(rounds: int, secure: bool) -> dict[str, object]:
+def run(n: int, rounds: int, secure: bool, dp: bool) -> dict[str, object]:
     study = demo_study()
     study = study.replace(
         rounds={**study.canonical()["rounds"], "count": rounds},
-        secure_aggregation={**study.canonical()["secure_aggregation"], "enabled": secure},
+        secure_aggregation={
+            **study.canonical()["secure_aggregation"],
+            "enabled": secure,
+            "max_sites": max(n, study.secure_aggregation.max_sites),
+        },
     )
+    if not dp:
+        study = study.replace(privacy={"dp": False})
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_network_demo(Path(tmp), study, 7, 1.0, lambda *_: None, timeout_s=1800)
+        result = run_network_demo(
+            Path(tmp), study, 7, 1.0, lambda *_: None, timeout_s=1800, cohorts=cohorts(n)
+        )
         stages = stage_medians(Path(tmp) / "coordinator.log")
     overhead = result.coordinator_overhead_s[1:]
     return {
         "sites": len(result.sites),
         "secure": secure,
+        "dp": dp,
         "overhead_median_s": statistics.median(overhead),
         "overhead_s": overhead,
         "first_round_s": result.round_durations_s[0],
@@ -76,28 +103,33 @@ def run(rounds: int, secure: bool) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[5])
+    parser.add_argument("--no-dp", action="store_true", help="no DP-SGD (needed past 5 sites)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if max(args.sites) > 5 and not args.no_dp:
+        parser.error("past the five built-in hospitals the copies have no privacy budget: --no-dp")
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: load average {load:.2f} before the run; figures may be inflated")
     results = []
-    for secure in (True, False):
-        row = run(args.rounds, secure)
-        results.append(row)
-        print(
-            f"{row['sites']} sites, secure {'on ' if secure else 'off'}: coordinator overhead per "
-            f"round, median {row['overhead_median_s']:.3f} s; first round "
-            f"{row['first_round_s']:.1f} s; study wall {row['wall_s']:.1f} s"
-        )
-        stages = row["stages"]
-        assert isinstance(stages, dict)
-        for stage, times in stages.items():
+    for n in args.sites:
+        for secure in (True, False):
+            row = run(n, args.rounds, secure, not args.no_dp)
+            results.append(row)
             print(
-                f"      stage {stage:<9} open {times['open_s']:.3f} s, "
-                f"close {times['close_s'] * 1000:.1f} ms"
+                f"{row['sites']} sites, secure {'on ' if secure else 'off'}: coordinator "
+                f"overhead per round, median {row['overhead_median_s']:.3f} s; first round "
+                f"{row['first_round_s']:.1f} s; study wall {row['wall_s']:.1f} s"
             )
+            stages = row["stages"]
+            assert isinstance(stages, dict)
+            for stage, times in stages.items():
+                print(
+                    f"      stage {stage:<9} open {times['open_s']:.3f} s, "
+                    f"close {times['close_s'] * 1000:.1f} ms"
+                )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -338,10 +338,13 @@ def run_network_demo(
     timeout_s: float = 1800.0,
     on_started: Callable[[str], None] = lambda _: None,
     database: str = "sqlite:///coordinator.db",
+    cohorts: Sequence[Cohort] | None = None,
 ) -> NetworkDemoResult:
     """Run the study through real processes on loopback, then the same study in-process;
-    the coordinator keeps its state in ``database``."""
-    cohorts = builtin_cohorts(study, data_seed, scale, folder / "cohorts")
+    the coordinator keeps its state in ``database``. The sites are ``cohorts``, or the
+    built-in hospitals (``data_seed``, ``scale``)."""
+    if cohorts is None:
+        cohorts = builtin_cohorts(study, data_seed, scale, folder / "cohorts")
     port = free_port()
     deployment = prepare_deployment(folder, study, cohorts, port, database)
     names = [c.name for c in cohorts]
