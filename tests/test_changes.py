@@ -46,7 +46,8 @@ def test_a_waiting_poll_answers_when_state_changes_and_asks_once_per_change() ->
 
     result, elapsed = asyncio.run(scenario())
     assert result == "task"
-    assert 0.5 <= elapsed < 0.7
+    # Woken by the change, not by the 1 s fallback (the margin is for a loaded machine).
+    assert 0.5 <= elapsed < 0.95
     # Asked when it came in and once after the change: no asking every 100 ms between.
     assert len(calls) == 2
 
@@ -63,7 +64,7 @@ def test_without_changes_a_poll_ends_at_its_wait_having_asked_rarely() -> None:
         return time.monotonic() - started
 
     elapsed = asyncio.run(scenario())
-    assert 0.8 <= elapsed < 1.2
+    assert 0.8 <= elapsed < 1.5
     assert len(calls) == 2  # on arrival and at the end of the wait
 
 

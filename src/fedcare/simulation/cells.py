@@ -31,12 +31,15 @@ def _quiet(done: int, total: int) -> None:
 
 
 class CellTask(Generic[Shared, Cell, Result]):
-    """``task(shared, cell)`` for every cell: a module-level function, so that other
-    processes can import it by name."""
+    """``task(shared, cell)`` for every cell; ``task`` is a module-level function, so that
+    other processes can import it by name."""
 
     def __init__(self, task: Callable[[Shared, Cell], Result], shared: Shared) -> None:
         self.task = task
         self.shared = shared
+
+    def __call__(self, cell: Cell) -> Result:
+        return self.task(self.shared, cell)
 
 
 def default_processes() -> int:
@@ -117,8 +120,7 @@ def _start_worker(job: CellTask[Any, Any, Any]) -> None:
 
 
 def _run_in_worker(cell: object) -> object:
-    job = _WORKER["job"]
-    return job.task(job.shared, cell)
+    return _WORKER["job"](cell)
 
 
 def _on_processes(
@@ -145,7 +147,7 @@ def _on_processes(
 
 
 def _run_on_ray(job: CellTask[Any, Any, Any], cell: object) -> object:
-    return job.task(job.shared, cell)
+    return job(cell)
 
 
 def _on_ray(

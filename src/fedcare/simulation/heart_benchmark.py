@@ -202,16 +202,13 @@ def federate(
 
 
 def personal_accuracies(
-    study: Study,
-    sites: Sequence[SiteDataset],
-    progress: Progress = _quiet,
-    noise_seed: int | None = None,
+    study: Study, sites: Sequence[SiteDataset], noise_seed: int | None = None
 ) -> dict[str, float]:
     """Each centre's personal model (the study's ``personalization``) on that centre's own
     test set: the accuracy a personalised centre would see."""
     n_params = study_parameter_count(study)
     workers = {s.name: SiteWorker(study, s, n_params, noise_seed=noise_seed) for s in sites}
-    run = run_federation(study, sites, progress, workers=workers)
+    run = run_federation(study, sites, workers=workers)
     out = {}
     for site in sites:
         personal = workers[site.name].personal_model(run.params)
