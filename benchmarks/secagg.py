@@ -21,7 +21,11 @@ Per point:
   ``plain_site_s``: encoding the same float32 update for upload.
 * ``coordinator_s``: the coordinator's whole work (relaying, summing masked
   inputs, rebuilding secrets and removing masks); ``unmask_s`` is the last
-  part alone. ``plain_coordinator_s``: the weighted sum of the same float32
+  part alone. ``keystream_floor_s``: the AES-CTR keystream of the masks the
+  coordinator removes, written into one reused buffer on one core, with no
+  adds: what unmasking cannot go below on one core (``floor_cores`` is the
+  same over every core, the keystream split between them as unmasking does).
+  ``plain_coordinator_s``: the weighted sum of the same float32
   vectors and the weight sum, accumulated the same way (as they arrive).
 * ``upload_ratio``: bytes one site sends (signed keys, sealed shares, masked
   vector, survivor signature, unmasking reply; the mean over survivors) over the
@@ -42,16 +46,20 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedcare.federation.messages import SiteUpdate, UpdateHeader, encode_update
 from fedcare.fixed_point import plan_quantization
 from fedcare.privacy.secagg.graph import default_degree
 from fedcare.privacy.secagg.inmemory import client_for, make_identities
+from fedcare.privacy.secagg.keys import IdentityVerifier
+from fedcare.privacy.secagg.prg import available_cores
 from fedcare.privacy.secagg.protocol import ClientParty, Party, ServerSession, Stage, run_session
 from fedcare.privacy.secagg.quantize import decode_sum, encode
 from fedcare.privacy.secagg.session import RoundSetup, round_setup
@@ -74,8 +82,8 @@ def site_vector(i: int, d: int) -> tuple[np.ndarray, float]:
 class TimedSession(ServerSession):
     """The coordinator's session, timing each of its calls."""
 
-    def __init__(self, setup: RoundSetup) -> None:
-        super().__init__(setup)
+    def __init__(self, setup: RoundSetup, verifier: IdentityVerifier) -> None:
+        super().__init__(setup, verifier)
         self.seconds = 0.0
         self.unmask_s = 0.0
 
@@ -120,6 +128,25 @@ class TimedParty:
         return body
 
 
+def keystream_floor(masks: int, d: int, bits: int, cores: int = 1) -> float:
+    """Seconds to expand ``masks`` keystreams of ``d`` elements into reused buffers."""
+    size = d * bits // 8
+    per = -(-size // (16 * cores)) * 16
+    zeros = bytes(per)
+    keys = [os.urandom(32) for _ in range(masks)]
+
+    def run(part: int) -> None:
+        out = bytearray(per + 15)
+        for key in keys:
+            encryptor = Cipher(algorithms.AES256(key), modes.CTR(bytes(16))).encryptor()
+            encryptor.update_into(zeros, out)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(cores) as pool:
+        list(pool.map(run, range(cores)))
+    return time.perf_counter() - start
+
+
 def measure(n: int, d: int, dropout: float, graph: str, bits: int = 32) -> dict[str, Any]:
     sites = [f"site{i:03d}" for i in range(n)]
     degree = None if graph == "complete" else default_degree(n)
@@ -148,10 +175,14 @@ def measure(n: int, d: int, dropout: float, graph: str, bits: int = 32) -> dict[
         s: TimedParty(ClientParty(client_for(setup, s, ids), partial(source, i)))
         for i, s in enumerate(sites)
     }
-    session = TimedSession(setup)
+    session = TimedSession(setup, ids.verifier)
     total, survivors_t = run_session(session, parties, dict.fromkeys(dropped, Stage.MASKED))
     server_time = session.seconds
     unmask_s = session.unmask_s
+    alive = set(survivors_t)
+    masks = len(alive) + sum(1 for gone in dropped for s in alive if s in setup.neighbours[gone])
+    floor_s = keystream_floor(masks, d + 1, bits)
+    floor_cores_s = keystream_floor(masks, d + 1, bits, available_cores())
     start = time.perf_counter()
     weighted, weight_sum = decode_sum(total, plan)
     server_time += time.perf_counter() - start
@@ -194,6 +225,10 @@ def measure(n: int, d: int, dropout: float, graph: str, bits: int = 32) -> dict[
         "threshold": setup.threshold,
         "coordinator_s": server_time,
         "unmask_s": unmask_s,
+        "masks_removed": masks,
+        "keystream_floor_s": floor_s,
+        "floor_cores_s": floor_cores_s,
+        "cores": available_cores(),
         "plain_coordinator_s": plain_coordinator,
         "coordinator_ratio": server_time / plain_coordinator,
         "site_s": statistics.fmean(site_times),
@@ -222,6 +257,7 @@ def row(r: dict[str, Any]) -> str:
     return (
         f"{r['sites']:>5} {r['params']:>9} {r['dropout']:>6.0%} {r['graph']:>8} "
         f"{r['degree']:>4} {r['coordinator_s']:>8.2f} {r['unmask_s']:>8.2f} "
+        f"{r['masks_removed']:>6} {r['keystream_floor_s']:>8.2f} {r['floor_cores_s']:>7.2f} "
         f"{r['coordinator_ratio']:>8.1f}x {r['site_s']:>7.3f} {r['site_max_s']:>7.3f} "
         f"{r['site_ratio']:>7.1f}x {r['upload_ratio']:>7.4f}x {r['max_abs_error_of_mean']:>9.2e}"
     )
@@ -229,7 +265,8 @@ def row(r: dict[str, Any]) -> str:
 
 HEAD = (
     f"{'sites':>5} {'params':>9} {'drop':>6} {'graph':>8} {'k':>4} {'coord_s':>8} "
-    f"{'unmask_s':>8} {'vs plain':>9} {'site_s':>7} {'max_s':>7} {'vs plain':>8} "
+    f"{'unmask_s':>8} {'masks':>6} {'floor_1c':>8} {'floor_n':>7} {'vs plain':>9} "
+    f"{'site_s':>7} {'max_s':>7} {'vs plain':>8} "
     f"{'upload':>8} {'err_mean':>9}"
 )
 

@@ -34,7 +34,7 @@ from fedcare.privacy.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from fedcare.privacy.secagg.prg import add_mask, dtype_for
+from fedcare.privacy.secagg.prg import add_masks, dtype_for
 from fedcare.privacy.secagg.session import RoundSetup
 
 
@@ -317,19 +317,20 @@ class SecAggServer:
         """The sum of the survivors' inputs in Z_{2^bits}, or :class:`SecAggFailedError`."""
         self._expect(ServerStage.UNMASKING, "finish")
         assert self._request is not None
-        bits = self.setup.bits
         total = self._total
-        for site in self._request.survivors:
-            add_mask(total, self._rebuild(site, "seed"), bits, -1)
+        # Every secret is rebuilt and checked first, so all the masks go in one pass.
+        terms = [(self._rebuild(site, "seed"), -1) for site in self._request.survivors]
         label = self.setup.label("mask")
         for gone in self._request.dropped:
             secret = self._rebuild(gone, "key")
             if public_of(secret) != self._adverts[gone].mask_key:
                 raise self.fail(f"the shares of '{gone}' do not rebuild its advertised key")
-            for site in self._request.survivors:
-                if gone in self._delivered[site]:
-                    pairwise = agree(secret, self._adverts[site].mask_key, label)
-                    add_mask(total, pairwise, bits, -1 if site < gone else 1)
+            terms += [
+                (agree(secret, self._adverts[site].mask_key, label), -1 if site < gone else 1)
+                for site in self._request.survivors
+                if gone in self._delivered[site]
+            ]
+        add_masks(total, terms, self.setup.bits)
         self.stage = ServerStage.DONE
         self._total = np.zeros(0, dtype=total.dtype)
         return total

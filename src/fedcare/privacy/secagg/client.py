@@ -42,7 +42,7 @@ from fedcare.privacy.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from fedcare.privacy.secagg.prg import add_mask, dtype_for
+from fedcare.privacy.secagg.prg import add_masks, dtype_for
 from fedcare.privacy.secagg.session import RoundSetup, open_sealed, seal
 
 
@@ -201,11 +201,15 @@ class SecAggClient:
             )
         self._held = held
         masked = encoded.copy()
-        add_mask(masked, self._seed, self.setup.bits)
         mask_label = self.setup.label("mask")
-        for other in sorted(set(held) - {self.site}):
-            pairwise = agree(self._mask, self._peers[other].mask_key, mask_label)
-            add_mask(masked, pairwise, self.setup.bits, 1 if self.site < other else -1)
+        terms = [(self._seed, 1)] + [
+            (
+                agree(self._mask, self._peers[other].mask_key, mask_label),
+                1 if self.site < other else -1,
+            )
+            for other in sorted(set(held) - {self.site})
+        ]
+        add_masks(masked, terms, self.setup.bits)
         self.stage = ClientStage.SUBMITTED
         return masked
 
