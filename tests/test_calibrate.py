@@ -224,3 +224,48 @@ def test_seeded_dp_noise_repeats_per_seed_and_a_ledger_keeps_its_own(
     guard = PrivacyGuard(PrivacyLedger(tmp_path / "ledger.db"), "alpha", None)
     with pytest.raises(ValueError, match="draws its DP seeds from the ledger"):
         SiteWorker(study, toy_sites[0], n, privacy=guard, noise_seed=7)
+
+
+def test_a_sweep_run_validates_no_release_and_trains_the_validated_run_s_model(
+    toy_study: Study, toy_sites: list[SiteDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedcare.simulation import calibrate as calibrate_module
+    from fedcare.simulation.runner import run_federation
+    from fedcare.site import worker as worker_module
+
+    study = toy_study.replace(
+        rounds={"count": 4, "min_sites": 2},
+        privacy={"dp": False},
+        disclosure={
+            **toy_study.canonical()["disclosure"],
+            "artefacts": ["model_updates", "metrics"],
+        },
+        validation={**toy_study.canonical()["validation"], "every": 2, "n_bootstrap": 20},
+    )
+    assert study.validates_releases
+    validated: list[str] = []
+    real = worker_module.validate_candidate
+
+    def counting(*args: object, **kwargs: object) -> object:
+        validated.append("candidate")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker_module, "validate_candidate", counting)
+    with_releases = run_federation(study, toy_sites).params
+    # The sites validated a candidate after rounds 2 and 4 ...
+    assert len(validated) == 2 * len(toy_sites)
+    validated.clear()
+    trained: dict[bool, np.ndarray] = {}
+    real_run = calibrate_module.run_federation
+
+    def recording(run: Study, *args: object, **kwargs: object) -> object:
+        result = real_run(run, *args, **kwargs)  # type: ignore[arg-type]
+        trained[run.privacy.dp] = result.params
+        return result
+
+    monkeypatch.setattr(calibrate_module, "run_federation", recording)
+    calibrate_module.calibrate(study, toy_sites, epsilons=(8.0,), n_seeds=1, processes=1)
+    # ... the sweep's runs validated none, and its run without DP trained the same model.
+    assert validated == []
+    assert set(trained) == {True, False}
+    np.testing.assert_array_equal(trained[False], with_releases)

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from fedcare.cli import app
 from fedcare.privacy.dp.accountant import (
+    NOISE_TOLERANCE,
     AccountantKind,
     AccountingError,
     Mechanism,
@@ -61,8 +62,26 @@ def test_noise_for_target_epsilon_round_trips(kind: AccountantKind) -> None:
     sigma = noise_multiplier(2.0, 0.05, 400, 1e-5, kind)
     reached = epsilon([Mechanism(0.05, sigma, 400)], 1e-5, kind)
     assert reached <= 2.0  # never more than asked
-    # and not wastefully noisy: 1 % less noise already exceeds the target
-    assert epsilon([Mechanism(0.05, sigma * 0.99, 400)], 1e-5, kind) > 2.0
+    # and not wastefully noisy: 0.1 % less noise already exceeds the target
+    assert epsilon([Mechanism(0.05, sigma * (1 - NOISE_TOLERANCE), 400)], 1e-5, kind) > 2.0
+
+
+@pytest.mark.parametrize(
+    ("target", "rate", "steps", "prior"),
+    [
+        (0.5, 0.01, 2000, ()),
+        (8.0, 0.3, 50, ()),
+        (50.0, 1.0, 5, ()),  # an answer below 1: the bracket grows downwards
+        (4.0, 0.05, 200, (Mechanism(0.05, 2.0, 200),)),
+    ],
+)
+def test_the_noise_is_the_smallest_that_fits_to_the_tolerance(
+    target: float, rate: float, steps: int, prior: tuple[Mechanism, ...]
+) -> None:
+    sigma = noise_multiplier(target, rate, steps, 1e-5, prior=prior)
+    assert epsilon([*prior, Mechanism(rate, sigma, steps)], 1e-5) <= target
+    less = sigma * (1 - NOISE_TOLERANCE)
+    assert epsilon([*prior, Mechanism(rate, less, steps)], 1e-5) > target
 
 
 def test_noise_accounts_for_prior_spend() -> None:

@@ -12,10 +12,11 @@ final model is scored on every site's held-out rows:
   data has them. A level with fewer than the study's minimum cohort size of
   patients, or no positives, has no number.
 
-Each figure is the mean over seeds with its standard deviation. Sites run
-without a privacy ledger here: nothing leaves a machine, and each run's DP noise is
-seeded from its seed, so the table is the same on one process, on several, or on a Ray
-cluster.
+Each figure is the mean over seeds with its standard deviation. The runs make no
+candidate releases: a site's validation of a candidate never changes the model, and
+the sweep scores the final model itself. Sites run without a privacy ledger here:
+nothing leaves a machine, and each run's DP noise is seeded from its seed, so the table
+is the same on one process, on several, or on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sklearn.metrics import roc_auc_score
 from fedcare.simulation.cells import run_cells
 from fedcare.simulation.runner import run_federation
 from fedcare.site.dataset import SiteDataset
-from fedcare.study import AccountantKind, Study
+from fedcare.study import AccountantKind, Artefact, Study
 from fedcare.training import predict_proba
 from fedcare.validation.report import age_band
 
@@ -122,6 +123,13 @@ def _private_study(
     return study.replace(privacy=privacy)
 
 
+def without_release_validation(study: Study) -> dict[str, object]:
+    """The study's disclosure section without metrics, so its runs validate no releases."""
+    disclosure = study.disclosure.model_dump(mode="json")
+    disclosure["artefacts"] = [a for a in disclosure["artefacts"] if a != Artefact.METRICS.value]
+    return disclosure
+
+
 def _score(
     study: Study, params: NDArray[np.float32], sites: Sequence[SiteDataset]
 ) -> dict[str, NDArray[np.float64]]:
@@ -168,7 +176,7 @@ def score_cell(inputs: SweepInputs, cell: tuple[float | None, int]) -> CellScore
     epsilon, seed = cell
     study, sites = inputs.study, inputs.sites
     run = _private_study(study, epsilon, inputs.delta, inputs.max_grad_norm, inputs.accountant)
-    run = run.replace(seed=seed)
+    run = run.replace(seed=seed, disclosure=without_release_validation(run))
     params = run_federation(run, sites, noise_seed=seed).params
     scores = _score(run, params, sites)
     y_all = np.concatenate([s.y_test for s in sites]).astype(np.float64)

@@ -93,11 +93,13 @@ class SiteWorker:
         self.site_gates = tuple(site_gates)
         self.min_cohort = min_cohort
         self.privacy = privacy
-        self.shared = shared
         self.noise_seed = noise_seed
-        if shared is not None:
-            shared.register(data.name, data.x_train, data.y_train)
         self._plan: SitePlan | None = None
+        # A site with a ledger is admitted when it is asked, so it trains on its own.
+        self.shared = shared if privacy is None else None
+        if self.shared is not None:
+            dp = self._simulated_dp if study.privacy.dp else None
+            self.shared.register(data.name, data.x_train, data.y_train, dp)
         self._last: tuple[int, NDArray[np.float32], NDArray[np.float32]] | None = None
         self.alignment: RoundAlignment | None = None
         """The last update's alignment with the consortium's step, until it is sent."""
@@ -150,10 +152,10 @@ class SiteWorker:
         spec = self.study.personalization
         fedbn = spec is not None and spec.method is PersonalizationMethod.FEDBN
         start = with_local(self.study, task.params, self.personal) if fedbn else task.params
-        dp = self._dp(task.header.round, task_bytes)
-        if self.shared is not None and dp is None and not fedbn:
-            result = self.shared.train(self.data.name, start, task.header.seed)
+        if self.shared is not None and not fedbn:
+            result = self.shared.train(self.data.name, start, task.header.seed, task.header.round)
         else:
+            dp = self._dp(task.header.round, task_bytes)
             result = train_local(
                 self.study.model,
                 self.study.training,
@@ -277,6 +279,10 @@ class SiteWorker:
             )
         if not self.study.privacy.dp:
             return None
+        return self._simulated_dp(round_number)
+
+    def _simulated_dp(self, round_number: int) -> DpSgdSettings:
+        """A round's DP-SGD settings for a site without a ledger (a simulation's)."""
         if self._plan is None:
             self._plan = plan_site(self.study, self.data.n_train)
         return dp_settings(self._plan, self._simulated_seed("dp-noise", round_number))
