@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fedcare.schema.features import (
@@ -20,13 +22,18 @@ from fedcare.schema.features import (
     OnInvalid,
 )
 from fedcare.schema.mapping import (
+    DEFAULT_MISSING_TOKENS,
     ColumnMapping,
     DataValidationError,
     MappingError,
     SiteMapping,
     Violation,
+    _as_missing,
+    _Column,
+    _map_feature,
     apply_mapping,
     check_mapping,
+    clean_numbers,
     load_mapping,
 )
 from fedcare.schema.readers import DataFileError, read_table
@@ -735,3 +742,87 @@ def test_input_names_expand_categories_and_indicators() -> None:
     assert schema.feature("ward").categories == ("icu", "med", "surg")
     with pytest.raises(KeyError, match="ethnicity"):
         schema.feature("ethnicity")  # an attribute, not a feature
+
+
+# --- the numpy path for clean numeric columns --------------------------------------------
+
+_CELLS = [
+    "98.6",
+    " 100.4 ",
+    "1e2",
+    "-0.0",
+    "0",
+    "1",
+    "2",
+    "1_000",
+    "inf",
+    "-inf",
+    "0x10",
+    "1,5",
+    "",
+    " ",
+    "NA",
+    "nan",
+    "NaN",
+    "?",
+    "null",
+    "abc",
+    "40",
+    "  7",
+    "3.",
+    ".5",
+    "1e400",
+    "\u00a012",
+    "12\t",
+]
+
+
+@settings(max_examples=300, deadline=None)
+# Clean columns, so the numpy path's own result is compared for certain.
+@example(
+    ["98.6", " 100.4 ", "", "1e2"], "continuous", "degF", True, MissingRule.MEDIAN, OnInvalid.REFUSE
+)
+@example(["0", "1", " 1", "NA"], "binary", None, False, MissingRule.MEDIAN, OnInvalid.MISSING)
+@given(
+    cells=st.lists(st.sampled_from(_CELLS), min_size=1, max_size=12),
+    kind=st.sampled_from(["continuous", "binary"]),
+    unit=st.sampled_from([None, "degF", "degC"]),
+    with_range=st.booleans(),
+    rule=st.sampled_from([MissingRule.MEDIAN, MissingRule.REFUSE]),
+    on_invalid=st.sampled_from(list(OnInvalid)),
+)
+def test_clean_numbers_is_the_mapping_s_result_or_steps_aside(
+    cells: list[str],
+    kind: str,
+    unit: str | None,
+    with_range: bool,
+    rule: MissingRule,
+    on_invalid: OnInvalid,
+) -> None:
+    binary = kind == "binary"
+    if rule is MissingRule.REFUSE:
+        on_invalid = OnInvalid.REFUSE  # blanking a value needs a rule that imputes
+    feature = Feature(
+        name="x",
+        type=FeatureType.BINARY if binary else FeatureType.CONTINUOUS,
+        unit=None if binary else "degC",
+        range=(30, 110) if with_range and not binary else None,
+        missing=MissingPolicy(rule=rule),
+        on_invalid=on_invalid,
+    )
+    entry = ColumnMapping(column="X", unit=None if binary else unit)
+    raw = pd.Series(cells, index=pd.RangeIndex(3, 3 + len(cells)), dtype=object)
+    tokens = frozenset(DEFAULT_MISSING_TOKENS)
+    fast = clean_numbers(feature, entry, raw, tokens)
+    violations: list[Violation] = []
+    notices: list[Violation] = []
+    column = _Column("X", _as_missing(raw, DEFAULT_MISSING_TOKENS), on_invalid, violations, notices)
+    slow = _map_feature(feature, entry, column)
+    if violations or notices:
+        # Something to say about the column: only the full mapping may say it.
+        assert fast is None
+    else:
+        assert fast is not None
+        assert fast.dtype == slow.dtype == np.float64
+        assert fast.index.equals(slow.index)
+        np.testing.assert_array_equal(fast.to_numpy(), slow.to_numpy())

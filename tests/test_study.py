@@ -132,3 +132,17 @@ def test_a_copy_with_changed_settings_never_carries_the_old_hash() -> None:
     assert changed.content_hash != original
     assert changed.content_hash == parse_study(yaml.safe_dump(changed.canonical())).content_hash
     assert study.model_copy().content_hash == original
+
+
+def test_the_fast_yaml_loader_reads_what_pyyaml_reads_and_errors_keep_their_line() -> None:
+    import yaml
+
+    from fedcare.data import demo_study_path
+    from fedcare.yamlfile import load_yaml
+
+    # YAML 1.1's implicit types, which a different resolver would read differently.
+    tricky = "a: yes\nb: no\nc: 1e3\nd: 1.0e+3\ne: 0o17\nf: 2026-12-06\ng: ~\nh: '007'\ni: .inf\n"
+    for text in (demo_study_path().read_text(encoding="utf-8"), tricky):
+        assert load_yaml(text) == yaml.safe_load(text)
+    with pytest.raises(yaml.YAMLError, match="line 2"):
+        load_yaml("a: 1\nb: [unclosed\n")

@@ -27,6 +27,22 @@ def format_validation_errors(exc: ValidationError, source: str, what: str) -> st
     return "\n".join(lines)
 
 
+_FAST_LOADER = getattr(yaml, "CSafeLoader", None)
+"""libyaml's safe loader when PyYAML was built with it: the same documents, parsed in C."""
+
+
+def load_yaml(text: str) -> object:
+    """``yaml.safe_load``, parsed by libyaml when it is there (a simulation reads a mapping
+    file per site); an error is raised by PyYAML's own parser, whose messages quote the
+    offending line."""
+    if _FAST_LOADER is not None:
+        try:
+            return yaml.load(text, Loader=_FAST_LOADER)
+        except yaml.YAMLError:
+            pass
+    return yaml.safe_load(text)
+
+
 def read_yaml_model(path: Path, model: type[M], what: str, error: type[Exception]) -> M:
     """Read ``path`` and validate it as ``model``; an unreadable file raises ``error`` too."""
     try:
@@ -47,7 +63,7 @@ def parse_yaml_model(
 ) -> M:
     """Parse ``text`` as a YAML mapping and validate it as ``model``; raise ``error`` if not."""
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise error(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
