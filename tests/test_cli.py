@@ -361,3 +361,9 @@ def test_the_report_draws_figures_for_the_largest_sites_only() -> None:
     largest = sorted(sites, key=lambda s: (-s.n_test, s.name))[:MAX_SITE_FIGURES]
     assert sorted(drawn) == sorted(s.name for s in largest)
     assert "the other 6 sites' curves are in results.json" in " ".join(html.split())
+    # The by-round figure has a line (and a legend entry) for the same sites only.
+    rounds = html[
+        html.index('id="rounds-plot"') : html.index("</svg>", html.index('id="rounds-plot"'))
+    ]
+    assert f"{MAX_SITE_FIGURES} largest of {len(sites)} sites" in rounds
+    assert sorted(s.name for s in sites if f">{s.name}<" in rounds) == sorted(drawn)

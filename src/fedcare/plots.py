@@ -1,6 +1,7 @@
-"""Plots of results: matplotlib figures rendered to inline SVG (no display, no network),
-over plain series, so the simulation's report and the coordinator's dashboard draw the
-same figures from their own data.
+"""Plots of results: figures rendered to inline SVG (no display, no network), over plain
+series, so the simulation's report and the coordinator's dashboard draw the same figures
+from their own data. matplotlib draws them, except the per-site ROC and calibration pair
+a report draws once per site, which :mod:`fedcare.svg_chart` writes as SVG text.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly, never through pyplot,
 so no global backend or figure registry is touched; text stays text in the SVG
@@ -19,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedcare import svg_chart
 from fedcare.validation.curves import Curves
 
 Series = Sequence[tuple[int, float | None]]
@@ -68,50 +70,33 @@ def _site_style(index: int) -> tuple[str, str]:
 
 
 def roc_and_calibration(site: str, curves: Mapping[str, Curves]) -> str:
-    """ROC and calibration curves of each model on one site's held-out patients."""
-    with _style():
-        figure = Figure(figsize=(8.0, 3.4))
-        roc = figure.add_subplot(1, 2, 1)
-        calibration = figure.add_subplot(1, 2, 2)
-        for label, drawn in curves.items():
-            colour = MODEL_COLOURS.get(label, "#333333")
-            roc.plot(drawn.fpr, drawn.tpr, color=colour, label=label, linewidth=1.6)
-            calibration.plot(
-                drawn.predicted,
-                drawn.observed,
-                color=colour,
-                label=label,
-                marker="o",
-                markersize=3,
-                linewidth=1.4,
-            )
-        roc.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="chance")
-        calibration.plot(
-            [0, 1],
-            [0, 1],
-            color="#999999",
-            linestyle="--",
-            linewidth=1,
-            label="perfectly calibrated",
+    """ROC and calibration curves of each model on one site's held-out patients.
+
+    Written as SVG directly (:mod:`fedcare.svg_chart`): a report draws one per site."""
+    top = max([0.1, *(max(c.predicted + c.observed, default=0.0) for c in curves.values())])
+    roc = svg_chart.Panel(
+        f"ROC at {site}",
+        "False positive rate (1 - specificity)",
+        "True positive rate (sensitivity)",
+        (0.0, 1.0),
+    )
+    calibration = svg_chart.Panel(
+        f"Calibration at {site}",
+        "Predicted risk (mean in bin)",
+        "Observed event rate",
+        (0.0, min(1.0, top * 1.1)),
+    )
+    for label, drawn in curves.items():
+        colour = MODEL_COLOURS.get(label, "#333333")
+        roc.lines.append(svg_chart.Line(label, drawn.fpr, drawn.tpr, colour))
+        calibration.lines.append(
+            svg_chart.Line(label, drawn.predicted, drawn.observed, colour, 1.4, markers=True)
         )
-        roc.set(
-            xlabel="False positive rate (1 - specificity)",
-            ylabel="True positive rate (sensitivity)",
-            title=f"ROC at {site}",
-            xlim=(0, 1),
-            ylim=(0, 1),
-        )
-        top = max([0.1, *(max(c.predicted + c.observed, default=0.0) for c in curves.values())])
-        calibration.set(
-            xlabel="Predicted risk (mean in bin)",
-            ylabel="Observed event rate",
-            title=f"Calibration at {site}",
-            xlim=(0, min(1.0, top * 1.1)),
-            ylim=(0, min(1.0, top * 1.1)),
-        )
-        for axes in (roc, calibration):
-            axes.legend(loc="lower right", fontsize=8)
-        return _svg(figure)
+    roc.lines.append(svg_chart.Line("chance", [0, 1], [0, 1], "#999999", 1.0, dashed=True))
+    calibration.lines.append(
+        svg_chart.Line("perfectly calibrated", [0, 1], [0, 1], "#999999", 1.0, dashed=True)
+    )
+    return svg_chart.panels_svg([roc, calibration])
 
 
 class ForestRow(Protocol):
