@@ -378,3 +378,34 @@ def test_an_oversized_header_is_refused() -> None:
     body = b'{"a": "' + b"x" * (1024 * 1024) + b'"}'
     with pytest.raises(PayloadError, match=r"header is 1048585 bytes, the limit is 1048576"):
         decode_update(struct.pack("<Q", len(body)) + body, n_params=4)
+
+
+def _depth_byte_by_byte(text: bytes) -> int:
+    """The nesting depth by the definition: a state machine over every byte."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"a", b"\n", b":"])))
+def test_the_depth_is_the_byte_by_byte_definition_s(parts: list[bytes]) -> None:
+    from fedcare.models.wire import json_depth
+
+    text = b"".join(parts)
+    assert json_depth(text) == _depth_byte_by_byte(text)
