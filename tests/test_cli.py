@@ -367,3 +367,37 @@ def test_the_report_draws_figures_for_the_largest_sites_only() -> None:
     ]
     assert f"{MAX_SITE_FIGURES} largest of {len(sites)} sites" in rounds
     assert sorted(s.name for s in sites if f">{s.name}<" in rounds) == sorted(drawn)
+
+
+def test_a_simulation_without_release_validation_loads_neither_scikit_learn_nor_scipy(
+    tmp_path: Path,
+) -> None:
+    """They cost a simulation 1.3 s and about 70 MB to load: its metrics and curves are
+    numpy, and the parts that use them (release validation, drift tests, a stratified
+    split) import them when they run. Timing and memory are measured in
+    benchmarks/scale.py; this guards the cause."""
+    from .conftest import write_toy_sites
+
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: no-sklearn\nschema:\n  label: {name: y}\n"
+        "  features: [{name: a, reference: [0, 1]}, {name: b, reference: [0, 1]}]\n"
+        "preprocessing: {scaling: reference}\n"
+        "training: {epochs: 1, batch_size: 16, learning_rate: 0.1}\n"
+        "rounds: {count: 2, min_sites: 2}\naggregation: {weighting: equal}\n"
+    )
+    sites = write_toy_sites(tmp_path, ("north", "south"), 200)
+    argv = ["fedcare", "simulate", "--study", str(study), "--sites", str(sites)]
+    argv += ["--out", str(tmp_path / "out"), "--no-baselines"]
+    script = (
+        "import sys\n"
+        f"sys.argv = {argv!r}\n"
+        "from fedcare.cli import app\n"
+        "try:\n    app()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print('loaded:' + ','.join(m for m in ('sklearn', 'scipy') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert (tmp_path / "out" / "report.html").is_file()
+    assert done.stdout.strip().splitlines()[-1] == "loaded:"

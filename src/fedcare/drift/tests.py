@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import stats
 
 PSI_FLOOR = 1e-4
 """A bin's share is floored at this before the log in the PSI (an empty bin is not
@@ -64,6 +63,8 @@ def numeric_test(reference: FloatArray, new: FloatArray, edges: FloatArray) -> T
     reference deciles."""
     if reference.size == 0 or new.size == 0:
         return TestResult(0.0, 1.0, 0.0, "psi")
+    from scipy import stats  # when a profile is compared: 0.5 s and 46 MB to load
+
     ks = stats.ks_2samp(reference, new)
     effect = psi(binned_shares(reference, edges), binned_shares(new, edges))
     return TestResult(float(ks.statistic), float(ks.pvalue), effect, "psi")
@@ -80,6 +81,8 @@ def categorical_test(reference: dict[str, int], new: dict[str, int]) -> TestResu
     table = table[:, table.sum(axis=0) > 0]
     if table.shape[1] < 2 or (table.sum(axis=1) == 0).any():
         return TestResult(0.0, 1.0, 0.0, "psi")
+    from scipy import stats  # when a profile is compared: 0.5 s and 46 MB to load
+
     chi2, p_value, _, _ = stats.chi2_contingency(table, correction=False)
     shares = table / table.sum(axis=1, keepdims=True)
     return TestResult(float(chi2), float(p_value), psi(shares[0], shares[1]), "psi")
@@ -94,6 +97,8 @@ def rate_test(ref_hits: int, ref_n: int, new_hits: int, new_n: int) -> TestResul
     if ref_hits + new_hits in (0, ref_n + new_n):
         return TestResult(0.0, 1.0, difference, "rate difference")
     table = [[ref_hits, ref_n - ref_hits], [new_hits, new_n - new_hits]]
+    from scipy import stats  # when a profile is compared: 0.5 s and 46 MB to load
+
     odds, p_value = stats.fisher_exact(table)
     statistic = float(odds) if np.isfinite(odds) else 0.0
     return TestResult(statistic, float(p_value), difference, "rate difference")

@@ -9,7 +9,6 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
-from sklearn.model_selection import train_test_split
 
 from fedcare.schema.mapping import SiteMapping, Violation, apply_mapping
 from fedcare.schema.preprocess import Preprocessor, fit_preprocessor
@@ -84,6 +83,9 @@ def prepare_site_data(
     prep = study.preprocessing
     key = study.seed if prep.split_seed is None else prep.split_seed
     if prep.split is Split.STRATIFIED:
+        # Imported here: the keyed split, the default, needs no scikit-learn.
+        from sklearn.model_selection import train_test_split
+
         train, test = train_test_split(
             mapped, test_size=prep.holdout_fraction, random_state=key, stratify=labels
         )
