@@ -3,7 +3,8 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/heart_disease.py [--data-dir DIR] [--seeds 5] [--json FILE]
-    .venv/bin/python benchmarks/heart_disease.py --sweep [--sweep-json FILE]
+    .venv/bin/python benchmarks/heart_disease.py --sweep [--sweep-json FILE] \
+        [--processes N | --ray ADDRESS]
 
 Without ``--sweep`` this is ``fedcare benchmark heart-disease`` (the same code):
 pooled, the four local models and every strategy over 5 seeds, printed in the
@@ -25,6 +26,11 @@ stage 2, server learning rate per strategy and FedProx's mu, at the stage-1 choi
     --scale 0.3``); a value is eligible only if its mean AUROC there is within
     0.02 of FedAvg's, and the eligible value with the best heart Avg is chosen.
 
+Each stage's rows are independent cells (``fedcare.simulation.cells.run_cells``): by
+default the first runs here and the rest over one process per core when that pays;
+``--processes 1`` runs them all here, ``--ray ADDRESS`` on a Ray cluster. The rows
+come out the same either way.
+
 The selection uses the test sets (there is no separate validation split in
 the protocol), so the chosen cells are optimistic by the selection effect; the
 grid is kept small for that reason.
@@ -39,9 +45,9 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -54,6 +60,7 @@ from sklearn.metrics import log_loss
 from fedcare.cli import app
 from fedcare.data import demo_study
 from fedcare.data.heart_disease import CENTER_NAMES, heart_disease_study, load_heart_disease
+from fedcare.simulation.cells import run_cells
 from fedcare.simulation.heart_benchmark import (
     FEDPROX,
     FederatedRun,
@@ -158,54 +165,78 @@ def training_loss(study: Study, params: NDArray[np.float32], sites: Sequence[Sit
     return float(log_loss(y, predict_proba(study.model, params, x)))
 
 
-def stage1(base: Study, sites: Sequence[SiteDataset], seeds: Sequence[int]) -> dict[str, Any]:
+SweepInputs = tuple[Study, tuple[SiteDataset, ...], tuple[int, ...], float]
+"""(study, sites, seeds, optimal training loss): what every cell of a stage reads."""
+
+
+def stage1_cell(inputs: SweepInputs, cell: tuple[str, float, int]) -> dict[str, Any]:
+    """One (local work, learning rate, rounds) row of stage 1: every strategy over the seeds."""
+    base, sites, seeds, optimum = inputs
+    work_name, lr, rounds = cell
+    training = {
+        **base.canonical()["training"],
+        **STAGE1_WORK[work_name],
+        "batch_size": STAGE1_BATCH,
+        "learning_rate": lr,
+    }
+    study = base.replace(training=training, rounds={**base.canonical()["rounds"], "count": rounds})
+    locals_ = _local_scores(study, sites, seeds)
+    avg: dict[str, float | None] = {}
+    lift: dict[str, float | None] = {}
+    excess: float | None = None
+    for strategy in STRATEGIES:
+        runs = _run_seeds(method_study(study, strategy, STAGE1_SERVER_LR[strategy]), sites, seeds)
+        scores = _scores(runs)
+        avg[strategy], lift[strategy] = scores.avg, _lift(locals_, scores)
+        if strategy == "fedavg":
+            loss = statistics.fmean(training_loss(study, r.params, sites) for r in runs)
+            excess = loss / optimum - 1.0
+    assert excess is not None
+    return {
+        "work": work_name,
+        "learning_rate": lr,
+        "rounds": rounds,
+        "training": training,
+        "avg": avg,
+        "lift": lift,
+        "score": statistics.fmean(a for a in avg.values() if a is not None),
+        "excess_training_loss": excess,
+        "trained": excess <= MAX_EXCESS_TRAINING_LOSS,
+    }
+
+
+def stage1(
+    base: Study, sites: Sequence[SiteDataset], seeds: Sequence[int], placement: Placement
+) -> dict[str, Any]:
     """Local training and rounds: scored on test Avg, among cells whose FedAvg model is trained."""
     optimum = optimal_training_loss(sites)
-    rows: list[dict[str, Any]] = []
-    for work_name, work in STAGE1_WORK.items():
-        for lr in STAGE1_LEARNING_RATES:
-            for rounds in STAGE1_ROUNDS:
-                training = {
-                    **base.canonical()["training"],
-                    **work,
-                    "batch_size": STAGE1_BATCH,
-                    "learning_rate": lr,
-                }
-                study = base.replace(
-                    training=training, rounds={**base.canonical()["rounds"], "count": rounds}
-                )
-                locals_ = _local_scores(study, sites, seeds)
-                avg: dict[str, float | None] = {}
-                lift: dict[str, float | None] = {}
-                excess: float | None = None
-                for strategy in STRATEGIES:
-                    runs = _run_seeds(
-                        method_study(study, strategy, STAGE1_SERVER_LR[strategy]), sites, seeds
-                    )
-                    scores = _scores(runs)
-                    avg[strategy], lift[strategy] = scores.avg, _lift(locals_, scores)
-                    if strategy == "fedavg":
-                        loss = statistics.fmean(training_loss(study, r.params, sites) for r in runs)
-                        excess = loss / optimum - 1.0
-                assert excess is not None
-                row: dict[str, Any] = {
-                    "work": work_name,
-                    "learning_rate": lr,
-                    "rounds": rounds,
-                    "training": training,
-                    "avg": avg,
-                    "lift": lift,
-                    "score": statistics.fmean(a for a in avg.values() if a is not None),
-                    "excess_training_loss": excess,
-                    "trained": excess <= MAX_EXCESS_TRAINING_LOSS,
-                }
-                rows.append(row)
-                errors.print(
-                    f"stage 1: {work_name}, lr {lr}, {rounds} rounds: mean Avg {row['score']:.3f}, "
-                    f"FedAvg training loss {excess:+.1%} over the optimum"
-                )
+    cells = [
+        (work, lr, rounds)
+        for work in STAGE1_WORK
+        for lr in STAGE1_LEARNING_RATES
+        for rounds in STAGE1_ROUNDS
+    ]
+    inputs: SweepInputs = (base, tuple(sites), tuple(seeds), optimum)
+    rows = run_cells(stage1_cell, inputs, cells, progress=_progress("stage 1"), **placement)
+    for row in rows:
+        errors.print(
+            f"stage 1: {row['work']}, lr {row['learning_rate']}, {row['rounds']} rounds: "
+            f"mean Avg {row['score']:.3f}, FedAvg training loss "
+            f"{row['excess_training_loss']:+.1%} over the optimum"
+        )
     trained = [r for r in rows if r["trained"]] or rows
     return {"rows": rows, "chosen": max(trained, key=lambda r: r["score"]), "optimal_loss": optimum}
+
+
+class Placement(TypedDict, total=False):
+    """Where a stage's cells run (``run_cells``' keywords)."""
+
+    processes: int | None
+    ray_address: str | None
+
+
+def _progress(stage: str) -> Callable[[int, int], None]:
+    return lambda done, total: errors.print(f"{stage}: {done}/{total} cells")
 
 
 def cohort_auroc(strategy: str, server_lr: float) -> float:
@@ -223,50 +254,38 @@ def cohort_auroc(strategy: str, server_lr: float) -> float:
     return statistics.fmean(m.auroc for m in metrics.values() if m.auroc is not None)
 
 
-def stage2(base: Study, sites: Sequence[SiteDataset], seeds: Sequence[int]) -> dict[str, Any]:
+def stage2_cell(inputs: SweepInputs, cell: tuple[str, float]) -> dict[str, Any]:
+    """One method at one setting: its scores over the seeds and, for a server optimiser,
+    its AUROC on the built-in cohorts."""
+    base, sites, seeds, _ = inputs
+    method, value = cell
+    if method == FEDPROX:
+        study = method_study(base, FEDPROX, proximal_mu=value)
+    else:
+        study = method_study(base, method, value)
+    result = _scores(_run_seeds(study, sites, seeds))
+    return {
+        "method": method,
+        "value": value,
+        "scores": result.model_dump(),
+        "cohort_auroc": None if method == FEDPROX else cohort_auroc(method, value),
+    }
+
+
+def stage2(
+    base: Study, sites: Sequence[SiteDataset], seeds: Sequence[int], placement: Placement
+) -> dict[str, Any]:
     locals_ = _local_scores(base, sites, seeds)
-
-    def scores(study: Study) -> Scores:
-        return _scores(_run_seeds(study, sites, seeds))
-
-    fedavg = scores(method_study(base, "fedavg", 1.0))
-    fedavg_cohort = cohort_auroc("fedavg", 1.0)
-    rows: list[dict[str, Any]] = [
-        {
-            "method": "fedavg",
-            "value": 1.0,
-            "scores": fedavg.model_dump(),
-            "lift": _lift(locals_, fedavg),
-            "cohort_auroc": fedavg_cohort,
-        }
-    ]
-    errors.print(f"stage 2: fedavg: {fedavg.avg:.3f}, cohorts {fedavg_cohort:.3f}")
-    for strategy, values in STAGE2_SERVER_LR.items():
-        for value in values:
-            result = scores(method_study(base, strategy, value))
-            cohort = cohort_auroc(strategy, value)
-            rows.append(
-                {
-                    "method": strategy,
-                    "value": value,
-                    "scores": result.model_dump(),
-                    "lift": _lift(locals_, result),
-                    "cohort_auroc": cohort,
-                }
-            )
-            errors.print(f"stage 2: {strategy} {value}: {result.avg:.3f}, cohorts {cohort:.3f}")
-    for mu in STAGE2_MU:
-        result = scores(method_study(base, FEDPROX, proximal_mu=mu))
-        rows.append(
-            {
-                "method": FEDPROX,
-                "value": mu,
-                "scores": result.model_dump(),
-                "lift": _lift(locals_, result),
-                "cohort_auroc": None,
-            }
-        )
-        errors.print(f"stage 2: fedprox mu {mu}: {result.avg:.3f}")
+    cells = [("fedavg", 1.0)]
+    cells += [(strategy, v) for strategy, values in STAGE2_SERVER_LR.items() for v in values]
+    cells += [(FEDPROX, mu) for mu in STAGE2_MU]
+    inputs: SweepInputs = (base, tuple(sites), tuple(seeds), 0.0)
+    rows = run_cells(stage2_cell, inputs, cells, progress=_progress("stage 2"), **placement)
+    for row in rows:
+        row["lift"] = _lift(locals_, Scores.model_validate(row["scores"]))
+        cohort = "" if row["cohort_auroc"] is None else f", cohorts {row['cohort_auroc']:.3f}"
+        errors.print(f"stage 2: {row['method']} {row['value']}: {row['scores']['avg']:.3f}{cohort}")
+    fedavg_cohort = rows[0]["cohort_auroc"]
     chosen: dict[str, float] = {}
     for method in (*STAGE2_SERVER_LR, FEDPROX):
         candidates = [r for r in rows if r["method"] == method]
@@ -284,17 +303,20 @@ def stage2(base: Study, sites: Sequence[SiteDataset], seeds: Sequence[int]) -> d
     }
 
 
-def run_sweep(data_dir: Path, n_seeds: int) -> dict[str, Any]:
+def run_sweep(data_dir: Path, n_seeds: int, placement: Placement | None = None) -> dict[str, Any]:
+    """Both stages; each stage's cells run where ``placement`` says (default: as
+    ``run_cells`` decides, over the local cores)."""
+    placement = placement or {}
     started = time.perf_counter()
     base = heart_disease_study()
     sites = load_heart_disease(data_dir, base)
     seeds = [base.seed + i for i in range(n_seeds)]
-    result1 = stage1(base, sites, seeds)
+    result1 = stage1(base, sites, seeds, placement)
     best = result1["chosen"]
     tuned = base.replace(
         training=best["training"], rounds={**base.canonical()["rounds"], "count": best["rounds"]}
     )
-    result2 = stage2(tuned, sites, seeds)
+    result2 = stage2(tuned, sites, seeds, placement)
     return {
         "seeds": seeds,
         "stage1": result1,
@@ -353,16 +375,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the benchmark result")
     parser.add_argument("--sweep", action="store_true", help="rerun the defaults' sweep instead")
     parser.add_argument("--sweep-json", type=Path, default=None, help="write the sweep result")
+    parser.add_argument(
+        "--processes", type=int, default=None, help="local processes for the cells (1: serial)"
+    )
+    parser.add_argument("--ray", default=None, metavar="ADDRESS", help="run the cells on Ray")
     args = parser.parse_args(argv)
     if not args.sweep:
         cli_args = ["benchmark", "heart-disease", "--data-dir", str(args.data_dir)]
         cli_args += ["--seeds", str(args.seeds)]
+        if args.processes is not None:
+            cli_args += ["--processes", str(args.processes)]
+        if args.ray is not None:
+            cli_args += ["--ray", args.ray]
         if args.json is not None:
             cli_args += ["--json", str(args.json)]
         app(cli_args)
         return
     torch.set_num_threads(1)
-    sweep = run_sweep(args.data_dir, args.seeds)
+    sweep = run_sweep(
+        args.data_dir, args.seeds, {"processes": args.processes, "ray_address": args.ray}
+    )
     print_sweep(sweep)
     if args.sweep_json is not None:
         args.sweep_json.write_text(json.dumps(sweep, indent=2) + "\n", encoding="utf-8")

@@ -74,3 +74,19 @@ def test_by_default_a_short_sweep_stays_here_and_a_long_one_spreads(
     assert os.getpid() not in {pid for _, pid in long[1:]}
     assert seen[0] == 1
     assert seen[-1] == 4
+
+
+def _threads(_: int, cell: int) -> tuple[int, int, int]:
+    """The process, its PyTorch threads and its largest BLAS thread pool."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    blas = max((pool["num_threads"] for pool in threadpool_info()), default=1)
+    return os.getpid(), torch.get_num_threads(), blas
+
+
+def test_a_local_worker_runs_torch_and_blas_on_one_thread() -> None:
+    # A worker per core with a BLAS thread per core as well ran three times slower.
+    results = run_cells(_threads, 0, [1, 2, 3, 4], processes=2)
+    assert os.getpid() not in {pid for pid, _, _ in results}
+    assert {(torch, blas) for _, torch, blas in results} == {(1, 1)}
