@@ -165,13 +165,14 @@ def training_loss(study: Study, params: NDArray[np.float32], sites: Sequence[Sit
     return float(log_loss(y, predict_proba(study.model, params, x)))
 
 
-SweepInputs = tuple[Study, tuple[SiteDataset, ...], tuple[int, ...], float]
-"""(study, sites, seeds, optimal training loss): what every cell of a stage reads."""
+StageInputs = tuple[Study, tuple[SiteDataset, ...], tuple[int, ...]]
+"""(study, sites, seeds): what every cell of a stage reads."""
 
 
-def stage1_cell(inputs: SweepInputs, cell: tuple[str, float, int]) -> dict[str, Any]:
-    """One (local work, learning rate, rounds) row of stage 1: every strategy over the seeds."""
-    base, sites, seeds, optimum = inputs
+def stage1_cell(inputs: tuple[StageInputs, float], cell: tuple[str, float, int]) -> dict[str, Any]:
+    """One (local work, learning rate, rounds) row of stage 1: every strategy over the
+    seeds, with FedAvg's training loss against ``inputs``' optimal loss."""
+    (base, sites, seeds), optimum = inputs
     work_name, lr, rounds = cell
     training = {
         **base.canonical()["training"],
@@ -216,7 +217,7 @@ def stage1(
         for lr in STAGE1_LEARNING_RATES
         for rounds in STAGE1_ROUNDS
     ]
-    inputs: SweepInputs = (base, tuple(sites), tuple(seeds), optimum)
+    inputs = ((base, tuple(sites), tuple(seeds)), optimum)
     rows = run_cells(stage1_cell, inputs, cells, progress=_progress("stage 1"), **placement)
     for row in rows:
         errors.print(
@@ -254,10 +255,10 @@ def cohort_auroc(strategy: str, server_lr: float) -> float:
     return statistics.fmean(m.auroc for m in metrics.values() if m.auroc is not None)
 
 
-def stage2_cell(inputs: SweepInputs, cell: tuple[str, float]) -> dict[str, Any]:
+def stage2_cell(inputs: StageInputs, cell: tuple[str, float]) -> dict[str, Any]:
     """One method at one setting: its scores over the seeds and, for a server optimiser,
     its AUROC on the built-in cohorts."""
-    base, sites, seeds, _ = inputs
+    base, sites, seeds = inputs
     method, value = cell
     if method == FEDPROX:
         study = method_study(base, FEDPROX, proximal_mu=value)
@@ -279,7 +280,7 @@ def stage2(
     cells = [("fedavg", 1.0)]
     cells += [(strategy, v) for strategy, values in STAGE2_SERVER_LR.items() for v in values]
     cells += [(FEDPROX, mu) for mu in STAGE2_MU]
-    inputs: SweepInputs = (base, tuple(sites), tuple(seeds), 0.0)
+    inputs: StageInputs = (base, tuple(sites), tuple(seeds))
     rows = run_cells(stage2_cell, inputs, cells, progress=_progress("stage 2"), **placement)
     for row in rows:
         row["lift"] = _lift(locals_, Scores.model_validate(row["scores"]))

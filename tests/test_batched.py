@@ -12,8 +12,10 @@ from numpy.typing import NDArray
 from fedcare.models.builders import initial_parameters
 from fedcare.models.size import study_parameter_count
 from fedcare.simulation.runner import run_federation
+from fedcare.site.dataset import SiteDataset, prepare_site_data
 from fedcare.site.worker import SiteWorker
 from fedcare.study import ModelSpec, Study, TrainingSpec, parse_study
+from fedcare.training import batched as batched_module
 from fedcare.training.batched import Job, batchable, shares_rounds, train_many
 from fedcare.training.dp_sgd import DpSgdSettings
 from fedcare.training.local import LocalResult, train_local
@@ -36,6 +38,41 @@ preprocessing: {{scaling: reference}}
 rounds: {{count: 5, min_sites: 2}}
 seed: 11
 {extra}""")
+
+
+def _as_alone(spec: Study, start: NDArray[np.float32], jobs: list[Job]) -> None:
+    """Each job's batched result is what training its site alone gives."""
+    many = train_many(spec.model, spec.training, start, jobs)
+    for job, result in zip(jobs, many, strict=True):
+        alone = train_local(
+            spec.model, spec.training, start, job.features, job.labels, job.seed, dp=job.dp
+        )
+        assert result.steps == alone.steps
+        assert result.n_samples == alone.n_samples
+        assert np.abs(result.params - alone.params).max() < 1e-6
+        assert result.loss == pytest.approx(alone.loss, abs=1e-6)
+
+
+def _four_sites(spec: Study) -> list[SiteDataset]:
+    return [
+        prepare_site_data(toy_frame(i, 120 + 30 * i, 0.2 * i), toy_mapping(f"s{i}"), spec)
+        for i in range(4)
+    ]
+
+
+def _batched_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[Job]]:
+    """The jobs of every batched call made from now on."""
+    calls: list[list[Job]] = []
+    real = batched_module.train_many
+
+    def counted(
+        model: ModelSpec, training: TrainingSpec, start: NDArray[np.float32], jobs: list[Job]
+    ) -> list[LocalResult]:
+        calls.append(list(jobs))
+        return real(model, training, start, jobs)
+
+    monkeypatch.setattr(batched_module, "train_many", counted)
+    return calls
 
 
 CASES = [
@@ -62,38 +99,17 @@ def test_each_site_gets_what_it_would_train_alone(model: str, training: str) -> 
         )
         for i, n in enumerate(sizes)
     ]
-    many = train_many(spec.model, spec.training, start, jobs)
-    for job, result in zip(jobs, many, strict=True):
-        alone = train_local(spec.model, spec.training, start, job.features, job.labels, job.seed)
-        assert result.steps == alone.steps
-        assert result.n_samples == alone.n_samples
-        assert np.abs(result.params - alone.params).max() < 1e-6
-        assert result.loss == pytest.approx(alone.loss, abs=1e-6)
+    _as_alone(spec, start, jobs)
 
 
 def test_a_simulation_batched_trains_the_per_site_model(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = study("{kind: mlp, hidden: [8]}", "{epochs: 1, batch_size: 16, learning_rate: 0.1}")
     assert shares_rounds(spec)
-    from fedcare.site.dataset import prepare_site_data
-    from fedcare.training import batched as batched_module
-
-    sites = [
-        prepare_site_data(toy_frame(i, 120 + 30 * i, 0.2 * i), toy_mapping(f"s{i}"), spec)
-        for i in range(4)
-    ]
-    calls: list[int] = []
-    real = batched_module.train_many
-
-    def counted(
-        model: ModelSpec, training: TrainingSpec, start: NDArray[np.float32], jobs: list[Job]
-    ) -> list[LocalResult]:
-        calls.append(len(jobs))
-        return real(model, training, start, jobs)
-
-    monkeypatch.setattr(batched_module, "train_many", counted)
+    sites = _four_sites(spec)
+    calls = _batched_calls(monkeypatch)
     batched = run_federation(spec, sites).params
     # One batched call per round, for all four sites: the shared path really ran.
-    assert calls == [4] * spec.rounds.count
+    assert [len(jobs) for jobs in calls] == [4] * spec.rounds.count
     monkeypatch.undo()
     n_params = study_parameter_count(spec)
     alone = {s.name: SiteWorker(spec, s, n_params) for s in sites}
@@ -160,15 +176,8 @@ def test_dp_sgd_batched_gives_each_site_its_own_dp_sgd(model: str, training: str
         )
         for i, (n, dp) in enumerate(settings)
     ]
+    _as_alone(spec, start, jobs)
     many = train_many(spec.model, spec.training, start, jobs)
-    for job, result in zip(jobs, many, strict=True):
-        alone = train_local(
-            spec.model, spec.training, start, job.features, job.labels, job.seed, dp=job.dp
-        )
-        assert result.steps == alone.steps
-        assert result.n_samples == alone.n_samples
-        assert np.abs(result.params - alone.params).max() < 1e-6
-        assert result.loss == pytest.approx(alone.loss, abs=1e-6)
     # Each site really got its own noise: another secret seed moves its parameters.
     other = [Job(j.features, j.labels, j.seed, dp=replace(j.dp, secret_seed=9)) for j in jobs]
     moved = train_many(spec.model, spec.training, start, other)
@@ -192,26 +201,11 @@ def test_a_dp_simulation_batched_trains_the_per_site_model(monkeypatch: pytest.M
         "{kind: mlp, hidden: [8]}", "{epochs: 1, batch_size: 16, learning_rate: 0.1}", DP_STUDY
     )
     assert shares_rounds(spec)
-    from fedcare.site.dataset import prepare_site_data
-    from fedcare.training import batched as batched_module
-
-    sites = [
-        prepare_site_data(toy_frame(i, 120 + 30 * i, 0.2 * i), toy_mapping(f"s{i}"), spec)
-        for i in range(4)
-    ]
-    calls: list[int] = []
-    real = batched_module.train_many
-
-    def counted(
-        model: ModelSpec, training: TrainingSpec, start: NDArray[np.float32], jobs: list[Job]
-    ) -> list[LocalResult]:
-        assert all(job.dp is not None for job in jobs)
-        calls.append(len(jobs))
-        return real(model, training, start, jobs)
-
-    monkeypatch.setattr(batched_module, "train_many", counted)
+    sites = _four_sites(spec)
+    calls = _batched_calls(monkeypatch)
     batched = run_federation(spec, sites, noise_seed=4).params
-    assert calls == [4] * spec.rounds.count
+    assert [len(jobs) for jobs in calls] == [4] * spec.rounds.count
+    assert all(job.dp is not None for jobs in calls for job in jobs)
     monkeypatch.undo()
     n_params = study_parameter_count(spec)
     alone = {s.name: SiteWorker(spec, s, n_params, noise_seed=4) for s in sites}
@@ -228,7 +222,6 @@ def test_a_site_with_a_privacy_ledger_trains_on_its_own(tmp_path: Path) -> None:
     from fedcare.privacy.dp.budget import Budget
     from fedcare.privacy.dp.guard import PrivacyGuard
     from fedcare.privacy.dp.ledger import PrivacyLedger
-    from fedcare.site.dataset import prepare_site_data
     from fedcare.training.batched import SharedRound
 
     shared = SharedRound(spec)

@@ -76,12 +76,24 @@ def test_a_large_call_splits_the_vector_over_worker_threads_and_gives_the_same_s
 ) -> None:
     monkeypatch.setattr(prg, "PARALLEL_BYTES", 1)
     monkeypatch.setattr(prg, "available_cores", lambda: 2)
+    monkeypatch.setattr(prg, "CHUNK_BYTES", 4096)
     seen: set[tuple[str, int]] = set()
+    written: list[int] = []
     real = prg._encryptor
 
-    def spy(key: bytes, first_block: int) -> CipherContext:
+    class Recording:
+        """The real encryptor, noting how many bytes each call writes."""
+
+        def __init__(self, inner: CipherContext) -> None:
+            self.inner = inner
+
+        def update_into(self, data: bytes, buf: bytearray) -> int:
+            written.append(len(data))
+            return self.inner.update_into(data, buf)
+
+    def spy(key: bytes, first_block: int) -> Recording:
         seen.add((threading.current_thread().name[:6], first_block))
-        return real(key, first_block)
+        return Recording(real(key, first_block))
 
     monkeypatch.setattr(prg, "_encryptor", spy)
     start = np.zeros(10_000, dtype=np.uint32)
@@ -90,6 +102,9 @@ def test_a_large_call_splits_the_vector_over_worker_threads_and_gives_the_same_s
     add_masks(target, terms, 32)
     # Two slices of 5,000 elements: the second's counter starts at block 1,250.
     assert seen == {("unmask", 0), ("unmask", 1250)}
+    # No mask is held whole: the keystream goes through a chunk-sized buffer.
+    assert max(written) == 4096
+    assert sum(written) == 2 * 10_000 * 4
     assert np.array_equal(target, _reference(start, terms, 32))
 
 

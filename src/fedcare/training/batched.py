@@ -64,9 +64,12 @@ def _widths(spec: ModelSpec, n_inputs: int) -> list[int]:
 
 
 def _stacked(
-    start: NDArray[np.float32], layers: list[tuple[int, int]], n_sites: int, grad: bool
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each layer's weight (sites x out x in) and bias (sites x out), every site at ``start``."""
+    model_spec: ModelSpec, start: NDArray[np.float32], jobs: Sequence[Job], grad: bool
+) -> tuple[list[tuple[int, int]], list[torch.Tensor], list[torch.Tensor]]:
+    """The model's (fan in, fan out) per layer, and each layer's weight (sites x out x in)
+    and bias (sites x out), every site at ``start``."""
+    layers = list(pairwise(_widths(model_spec, jobs[0].features.shape[1])))
+    n_sites = len(jobs)
     weights: list[torch.Tensor] = []
     biases: list[torch.Tensor] = []
     offset = 0
@@ -78,7 +81,7 @@ def _stacked(
         offset += fan_out
         weights.append(w.expand(n_sites, fan_out, fan_in).clone().requires_grad_(grad))
         biases.append(b.expand(n_sites, fan_out).clone().requires_grad_(grad))
-    return weights, biases
+    return layers, weights, biases
 
 
 def _padded_rows(
@@ -118,8 +121,7 @@ def train_many(
             raise ValueError("a batched call trains every site with DP-SGD or none")
         return _train_many_dp(model_spec, training, start, jobs)
     n_sites = len(jobs)
-    layers = list(pairwise(_widths(model_spec, jobs[0].features.shape[1])))
-    weights, biases = _stacked(start, layers, n_sites, grad=True)
+    layers, weights, biases = _stacked(model_spec, start, jobs, grad=True)
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
     velocity: list[torch.Tensor | None] = [None] * len(params)
 
@@ -194,8 +196,7 @@ def _train_many_dp(
     """DP-SGD for every job at once: ``_train_dp`` of :mod:`fedcare.training.local` with
     :class:`~fedcare.training.dp_sgd.GhostClipper`'s clipping, over stacked weights."""
     n_sites = len(jobs)
-    layers = list(pairwise(_widths(model_spec, jobs[0].features.shape[1])))
-    weights, biases = _stacked(start, layers, n_sites, grad=False)
+    layers, weights, biases = _stacked(model_spec, start, jobs, grad=False)
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
     velocity: list[torch.Tensor | None] = [None] * len(params)
     n_params = sum(int(p[0].numel()) for p in params)

@@ -44,14 +44,21 @@ def roc_points(
     return fps / fps[-1], tps / tps[-1]
 
 
+def uniform_bins(p: NDArray[np.float64], bins: int) -> NDArray[np.intp]:
+    """Each score's bin among ``bins`` equal-width bins of [0, 1], right-closed (the first
+    also holding 0), as scikit-learn's ``calibration_curve`` bins them."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which: NDArray[np.intp] = np.searchsorted(edges[1:-1], p)
+    return which
+
+
 def calibration_points(
     y: NDArray[np.int64], p: NDArray[np.float64], bins: int
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """(observed rate, mean predicted risk) in each non-empty bin of ``bins`` equal-width
     bins (right-closed, the first also holding 0): ``sklearn.calibration.calibration_curve``
     with ``strategy="uniform"``."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.searchsorted(edges[1:-1], p)
+    which = uniform_bins(p, bins)
     total = np.bincount(which, minlength=bins)
     risk = np.bincount(which, weights=p, minlength=bins)
     events = np.bincount(which, weights=y.astype(np.float64), minlength=bins)

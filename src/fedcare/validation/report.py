@@ -37,6 +37,7 @@ from fedcare.validation.cells import (
     ValidationReport,
     few_events,
 )
+from fedcare.validation.curves import uniform_bins
 from fedcare.validation_spec import AGE_BAND, Metric
 
 ECE_BINS = 10
@@ -93,7 +94,7 @@ def expected_calibration_error(y: NDArray[np.int64], p: NDArray[np.float64]) -> 
     from sklearn.calibration import calibration_curve  # when used: see _point_estimates
 
     prob_true, prob_pred = calibration_curve(y, p, n_bins=ECE_BINS, strategy="uniform", pos_label=1)
-    counts = np.bincount(_ece_bin(p), minlength=ECE_BINS)
+    counts = np.bincount(uniform_bins(p, ECE_BINS), minlength=ECE_BINS)
     weights = counts[counts > 0] / y.size
     return float(np.sum(weights * np.abs(prob_true - prob_pred)))
 
@@ -244,17 +245,11 @@ def _counted_average_precision(
     return np.where((positives > 0) & (positives < n), ap, np.nan)
 
 
-def _ece_bin(p: NDArray[np.float64]) -> NDArray[np.intp]:
-    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
-    bins: NDArray[np.intp] = np.searchsorted(edges[1:-1], p)
-    return bins
-
-
 def _batch_ece(y: NDArray[np.float64], p: NDArray[np.float64]) -> NDArray[np.float64]:
     # Per bin, n_b/n * |mean(y) - mean(p)| = |sum(y - p)| / n, so one weighted
     # bincount over (row, bin) gives every row's ECE at once.
     rows, n = y.shape
-    flat = (np.arange(rows)[:, None] * ECE_BINS + _ece_bin(p)).ravel()
+    flat = (np.arange(rows)[:, None] * ECE_BINS + uniform_bins(p, ECE_BINS)).ravel()
     sums = np.bincount(flat, weights=(y - p).ravel(), minlength=rows * ECE_BINS)
     ece: NDArray[np.float64] = np.abs(sums.reshape(rows, ECE_BINS)).sum(axis=1) / n
     return ece

@@ -193,8 +193,8 @@ def noise_multiplier(
             g = gap(sigma)
             last.append((math.log(sigma), g))
             if g <= 0:
-                high, g_high = sigma, g
+                high = sigma
             else:
-                low, g_low = sigma, g
+                low = sigma
                 break  # a lower probe would have too little noise as well
     return high
