@@ -369,13 +369,15 @@ def test_the_report_draws_figures_for_the_largest_sites_only() -> None:
     assert sorted(s.name for s in sites if f">{s.name}<" in rounds) == sorted(drawn)
 
 
-def test_a_simulation_without_release_validation_loads_neither_scikit_learn_nor_scipy(
+def test_a_simulation_without_release_validation_loads_no_scikit_learn_scipy_or_matplotlib(
     tmp_path: Path,
 ) -> None:
     """They cost a simulation 1.3 s and about 70 MB to load: its metrics and curves are
     numpy, and the parts that use them (release validation, drift tests, a stratified
-    split) import them when they run. Timing and memory are measured in
-    benchmarks/scale.py; this guards the cause."""
+    split) import them when they run. Nor matplotlib, half a second to import and as
+    much again to lay out the by-round figure: a report without subgroups draws only
+    svg_chart's figures. Timing and memory are measured in benchmarks/scale.py; this
+    guards the cause."""
     from .conftest import write_toy_sites
 
     study = tmp_path / "study.yaml"
@@ -394,7 +396,8 @@ def test_a_simulation_without_release_validation_loads_neither_scikit_learn_nor_
         f"sys.argv = {argv!r}\n"
         "from fedcare.cli import app\n"
         "try:\n    app()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
-        "print('loaded:' + ','.join(m for m in ('sklearn', 'scipy') if m in sys.modules))\n"
+        "loaded = [m for m in ('sklearn', 'scipy', 'matplotlib') if m in sys.modules]\n"
+        "print('loaded:' + ','.join(loaded))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120

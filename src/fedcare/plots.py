@@ -1,10 +1,14 @@
 """Plots of results: figures rendered to inline SVG (no display, no network), over plain
 series, so the simulation's report and the coordinator's dashboard draw the same figures
-from their own data. matplotlib draws them, except the per-site ROC and calibration pair
-a report draws once per site, which :mod:`fedcare.svg_chart` writes as SVG text.
+from their own data.
 
-Figures are built with :class:`matplotlib.figure.Figure` directly, never through pyplot,
-so no global backend or figure registry is touched; text stays text in the SVG
+The figures every simulation report draws (ROC and calibration per site, AUROC and loss
+by round, epsilon by round) are written as SVG text by :mod:`fedcare.svg_chart`; a
+simulation of a few seconds would otherwise spend a fifth of them importing and laying
+out matplotlib. matplotlib draws the rest (subgroup forests, the dashboard's round
+timeline, a calibration sweep), imported when one is first drawn. Its figures are built
+with :class:`matplotlib.figure.Figure` directly, never through pyplot, so no global
+backend or figure registry is touched; text stays text in the SVG
 (``svg.fonttype: none``), so axis labels and legends are readable and searchable.
 """
 
@@ -13,15 +17,13 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Protocol
-
-from matplotlib import rc_context
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from typing import TYPE_CHECKING, Protocol
 
 from fedcare import svg_chart
 from fedcare.validation.curves import Curves
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Series = Sequence[tuple[int, float | None]]
 """(round, value) points of one line; None leaves a gap."""
@@ -45,6 +47,8 @@ SITE_COLOURS = (
 
 
 def _style() -> AbstractContextManager[None]:
+    from matplotlib import rc_context
+
     return rc_context(
         {"svg.fonttype": "none", "font.size": 9, "axes.grid": True, "grid.alpha": 0.3}
     )
@@ -64,9 +68,16 @@ def _gaps(values: Sequence[float | None]) -> list[float]:
 
 
 def _site_style(index: int) -> tuple[str, str]:
-    """(colour, line style) of the ``index``-th site."""
+    """(colour, matplotlib line style) of the ``index``-th site."""
     dashes = ("-", "--", ":", "-.")
     return SITE_COLOURS[index % len(SITE_COLOURS)], dashes[(index // len(SITE_COLOURS)) % 4]
+
+
+def _site_line(index: int) -> tuple[str, str]:
+    """(colour, SVG dash array) of the ``index``-th site: the same styles as
+    :func:`_site_style`."""
+    styles = svg_chart.LINE_STYLES
+    return SITE_COLOURS[index % len(SITE_COLOURS)], styles[(index // len(SITE_COLOURS)) % 4]
 
 
 def roc_and_calibration(site: str, curves: Mapping[str, Curves]) -> str:
@@ -79,12 +90,15 @@ def roc_and_calibration(site: str, curves: Mapping[str, Curves]) -> str:
         "False positive rate (1 - specificity)",
         "True positive rate (sensitivity)",
         (0.0, 1.0),
+        (0.0, 1.0),
     )
+    calibration_range = (0.0, min(1.0, top * 1.1))
     calibration = svg_chart.Panel(
         f"Calibration at {site}",
         "Predicted risk (mean in bin)",
         "Observed event rate",
-        (0.0, min(1.0, top * 1.1)),
+        calibration_range,
+        calibration_range,
     )
     for label, drawn in curves.items():
         colour = MODEL_COLOURS.get(label, "#333333")
@@ -92,9 +106,9 @@ def roc_and_calibration(site: str, curves: Mapping[str, Curves]) -> str:
         calibration.lines.append(
             svg_chart.Line(label, drawn.predicted, drawn.observed, colour, 1.4, markers=True)
         )
-    roc.lines.append(svg_chart.Line("chance", [0, 1], [0, 1], "#999999", 1.0, dashed=True))
+    roc.lines.append(svg_chart.Line("chance", [0, 1], [0, 1], "#999999", 1.0, svg_chart.DASHED))
     calibration.lines.append(
-        svg_chart.Line("perfectly calibrated", [0, 1], [0, 1], "#999999", 1.0, dashed=True)
+        svg_chart.Line("perfectly calibrated", [0, 1], [0, 1], "#999999", 1.0, svg_chart.DASHED)
     )
     return svg_chart.panels_svg([roc, calibration])
 
@@ -116,6 +130,8 @@ class ForestRow(Protocol):
 
 def subgroup_forest(site: str, rows: Sequence[ForestRow], model: str = "Federated model") -> str:
     """``model``'s AUROC per subgroup with its 95 % interval (forest plot)."""
+    from matplotlib.figure import Figure
+
     with _style():
         figure = Figure(figsize=(6.0, 0.35 * len(rows) + 1.2))
         axes = figure.add_subplot()
@@ -154,47 +170,50 @@ def subgroup_forest(site: str, rows: Sequence[ForestRow], model: str = "Federate
         return _svg(figure)
 
 
-def _lines(
-    axes: Axes,
+def _round_panel(
     series: Mapping[str, Series],
-    intervals: Mapping[str, Sequence[tuple[int, float, float]]] | None = None,
-) -> None:
-    """One line per named series, each its own colour and style, with an optional band
-    (or, at lone points, error bars) for its interval."""
+    ylabel: str,
+    title: str,
+    intervals: Mapping[str, Sequence[tuple[int, float, float]]],
+    rounds: int | None,
+) -> svg_chart.Panel:
+    """One line per named series by round, each its own colour and style, with error
+    bars for its intervals."""
     # Lines with intervals at the same rounds are set a little apart, so their bars
     # do not hide one another.
     spread = 0.08 if intervals else 0.0
     middle = (len(series) - 1) / 2
+    lines = []
     for index, (name, points) in enumerate(series.items()):
-        colour, style = _site_style(index)
+        colour, dash = _site_line(index)
         shift = (index - middle) * spread
-        xs = [x + shift for x, _ in points]
-        axes.plot(
-            xs,
-            _gaps([y for _, y in points]),
-            label=name,
-            linewidth=1.5,
-            color=colour,
-            linestyle=style,
-            marker="o" if len(points) < 12 else None,
-            markersize=3,
-        )
-        band = (intervals or {}).get(name, ())
-        if band:
-            axes.errorbar(
-                [x + shift for x, _, _ in band],
-                [(lo + hi) / 2 for _, lo, hi in band],
-                yerr=[(hi - lo) / 2 for _, lo, hi in band],
-                fmt="none",
-                ecolor=colour,
-                alpha=0.6,
-                capsize=2,
+        lines.append(
+            svg_chart.Line(
+                name,
+                [x + shift for x, _ in points],
+                [y for _, y in points],
+                colour,
+                1.5,
+                dash,
+                markers=len(points) < 12,
+                bars=[(x + shift, low, high) for x, low, high in intervals.get(name, ())],
             )
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if series:
-        axes.legend(fontsize=8, loc="best")
-    else:
-        axes.text(0.5, 0.5, "nothing to plot yet", transform=axes.transAxes, ha="center")
+        )
+    last = (
+        rounds if rounds is not None else max((x for p in series.values() for x, _ in p), default=1)
+    )
+    values = [y for points in series.values() for _, y in points]
+    values += [v for band in intervals.values() for _, low, high in band for v in (low, high)]
+    return svg_chart.Panel(
+        title,
+        "Round",
+        ylabel,
+        (0.5, last + 0.5),
+        svg_chart.padded(values),
+        lines,
+        integer_x=True,
+        empty_text="nothing to plot yet",
+    )
 
 
 def by_round(
@@ -210,53 +229,58 @@ def by_round(
 ) -> str:
     """AUROC per site by round (with intervals when given), and beside it a loss by
     round when one is reported; ``rounds`` fixes the x axis to the whole study."""
-    shown = loss is not None and any(v is not None for line in loss.values() for _, v in line)
-    with _style():
-        figure = Figure(figsize=(8.0 if shown else 4.6, 3.4))
-        first = figure.add_subplot(1, 2 if shown else 1, 1)
-        _lines(first, auroc, intervals)
-        first.set(xlabel="Round", ylabel=auroc_label, title=auroc_title)
-        axes = [first]
-        if shown and loss is not None:
-            second = figure.add_subplot(1, 2, 2)
-            _lines(second, loss)
-            second.set(xlabel="Round", ylabel=loss_label, title=loss_title)
-            axes.append(second)
-        if rounds is not None:
-            for each in axes:
-                each.set_xlim(0.5, rounds + 0.5)
-        return _svg(figure)
+    panels = [_round_panel(auroc, auroc_label, auroc_title, intervals or {}, rounds)]
+    if loss is not None and any(v is not None for line in loss.values() for _, v in line):
+        panels.append(_round_panel(loss, loss_label, loss_title, {}, rounds))
+    return svg_chart.panels_svg(panels)
 
 
 def epsilon_by_round(
     spent: Mapping[str, Sequence[float]], budgets: Mapping[str, float | None]
 ) -> str:
     """Under DP: the epsilon each site reaches after each round, with its budget dotted."""
-    with _style():
-        figure = Figure(figsize=(4.6, 3.4))
-        axes = figure.add_subplot()
-        for index, (site, values) in enumerate(spent.items()):
-            if not values:
-                continue
-            colour, style = _site_style(index)
-            rounds = range(1, len(values) + 1)
-            axes.plot(rounds, values, color=colour, linestyle=style, label=site, linewidth=1.5)
-            budget = budgets.get(site)
-            if budget is not None:
-                axes.axhline(budget, color=colour, linestyle=":", linewidth=1)
-        axes.set(
-            xlabel="Round",
-            ylabel="Epsilon spent (plan, at the study's delta)",
-            title="Privacy spent by round (dotted: each site's budget)",
-        )
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.legend(fontsize=8, loc="best")
-        return _svg(figure)
+    lines = []
+    values: list[float | None] = []
+    last = max((len(v) for v in spent.values()), default=1)
+    for index, (site, spent_by_round) in enumerate(spent.items()):
+        if not spent_by_round:
+            continue
+        colour, dash = _site_line(index)
+        rounds = list(range(1, len(spent_by_round) + 1))
+        lines.append(svg_chart.Line(site, rounds, list(spent_by_round), colour, 1.5, dash))
+        values += spent_by_round
+        budget = budgets.get(site)
+        if budget is not None:
+            lines.append(
+                svg_chart.Line(
+                    f"{site} budget",
+                    [0.5, last + 0.5],
+                    [budget, budget],
+                    colour,
+                    1.0,
+                    svg_chart.DOTTED,
+                    in_legend=False,
+                )
+            )
+            values.append(budget)
+    panel = svg_chart.Panel(
+        "Privacy spent by round (dotted: each site's budget)",
+        "Round",
+        "Epsilon spent (plan, at the study's delta)",
+        (0.5, last + 0.5),
+        svg_chart.padded(values, floor=0.0),
+        lines,
+        integer_x=True,
+    )
+    return svg_chart.panels_svg([panel])
 
 
 def round_timeline(rounds: Sequence[tuple[int, float | None, int, int, bool]]) -> str:
     """Each round's duration (bars: blue closed, red failed) and how many of the
     selected sites took part: ``(round, seconds, participants, selected, applied)``."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     with _style():
         figure = Figure(figsize=(8.0, 3.0))
         duration = figure.add_subplot(1, 2, 1)
@@ -293,6 +317,8 @@ def sweep(
 ) -> str:
     """One line per named series over labelled points (a privacy-utility sweep); every
     line its own colour and style, named in the legend; gaps where a value is None."""
+    from matplotlib.figure import Figure
+
     with _style():
         figure = Figure(figsize=(7.0, 3.8))
         axes = figure.add_subplot()
