@@ -69,7 +69,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedcare.schema.readers import DataFileError
     from fedcare.simulation.cells import RayError
     from fedcare.simulation.pace import PaceError
-    from fedcare.simulation.sites import SitesFileError
+    from fedcare.simulation.preparation import SitesFileError
     from fedcare.site.agent import SiteAgentError
     from fedcare.site.client import CoordinatorError
     from fedcare.site.dataset import SiteDataError

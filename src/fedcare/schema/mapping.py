@@ -218,6 +218,11 @@ class DataValidationError(ValueError):
             + (f"\nnoted as well (not refused):{noted}" if notices else "")
         )
 
+    def __reduce__(self) -> tuple[type[DataValidationError], tuple[object, ...]]:
+        # Rebuilt from its parts, not its message: a site prepared in another process
+        # raises it here unchanged (fedcare.simulation.preparation).
+        return (type(self), (self.site, self.violations, self.notices))
+
 
 class MappingError(ValueError):
     """A mapping file that is incomplete or inconsistent with the schema."""

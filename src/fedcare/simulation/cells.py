@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -61,13 +62,16 @@ def run_cells(
     processes: int | None = None,
     ray_address: str | None = None,
     progress: CellProgress = _quiet,
+    worth_spreading_s: float | None = None,
 ) -> list[Result]:
     """``task(shared, cell)`` for each cell, in cell order.
 
     ``ray_address``: on that Ray cluster (``"local"`` starts one on this machine for the
     run; the optional ``fedcare[ray]`` extra). ``processes``: on that many local processes
     (1: all in this process). By default the first cell runs here, and the rest on one
-    process per core when they would take more than :data:`WORTH_SPREADING_S` here.
+    process per core when they would take more than ``worth_spreading_s`` here (default
+    :data:`WORTH_SPREADING_S`). A cell that raises raises here, as in this process: of
+    several, the first in cell order.
     """
     if ray_address is not None:
         return _on_ray(task, shared, cells, ray_address, progress)
@@ -80,7 +84,8 @@ def run_cells(
         progress(1, total)
         rest = cells[1:]
         count = min(default_processes(), len(rest))
-        if count > 1 and (time.perf_counter() - started) * len(rest) > WORTH_SPREADING_S:
+        worth = WORTH_SPREADING_S if worth_spreading_s is None else worth_spreading_s
+        if count > 1 and (time.perf_counter() - started) * len(rest) > worth:
             after = _on_processes(task, shared, rest, count, _offset(progress, 1, total))
         else:
             after = _here(task, shared, rest, _offset(progress, 1, total))
@@ -112,15 +117,23 @@ _WORKER: dict[str, CellTask[Any, Any, Any]] = {}
 """The task and shared inputs of this worker process, set once when it starts."""
 
 
+_ONE_THREAD = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 def one_thread_each() -> None:
     """PyTorch and the BLAS under numpy on one thread in this process. A worker per core
     whose BLAS kept a thread per core as well spun them against each other: a heart
-    benchmark cell took 18-21 s on two workers against 7 s alone."""
-    import torch
+    benchmark cell took 18-21 s on two workers against 7 s alone. PyTorch is limited now
+    if loaded, else by the environment it reads when a task first imports it: a task
+    that never trains (preparing a site's data) does not pay a second to load it."""
     from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(1)
+    for name in _ONE_THREAD:
+        os.environ[name] = "1"
     threadpool_limits(1)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def _start_worker(job: CellTask[Any, Any, Any]) -> None:
@@ -146,12 +159,27 @@ def _on_processes(
     with pool:
         futures = {pool.submit(_run_in_worker, c): i for i, c in enumerate(cells)}
         results: dict[int, Result] = {}
+        failed: dict[int, BaseException] = {}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
-                results[futures[future]] = cast(Result, future.result())
-            progress(len(results), len(cells))
+                index = futures[future]
+                error = future.exception()
+                if error is None:
+                    results[index] = cast(Result, future.result())
+                    continue
+                failed[index] = error
+                # The cells after the first failure need not run; those before it
+                # still do, as one of them may fail first in cell order.
+                first = min(failed)
+                for other in list(pending):
+                    if futures[other] > first and other.cancel():
+                        pending.discard(other)
+            if not failed:
+                progress(len(results), len(cells))
+    if failed:
+        raise failed[min(failed)]
     return [results[i] for i in range(len(cells))]
 
 

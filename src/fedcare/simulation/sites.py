@@ -14,9 +14,9 @@ from fedcare.data.synthetic import HospitalCohort, generate_cohorts
 from fedcare.policy.model import load_policy
 from fedcare.privacy.dp.budget import Budget
 from fedcare.schema.readers import read_table
+from fedcare.simulation.preparation import SiteFiles, SitesFileError, prepare_all
 from fedcare.simulation.runner import SiteRules
 from fedcare.site.dataset import SiteDataset, prepare_site_data
-from fedcare.sources.load import read_source
 from fedcare.sources.spec import Source, TableSource
 from fedcare.study import Study
 from fedcare.validation_spec import GateKind, GateSpec, Metric
@@ -54,10 +54,6 @@ BUILTIN_SITE_GATES: dict[str, tuple[GateSpec, ...]] = {
     ),
 }
 """The validation gates in the built-in hospitals' own policies (the demo's)."""
-
-
-class SitesFileError(ValueError):
-    """A sites file that cannot be read or does not validate."""
 
 
 class SiteEntry(BaseModel):
@@ -149,19 +145,18 @@ def builtin_rules(names: Sequence[str], study: Study | None = None) -> dict[str,
     }
 
 
-def sites_from_file(path: Path, study: Study) -> tuple[list[SiteDataset], dict[str, str]]:
-    """Read, map and prepare every site in a sites file."""
+def sites_from_file(
+    path: Path, study: Study, processes: int | None = None
+) -> tuple[list[SiteDataset], dict[str, str]]:
+    """Read, map and prepare every site in a sites file (over the cores when there are
+    many: :func:`fedcare.simulation.preparation.prepare_all`)."""
     parsed = load_sites_file(path)
     base = path.parent
-    sites = []
-    for entry in parsed.sites:
-        table = read_source(entry.data_source(base), base / entry.mapping, study.feature_schema)
-        if table.mapping.site != entry.name:
-            raise SitesFileError(
-                f"{path}: site '{entry.name}' uses a mapping written for site "
-                f"'{table.mapping.site}'"
-            )
-        sites.append(prepare_site_data(table.frame, table.mapping, study, table.notices))
+    files = [SiteFiles(e.name, e.data_source(base), base / e.mapping) for e in parsed.sites]
+    try:
+        sites = prepare_all(study, files, processes)
+    except SitesFileError as exc:
+        raise SitesFileError(f"{path}: {exc}") from None
     return sites, {s.name: s.description for s in parsed.sites}
 
 
