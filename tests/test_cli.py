@@ -404,3 +404,60 @@ def test_a_simulation_without_release_validation_loads_no_scikit_learn_scipy_or_
     )
     assert (tmp_path / "out" / "report.html").is_file()
     assert done.stdout.strip().splitlines()[-1] == "loaded:"
+
+
+def _exit_in_subprocess(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
+    script = (
+        "import atexit, sys, threading, time\n"
+        "import torch\n"
+        "from fedcare.cli.main import _exit\n"
+        f"out = {str(tmp_path)!r}\n" + body
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_fast_exit_keeps_status_handlers_and_output(tmp_path: Path) -> None:
+    """Skipping PyTorch's teardown still runs exit handlers and flushes the streams."""
+    done = _exit_in_subprocess(
+        tmp_path,
+        "atexit.register(lambda: open(out + '/handler', 'w').write('ran'))\n"
+        "sys.stdout.write('x' * 100000)\n"
+        "_exit(3)\n",
+    )
+    assert done.returncode == 3
+    assert (tmp_path / "handler").read_text() == "ran"
+    assert done.stdout == "x" * 100000
+    message = _exit_in_subprocess(tmp_path, "_exit('error: the reason')\n")
+    assert (message.returncode, message.stderr) == (1, "error: the reason\n")
+
+
+def test_fast_exit_waits_for_a_running_thread(tmp_path: Path) -> None:
+    """A thread still writing when the command returns finishes before the process ends."""
+    done = _exit_in_subprocess(
+        tmp_path,
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    open(out + '/late', 'w').write('done')\n"
+        "threading.Thread(target=late).start()\n"
+        "_exit(0)\n",
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "late").read_text() == "done"
+
+
+def test_console_script_reports_a_failure_status(tmp_path: Path) -> None:
+    """The executable's status is the command's, after PyTorch was loaded."""
+    fedcare = Path(sys.executable).with_name("fedcare")
+    sites = tmp_path / "sites.yaml"
+    sites.write_text("sites:\n- name: a\n  data: missing.csv\n  mapping: missing.yaml\n")
+    done = subprocess.run(
+        [str(fedcare), "simulate", "--study", str(demo_study_path()), "--sites", str(sites)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"error: {tmp_path / 'missing.csv'}: no such data file\n"

@@ -1,5 +1,5 @@
 """``python -m fedcare``: the same as the ``fedcare`` command."""
 
-from fedcare.cli import app
+from fedcare.cli.main import run
 
-app()
+run()
