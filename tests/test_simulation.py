@@ -148,3 +148,27 @@ def test_an_under_trained_run_says_so_and_a_settled_one_does_not(
     for row in result.comparison:
         site = next(s for s in toy_sites if s.name == row.site)
         assert (row.n, row.positives) == (site.n_test, int(site.y_test.sum()))
+
+
+@pytest.mark.parametrize("hidden", [(), (6,)])
+def test_round_metrics_of_all_sites_at_once_equal_each_site_scored_alone(
+    toy_study: Study, toy_sites: list[SiteDataset], hidden: tuple[int, ...]
+) -> None:
+    """The simulation scores every site in one pass; each site's figures are what
+    scoring that site alone gives."""
+    from fedcare.simulation.runner import evaluate
+    from fedcare.study import ModelSpec
+    from fedcare.training import predict_proba
+
+    kind = {"kind": "mlp", "hidden": list(hidden)} if hidden else {"kind": "logistic_regression"}
+    study = toy_study.model_copy(update={"model": ModelSpec.model_validate(kind)})
+    params = initial_parameters(study.model, toy_sites[0].x_train.shape[1:], 3)
+    params = params + np.random.default_rng(1).normal(0, 0.5, params.shape).astype(np.float32)
+    together = evaluate(study, params, toy_sites)
+    assert list(together) == [site.name for site in toy_sites]
+    for site in toy_sites:
+        alone = binary_metrics(site.y_test, predict_proba(study.model, params, site.x_test))
+        got = together[site.name]
+        assert (got.n, got.positives) == (alone.n, alone.positives)
+        for name in ("auroc", "auprc", "accuracy", "brier"):
+            assert getattr(got, name) == pytest.approx(getattr(alone, name), abs=1e-12), name

@@ -440,3 +440,47 @@ def test_binary_metrics_agree_with_scikit_learn(seed: int) -> None:
     one_class = binary_metrics(np.zeros(5, dtype=np.int64), np.linspace(0, 1, 5))
     assert one_class.auroc is None
     assert one_class.auprc is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_metrics_by_part_equal_each_part_alone(seed: int) -> None:
+    """Parts scored together give each part's own metrics: ties, one-class parts, a part
+    of one row, and scores that repeat across parts (which must not mix)."""
+    from fedcare.validation.metrics import binary_metrics, binary_metrics_by_part
+
+    rng = np.random.default_rng(seed)
+    sizes = [int(s) for s in rng.integers(1, 120, size=9)]
+    sizes[2] = 1
+    ys, ps = [], []
+    for i, size in enumerate(sizes):
+        y = (rng.random(size) < 0.35).astype(np.int64)
+        if i == 4:
+            y[:] = 0
+        p = np.round(np.clip(rng.normal(0.3 + 0.3 * y, 0.2), 0, 1), int(rng.integers(1, 3)))
+        ys.append(y)
+        ps.append(p)
+    together = binary_metrics_by_part(np.concatenate(ys), np.concatenate(ps), sizes, 0.4)
+    for y, p, got in zip(ys, ps, together, strict=True):
+        alone = binary_metrics(y, p, threshold=0.4)
+        assert (got.n, got.positives) == (alone.n, alone.positives)
+        for name in ("auroc", "auprc", "accuracy", "brier"):
+            want = getattr(alone, name)
+            if want is None:
+                assert getattr(got, name) is None, name
+            else:
+                assert getattr(got, name) == pytest.approx(want, abs=1e-12), name
+    assert together[4].auroc is None
+    assert together[2].auroc is None
+
+
+def test_metrics_by_part_refuse_what_does_not_add_up() -> None:
+    from fedcare.validation.metrics import binary_metrics_by_part
+
+    y = np.array([0, 1, 0, 1], dtype=np.int64)
+    p = np.array([0.1, 0.9, 0.2, 0.8])
+    with pytest.raises(ValueError, match="rows the parts add up to"):
+        binary_metrics_by_part(y, p, [2, 3])
+    with pytest.raises(ValueError, match="at least one row"):
+        binary_metrics_by_part(y, p, [4, 0])
+    with pytest.raises(ValueError, match="not all finite"):
+        binary_metrics_by_part(y, np.array([0.1, np.inf, 0.2, 0.8]), [2, 2])

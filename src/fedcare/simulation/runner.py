@@ -51,7 +51,7 @@ from fedcare.training.convergence import CONVERGENCE_WINDOW, still_falling
 from fedcare.training.local import check_dp_model
 from fedcare.validation.cells import FEW_POSITIVES, CellReport
 from fedcare.validation.curves import Curves, curves
-from fedcare.validation.metrics import BinaryMetrics, binary_metrics
+from fedcare.validation.metrics import BinaryMetrics, binary_metrics, binary_metrics_by_part
 from fedcare.validation_spec import GateSpec
 
 FEDERATED = "federated"
@@ -101,6 +101,13 @@ def evaluate(
 ) -> dict[str, BinaryMetrics]:
     """Metrics of one parameter vector on every site's held-out data (with bootstrap
     AUROC intervals over ``n_bootstrap`` resamples when > 0)."""
+    if n_bootstrap == 0 and sites and all(site.x_test.ndim == 2 for site in sites):
+        # Every round scores every site: one prediction and one pass of metrics over
+        # all their rows, instead of a dozen small numpy calls per site.
+        scores = predict_proba(study.model, params, np.concatenate([s.x_test for s in sites]))
+        labels = np.concatenate([site.y_test for site in sites])
+        parts = binary_metrics_by_part(labels, scores, [len(site.y_test) for site in sites])
+        return {site.name: metrics for site, metrics in zip(sites, parts, strict=True)}
     return {
         site.name: binary_metrics(
             site.y_test,
