@@ -461,3 +461,54 @@ def test_console_script_reports_a_failure_status(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"error: {tmp_path / 'missing.csv'}: no such data file\n"
+
+
+def test_exit_under_a_profiler_lets_it_write_its_results(tmp_path: Path) -> None:
+    """``python -m cProfile`` writes its file after the program returns."""
+    program = tmp_path / "program.py"
+    program.write_text("import torch\nfrom fedcare.cli.main import _exit\n_exit(0)\n")
+    profile = tmp_path / "out.prof"
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(profile), str(program)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert profile.stat().st_size > 0
+
+
+def test_simulate_summarises_many_sites_and_keeps_every_row_in_the_results(
+    tmp_path: Path,
+) -> None:
+    """Past FULL_TABLE_SITES sites the terminal gets a summary; results.json has them all."""
+    from fedcare.cli.simulation import FULL_TABLE_SITES
+
+    names = tuple(f"s{i:02d}" for i in range(FULL_TABLE_SITES + 2))
+    sites = write_toy_sites(tmp_path, names, 60)
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: cli-many\nschema:\n  label: {name: y}\n  features: [{name: a}, {name: b}]\n"
+        "rounds: {count: 2, min_sites: 2}\n"
+    )
+    out = tmp_path / "out"
+    argv = ["simulate", "--study", str(study), "--sites", str(sites), "--out", str(out)]
+    result = runner.invoke(app, argv, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert [row["site"] for row in results["comparison"]] == list(names)
+    assert f"AUROC on the held-out data of {len(names)} sites" in result.output
+    federated = sorted(
+        (row["federated"], row["site"]) for row in results["comparison"] if row["federated"]
+    )
+    rows = [line.split("│") for line in result.output.splitlines()]
+    (line,) = ["│".join(row) for row in rows if len(row) > 2 and row[1].strip() == "federated"]
+    assert f"{federated[0][0]:.3f} {federated[0][1]}" in line
+    assert f"{federated[-1][0]:.3f} {federated[-1][1]}" in line
+    # No per-site rows: the site that is neither lowest nor highest is not in the tables.
+    middle = federated[len(federated) // 2][1]
+    assert middle not in result.output.split("warning ")[0]
+    warnings = results["warnings"]
+    printed = sum(line.startswith("warning ") for line in result.output.splitlines())
+    assert printed == min(len(warnings), FULL_TABLE_SITES) + (len(warnings) > FULL_TABLE_SITES)

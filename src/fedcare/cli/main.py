@@ -77,10 +77,12 @@ def _exit(code: str | int | None) -> NoReturn:
     destructors and module clearing) takes 0.4-0.6 s, longer than a small
     simulation. All of fedcare's state is committed by then: the exit handlers
     still run (log handlers, temporary directories, coverage), and the streams are
-    flushed, so skipping the teardown loses nothing. With another thread alive,
-    the normal exit waits for it as usual.
+    flushed, so skipping the teardown loses nothing. With another thread alive, the
+    normal exit waits for it as usual; under a profiler or a tracer, which write
+    their results after the program returns, so does the exit.
     """
-    if "torch" not in sys.modules or threading.active_count() > 1:
+    watched = sys.getprofile() is not None or sys.gettrace() is not None
+    if "torch" not in sys.modules or threading.active_count() > 1 or watched:
         sys.exit(code)
     if isinstance(code, str):
         print(code, file=sys.stderr)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,7 +18,7 @@ from fedcare.study import Strategy, Study, Weighting, load_study
 if TYPE_CHECKING:
     # Imported where used: they pull in scikit-learn and SciPy, which every command
     # would otherwise pay for at start-up.
-    from fedcare.simulation.results import ReleaseRecord, SimulationResult
+    from fedcare.simulation.results import ReleaseRecord, SimulationResult, SiteComparison
 
 
 def _fmt(value: float | None) -> str:
@@ -31,9 +33,68 @@ def _with_ci(value: float | None, ci: tuple[float, float] | None) -> str:
     return f"{value:.3f}\n{interval}"
 
 
+FULL_TABLE_SITES = 30
+"""Above this many sites the terminal shows a summary of each per-site table and the
+first warnings; ``report.html`` and ``results.json`` keep every site's row."""
+
+
 def print_comparison(result: SimulationResult) -> None:
     """The per-site table: local vs federated vs pooled, each AUROC with its 95 %
-    bootstrap interval and the held-out set's size; then cross-site generalisation."""
+    bootstrap interval and the held-out set's size; then cross-site generalisation.
+    With more than :data:`FULL_TABLE_SITES` sites, a summary of each column instead."""
+    many = len(result.comparison) > FULL_TABLE_SITES
+    if many:
+        _print_site_summary(result)
+    else:
+        _print_site_tables(result)
+    if result.privacy is not None:
+        dp = result.privacy
+        target = "noise as declared" if dp.epsilon is None else f"epsilon {dp.epsilon:g}"
+        console.print(
+            f"DP-SGD: {target} per site for the study, delta {dp.delta}, "
+            f"clipping {dp.max_grad_norm:g}, {dp.accountant} accountant",
+            style="dim",
+        )
+    shown = result.warnings[:FULL_TABLE_SITES] if many else result.warnings
+    for warning in shown:
+        console.print(f"[yellow]warning[/] {warning}")
+    if len(shown) < len(result.warnings):
+        console.print(
+            f"[yellow]warning[/] and {len(result.warnings) - len(shown)} more: every warning "
+            "is in results.json"
+        )
+    spends = [s for s in result.sites if s.epsilon_budget is not None]
+    if spends:
+        privacy = Table(title="Privacy budget at each site (its own ledger)")
+        for header in ("site", "epsilon spent", "budget", "left", "noise multiplier"):
+            privacy.add_column(header, justify="left" if header == "site" else "right")
+        # With many sites, the ones closest to their budget.
+        ordered = sorted(spends, key=lambda s: (s.epsilon_budget or 0) - (s.epsilon_spent or 0))
+        for site in ordered[:FULL_TABLE_SITES] if many else spends:
+            assert site.epsilon_spent is not None
+            assert site.epsilon_budget is not None
+            privacy.add_row(
+                site.name,
+                f"{site.epsilon_spent:.3f}",
+                f"{site.epsilon_budget:g}",
+                f"{site.epsilon_budget - site.epsilon_spent:.3f}",
+                _fmt(site.noise_multiplier),
+            )
+        console.print(privacy)
+        if many and len(spends) > FULL_TABLE_SITES:
+            console.print(
+                f"the {FULL_TABLE_SITES} of {len(spends)} sites with the least budget left; "
+                "every site's is in results.json",
+                style="dim",
+            )
+        console.print(
+            "federated model trained with DP-SGD at every site (delta per the site's budget); "
+            "local and pooled baselines are trained without DP.",
+            style="dim",
+        )
+
+
+def _print_site_tables(result: SimulationResult) -> None:
     table = Table(title=f"AUROC on each site's held-out data ({result.study_name})")
     personal = any(row.personalized is not None for row in result.comparison)
     headers = ["site", "n", "pos.", "local", "federated", "pooled"]
@@ -74,37 +135,42 @@ def print_comparison(result: SimulationResult) -> None:
     for row in result.comparison:
         cross.add_row(row.site, _fmt(row.local_on_other_sites), _fmt(row.federated_on_other_sites))
     console.print(cross)
-    if result.privacy is not None:
-        dp = result.privacy
-        target = "noise as declared" if dp.epsilon is None else f"epsilon {dp.epsilon:g}"
-        console.print(
-            f"DP-SGD: {target} per site for the study, delta {dp.delta}, "
-            f"clipping {dp.max_grad_norm:g}, {dp.accountant} accountant",
-            style="dim",
+
+
+def _print_site_summary(result: SimulationResult) -> None:
+    rows = result.comparison
+    table = Table(title=f"AUROC on the held-out data of {len(rows)} sites ({result.study_name})")
+    for header in ("model", "sites", "median", "lowest", "highest"):
+        table.add_column(header, justify="left" if header == "model" else "right")
+    columns: list[tuple[str, Callable[[SiteComparison], float | None]]] = [
+        ("local", lambda r: r.local),
+        ("federated", lambda r: r.federated),
+        ("pooled", lambda r: r.pooled),
+        ("personal", lambda r: r.personalized),
+        ("local, other sites", lambda r: r.local_on_other_sites),
+        ("federated, other sites", lambda r: r.federated_on_other_sites),
+    ]
+    for name, value in columns:
+        scored = sorted(
+            ((v, row.site) for row in rows if (v := value(row)) is not None),
+            key=lambda pair: pair[0],
         )
-    for warning in result.warnings:
-        console.print(f"[yellow]warning[/] {warning}")
-    spends = [s for s in result.sites if s.epsilon_budget is not None]
-    if spends:
-        privacy = Table(title="Privacy budget at each site (its own ledger)")
-        for header in ("site", "epsilon spent", "budget", "left", "noise multiplier"):
-            privacy.add_column(header, justify="left" if header == "site" else "right")
-        for site in spends:
-            assert site.epsilon_spent is not None
-            assert site.epsilon_budget is not None
-            privacy.add_row(
-                site.name,
-                f"{site.epsilon_spent:.3f}",
-                f"{site.epsilon_budget:g}",
-                f"{site.epsilon_budget - site.epsilon_spent:.3f}",
-                _fmt(site.noise_multiplier),
-            )
-        console.print(privacy)
-        console.print(
-            "federated model trained with DP-SGD at every site (delta per the site's budget); "
-            "local and pooled baselines are trained without DP.",
-            style="dim",
+        if not scored:
+            continue
+        low, high = scored[0], scored[-1]
+        table.add_row(
+            name,
+            str(len(scored)),
+            f"{statistics.median(v for v, _ in scored):.3f}",
+            f"{low[0]:.3f} {low[1]}",
+            f"{high[0]:.3f} {high[1]}",
         )
+    console.print(table)
+    console.print(
+        "other sites: a site's model scored on the other sites' data (mean AUROC). Every "
+        "site's row, with its interval, is in report.html and results.json.",
+        style="dim",
+    )
 
 
 def print_releases(releases: list[ReleaseRecord]) -> None:
