@@ -376,8 +376,8 @@ def test_a_simulation_without_release_validation_loads_no_scikit_learn_scipy_or_
     numpy, and the parts that use them (release validation, drift tests, a stratified
     split) import them when they run. Nor matplotlib, half a second to import and as
     much again to lay out the by-round figure: a report without subgroups draws only
-    svg_chart's figures. Timing and memory are measured in benchmarks/scale.py; this
-    guards the cause."""
+    svg_chart's figures. Nor httpx: the simulation calls the study service directly.
+    Timing and memory are measured in benchmarks/scale.py; this guards the cause."""
     from .conftest import write_toy_sites
 
     study = tmp_path / "study.yaml"
@@ -396,7 +396,7 @@ def test_a_simulation_without_release_validation_loads_no_scikit_learn_scipy_or_
         f"sys.argv = {argv!r}\n"
         "from fedcare.cli import app\n"
         "try:\n    app()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
-        "loaded = [m for m in ('sklearn', 'scipy', 'matplotlib') if m in sys.modules]\n"
+        "loaded = [m for m in ('sklearn', 'scipy', 'matplotlib', 'httpx') if m in sys.modules]\n"
         "print('loaded:' + ','.join(loaded))\n"
     )
     done = subprocess.run(

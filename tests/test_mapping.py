@@ -826,3 +826,45 @@ def test_clean_numbers_is_the_mapping_s_result_or_steps_aside(
         assert fast.dtype == slow.dtype == np.float64
         assert fast.index.equals(slow.index)
         np.testing.assert_array_equal(fast.to_numpy(), slow.to_numpy())
+
+
+_LABEL_CELLS = ["0", "1", " 1", "1 ", "1.0", "0.0", "2", "-1", "", "NA", "yes", "01"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cells=st.lists(st.sampled_from(_LABEL_CELLS), min_size=4, max_size=12),
+    as_integers=st.booleans(),
+    recoded=st.booleans(),
+)
+def test_clean_label_is_the_mapping_s_label_or_steps_aside(
+    cells: list[str], as_integers: bool, recoded: bool
+) -> None:
+    """The numpy label path gives the full mapping's labels, or the same refusal."""
+    from unittest import mock
+
+    import fedcare.schema.mapping as mapping_module
+
+    schema = FeatureSchema(features=[Feature(name="a")], label=Label(name="y"))
+    values = {"yes": 1, "no": 0} if recoded else {}
+    mapping = SiteMapping(
+        site="s", features={"a": "A"}, label=ColumnMapping(column="Y", values=values)
+    )
+    label: list[object] = list(cells)
+    if as_integers:
+        label = [
+            int(float(c)) if c.strip().lstrip("-").replace(".0", "").isdigit() else 0 for c in cells
+        ]
+    frame = pd.DataFrame({"A": ["1.5"] * len(cells), "Y": label})
+
+    def outcome() -> tuple[str, object]:
+        try:
+            table = apply_mapping(frame, mapping, schema)
+        except DataValidationError as exc:
+            return "refused", str(exc)
+        return "mapped", table.frame["y"].tolist()
+
+    fast = outcome()
+    with mock.patch.object(mapping_module, "clean_label", return_value=None):
+        slow = outcome()
+    assert fast == slow

@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Generic, TypeVar, cast
 
 Shared = TypeVar("Shared")
@@ -160,24 +160,26 @@ def _on_processes(
         futures = {pool.submit(_run_in_worker, c): i for i, c in enumerate(cells)}
         results: dict[int, Result] = {}
         failed: dict[int, BaseException] = {}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                index = futures[future]
-                error = future.exception()
-                if error is None:
-                    results[index] = cast(Result, future.result())
-                    continue
-                failed[index] = error
-                # The cells after the first failure need not run; those before it
-                # still do, as one of them may fail first in cell order.
-                first = min(failed)
-                for other in list(pending):
-                    if futures[other] > first and other.cancel():
-                        pending.discard(other)
-            if not failed:
-                progress(len(results), len(cells))
+        # as_completed waits on all the futures once; wait(FIRST_COMPLETED) in a loop
+        # re-registers on every pending one each time, which at a thousand cells kept
+        # this process busy on a core the workers needed.
+        for future in as_completed(futures):
+            if future.cancelled():
+                continue
+            index = futures[future]
+            error = future.exception()
+            if error is None:
+                results[index] = cast(Result, future.result())
+                if not failed:
+                    progress(len(results), len(cells))
+                continue
+            failed[index] = error
+            # The cells after the first failure need not run; those before it still
+            # do, as one of them may fail first in cell order.
+            first = min(failed)
+            for other, position in futures.items():
+                if position > first:
+                    other.cancel()
     if failed:
         raise failed[min(failed)]
     return [results[i] for i in range(len(cells))]

@@ -29,7 +29,7 @@ from fedcare.federation.state import MemoryState
 from fedcare.privacy.secagg.inmemory import Identities, make_identities
 from fedcare.releases.registry import ReleaseRegistry
 from fedcare.simulation.pace import Pacing, Schedule, SitePace
-from fedcare.site.client import CoordinatorError
+from fedcare.site.link import CoordinatorError
 from fedcare.site.participant import CoordinatorLink, Participant, Step
 from fedcare.site.profiles import ProfileStore
 from fedcare.site.secagg import SecureSite

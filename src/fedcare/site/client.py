@@ -12,21 +12,16 @@ import httpx
 
 from fedcare.config import TlsFiles, check_tls_files, tls_files_error
 from fedcare.federation.messages import TaskReply, TaskState
+from fedcare.site.link import PAYLOAD, CoordinatorError, RetryableError
 
-PAYLOAD = "application/octet-stream"
-
-
-class CoordinatorError(RuntimeError):
-    """The coordinator refused a request (4xx) and said why."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        self.status = status
-        self.detail = detail
-        super().__init__(f"coordinator answered {status}: {detail}")
-
-
-class RetryableError(Exception):
-    """A failure worth retrying: the network, or the coordinator temporarily unavailable."""
+__all__ = [
+    "PAYLOAD",
+    "CoordinatorClient",
+    "CoordinatorError",
+    "RetryableError",
+    "TaskState",
+    "tls_context",
+]
 
 
 def tls_context(tls: TlsFiles) -> ssl.SSLContext:

@@ -51,7 +51,7 @@ from fedcare.privacy.dp.budget import BudgetExceededError
 from fedcare.privacy.secagg.keys import SecAggError
 from fedcare.privacy.secagg.protocol import STAGES, ClientParty, Stage
 from fedcare.privacy.secagg.study import setup_for
-from fedcare.site.client import PAYLOAD, CoordinatorError
+from fedcare.site.link import PAYLOAD, CoordinatorError
 from fedcare.site.profiles import ProfileStore, candidate_profile
 from fedcare.site.secagg import SecureSite, TrainedUpdate
 from fedcare.site.worker import SiteWorker

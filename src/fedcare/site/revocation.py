@@ -15,7 +15,7 @@ from collections.abc import Callable
 from cryptography import x509
 
 from fedcare.pki import PkiError, crl_number, parse_crl, revoked_serials
-from fedcare.site.client import CoordinatorError, RetryableError
+from fedcare.site.link import CoordinatorError, RetryableError
 
 log = logging.getLogger("fedcare.site")
 
