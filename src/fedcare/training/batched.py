@@ -165,9 +165,10 @@ def train_many(
         losses += np.where(active.numpy(), per_site.detach().numpy(), 0.0)
         grads = [p.grad for p in params]
         _sgd_step(params, grads, velocity, training, active)
+    by_site = _flat_by_site(params)
     return [
         _local_result(
-            params, site, int(xs[site].shape[0]), len(schedule), losses[site] / len(schedule)
+            by_site[site], int(xs[site].shape[0]), len(schedule), losses[site] / len(schedule)
         )
         for site, schedule in enumerate(schedules)
     ]
@@ -179,11 +180,17 @@ def _tensors(jobs: Sequence[Job]) -> tuple[list[torch.Tensor], list[torch.Tensor
     return xs, ys
 
 
-def _local_result(
-    params: list[torch.Tensor], site: int, n: int, steps: int, loss: float
-) -> LocalResult:
-    flat_params = torch.cat([t[site].detach().reshape(-1) for t in params]).numpy().copy()
-    return LocalResult(params=finite(flat_params), n_samples=n, steps=steps, loss=float(loss))
+def _flat_by_site(params: list[torch.Tensor]) -> NDArray[np.float32]:
+    """Row ``s``: site ``s``'s flat parameter vector (each layer's weight, then its bias),
+    in one copy for all the sites rather than a slice and a concatenation per site."""
+    n_sites = int(params[0].shape[0])
+    stacked = torch.cat([t.detach().reshape(n_sites, -1) for t in params], dim=1)
+    flat: NDArray[np.float32] = stacked.numpy().copy()
+    return flat
+
+
+def _local_result(flat: NDArray[np.float32], n: int, steps: int, loss: float) -> LocalResult:
+    return LocalResult(params=finite(flat), n_samples=n, steps=steps, loss=float(loss))
 
 
 @torch.no_grad()
@@ -267,10 +274,10 @@ def _train_many_dp(
             )
         ]
         _sgd_step(params, grads, velocity, training, active)
+    by_site = _flat_by_site(params)
     return [
         _local_result(
-            params,
-            site,
+            by_site[site],
             int(xs[site].shape[0]),
             dp.steps,
             loss_sums[site] / max(row_counts[site], 1),
