@@ -90,3 +90,21 @@ def test_a_local_worker_runs_torch_and_blas_on_one_thread() -> None:
     results = run_cells(_threads, 0, [1, 2, 3, 4], processes=2)
     assert os.getpid() not in {pid for pid, _, _ in results}
     assert {(torch, blas) for _, torch, blas in results} == {(1, 1)}
+
+
+def test_cells_sent_in_batches_keep_order_and_the_first_failure() -> None:
+    """Short cells go to workers several at a time: the results are still in cell
+    order, and of failures in different batches the first in cell order is raised."""
+    from fedcare.simulation.cells import _on_processes
+
+    def progress(done: int, total: int) -> None:
+        del done, total
+
+    cells = list(range(11))
+    results = _on_processes(_where, 3, cells, 2, progress, chunk=4)
+    assert [value for value, _ in results] == [3 + c * c for c in cells]
+    failing = [1, 2, 3, 4, 5, -6, 7, 8, -9, 10]
+    with pytest.raises(ValueError, match="cell -6 refused"):
+        _on_processes(_where, 0, failing, 2, progress, chunk=3)
+    with pytest.raises(ValueError, match="cell -2 refused"):
+        _on_processes(_where, 0, [1, -2, -3, 4], 2, progress, chunk=4)
