@@ -448,7 +448,7 @@ def test_fast_exit_waits_for_a_running_thread(tmp_path: Path) -> None:
 
 
 def test_console_script_reports_a_failure_status(tmp_path: Path) -> None:
-    """The executable's status is the command's, after PyTorch was loaded."""
+    """The executable's status and one-line error are the command's."""
     fedcare = Path(sys.executable).with_name("fedcare")
     sites = tmp_path / "sites.yaml"
     sites.write_text("sites:\n- name: a\n  data: missing.csv\n  mapping: missing.yaml\n")

@@ -156,6 +156,31 @@ def test_due_when_everyone_reported() -> None:
     assert r.due(now=0.0)
 
 
+@pytest.mark.parametrize(
+    ("reported", "excused"),
+    [
+        ((), ()),
+        (("alpha",), ("beta",)),
+        (("alpha", "beta"), ("beta",)),  # excused after it reported: its update counts
+        (("alpha", "beta"), ("gamma",)),
+        (("alpha",), ("beta", "gamma")),
+        ((), ("alpha", "beta", "gamma")),
+        (("alpha", "beta"), ("alpha", "beta")),
+        (("gamma",), ("delta",)),  # not selected: excusing it changes nothing
+    ],
+)
+def test_due_counts_exactly_who_the_round_still_waits_for(
+    reported: tuple[str, ...], excused: tuple[str, ...]
+) -> None:
+    """Before the deadline a round is due exactly when it waits for nobody."""
+    r = make_round()
+    for site in reported:
+        r.submit(update(site, [1.0]))
+    for site in excused:
+        r.excuse(site)
+    assert r.due(now=0.0) == (not r.waiting_for)
+
+
 def test_due_at_the_deadline() -> None:
     r = make_round(deadline=100.0)
     assert not r.due(now=99.999)

@@ -68,9 +68,13 @@ def print_comparison(result: SimulationResult) -> None:
         privacy = Table(title="Privacy budget at each site (its own ledger)")
         for header in ("site", "epsilon spent", "budget", "left", "noise multiplier"):
             privacy.add_column(header, justify="left" if header == "site" else "right")
-        # With many sites, the ones closest to their budget.
-        ordered = sorted(spends, key=lambda s: (s.epsilon_budget or 0) - (s.epsilon_spent or 0))
-        for site in ordered[:FULL_TABLE_SITES] if many else spends:
+        if many:
+            # The sites closest to their budget.
+            spent = sorted(spends, key=lambda s: (s.epsilon_budget or 0) - (s.epsilon_spent or 0))
+            shown_spends = spent[:FULL_TABLE_SITES]
+        else:
+            shown_spends = spends
+        for site in shown_spends:
             assert site.epsilon_spent is not None
             assert site.epsilon_budget is not None
             privacy.add_row(

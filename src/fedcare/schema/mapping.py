@@ -611,17 +611,11 @@ def apply_mapping(
                 text = column.categories(text, attribute.categories)
             out[attribute.name] = _text(text.astype(object))
 
-    keep = None
-    if not features_only and label:
-        quick = None
-        if schema.label.horizon is None or not isinstance(mapping.label, EventMapping):
-            entry = mapping.label_column()
-            if entry.column in frame.columns:
-                quick = clean_label(entry, frame[entry.column], tokens)
-        if quick is not None:
-            out[schema.label.name] = quick
-        else:
-            keep = _label(mapping, schema, source, violations, notices, out)
+    keep = (
+        None
+        if features_only or not label
+        else _label(mapping, schema, frame, source, violations, notices, out)
+    )
     if violations:
         raise DataValidationError(mapping.site, violations)
     mapped = pd.DataFrame(out, index=frame.index)
@@ -633,6 +627,7 @@ def apply_mapping(
 def _label(
     mapping: SiteMapping,
     schema: FeatureSchema,
+    frame: pd.DataFrame,
     source: Callable[[ColumnMapping], _Column | None],
     violations: list[Violation],
     notices: list[Violation],
@@ -641,6 +636,15 @@ def _label(
     """Put the 0/1 label in ``out``; return the rows to keep when some are left out."""
     name = schema.label.name
     event_entry = mapping.label_column()
+    horizon = schema.label.horizon
+    timed = horizon is not None and isinstance(mapping.label, EventMapping)
+    if not timed and event_entry.column in frame.columns:
+        clean = clean_label(
+            event_entry, frame[event_entry.column], frozenset(mapping.missing_tokens)
+        )
+        if clean is not None:
+            out[name] = clean
+            return None
     event_column = source(event_entry)
     if event_column is None:
         return None
@@ -649,10 +653,12 @@ def _label(
         violations.append(
             Violation(event_entry.column, "label is missing", int(event_column.raw.isna().sum()))
         )
-    horizon = schema.label.horizon
-    if horizon is None or not isinstance(mapping.label, EventMapping):
+    if not timed:
         out[name] = event.fillna(0).clip(0, 1).astype("int64")
         return None
+    # Both hold, as timed says; spelled out for the type checker.
+    assert isinstance(mapping.label, EventMapping)
+    assert horizon is not None
     time_entry = mapping.label.time_column()
     time_column = source(time_entry)
     if time_column is None:

@@ -148,28 +148,20 @@ def _pixels(images: pd.Series, shape: tuple[int, ...]) -> NDArray[np.float32]:
 
 
 def _encode(feature: Feature, values: pd.Series, state: FeatureState) -> list[NDArray[np.float64]]:
-    if feature.type is not FeatureType.CATEGORICAL and values.dtype == np.float64:
-        # A mapped numeric column is float64 with NaN for missing: numpy alone, as
-        # pandas' isna and fillna cost more than the arithmetic on a site's rows.
-        raw = values.to_numpy()
-        absent = np.isnan(raw)
-        fill = state.fill
-        if fill is not None and absent.any():
-            raw = np.where(absent, float(fill), raw)
-        encoded = [(shape(feature, raw) - state.center) / state.spread]
-        if feature.missing.indicator:
-            encoded.append(absent.astype(np.float64))
-        return encoded
-    missing = values.isna().to_numpy()
-    filled = values.fillna(state.fill) if state.fill is not None else values
     if feature.type is FeatureType.CATEGORICAL:
         assert feature.categories is not None
+        missing = values.isna().to_numpy()
+        filled = values.fillna(state.fill) if state.fill is not None else values
         levels = feature.categories[1:] if feature.drop_first else feature.categories
         text = filled.astype("string").to_numpy()
         out = [(text == level).astype(np.float64) for level in levels]
     else:
-        numbers = shape(feature, filled.to_numpy(dtype=np.float64))
-        out = [(numbers - state.center) / state.spread]
+        # In numpy: pandas' isna and fillna cost more than the arithmetic on a site's rows.
+        numbers = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        missing = np.isnan(numbers)
+        if state.fill is not None and missing.any():
+            numbers = np.where(missing, float(state.fill), numbers)
+        out = [(shape(feature, numbers) - state.center) / state.spread]
     if feature.missing.indicator:
         out.append(missing.astype(np.float64))
     return out

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel
 
-from fedcare.validation.report import auroc_interval, ranking_metrics
+from fedcare.validation.report import auroc_interval
 
 
 class BinaryMetrics(BaseModel):
@@ -45,24 +45,12 @@ def binary_metrics(
     AUROC and AUPRC need both classes present; with one class they are None
     rather than a misleading number.
     """
+    (point,) = binary_metrics_by_part(labels, scores, [np.asarray(labels).size], threshold)
+    if n_bootstrap <= 0 or point.auroc is None:
+        return point
     y = np.asarray(labels).astype(np.int64)
-    p = np.asarray(scores, dtype=np.float64)
-    if y.shape != p.shape or y.ndim != 1 or y.size == 0:
-        raise ValueError(f"labels {y.shape} and scores {p.shape} must be equal-length vectors")
-    if not np.all(np.isfinite(p)):
-        raise ValueError("the scores are not all finite numbers (NaN or infinity)")
-    auroc, auprc = ranking_metrics(y, p)
-    accuracy = float(np.mean((p >= threshold) == (y == 1)))
-    brier = float(np.mean((p - y) ** 2))
-    return BinaryMetrics(
-        n=int(y.size),
-        positives=int(y.sum()),
-        auroc=auroc,
-        auroc_ci=auroc_interval(y, p, n_bootstrap, seed) if auroc is not None else None,
-        auprc=auprc,
-        accuracy=accuracy,
-        brier=brier,
-    )
+    interval = auroc_interval(y, np.asarray(scores, dtype=np.float64), n_bootstrap, seed)
+    return point.model_copy(update={"auroc_ci": interval})
 
 
 def binary_metrics_by_part(
@@ -76,7 +64,8 @@ def binary_metrics_by_part(
 
     A simulation scores every site every round; a few hundred patients each cost
     numpy more in per-call overhead than in arithmetic, so the parts are sorted and
-    counted together. The values are :func:`binary_metrics`' to rounding (tested).
+    counted together (the tied counts of report's bootstrap, one group per part and
+    distinct score). :func:`binary_metrics` is the one-part case.
     """
     y = np.asarray(labels).astype(np.int64)
     p = np.asarray(scores, dtype=np.float64)
