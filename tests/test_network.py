@@ -451,7 +451,10 @@ def test_coordinator_killed_mid_round_resumes_without_loss_or_double_counting(
 
 
 def test_site_killed_mid_study_round_closes_at_deadline_and_site_resumes(tmp_path: Path) -> None:
-    study = network_study(rounds=6, min_sites=2, deadline_s=10)
+    # Rounds with every site take tens of milliseconds, so several can close between
+    # seeing round 1 and the kill landing; enough rounds are left for two after it.
+    # Only the rounds without gamma wait for the deadline, so the count costs little.
+    study = network_study(rounds=30, min_sites=2, deadline_s=10)
     deployment = deploy(tmp_path, study)
     start_coordinator(deployment)
     try:
@@ -464,6 +467,7 @@ def test_site_killed_mid_study_round_closes_at_deadline_and_site_resumes(tmp_pat
         # gamma may have finished another round before it died; the round after the
         # next one certainly opened without it.
         killed_at = wait_for_round(deployment, study, 1)["last_round"]
+        assert killed_at + 2 <= study.rounds.count, killed_at
         status = wait_for_round(deployment, study, killed_at + 2, timeout=120)
         later = next(r for r in status["history"] if r["number"] == killed_at + 2)
         assert later["status"] == "closed", later
