@@ -108,3 +108,34 @@ def test_cells_sent_in_batches_keep_order_and_the_first_failure() -> None:
         _on_processes(_where, 0, failing, 2, progress, chunk=3)
     with pytest.raises(ValueError, match="cell -2 refused"):
         _on_processes(_where, 0, [1, -2, -3, 4], 2, progress, chunk=4)
+
+
+def _slow_first(_: int, cell: int) -> tuple[int, int]:
+    """Cell 0 is slow, as a first cell is that pays for lazy imports; the others quick."""
+    import time
+
+    if cell == 0:
+        time.sleep(0.3)
+    return cell, os.getpid()
+
+
+def test_a_warm_up_cell_keeps_a_slow_first_cell_from_spreading_quick_ones() -> None:
+    cells = list(range(6))
+    seen: list[tuple[int, int]] = []
+    # At the first cell's pace the five others would take 1.5 s: spread.
+    spread = run_cells(_slow_first, 0, cells, worth_spreading_s=1.0)
+    assert [value for value, _ in spread] == cells
+    assert os.getpid() not in {pid for _, pid in spread[1:]}
+    # Paced by the second cell, they take milliseconds: all here, progress in order.
+    here = run_cells(
+        _slow_first,
+        0,
+        cells,
+        worth_spreading_s=1.0,
+        warm_up=1,
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    assert [value for value, _ in here] == cells
+    assert {pid for _, pid in here} == {os.getpid()}
+    assert seen == [(d, 6) for d in range(1, 7)]
+    assert run_cells(_slow_first, 0, [4], warm_up=1) == [(4, os.getpid())]

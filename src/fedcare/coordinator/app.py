@@ -14,7 +14,7 @@ import logging
 import pathlib
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Annotated, TypeVar
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request
@@ -170,18 +170,33 @@ ticker's notifications usually wake it sooner)."""
 
 
 async def _long_poll(
-    fetch: Callable[[], T | None], wait_s: float, stopping: threading.Event, changes: Changes
+    fetch: Callable[[], T | None],
+    wait_s: float,
+    stopping: threading.Event,
+    changes: Changes,
+    version: Callable[[], Hashable] | None = None,
 ) -> T | None:
     """Call ``fetch`` (in a worker thread) until it has something, ``wait_s`` has passed,
     or the server is stopping (the site is told to come back, and shutdown waits for
-    no long-poll); between calls, wait for a change (:class:`Changes`), not a timer."""
+    no long-poll); between calls, wait for a change (:class:`Changes`), not a timer.
+
+    ``version``, read on the event loop, changes whenever ``fetch``'s answer may: a
+    change that leaves it alone does not call ``fetch`` again. Without it, every write
+    wakes every waiter into a worker thread, n sites times n posts per secure stage.
+    A wait that times out asks again whatever the version says."""
     until = time.monotonic() + wait_s
     while True:
         seen = changes.generation
+        # Read before asking: a change that lands while ``fetch`` runs shows as a new version.
+        mark = None if version is None else version()
         result = await run_in_threadpool(fetch)
-        if result is not None or time.monotonic() >= until or stopping.is_set():
-            return result
-        await changes.wait(seen, min(until - time.monotonic(), STOP_CHECK_S))
+        while True:
+            if result is not None or time.monotonic() >= until or stopping.is_set():
+                return result
+            await changes.wait(seen, min(until - time.monotonic(), STOP_CHECK_S))
+            if version is None or changes.generation == seen or version() != mark:
+                break
+            seen = changes.generation
 
 
 def _ready(reply: TaskReply) -> TaskReply | None:
@@ -558,6 +573,7 @@ def create_app(
             min(wait, poll_wait_s),
             stopping,
             changes,
+            coordinator.secure_version,
         )
         if data is None:
             return Response(status_code=204, headers={"Retry-After": "1"})

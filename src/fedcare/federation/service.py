@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -797,6 +797,16 @@ class StudyService:
             relay = self._secure_round(identity, round_number)
             self._seen(identity)
             return relay.fetch(identity, stage)
+
+    def secure_version(self) -> Hashable:
+        """Changes whenever an answer of :meth:`secure_fetch` may: a stage closes, the
+        session fails, the round closes or another opens (a site's own post changes only
+        its own next answer, and it fetches after posting). Read without the lock by the
+        server's long-polls; under the GIL a read sees each assignment whole."""
+        round_, secure = self.round, self.secure
+        if round_ is None or secure is None:
+            return None if round_ is None else round_.number
+        return (round_.number, round_.finished, secure.setup.session, secure.session.server.stage)
 
     def secure_sites(self, identity: str, round_number: int) -> tuple[str, ...]:
         """The sites selected for an open secure round (the session's participants)."""

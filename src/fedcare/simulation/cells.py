@@ -66,6 +66,7 @@ def run_cells(
     ray_address: str | None = None,
     progress: CellProgress = _quiet,
     worth_spreading_s: float | None = None,
+    warm_up: int = 0,
 ) -> list[Result]:
     """``task(shared, cell)`` for each cell, in cell order.
 
@@ -73,8 +74,11 @@ def run_cells(
     run; the optional ``fedcare[ray]`` extra). ``processes``: on that many local processes
     (1: all in this process). By default the first cell runs here, and the rest on one
     process per core when they would take more than ``worth_spreading_s`` here (default
-    :data:`WORTH_SPREADING_S`). A cell that raises raises here, as in this process: of
-    several, the first in cell order.
+    :data:`WORTH_SPREADING_S`); with ``warm_up``, that many cells run here first and the
+    pace is read from the one after them (a first cell that pays for lazy imports would
+    otherwise spread a few quick ones over workers that cost more to start than they
+    save). A cell that raises raises here, as in this process: of several, the first in
+    cell order.
     """
     if ray_address is not None:
         return _on_ray(task, shared, cells, ray_address, progress)
@@ -82,21 +86,23 @@ def run_cells(
     if processes is None:
         if not cells:
             return []
+        first = _here(task, shared, cells[: min(warm_up, total - 1)], _offset(progress, 0, total))
         started = time.perf_counter()
-        first = task(shared, cells[0])
-        progress(1, total)
-        rest = cells[1:]
+        first.append(task(shared, cells[len(first)]))
+        pace = time.perf_counter() - started
+        done = len(first)
+        progress(done, total)
+        rest = cells[done:]
         count = min(default_processes(), len(rest))
         worth = WORTH_SPREADING_S if worth_spreading_s is None else worth_spreading_s
-        pace = time.perf_counter() - started
         if count > 1 and pace * len(rest) > worth:
             # Short cells go in batches of about CHUNK_S of work: a thousand sites of a
             # few milliseconds each otherwise spend a fifth of their time in messages.
             chunk = max(1, min(int(CHUNK_S / max(pace, 1e-6)), len(rest) // (4 * count)))
-            after = _on_processes(task, shared, rest, count, _offset(progress, 1, total), chunk)
+            after = _on_processes(task, shared, rest, count, _offset(progress, done, total), chunk)
         else:
-            after = _here(task, shared, rest, _offset(progress, 1, total))
-        return [first, *after]
+            after = _here(task, shared, rest, _offset(progress, done, total))
+        return [*first, *after]
     if min(processes, total) <= 1:
         return _here(task, shared, cells, progress)
     return _on_processes(task, shared, cells, min(processes, total), progress)

@@ -55,6 +55,12 @@ def prepare_all(
     """Every site prepared, in order; on ``processes`` local processes (1: here), or by
     default over the cores when there are enough sites to be worth it. A site that
     fails raises as it would here: of several, the first in order."""
+    # The first site pays for the readers' lazy imports: the pace is read from the second.
     return run_cells(
-        prepare_files, study, sites, processes=processes, worth_spreading_s=WORTH_SPREADING_S
+        prepare_files,
+        study,
+        sites,
+        processes=processes,
+        worth_spreading_s=WORTH_SPREADING_S,
+        warm_up=1,
     )
