@@ -88,3 +88,47 @@ def test_writes_notify_and_reads_do_not() -> None:
     client.delete("/x")
     client.post("/missing")  # a refused write notifies too: harmless, polls just ask again
     assert changes.generation == 3
+
+
+def test_a_poll_with_a_version_asks_again_only_when_it_moves() -> None:
+    """A secure stage's fetchers are not re-asked for every other site's post: only when
+    the version moves, and still once when a wait runs out without any change."""
+    calls: list[float] = []
+    state = {"version": 0, "ready": False}
+
+    def fetch() -> str | None:
+        calls.append(time.monotonic())
+        return "relay" if state["ready"] else None
+
+    async def scenario() -> tuple[str | None, int]:
+        changes = Changes()
+
+        async def writers() -> int:
+            for _ in range(20):  # other sites' posts: the stage stays open
+                await asyncio.sleep(0.01)
+                changes.notify()
+            asked = len(calls)
+            state["ready"], state["version"] = True, 1  # the stage closes
+            changes.notify()
+            return asked
+
+        task = asyncio.create_task(writers())
+        result = await _long_poll(fetch, 10.0, threading.Event(), changes, lambda: state["version"])
+        return result, await task
+
+    result, asked_before_close = asyncio.run(scenario())
+    assert result == "relay"
+    assert asked_before_close == 1
+    assert len(calls) == 2
+
+    # No notification at all: the wait still ends in a fresh ask at its end.
+    quiet: list[float] = []
+
+    def never() -> None:
+        quiet.append(time.monotonic())
+
+    async def alone() -> None:
+        await _long_poll(never, 0.3, threading.Event(), Changes(), lambda: 0)
+
+    asyncio.run(alone())
+    assert len(quiet) == 2

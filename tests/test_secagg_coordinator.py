@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +199,61 @@ def test_a_site_takes_part_in_one_session_per_task(
     for name in names:
         with pytest.raises(SecAggError, match="already left this site"):
             sites[name].start(task, replay)
+
+
+def _answers(coord: StudyService, number: int) -> dict[tuple[str, Stage], object]:
+    """What every site's fetch of every stage would get now (bytes, None or the refusal)."""
+    out: dict[tuple[str, Stage], object] = {}
+    for name in ("alpha", "beta", "gamma"):
+        for stage in STAGES[1:]:
+            try:
+                out[name, stage] = coord.secure_fetch(name, number, stage.value)
+            except RoundError as exc:
+                out[name, stage] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def test_the_secure_version_moves_whenever_a_waiting_fetch_would_get_another_answer(
+    study: Study, toy_sites: list[SiteDataset], tmp_path: Path
+) -> None:
+    """The server re-asks a waiting secure fetch only when ``secure_version`` moves: every
+    post, deadline and round change that alters any site's answer must move it, and posts
+    that leave every answer alone need not."""
+    clock = Clock()
+    coord = _coordinator(study, tmp_path, clock)
+    sites = _sites(study, toy_sites)
+    number, parties = _advertise(coord, sites, ["alpha", "beta", "gamma"])
+    quiet = moved = 0
+
+    def step(action: Callable[[], object], poster: str | None = None) -> None:
+        # A site's own post changes its own next answer, but it fetches only after
+        # posting: what matters is every other site's waiting fetch.
+        nonlocal quiet, moved
+        version, before = coord.secure_version(), _answers(coord, number)
+        action()
+        after = _answers(coord, number)
+        if any(after[key] != before[key] for key in after if key[0] != poster):
+            assert coord.secure_version() != version, action
+            moved += 1
+        elif coord.secure_version() == version:
+            quiet += 1
+
+    # gamma vanishes after sharing keys: the masked stage closes at its deadline, by tick.
+    for stage in STAGES[1:]:
+        for name, party in parties.items():
+            if name == "gamma" and stage is not Stage.SHARES:
+                continue
+            relayed = coord.secure_fetch(name, number, stage.value)
+            assert relayed is not None
+            body = party.respond(stage, relayed)
+            step(partial(coord.secure_post, name, number, stage.value, body), name)
+        if stage is Stage.MASKED:
+
+            def deadline_passes() -> None:
+                clock.now += 61
+                coord.tick()
+
+            step(deadline_passes)
+    assert coord.federation.round_number == 1
+    # One post per stage closes it (and the tick closed masking); the others moved nothing.
+    assert (moved, quiet) == (4, 6)
