@@ -263,6 +263,28 @@ def test_substituted_or_forged_keys_are_refused():
         )
 
 
+@pytest.mark.parametrize("key", ["encryption_key", "mask_key"])
+def test_a_peer_that_signs_a_low_order_key_is_left_out_by_each_honest_site(key: str) -> None:
+    """A colluding peer signs a low-order point as its own key (every agreement with it is
+    the all-zero secret); the coordinator relays it anyway. The honest site agrees with
+    each peer once, when it checks the advertisement: that agreement refuses the key, and
+    the site shares nothing with the peer and masks nothing against it."""
+    setup = setup_for(4, 4, fraction=0.5)
+    ids = identities()
+    clients = {
+        s: SecAggClient(setup, s, ids.signers[s], ids.signers[s].certificate_pem, ids.verifier)
+        for s in setup.sites
+    }
+    adverts = {s: c.advertise() for s, c in clients.items()}
+    victim, bad, *others = setup.sites
+    low = adverts[bad].model_copy(update={key: bytes(32)})
+    adverts[bad] = low.model_copy(update={"signature": ids.signers[bad].sign(low.signed_bytes())})
+    bundle = clients[victim].share_keys([adverts[s] for s in setup.sites if s != victim])
+    assert sorted(s.recipient for s in bundle.shares) == sorted(others)
+    assert "not a usable key" in clients[victim].dropped[bad]
+    assert key.split("_")[0] in clients[victim].dropped[bad]
+
+
 def test_below_threshold_round_fails_and_reveals_nothing():
     setup, server, clients, encoded = _through_masking(n=5)
     assert setup.threshold == 3

@@ -26,8 +26,7 @@ from fedcare.privacy.secagg.keys import (
     IdentitySigner,
     IdentityVerifier,
     SecAggError,
-    agree,
-    check_exchange_key,
+    agree_checked,
     new_exchange_key,
     private_bytes,
     public_bytes,
@@ -78,6 +77,10 @@ class SecAggClient:
         self._mask = new_exchange_key()
         self._seed = secrets.token_bytes(32)
         self._peers: dict[str, KeyAdvertisement] = {}
+        self._share_keys: dict[str, bytes] = {}
+        self._mask_seeds: dict[str, bytes] = {}
+        """Per peer, the agreed key its shares are sealed with and the seed of its pairwise
+        mask: each agreed once, when its advertisement is checked."""
         self._held: dict[str, tuple[int, int]] = {}
         self._own = (0, 0)
         self._request: UnmaskRequest | None = None
@@ -123,6 +126,9 @@ class SecAggClient:
         self._expect(ClientStage.ADVERTISED, "share keys")
         neighbours = set(self.setup.neighbours[self.site])
         peers: dict[str, KeyAdvertisement] = {}
+        share_keys: dict[str, bytes] = {}
+        mask_seeds: dict[str, bytes] = {}
+        label, mask_label = self.setup.label("share"), self.setup.label("mask")
         seen: set[str] = set()
         for adv in advertisements:
             self._check_session(adv, f"the key advertisement of '{adv.site}'")
@@ -133,8 +139,13 @@ class SecAggClient:
             seen.add(adv.site)
             try:
                 self.verifier.verify(adv.site, adv.certificate, adv.signed_bytes(), adv.signature)
-                check_exchange_key(adv.site, adv.encryption_key, "encryption key")
-                check_exchange_key(adv.site, adv.mask_key, "mask key")
+                # Agreeing is the check: a low-order key fails it, as check_exchange_key.
+                share_keys[adv.site] = agree_checked(
+                    self._encryption, adv.site, adv.encryption_key, "encryption key", label
+                )
+                mask_seeds[adv.site] = agree_checked(
+                    self._mask, adv.site, adv.mask_key, "mask key", mask_label
+                )
             except SecAggError as exc:
                 # One bad peer costs its own place, not the round: this site shares
                 # nothing with it and masks nothing against it, and the coordinator
@@ -148,6 +159,8 @@ class SecAggClient:
                 f"the threshold is {self.setup.threshold}"
             )
         self._peers = peers
+        self._share_keys = {p: share_keys[p] for p in peers}
+        self._mask_seeds = {p: mask_seeds[p] for p in peers}
         # The site keeps one share of each secret itself, as in Bonawitz et al.
         order = sorted(peers)
         xs = [self.setup.index(p) for p in [*order, self.site]]
@@ -155,11 +168,10 @@ class SecAggClient:
         key_shares = shamir.split(private_bytes(self._mask), xs, self.setup.threshold)
         own = self.setup.index(self.site)
         self._own = (seed_shares[own], key_shares[own])
-        label = self.setup.label("share")
         sealed = []
         for peer in order:
             x = self.setup.index(peer)
-            key = agree(self._encryption, peers[peer].encryption_key, label)
+            key = self._share_keys[peer]
             context = self.setup.share_context(self.site, peer)
             sealed.append(
                 EncryptedShare(
@@ -180,7 +192,6 @@ class SecAggClient:
         dtype = dtype_for(self.setup.bits)
         if encoded.dtype != dtype or encoded.shape != (self.setup.length,):
             raise SecAggError(f"the input must be {self.setup.length} values of {dtype.__name__}")
-        label = self.setup.label("share")
         held: dict[str, tuple[int, int]] = {self.site: self._own}
         for share in shares:
             self._check_session(share, f"a share from '{share.sender}'")
@@ -188,10 +199,9 @@ class SecAggClient:
                 raise SecAggError(f"a share for '{share.recipient}' was sent to '{self.site}'")
             if share.sender in held or share.sender == self.site:
                 raise SecAggError(f"a second share from '{share.sender}' (replayed?)")
-            peer = self._peers.get(share.sender)
-            if peer is None:
+            key = self._share_keys.get(share.sender)
+            if key is None:
                 raise SecAggError(f"a share from '{share.sender}', who advertised no keys")
-            key = agree(self._encryption, peer.encryption_key, label)
             context = self.setup.share_context(share.sender, self.site)
             held[share.sender] = open_sealed(key, context, share.ciphertext)
         if len(held) < self.setup.threshold:
@@ -201,12 +211,8 @@ class SecAggClient:
             )
         self._held = held
         masked = encoded.copy()
-        mask_label = self.setup.label("mask")
         terms = [(self._seed, 1)] + [
-            (
-                agree(self._mask, self._peers[other].mask_key, mask_label),
-                1 if self.site < other else -1,
-            )
+            (self._mask_seeds[other], 1 if self.site < other else -1)
             for other in sorted(set(held) - {self.site})
         ]
         add_masks(masked, terms, self.setup.bits)

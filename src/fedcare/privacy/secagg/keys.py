@@ -61,6 +61,10 @@ def agree(private: X25519PrivateKey | bytes, peer_public: bytes, label: bytes) -
         shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:
         raise SecAggError(f"key agreement failed: {exc}") from exc
+    return _derive(shared, label)
+
+
+def _derive(shared: bytes, label: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=label).derive(shared)
 
 
@@ -142,11 +146,29 @@ class IdentityVerifier:
         self._known[known] = (serial, key)
 
 
+_PROBE = X25519PrivateKey.generate()
+"""Any key finds a low-order point: X25519 clamps every scalar to a multiple of the
+cofactor, so each agreement with such a point is the all-zero secret. The probe's own
+secret is never used for anything else."""
+
+
 def check_exchange_key(site: str, public: bytes, what: str) -> None:
     """Raise :class:`SecAggError` if ``public`` is not a usable X25519 key: a low-order
     point makes every agreement with it the all-zero secret, which a peer refuses."""
+    _exchange(_PROBE, site, public, what)
+
+
+def agree_checked(
+    private: X25519PrivateKey, site: str, peer_public: bytes, what: str, label: bytes
+) -> bytes:
+    """:func:`agree` with a key ``site`` advertised as its ``what``: the check of
+    :func:`check_exchange_key` and the agreement in one exchange."""
+    return _derive(_exchange(private, site, peer_public, what), label)
+
+
+def _exchange(private: X25519PrivateKey, site: str, public: bytes, what: str) -> bytes:
     try:
-        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+        return private.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError as exc:
         raise SecAggError(f"the {what} advertised by '{site}' is not a usable key") from exc
 
