@@ -344,6 +344,18 @@ def test_a_study_without_monitoring_takes_no_drift_reports(tmp_path: Path) -> No
     registry = ReleaseRegistry.open(f"sqlite:///{tmp_path / 'r.db'}", tmp_path)
     service = run_in_process(study, workers, registry=registry)
     assert service.alignments() == {}
+    # Nor does a site work out an alignment nobody reads (held-out scoring every round).
+    from fedcare.federation.messages import Task, TaskHeader, encode_task
+
+    alone = SiteWorker(study, workers["alpha"].data, 3)
+    params = np.zeros(3, np.float32)
+    for number in (1, 2, 3):
+        header = TaskHeader(
+            study_hash=study.content_hash, round=number, seed=number, nonce="c" * 32
+        )
+        _, update = alone.train(encode_task(Task(header, params)))
+        params = params + update.delta
+        assert alone.alignment is None, number
     with pytest.raises(ConflictError, match="no monitoring"):
         service.receive_drift("alpha", _summary(study, "alpha", 1, False))
 

@@ -409,3 +409,27 @@ def test_the_depth_is_the_byte_by_byte_definition_s(parts: list[bytes]) -> None:
 
     text = b"".join(parts)
     assert json_depth(text) == _depth_byte_by_byte(text)
+
+
+def test_one_task_object_is_decoded_once_and_no_site_can_change_it() -> None:
+    """Every simulated site gets the same bytes object for a round's task: it is checked
+    once, its parameters are read-only, and other bytes are always decoded afresh."""
+    header = TaskHeader(study_hash="ab" * 32, round=3, seed=11, nonce="c" * 32)
+    payload = encode_task(Task(header, np.arange(6, dtype=np.float32)))
+    first = decode_task(payload, n_params=6)
+    assert decode_task(payload, n_params=6) is first
+    with pytest.raises(ValueError, match="read-only"):
+        first.params[0] = 99.0
+    # Equal bytes in another object, a changed payload, another size: decoded, checked.
+    again = decode_task(bytes(bytearray(payload)), n_params=6)
+    assert again is not first
+    np.testing.assert_array_equal(again.params, first.params)
+    with pytest.raises(PayloadError, match="expected"):
+        decode_task(payload, n_params=5)
+    with pytest.raises(PayloadError, match="limit"):
+        decode_task(payload, n_params=6, max_bytes=len(payload) - 1)
+    bad = encode_task(Task(header, np.array([1, 2, np.nan, 4, 5, 6], dtype=np.float32)))
+    with pytest.raises(PayloadError, match="NaN"):
+        decode_task(bad, n_params=6)
+    with pytest.raises(PayloadError, match="NaN"):
+        decode_task(bad, n_params=6)

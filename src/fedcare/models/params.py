@@ -50,7 +50,7 @@ def set_flat(model: nn.Module, flat: NDArray[np.float32]) -> None:
     with torch.no_grad():
         for tensor in state_tensors(model):
             n = tensor.numel()
-            chunk = torch.from_numpy(np.ascontiguousarray(flat[offset : offset + n]))
+            chunk = torch.tensor(flat[offset : offset + n])
             tensor.copy_(chunk.reshape(tensor.shape))
             offset += n
 

@@ -118,7 +118,10 @@ class SiteWorker:
 
     def _align(self, task: Task) -> None:
         """Before training on a later model: how this site's last update relates to the
-        step the consortium took from the model it was trained on (docs/drift.md)."""
+        step the consortium took from the model it was trained on (docs/drift.md); only
+        for a study that monitors drift (nothing else reads it)."""
+        if self.study.monitoring is None:
+            return
         if self._last is None or task.header.round <= self._last[0]:
             return
         number, start, delta = self._last

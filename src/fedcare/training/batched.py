@@ -73,7 +73,7 @@ def _stacked(
     weights: list[torch.Tensor] = []
     biases: list[torch.Tensor] = []
     offset = 0
-    flat = torch.from_numpy(np.asarray(start, dtype=np.float32))
+    flat = torch.tensor(np.asarray(start, dtype=np.float32))
     for fan_in, fan_out in layers:
         w = flat[offset : offset + fan_in * fan_out].reshape(fan_out, fan_in)
         offset += fan_in * fan_out
