@@ -95,12 +95,12 @@ class DropBefore:
 
     def secure_post(
         self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
-    ) -> None:
+    ) -> bytes | None:
         from fedcare.simulation.inprocess import SiteGoneError
 
         if stage == self.stage and round_number >= self.from_round:
             raise SiteGoneError
-        self.inner.secure_post(study_hash, round_number, stage, body, content_type)  # type: ignore[attr-defined]
+        return self.inner.secure_post(study_hash, round_number, stage, body, content_type)  # type: ignore[attr-defined, no-any-return]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -257,3 +257,45 @@ def test_the_secure_version_moves_whenever_a_waiting_fetch_would_get_another_ans
     assert coord.federation.round_number == 1
     # One post per stage closes it (and the tick closed masking); the others moved nothing.
     assert (moved, quiet) == (4, 6)
+
+
+def test_the_post_that_closes_a_stage_brings_back_the_next_relay_and_repeats_are_harmless(
+    study: Study, toy_sites: list[SiteDataset], tmp_path: Path
+) -> None:
+    """A site's post answers with the next stage's relay once that stage has opened (one
+    request less per stage); a post retried after its stage closed (its reply was lost)
+    is a repeat, not a refusal; a site that never posted a stage cannot post it late."""
+    clock = Clock()
+    coord = _coordinator(study, tmp_path, clock)
+    sites = _sites(study, toy_sites)
+    names = ["alpha", "beta", "gamma"]
+    for name in names:
+        coord.task_for(name)
+    setups = {}
+    for name in names[:2]:
+        reply = coord.task_for(name)
+        assert coord.round is not None
+        setup = setup_for(
+            coord.study,
+            reply.round,
+            coord.round.selected,
+            coord.n_params,
+            hashlib.sha256(reply.payload).hexdigest(),
+        )
+        setups[name] = sites[name].start(reply.payload, setup)
+    number = coord.round.number
+    keys = {n: p.respond(Stage.ADVERTISE, None) for n, p in setups.items()}
+    coord.secure_post("alpha", number, "advertise", keys["alpha"])
+    assert coord.secure_next("alpha", number, "advertise") is None  # beta, gamma to come
+    coord.secure_post("beta", number, "advertise", keys["beta"])
+    clock.now += 61  # gamma never advertises: the stage closes at its deadline
+    coord.tick()
+    relay = coord.secure_next("beta", number, "advertise")
+    assert relay == coord.secure_fetch("beta", number, "shares")
+    coord.secure_post("alpha", number, "advertise", keys["alpha"])  # a retry: no error
+    assert coord.secure_next("alpha", number, "advertise") == coord.secure_fetch(
+        "alpha", number, "shares"
+    )
+    with pytest.raises(RoundError, match="posts to stage advertise"):
+        coord.secure_post("gamma", number, "advertise", keys["alpha"])
+    assert coord.secure_next("alpha", number, "unmask") is None  # nothing after the last

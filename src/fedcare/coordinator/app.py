@@ -34,7 +34,7 @@ from fedcare.federation.state.sql import SeenCertificate
 from fedcare.federation.status import StudyStatus
 from fedcare.ids import SHA256_HEX
 from fedcare.pki import Peer
-from fedcare.privacy.secagg.protocol import STAGES
+from fedcare.privacy.secagg.protocol import STAGES, stage_after, stage_named
 from fedcare.releases.registry import Release
 from fedcare.validation.cells import ValidationReport
 from fedcare.validation.messages import MAX_REPLY_BYTES, ValidationReply
@@ -541,18 +541,38 @@ def create_app(
     @app.post(
         "/v1/studies/{study_hash}/rounds/{round_number}/secagg/{stage}",
         status_code=204,
+        responses={200: {"content": {"application/json": {}}}, 204: {}},
         # Signed JSON for keys and shares, a safetensors payload for the masked input.
         openapi_extra=_body({"application/json": {"schema": {"type": "object"}}, PAYLOAD: BINARY}),
     )
     async def secure_post(
-        request: Request, study_hash: StudyHash, round_number: RoundNumber, stage: SecureStage
+        request: Request,
+        study_hash: StudyHash,
+        round_number: RoundNumber,
+        stage: SecureStage,
+        wait: Annotated[float, Query(ge=0, le=60)] = 0.0,
     ) -> Response:
-        """A secure-aggregation message: signed keys, sealed shares, masked input, shares."""
+        """A secure-aggregation message: signed keys, sealed shares, masked input, shares.
+        Answers with the next stage's relay (200) if it opens within ``wait`` seconds,
+        else 204: the site fetches it then, one request less per stage otherwise."""
         site = _identity(request)
         coordinator = study_for(study_hash, site)
         body = await _read_body(request, max_body_bytes, body_timeout_s)
         await run_in_threadpool(coordinator.secure_post, site, round_number, stage, body)
-        return Response(status_code=204)
+        if stage_after(stage_named(stage)) is None:
+            return Response(status_code=204)  # the last stage: nothing follows to wait for
+        # This post may be what closes the stage: the other sites' waits wake on it.
+        changes.notify()
+        data = await _long_poll(
+            lambda: coordinator.secure_next(site, round_number, stage),
+            min(wait, poll_wait_s),
+            stopping,
+            changes,
+            coordinator.secure_version,
+        )
+        if data is None:
+            return Response(status_code=204)
+        return Response(data, media_type="application/json")
 
     @app.get(
         "/v1/studies/{study_hash}/rounds/{round_number}/secagg/{stage}",

@@ -78,7 +78,7 @@ from fedcare.models.size import study_parameter_count
 from fedcare.models.wire import PayloadError
 from fedcare.pki import check_site_name
 from fedcare.privacy.secagg.keys import IdentityVerifier
-from fedcare.privacy.secagg.protocol import Stage
+from fedcare.privacy.secagg.protocol import Stage, stage_after, stage_named
 from fedcare.releases.desk import NotYoursError, ReleaseDesk, ValidationRefusedError
 from fedcare.releases.registry import RegistryError, ReleaseRegistry
 from fedcare.study import MonitoringSpec, Study, TrainingDriftSpec
@@ -797,6 +797,14 @@ class StudyService:
             relay = self._secure_round(identity, round_number)
             self._seen(identity)
             return relay.fetch(identity, stage)
+
+    def secure_next(self, identity: str, round_number: int, stage: str) -> bytes | None:
+        """Once ``identity`` has posted ``stage``: the relay of the stage after it if that
+        has opened, else None (and None after the last stage)."""
+        following = stage_after(stage_named(stage))
+        if following is None:
+            return None
+        return self.secure_fetch(identity, round_number, following.value)
 
     def secure_version(self) -> Hashable:
         """Changes whenever an answer of :meth:`secure_fetch` may: a stage closes, the

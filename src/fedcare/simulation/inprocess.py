@@ -103,11 +103,14 @@ class InProcessLink:
 
     def secure_post(
         self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
-    ) -> None:
+    ) -> bytes | None:
         del content_type
-        self._call(
-            study_hash, lambda: self.service.secure_post(self.site, round_number, stage, body)
-        )
+
+        def post() -> bytes | None:
+            self.service.secure_post(self.site, round_number, stage, body)
+            return self.service.secure_next(self.site, round_number, stage)
+
+        return self._call(study_hash, post)
 
     def secure_fetch(self, study_hash: str, round_number: int, stage: str) -> bytes | None:
         return self._call(

@@ -137,16 +137,21 @@ class CoordinatorClient:
 
     def secure_post(
         self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
-    ) -> None:
-        """Send one secure-aggregation message for a round."""
+    ) -> bytes | None:
+        """Send one secure-aggregation message for a round; the next stage's relay if it
+        opened while the coordinator held the reply (up to the poll wait), else None."""
         response = self._call(
             "POST",
             f"/v1/studies/{study_hash}/rounds/{round_number}/secagg/{stage}",
             content=body,
             headers={"Content-Type": content_type},
+            params={"wait": self.poll_wait_s},
         )
-        if response.status_code != 204:
+        if response.status_code == 204:
+            return None
+        if response.status_code != 200:
             raise CoordinatorError(response.status_code, _detail(response))
+        return response.content
 
     def secure_fetch(self, study_hash: str, round_number: int, stage: str) -> bytes | None:
         """The coordinator's relay for a secure stage, or None if it is not ready yet."""

@@ -78,7 +78,9 @@ class CoordinatorLink(Protocol):
 
     def secure_post(
         self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
-    ) -> None: ...
+    ) -> bytes | None:
+        """Post one stage's message; the next stage's relay if it has opened, else None."""
+        ...
 
     def secure_fetch(self, study_hash: str, round_number: int, stage: str) -> bytes | None: ...
 
@@ -133,6 +135,8 @@ class _Session:
     round: int
     task_sha256: str
     stage: int = 0
+    relayed: bytes | None = None
+    """The relay for ``stage``, when it came back with the post of the stage before."""
 
 
 @dataclass
@@ -417,8 +421,8 @@ class Participant:
         while session.stage < len(STAGES):
             stage = STAGES[session.stage]
             try:
-                relayed = None
-                if stage is not Stage.ADVERTISE:
+                relayed, session.relayed = session.relayed, None
+                if stage is not Stage.ADVERTISE and relayed is None:
                     relayed = self.retry(
                         partial(self.link.secure_fetch, self.study_hash, session.round, stage),
                         f"waiting for the coordinator before {stage} of round {session.round}",
@@ -427,7 +431,7 @@ class Participant:
                         return Step.WORKED if worked else Step.IDLE
                 body = session.party.respond(stage, relayed)
                 content_type = PAYLOAD if stage is Stage.MASKED else JSON
-                self.retry(
+                session.relayed = self.retry(
                     partial(
                         self.link.secure_post,
                         self.study_hash,

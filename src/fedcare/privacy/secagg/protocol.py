@@ -74,6 +74,13 @@ _ADVERTS = TypeAdapter(tuple[KeyAdvertisement, ...])
 _SHARES = TypeAdapter(tuple[EncryptedShare, ...])
 
 
+def stage_after(stage: Stage) -> Stage | None:
+    """The stage whose relay a site fetches once it has posted ``stage``; None after the
+    last."""
+    index = STAGES.index(stage) + 1
+    return STAGES[index] if index < len(STAGES) else None
+
+
 def stage_named(name: str) -> Stage:
     """The stage called ``name`` in a URL, or :class:`SecAggError`."""
     try:
@@ -212,7 +219,14 @@ class ServerSession:
     def post(self, site: str, stage: Stage, body: bytes) -> None:
         """Take one message from the authenticated ``site``; :class:`SecAggError` if refused."""
         server = self.server
-        if self.stage is not stage:
+        current = self.stage
+        if current is not stage and server.stage is not ServerStage.FAILED:
+            closed = current is None or STAGES.index(current) > STAGES.index(stage)
+            if closed and site in self.posted(stage):
+                # A retried post (the reply was lost) of a stage that has closed since:
+                # the first message counted, and a repeat changes nothing.
+                return
+        if current is not stage:
             raise SecAggError(
                 f"'{site}' posts to stage {stage}, but the session is "
                 f"{'over' if self.stage is None else 'in stage ' + self.stage}"
