@@ -5,7 +5,9 @@ and the benchmark all drive this module; only the transport between them differs
 A session has five stages, in :data:`STAGES` order. For each stage a site first
 fetches what the coordinator relays for it (nothing for ``advertise``), then posts
 its message; the coordinator closes the stage once every site expected has
-posted or its deadline has passed, and the next stage's relay becomes available.
+posted or its deadline has passed, and the next stage's relay becomes available
+(over the network a site's post brings it back when it opens in time:
+:func:`stage_after`).
 
 ============  =============================  ===================================
 stage         relayed to the site            the site posts
