@@ -187,7 +187,16 @@ def test_coordinator_never_holds_an_individual_update(
     with sqlite3.connect(folder / "coordinator.db") as db:
         assert db.execute("select count(*) from submissions").fetchone() == (0,)
         statuses = db.execute("select status from rounds order by number").fetchall()
+        spans = db.execute("select closed_at - opened_at from rounds order by number").fetchall()
     assert statuses == [("closed",)] * ROUNDS
+    # Posts bring back the next stage's relay, so fetches are the exception; and no post
+    # is held for its whole wait (the last stage's would stall every next round by 20 s).
+    posts = [b for b in bodies if b"/secagg/" in b.split(b"\n", 1)[0] and b.split(b"\n", 1)[1]]
+    fetches = [
+        b for b in bodies if b"/secagg/" in b.split(b"\n", 1)[0] and not b.split(b"\n", 1)[1]
+    ]
+    assert len(fetches) < len(posts) / 2, (len(fetches), len(posts))
+    assert max(span for (span,) in spans[1:]) < 10.0, spans
     events = [e.event for e in read_entries(folder / "audit.jsonl")]
     assert "update.received" not in events
     assert events.count("round.closed") == ROUNDS
