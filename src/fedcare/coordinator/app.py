@@ -190,11 +190,12 @@ async def _long_poll(
         # Read before asking: a change that lands while ``fetch`` runs shows as a new version.
         mark = None if version is None else version()
         result = await run_in_threadpool(fetch)
+        if result is not None or time.monotonic() >= until or stopping.is_set():
+            return result
         while True:
-            if result is not None or time.monotonic() >= until or stopping.is_set():
-                return result
             await changes.wait(seen, min(until - time.monotonic(), STOP_CHECK_S))
-            if version is None or changes.generation == seen or version() != mark:
+            moved = version is None or changes.generation == seen or version() != mark
+            if moved or time.monotonic() >= until or stopping.is_set():
                 break
             seen = changes.generation
 

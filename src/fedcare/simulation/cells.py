@@ -86,11 +86,11 @@ def run_cells(
     if processes is None:
         if not cells:
             return []
-        first = _here(task, shared, cells[: min(warm_up, total - 1)], _offset(progress, 0, total))
+        here = _here(task, shared, cells[: min(warm_up, total - 1)], _offset(progress, 0, total))
         started = time.perf_counter()
-        first.append(task(shared, cells[len(first)]))
+        here.append(task(shared, cells[len(here)]))
         pace = time.perf_counter() - started
-        done = len(first)
+        done = len(here)
         progress(done, total)
         rest = cells[done:]
         count = min(default_processes(), len(rest))
@@ -102,7 +102,7 @@ def run_cells(
             after = _on_processes(task, shared, rest, count, _offset(progress, done, total), chunk)
         else:
             after = _here(task, shared, rest, _offset(progress, done, total))
-        return [*first, *after]
+        return [*here, *after]
     if min(processes, total) <= 1:
         return _here(task, shared, cells, progress)
     return _on_processes(task, shared, cells, min(processes, total), progress)

@@ -222,13 +222,12 @@ class ServerSession:
         """Take one message from the authenticated ``site``; :class:`SecAggError` if refused."""
         server = self.server
         current = self.stage
-        if current is not stage and server.stage is not ServerStage.FAILED:
+        if current is not stage:
             closed = current is None or STAGES.index(current) > STAGES.index(stage)
-            if closed and site in self.posted(stage):
+            if closed and server.stage is not ServerStage.FAILED and site in self.posted(stage):
                 # A retried post (the reply was lost) of a stage that has closed since:
                 # the first message counted, and a repeat changes nothing.
                 return
-        if current is not stage:
             raise SecAggError(
                 f"'{site}' posts to stage {stage}, but the session is "
                 f"{'over' if self.stage is None else 'in stage ' + self.stage}"
