@@ -49,7 +49,8 @@ from fedcare.simulation.loopback import (
     stop,
     wait_until_serving,
 )
-from fedcare.simulation.runner import SimulationOptions, SiteRules, run_simulation
+from fedcare.simulation.rules import SiteRules
+from fedcare.simulation.runner import SimulationOptions, run_simulation
 from fedcare.site.dataset import prepare_site_data
 from fedcare.study import Study, parse_study
 

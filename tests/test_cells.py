@@ -39,6 +39,34 @@ def test_cells_on_local_processes_come_back_in_cell_order() -> None:
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
+def test_this_process_helps_from_the_back_with_the_same_results_in_order() -> None:
+    seen: list[tuple[int, int]] = []
+    cells = list(range(12))
+    results = run_cells(
+        _where,
+        5,
+        cells,
+        processes=2,
+        here_too=True,
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    assert [value for value, _ in results] == [5 + c * c for c in cells]
+    pids = [pid for _, pid in results]
+    # The pool hands its first chunks to the workers at once; the ones still waiting
+    # when this process looks (the back) it runs itself, long before a worker starts.
+    assert pids[-1] == os.getpid()
+    assert any(pid != os.getpid() for pid in pids)
+    assert seen[-1] == (12, 12)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_helping_here_a_failing_cell_still_fails_first_in_cell_order() -> None:
+    with pytest.raises(ValueError, match="cell -1 refused"):
+        run_cells(_where, 0, [1, 2, 3, 4, -1, 6, -2], processes=2, here_too=True)
+    with pytest.raises(ValueError, match="cell -1 refused"):
+        run_cells(_where, 0, [-1, 2, 3, 4, 5, 6, -2], processes=2, here_too=True)
+
+
 def test_a_failing_cell_fails_the_sweep_with_its_error() -> None:
     with pytest.raises(ValueError, match="cell -1 refused"):
         run_cells(_where, 0, [1, -1, 2], processes=2)

@@ -15,7 +15,8 @@ from fedcare.releases.card import export_release
 from fedcare.releases.desk import NotYoursError, ReleaseDesk, ValidationRefusedError
 from fedcare.releases.registry import RegistryError, ReleaseRegistry
 from fedcare.schema.mapping import SiteMapping
-from fedcare.simulation.runner import SimulationOptions, SiteRules, run_simulation
+from fedcare.simulation.rules import SiteRules
+from fedcare.simulation.runner import SimulationOptions, run_simulation
 from fedcare.site.dataset import SiteDataset, prepare_site_data
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, parse_study

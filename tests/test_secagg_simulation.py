@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from fedcare.federation.engine import Federation
+from fedcare.federation.messages import TaskReply, TaskState
 from fedcare.federation.rounds import RoundError, SummedUpdate
 from fedcare.simulation.inprocess import run_in_process
 from fedcare.simulation.runner import SimulationOptions, run_federation, run_simulation
@@ -165,3 +168,41 @@ def test_differencing_two_secure_sums_reveals_no_exact_record_count(
         learned_dp.append(round((with_all - without) * max_records))
     # Fresh noise per run (a site reuses its one noisy count within a study).
     assert len(set(learned_dp)) > 1
+
+
+class _NamesOtherSites:
+    """A coordinator that tells one site, with each task, another list of the round's
+    sites than it tells the rest (``sites``), or none."""
+
+    def __init__(self, inner: object, sites: tuple[str, ...]) -> None:
+        self.inner = inner
+        self.sites = sites
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def task(self, study_hash: str) -> TaskReply:
+        reply: TaskReply = self.inner.task(study_hash)  # type: ignore[attr-defined]
+        if reply.state is TaskState.READY:
+            return dataclasses.replace(reply, sites=self.sites)
+        return reply
+
+
+@pytest.mark.parametrize("shown", [("alpha", "gamma"), ()], ids=["fewer", "none"])
+def test_a_site_shown_other_participants_is_left_out_and_reveals_nothing(
+    toy_study: Study, toy_sites: list[SiteDataset], shown: tuple[str, ...]
+) -> None:
+    """The participants travel with the task: a site named another list sets up another
+    session (or, named none, sits the round out), and no round sums its input."""
+    study = _secure(toy_study).replace(rounds={**toy_study.rounds.model_dump(), "count": 2})
+    n_params = study.feature_schema.n_inputs + 1
+    workers = {s.name: SiteWorker(study, s, n_params) for s in toy_sites}
+    outcomes = []
+    run_in_process(
+        study,
+        workers,
+        on_round=lambda report: outcomes.append(report.outcome),
+        wrap=lambda name, link: _NamesOtherSites(link, shown) if name == "beta" else link,
+    )
+    assert [o.status.value for o in outcomes] == ["closed", "closed"]
+    assert all(o.participants == ("alpha", "gamma") for o in outcomes)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import pytest
 
@@ -9,13 +11,14 @@ from fedcare.simulation.runner import (
     FEDERATED,
     POOLED,
     SimulationOptions,
+    compare,
     run_simulation,
 )
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study
 from fedcare.training import train_local
-from fedcare.validation.metrics import binary_metrics
+from fedcare.validation.metrics import BinaryMetrics, binary_metrics
 
 
 def test_seeded_simulation_is_deterministic(toy_study: Study, toy_sites: list[SiteDataset]) -> None:
@@ -172,3 +175,24 @@ def test_round_metrics_of_all_sites_at_once_equal_each_site_scored_alone(
         assert (got.n, got.positives) == (alone.n, alone.positives)
         for name in ("auroc", "auprc", "accuracy", "brier"):
             assert getattr(got, name) == pytest.approx(getattr(alone, name), abs=1e-12), name
+
+
+def test_the_federated_model_on_other_sites_is_their_mean_to_the_last_bit() -> None:
+    # A thousand sites once summed the others again for each site (a million terms);
+    # the exact total less each site's own must give fmean's answer, bit for bit.
+    rng = np.random.default_rng(3)
+    names = [f"s{i}" for i in range(300)]
+    aurocs: list[float | None] = [float(v) for v in rng.uniform(0.4, 1.0, len(names))]
+    aurocs[7] = aurocs[100] = None  # undefined on a single-class site
+    aurocs[5] = 0.1 + 0.2  # a sum that rounds: 0.30000000000000004
+    metrics = {
+        name: BinaryMetrics(n=10, positives=3, auroc=a, auprc=None, accuracy=0.5, brier=0.2)
+        for name, a in zip(names, aurocs, strict=True)
+    }
+    rows = compare({FEDERATED: metrics}, names)
+    for row in rows:
+        others = [metrics[s].auroc for s in names if s != row.site]
+        expected = statistics.fmean(a for a in others if a is not None)
+        assert row.federated_on_other_sites == expected
+    alone = compare({FEDERATED: {"only": metrics["s1"]}}, ["only"])
+    assert alone[0].federated_on_other_sites is None

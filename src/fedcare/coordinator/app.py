@@ -241,7 +241,8 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         allowed = timeout_s + max(expected, size) / MIN_BODY_RATE
         remaining = started + allowed - time.monotonic()
         try:
-            chunk = await asyncio.wait_for(anext(stream), max(remaining, 0.0))
+            async with asyncio.timeout(max(remaining, 0.0)):
+                chunk = await anext(stream)
         except StopAsyncIteration:
             return b"".join(chunks)
         except TimeoutError:
@@ -461,9 +462,11 @@ def create_app(
                 media_type="application/json",
                 headers={"X-Fedcare-Round": str(reply.round), "X-Fedcare-Kind": "flush"},
             )
-        return Response(
-            reply.payload, media_type=PAYLOAD, headers={"X-Fedcare-Round": str(reply.round)}
-        )
+        headers = {"X-Fedcare-Round": str(reply.round)}
+        if reply.sites:
+            # Site names hold no comma (fedcare.ids.SITE_NAME).
+            headers["X-Fedcare-Sites"] = ",".join(reply.sites)
+        return Response(reply.payload, media_type=PAYLOAD, headers=headers)
 
     @app.post(
         "/v1/studies/{study_hash}/rounds/{round_number}/update",

@@ -40,8 +40,11 @@ class Changes:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.add(waiter)
         try:
+            # A timeout on this task, not wait_for's task per wait: every post of a secure
+            # stage wakes every site's waiting request, and most wait again at once.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await waiter
         finally:
             self._waiters.discard(waiter)
 

@@ -136,6 +136,10 @@ class TaskReply:
     state: TaskState
     payload: bytes = b""
     round: int = 0
+    sites: tuple[str, ...] = ()
+    """With the task of a synchronous secure round: the sites of its session, which the
+    site binds into the session it sets up (so a list that differs between sites makes
+    sessions that differ, and the round fails instead of leaking)."""
 
 
 @dataclass(frozen=True)

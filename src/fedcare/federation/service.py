@@ -27,7 +27,7 @@ import json
 import secrets
 import threading
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TypeVar
 
 import numpy as np
@@ -161,6 +161,14 @@ class RoundReport:
     params: NDArray[np.float32]
     elapsed_s: float = 0.0
     """Seconds on the service's clock since the study was registered."""
+
+
+_STANDING = tuple(f.name for f in fields(SiteRecord) if f.name != "last_seen")
+
+
+def _same_standing(a: SiteRecord, b: SiteRecord) -> bool:
+    """Whether two records of a site agree on everything but when it was last seen."""
+    return all(getattr(a, name) == getattr(b, name) for name in _STANDING)
 
 
 class StudyService:
@@ -518,9 +526,13 @@ class StudyService:
                 return TaskReply(TaskState.WAIT)
             if self.asynchronous and self.study.secure_aggregation.enabled:
                 return self._flush_task_for(site, round_)
-            if self.secure is not None and not self.secure.wants_task(site):
+            if self.secure is None:
+                return TaskReply(TaskState.READY, self._task_bytes, round_.number)
+            if not self.secure.wants_task(site):
                 return TaskReply(TaskState.WAIT)
-            return TaskReply(TaskState.READY, self._task_bytes, round_.number)
+            return TaskReply(
+                TaskState.READY, self._task_bytes, round_.number, self.secure.participants
+            )
 
     def _flush_task_for(self, site: str, round_: Round) -> TaskReply:
         """Join the flush's session, wait for one, or train on the current model."""
@@ -720,6 +732,8 @@ class StudyService:
                 self._join(site)
             mine = self._sites.get(site)
             seen = max((t for t in (record.last_seen, mine and mine.last_seen) if t), default=None)
+            if mine is not None and seen == mine.last_seen and _same_standing(mine, record):
+                continue  # as it was: a thousand sites each tick need no new record
             self._sites[site] = replace(record, last_seen=seen)
 
     def _excuse_gone(self) -> None:
@@ -815,11 +829,6 @@ class StudyService:
         if round_ is None or secure is None:
             return None if round_ is None else round_.number
         return (round_.number, round_.finished, secure.setup.session, secure.session.server.stage)
-
-    def secure_sites(self, identity: str, round_number: int) -> tuple[str, ...]:
-        """The sites selected for an open secure round (the session's participants)."""
-        with self._lock:
-            return self._secure_round(identity, round_number).participants
 
     # --- releases -----------------------------------------------------------------
 

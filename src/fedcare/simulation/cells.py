@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from typing import Any, Generic, TypeVar, cast
 
 Shared = TypeVar("Shared")
@@ -67,6 +67,7 @@ def run_cells(
     progress: CellProgress = _quiet,
     worth_spreading_s: float | None = None,
     warm_up: int = 0,
+    here_too: bool = False,
 ) -> list[Result]:
     """``task(shared, cell)`` for each cell, in cell order.
 
@@ -77,8 +78,10 @@ def run_cells(
     :data:`WORTH_SPREADING_S`); with ``warm_up``, that many cells run here first and the
     pace is read from the one after them (a first cell that pays for lazy imports would
     otherwise spread a few quick ones over workers that cost more to start than they
-    save). A cell that raises raises here, as in this process: of several, the first in
-    cell order.
+    save). ``here_too``: this process runs cells as well while the workers start and
+    run (for cells that do not train: this process's PyTorch threads would spin against
+    the workers'). A cell that raises raises here, as in this process: of several, the
+    first in cell order.
     """
     if ray_address is not None:
         return _on_ray(task, shared, cells, ray_address, progress)
@@ -99,13 +102,15 @@ def run_cells(
             # Short cells go in batches of about CHUNK_S of work: a thousand sites of a
             # few milliseconds each otherwise spend a fifth of their time in messages.
             chunk = max(1, min(int(CHUNK_S / max(pace, 1e-6)), len(rest) // (4 * count)))
-            after = _on_processes(task, shared, rest, count, _offset(progress, done, total), chunk)
+            after = _on_processes(
+                task, shared, rest, count, _offset(progress, done, total), chunk, here_too
+            )
         else:
             after = _here(task, shared, rest, _offset(progress, done, total))
         return [*here, *after]
     if min(processes, total) <= 1:
         return _here(task, shared, cells, progress)
-    return _on_processes(task, shared, cells, min(processes, total), progress)
+    return _on_processes(task, shared, cells, min(processes, total), progress, here_too=here_too)
 
 
 def _offset(progress: CellProgress, done: int, total: int) -> CellProgress:
@@ -156,10 +161,16 @@ def _start_worker(job: CellTask[Any, Any, Any]) -> None:
 
 def _run_in_worker(cells: Sequence[object]) -> tuple[list[object], BaseException | None]:
     """The results of ``cells`` in order, up to the first that raises, and its error."""
+    return _run_chunk(_WORKER["job"], cells)
+
+
+def _run_chunk(
+    job: CellTask[Any, Any, Any], cells: Sequence[object]
+) -> tuple[list[object], BaseException | None]:
     done = []
     for cell in cells:
         try:
-            done.append(_WORKER["job"](cell))
+            done.append(job(cell))
         except Exception as error:  # returned with its position, raised by the caller
             return done, error
     return done, None
@@ -172,41 +183,56 @@ def _on_processes(
     count: int,
     progress: CellProgress,
     chunk: int = 1,
+    here_too: bool = False,
 ) -> list[Result]:
     # Spawned, not forked: a fork of a process that has started PyTorch's threads can hang.
     context = multiprocessing.get_context("spawn")
     job = CellTask(task, shared)
     pool = ProcessPoolExecutor(count, context, initializer=_start_worker, initargs=(job,))
+    results: dict[int, Result] = {}
+    failed: dict[int, BaseException] = {}
     with pool:
         futures = {
             pool.submit(_run_in_worker, cells[start : start + chunk]): start
             for start in range(0, len(cells), chunk)
         }
-        results: dict[int, Result] = {}
-        failed: dict[int, BaseException] = {}
-        # as_completed waits on all the futures once; wait(FIRST_COMPLETED) in a loop
-        # re-registers on every pending one each time, which at a thousand cells kept
-        # this process busy on a core the workers needed.
-        for future in as_completed(futures):
-            if future.cancelled():
-                continue
-            start = futures[future]
-            error = future.exception()
+
+        def take(start: int, done: list[object], error: BaseException | None) -> None:
+            results.update((start + k, cast(Result, r)) for k, r in enumerate(done))
             if error is None:
-                done, error = future.result()
-                results.update((start + k, cast(Result, r)) for k, r in enumerate(done))
-                if error is None:
-                    if not failed:
-                        progress(len(results), len(cells))
-                    continue
-                start += len(done)
-            failed[start] = error
+                if not failed:
+                    progress(len(results), len(cells))
+                return
+            failed[start + len(done)] = error
             # The cells after the first failure need not run; those before it still
             # do, as one of them may fail first in cell order.
             first = min(failed)
             for other, position in futures.items():
                 if position > first:
                     other.cancel()
+
+        def harvest(future: Future[tuple[list[object], BaseException | None]]) -> None:
+            start = futures.pop(future)
+            if future.cancelled():
+                return
+            error = future.exception()
+            take(start, *(future.result() if error is None else ([], error)))
+
+        if here_too:
+            # The workers take chunks from the front; this process, while they start and
+            # after, takes them from the back, as long as one is still waiting for a worker.
+            for future in reversed(list(futures)):
+                if failed or not future.cancel():
+                    break
+                start = futures.pop(future)
+                take(start, *_run_chunk(job, cells[start : start + chunk]))
+                for finished in [f for f in futures if f.done()]:
+                    harvest(finished)
+        # as_completed waits on all the futures once; wait(FIRST_COMPLETED) in a loop
+        # re-registers on every pending one each time, which at a thousand cells kept
+        # this process busy on a core the workers needed.
+        for future in as_completed(list(futures)):
+            harvest(future)
     if failed:
         raise failed[min(failed)]
     return [results[i] for i in range(len(cells))]

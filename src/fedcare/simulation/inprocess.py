@@ -98,9 +98,6 @@ class InProcessLink:
     def ready(self, study_hash: str, message: bytes) -> bool:
         return self._call(study_hash, lambda: self.service.ready(self.site, message))
 
-    def secure_sites(self, study_hash: str, round_number: int) -> tuple[str, ...]:
-        return self._call(study_hash, lambda: self.service.secure_sites(self.site, round_number))
-
     def secure_post(
         self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
     ) -> bytes | None:

@@ -63,4 +63,5 @@ def prepare_all(
         processes=processes,
         worth_spreading_s=WORTH_SPREADING_S,
         warm_up=1,
+        here_too=True,
     )

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,6 @@ from fedcare.federation.service import RoundReport
 from fedcare.federation.state import SiteState
 from fedcare.models.builders import check_model, initial_parameters
 from fedcare.models.size import study_parameter_count
-from fedcare.privacy.dp.budget import Budget
 from fedcare.privacy.dp.guard import PrivacyGuard
 from fedcare.privacy.dp.ledger import PrivacyLedger
 from fedcare.releases.registry import ReleaseRegistry
@@ -40,6 +40,7 @@ from fedcare.simulation.results import (
     SiteSummary,
     SubgroupAuroc,
 )
+from fedcare.simulation.rules import SiteRules
 from fedcare.site.dataset import SiteDataset
 from fedcare.site.personal import release_personal
 from fedcare.site.validation import report_on
@@ -52,7 +53,6 @@ from fedcare.training.local import check_dp_model
 from fedcare.validation.cells import FEW_POSITIVES, CellReport
 from fedcare.validation.curves import Curves, curves
 from fedcare.validation.metrics import BinaryMetrics, binary_metrics, binary_metrics_by_part
-from fedcare.validation_spec import GateSpec
 
 FEDERATED = "federated"
 POOLED = "pooled"
@@ -67,16 +67,6 @@ def _quiet(stage: str, done: int, total: int) -> None:
 
 def local_model_name(site: str) -> str:
     return f"local:{site}"
-
-
-@dataclass(frozen=True)
-class SiteRules:
-    """What a site's policy says: its own validation gates, minimum cohort, and the privacy
-    budget of the data set it trains on (enforced by a real ledger under a DP study)."""
-
-    gates: tuple[GateSpec, ...] = ()
-    min_cohort: int = 1
-    budget: Budget | None = None
 
 
 @dataclass(frozen=True)
@@ -374,13 +364,28 @@ def _mean_auroc(metrics: dict[str, BinaryMetrics], sites: Sequence[str]) -> floa
     return statistics.fmean(v for v in values if v is not None) if values else None
 
 
+def _mean_on_others(metrics: dict[str, BinaryMetrics], sites: Sequence[str]) -> dict[str, float]:
+    """Per site, :func:`_mean_auroc` of one model on every other site, to the last bit
+    (the others' exact sum, rounded once, as ``fsum`` rounds it), without summing the
+    others again for each of a thousand sites."""
+    values = {s: metrics[s].auroc for s in sites}
+    defined = [v for v in values.values() if v is not None]
+    total = sum(map(Fraction, defined), Fraction(0))
+    out = {}
+    for site, own in values.items():
+        count = len(defined) - (own is not None)
+        if count:
+            out[site] = float(total - Fraction(own or 0.0)) / count
+    return out
+
+
 def compare(
     matrix: dict[str, dict[str, BinaryMetrics]], site_names: Sequence[str]
 ) -> list[SiteComparison]:
     """Per site: local vs federated vs pooled, and cross-site generalisation."""
     rows = []
+    federated_elsewhere = _mean_on_others(matrix[FEDERATED], site_names)
     for site in site_names:
-        others = [s for s in site_names if s != site]
         local = matrix.get(local_model_name(site))
         pooled = matrix.get(POOLED)
         federated = matrix[FEDERATED][site]
@@ -395,8 +400,10 @@ def compare(
                 federated_ci=federated.auroc_ci,
                 pooled=pooled[site].auroc if pooled else None,
                 pooled_ci=pooled[site].auroc_ci if pooled else None,
-                local_on_other_sites=_mean_auroc(local, others) if local and others else None,
-                federated_on_other_sites=_mean_auroc(matrix[FEDERATED], others) if others else None,
+                local_on_other_sites=(
+                    _mean_auroc(local, [s for s in site_names if s != site]) if local else None
+                ),
+                federated_on_other_sites=federated_elsewhere.get(site),
             )
         )
     return rows

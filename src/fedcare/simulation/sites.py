@@ -15,7 +15,7 @@ from fedcare.policy.model import load_policy
 from fedcare.privacy.dp.budget import Budget
 from fedcare.schema.readers import read_table
 from fedcare.simulation.preparation import SiteFiles, SitesFileError, prepare_all
-from fedcare.simulation.runner import SiteRules
+from fedcare.simulation.rules import SiteRules
 from fedcare.site.dataset import SiteDataset, prepare_site_data
 from fedcare.sources.spec import Source, TableSource
 from fedcare.study import Study

@@ -90,10 +90,12 @@ class CoordinatorClient:
         )
         if response.status_code == 200:
             joins = response.headers.get("X-Fedcare-Kind") == "flush"
+            sites = response.headers.get("X-Fedcare-Sites", "")
             return TaskReply(
                 TaskState.JOIN if joins else TaskState.READY,
                 response.content,
                 int(response.headers["X-Fedcare-Round"]),
+                tuple(sites.split(",")) if sites else (),
             )
         if response.status_code == 204:
             return TaskReply(TaskState.WAIT)
@@ -181,13 +183,6 @@ class CoordinatorClient:
     def ready(self, study_hash: str, message: bytes) -> bool:
         """Say this site holds an update for a flush (asynchronous secure aggregation)."""
         return self._notice(f"/v1/studies/{study_hash}/ready", message)
-
-    def secure_sites(self, study_hash: str, round_number: int) -> tuple[str, ...]:
-        """The sites of the open secure round ``round_number`` (its session's participants)."""
-        open_round = self.status(study_hash).get("open_round") or {}
-        if open_round.get("number") != round_number:
-            raise CoordinatorError(409, f"round {round_number} is no longer open")
-        return tuple(open_round["selected"])
 
     def send_drift(self, study_hash: str, body: bytes) -> bool:
         """Send a drift summary; True when newly kept."""

@@ -74,8 +74,6 @@ class CoordinatorLink(Protocol):
 
     def ready(self, study_hash: str, message: bytes) -> bool: ...
 
-    def secure_sites(self, study_hash: str, round_number: int) -> tuple[str, ...]: ...
-
     def secure_post(
         self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
     ) -> bytes | None:
@@ -186,7 +184,10 @@ class Participant:
     def step(self) -> Step:
         """Do what can be done now."""
         self._send_alignment()
-        if self.worker.study.validates_releases and self._validate():
+        # A candidate release opens when a round closes, so none can appear while this
+        # site is in a round (a secure session, an update not yet sent): it asks between.
+        between = self._session is None and self._outgoing is None
+        if between and self.worker.study.validates_releases and self._validate():
             return Step.WORKED
         if self._session is not None:
             return self._advance_session()
@@ -299,18 +300,13 @@ class Participant:
         if task_sha256 in self._declined:
             # A task this site sat out is offered again: it answers nothing more.
             return Step.HOLD
-        try:
-            sites = self.retry(
-                partial(self.link.secure_sites, self.study_hash, reply.round),
-                "fetching the round",
-            )
-        except CoordinatorError as exc:
-            if exc.status != 409:
-                raise
-            return Step.WORKED
         study = self.worker.study
-        setup = setup_for(study, reply.round, list(sites), self.worker.n_params, task_sha256)
         try:
+            if not reply.sites:
+                raise SecAggError("the coordinator named no sites for the secure round")
+            setup = setup_for(
+                study, reply.round, list(reply.sites), self.worker.n_params, task_sha256
+            )
             party = self.secure.start(reply.payload, setup, on_masked=self._masked_sent(reply))
         except BudgetExceededError as exc:
             self._withdraw(WithdrawReason.BUDGET, f"round {reply.round}: {exc}", reply.round)
