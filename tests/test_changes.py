@@ -132,3 +132,37 @@ def test_a_poll_with_a_version_asks_again_only_when_it_moves() -> None:
 
     asyncio.run(alone())
     assert len(quiet) == 2
+
+
+def test_a_poll_after_a_post_that_left_its_stage_open_waits_before_asking() -> None:
+    """After a post that left its stage collecting (at a version it names), the first ask
+    is skipped while that version holds; at another version it asks at once."""
+    calls: list[int] = []
+    state = {"version": 5}
+
+    def fetch() -> str | None:
+        calls.append(state["version"])
+        return "relay" if state["version"] == 6 else None
+
+    async def scenario(since: int) -> str | None:
+        changes = Changes()
+
+        async def close_the_stage() -> None:
+            await asyncio.sleep(0.05)
+            state["version"] = 6
+            changes.notify()
+
+        task = asyncio.create_task(close_the_stage())
+        result = await _long_poll(
+            fetch, 10.0, threading.Event(), changes, lambda: state["version"], since=since
+        )
+        await task
+        return result
+
+    assert asyncio.run(scenario(since=5)) == "relay"
+    assert calls == [6]
+    calls.clear()
+    state["version"] = 6
+    # Known empty at 5, but it is 6 already (the stage closed meanwhile): asked at once.
+    assert asyncio.run(scenario(since=5)) == "relay"
+    assert calls == [6]

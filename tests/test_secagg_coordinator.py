@@ -285,14 +285,20 @@ def test_the_post_that_closes_a_stage_brings_back_the_next_relay_and_repeats_are
         setups[name] = sites[name].start(reply.payload, setup)
     number = coord.round.number
     keys = {n: p.respond(Stage.ADVERTISE, None) for n, p in setups.items()}
-    coord.secure_post("alpha", number, "advertise", keys["alpha"])
+    # A post that leaves its stage collecting says at which version: the server's wait
+    # skips asking for the next relay until that version moves.
+    collecting = coord.secure_post("alpha", number, "advertise", keys["alpha"])
+    assert collecting is not None
+    assert collecting == coord.secure_version()
     assert coord.secure_next("alpha", number, "advertise") is None  # beta, gamma to come
-    coord.secure_post("beta", number, "advertise", keys["beta"])
+    assert coord.secure_post("beta", number, "advertise", keys["beta"]) == collecting
     clock.now += 61  # gamma never advertises: the stage closes at its deadline
     coord.tick()
+    assert coord.secure_version() != collecting
     relay = coord.secure_next("beta", number, "advertise")
     assert relay == coord.secure_fetch("beta", number, "shares")
-    coord.secure_post("alpha", number, "advertise", keys["alpha"])  # a retry: no error
+    # A retry: no error, and no version to wait on, for the next relay is there now.
+    assert coord.secure_post("alpha", number, "advertise", keys["alpha"]) is None
     assert coord.secure_next("alpha", number, "advertise") == coord.secure_fetch(
         "alpha", number, "shares"
     )

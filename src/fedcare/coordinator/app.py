@@ -169,12 +169,17 @@ STOP_CHECK_S = 1.0
 ticker's notifications usually wake it sooner)."""
 
 
+_UNKNOWN = object()
+"""No version is known at which a long-poll's ``fetch`` had nothing."""
+
+
 async def _long_poll(
     fetch: Callable[[], T | None],
     wait_s: float,
     stopping: threading.Event,
     changes: Changes,
     version: Callable[[], Hashable] | None = None,
+    since: object = _UNKNOWN,
 ) -> T | None:
     """Call ``fetch`` (in a worker thread) until it has something, ``wait_s`` has passed,
     or the server is stopping (the site is told to come back, and shutdown waits for
@@ -183,13 +188,17 @@ async def _long_poll(
     ``version``, read on the event loop, changes whenever ``fetch``'s answer may: a
     change that leaves it alone does not call ``fetch`` again. Without it, every write
     wakes every waiter into a worker thread, n sites times n posts per secure stage.
-    A wait that times out asks again whatever the version says."""
+    ``since``: a version at which ``fetch`` is known to have nothing (the post this poll
+    follows left its stage collecting); while it holds, the first call is skipped too. A
+    wait that times out asks again whatever the version says."""
     until = time.monotonic() + wait_s
+    known_empty = version is not None and since is not _UNKNOWN and version() == since
     while True:
         seen = changes.generation
         # Read before asking: a change that lands while ``fetch`` runs shows as a new version.
         mark = None if version is None else version()
-        result = await run_in_threadpool(fetch)
+        result = None if known_empty else await run_in_threadpool(fetch)
+        known_empty = False
         if result is not None or time.monotonic() >= until or stopping.is_set():
             return result
         while True:
@@ -562,7 +571,9 @@ def create_app(
         site = _identity(request)
         coordinator = study_for(study_hash, site)
         body = await _read_body(request, max_body_bytes, body_timeout_s)
-        await run_in_threadpool(coordinator.secure_post, site, round_number, stage, body)
+        collecting = await run_in_threadpool(
+            coordinator.secure_post, site, round_number, stage, body
+        )
         if stage_after(stage_named(stage)) is None:
             return Response(status_code=204)  # the last stage: nothing follows to wait for
         # This post may be what closes the stage: the other sites' waits wake on it.
@@ -573,6 +584,7 @@ def create_app(
             stopping,
             changes,
             coordinator.secure_version,
+            since=_UNKNOWN if collecting is None else collecting,
         )
         if data is None:
             return Response(status_code=204)

@@ -78,7 +78,7 @@ from fedcare.models.size import study_parameter_count
 from fedcare.models.wire import PayloadError
 from fedcare.pki import check_site_name
 from fedcare.privacy.secagg.keys import IdentityVerifier
-from fedcare.privacy.secagg.protocol import Stage, stage_after, stage_named
+from fedcare.privacy.secagg.protocol import COLLECTING, Stage, stage_after, stage_named
 from fedcare.releases.desk import NotYoursError, ReleaseDesk, ValidationRefusedError
 from fedcare.releases.registry import RegistryError, ReleaseRegistry
 from fedcare.study import MonitoringSpec, Study, TrainingDriftSpec
@@ -796,13 +796,22 @@ class StudyService:
             )
         return self.secure
 
-    def secure_post(self, identity: str, round_number: int, stage: str, body: bytes) -> None:
-        """A SecAgg+ message from ``identity`` (its certificate's site) for the open round."""
+    def secure_post(
+        self, identity: str, round_number: int, stage: str, body: bytes
+    ) -> Hashable | None:
+        """A SecAgg+ message from ``identity`` (its certificate's site) for the open round.
+
+        Returns :meth:`secure_version` as it was after the post if the stage still
+        collects (so no next relay is ready while the version stays), else None."""
         with self._lock:
             relay = self._secure_round(identity, round_number)
             self._seen(identity)
             relay.post(identity, stage, body)
             self._advance(self.clock())
+            server = relay.session.server
+            if self.secure is relay and server.stage is COLLECTING[stage_named(stage)]:
+                return self.secure_version()
+            return None
 
     def secure_fetch(self, identity: str, round_number: int, stage: str) -> bytes | None:
         """What ``identity`` needs for its next SecAgg+ step; None until that stage opens."""
