@@ -19,7 +19,9 @@ What is measured
     secure stage, from the coordinator's log: how long the stage stayed open (the sites'
     pace plus the round trips; the masked stage holds the training) and what closing it
     cost the coordinator (the unmask stage reconstructs and removes the masks); medians
-    over rounds 2... The 2-core machine runs every site process too.
+    over rounds 2... The 2-core machine runs every site process too. And the requests
+    the sites made about the study (the coordinator's access log) per site and round,
+    the whole study long (its release validations included).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from fedcare.data import demo_study
 from fedcare.data.synthetic import HospitalCohort, generate_cohorts
 from fedcare.simulation.loopback import run_network_demo
 
+REQUEST_LINE = re.compile(r'"(GET|POST) /v1/studies/[0-9a-f]{64}[^ ]* HTTP')
+"""A site's request about the study in the coordinator's access log."""
 STAGE_LINE = re.compile(
     r"secure round (\d+) stage (\w+) closed: open ([\d.]+) s, close ([\d.]+) s, (\d+) posted"
 )
@@ -87,7 +91,9 @@ def run(n: int, rounds: int, secure: bool, dp: bool) -> dict[str, object]:
         result = run_network_demo(
             Path(tmp), study, 7, 1.0, lambda *_: None, timeout_s=1800, cohorts=cohorts(n)
         )
+        text = (Path(tmp) / "coordinator.log").read_text()
         stages = stage_medians(Path(tmp) / "coordinator.log")
+    requests = len(REQUEST_LINE.findall(text)) / (n * rounds)
     overhead = result.coordinator_overhead_s[1:]
     return {
         "sites": len(result.sites),
@@ -95,6 +101,7 @@ def run(n: int, rounds: int, secure: bool, dp: bool) -> dict[str, object]:
         "dp": dp,
         "overhead_median_s": statistics.median(overhead),
         "overhead_s": overhead,
+        "requests_per_site_round": requests,
         "first_round_s": result.round_durations_s[0],
         "wall_s": result.network_wall_s,
         "stages": stages,
@@ -121,7 +128,8 @@ def main() -> None:
             print(
                 f"{row['sites']} sites, secure {'on ' if secure else 'off'}: coordinator "
                 f"overhead per round, median {row['overhead_median_s']:.3f} s; first round "
-                f"{row['first_round_s']:.1f} s; study wall {row['wall_s']:.1f} s"
+                f"{row['first_round_s']:.1f} s; study wall {row['wall_s']:.1f} s; "
+                f"{row['requests_per_site_round']:.1f} requests per site and round"
             )
             stages = row["stages"]
             assert isinstance(stages, dict)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from fedcare.federation.engine import Federation
 from fedcare.federation.messages import TaskReply, TaskState
 from fedcare.federation.rounds import RoundError, SummedUpdate
+from fedcare.releases.registry import ReleaseRegistry
 from fedcare.simulation.inprocess import run_in_process
 from fedcare.simulation.runner import SimulationOptions, run_federation, run_simulation
 from fedcare.site.dataset import SiteDataset
@@ -206,3 +208,67 @@ def test_a_site_shown_other_participants_is_left_out_and_reveals_nothing(
     )
     assert [o.status.value for o in outcomes] == ["closed", "closed"]
     assert all(o.participants == ("alpha", "gamma") for o in outcomes)
+
+
+class _Recording:
+    """A site's link that notes, in order, the calls that matter here."""
+
+    def __init__(self, inner: object, calls: list[str]) -> None:
+        self.inner = inner
+        self.calls = calls
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def task(self, study_hash: str) -> TaskReply:
+        reply: TaskReply = self.inner.task(study_hash)  # type: ignore[attr-defined]
+        if reply.state is TaskState.READY:
+            self.calls.append("task")
+        return reply
+
+    def secure_post(
+        self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
+    ) -> bytes | None:
+        self.calls.append(stage)
+        return self.inner.secure_post(study_hash, round_number, stage, body, content_type)  # type: ignore[attr-defined, no-any-return]
+
+    def validation_task(self, study_hash: str) -> tuple[int, bytes] | None:
+        self.calls.append("validation")
+        return self.inner.validation_task(study_hash)  # type: ignore[attr-defined, no-any-return]
+
+
+def test_a_site_asks_for_validation_work_only_between_rounds(
+    toy_study: Study, toy_sites: list[SiteDataset], tmp_path: Path
+) -> None:
+    """A candidate opens only when a round closes: from its task to its last post of a
+    round a site asks nothing else; between rounds it asks, and validates candidates."""
+    study = _secure(toy_study).replace(
+        rounds={**toy_study.rounds.model_dump(), "count": 4},
+        validation={**toy_study.canonical()["validation"], "every": 2},
+        disclosure={
+            **toy_study.canonical()["disclosure"],
+            "artefacts": ["model_updates", "metrics"],
+        },
+    )
+    assert study.validates_releases
+    n_params = study.feature_schema.n_inputs + 1
+    workers = {s.name: SiteWorker(study, s, n_params) for s in toy_sites}
+    calls: list[str] = []
+    registry = ReleaseRegistry.open(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path)
+    try:
+        run_in_process(
+            study,
+            workers,
+            registry=registry,
+            wrap=lambda name, link: _Recording(link, calls) if name == "alpha" else link,
+        )
+        assert len(registry.releases(study.content_hash)) == 2
+    finally:
+        registry.close()
+    rounds = "".join("T" if c == "task" else "V" if c == "validation" else "." for c in calls)
+    # T, then the five stage posts, with no V between: four rounds, each asked between.
+    inside = [r[: r.index(".....") + 5] for r in rounds.split("T")[1:]]
+    assert len(inside) == 4
+    assert all(part == "....." for part in inside)
+    assert "V" in rounds.split("T")[0]
+    assert all("V" in r[5:] for r in rounds.split("T")[1:])
