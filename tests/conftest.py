@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -81,17 +82,25 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-class DropBefore:
-    """A site's link that goes away for good when the site would post ``stage`` of a
-    secure round (a site that loses power mid-session)."""
+class LinkWrapper:
+    """A site's link around another: what a subclass does not define goes to ``inner``
+    (a coordinator that misbehaves in one call, a site that fails on cue)."""
 
-    def __init__(self, inner: object, stage: str, from_round: int = 1) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.stage = stage
-        self.from_round = from_round
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
+
+
+class DropBefore(LinkWrapper):
+    """A site's link that goes away for good when the site would post ``stage`` of a
+    secure round (a site that loses power mid-session)."""
+
+    def __init__(self, inner: Any, stage: str, from_round: int = 1) -> None:
+        super().__init__(inner)
+        self.stage = stage
+        self.from_round = from_round
 
     def secure_post(
         self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
@@ -100,7 +109,10 @@ class DropBefore:
 
         if stage == self.stage and round_number >= self.from_round:
             raise SiteGoneError
-        return self.inner.secure_post(study_hash, round_number, stage, body, content_type)  # type: ignore[attr-defined, no-any-return]
+        reply: bytes | None = self.inner.secure_post(
+            study_hash, round_number, stage, body, content_type
+        )
+        return reply
 
 
 @pytest.fixture(params=BACKENDS)

@@ -37,6 +37,8 @@ from fedcare.site.profiles import ProfileError, ProfileStore
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, parse_study
 
+from .conftest import LinkWrapper
+
 # --- the statistics --------------------------------------------------------------
 
 
@@ -582,14 +584,8 @@ def test_demo_drift_shows_the_monitor_catching_the_scenarios(tmp_path: Path) -> 
     assert "Traceback" not in tiny.output
 
 
-class _NeverDecides:
+class _NeverDecides(LinkWrapper):
     """A coordinator link that reports every release as still a candidate, for ever."""
-
-    def __init__(self, inner: InProcessLink) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
 
     def release_states(self, study_hash: str) -> dict[int, str]:
         return dict.fromkeys(self.inner.release_states(study_hash), "candidate")

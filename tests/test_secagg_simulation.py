@@ -18,7 +18,7 @@ from fedcare.site.dataset import SiteDataset
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, StudyError
 
-from .conftest import DropBefore
+from .conftest import DropBefore, LinkWrapper
 
 SECURE = {"enabled": True, "clip_norm": 10.0, "max_sites": 10, "max_records": 1000}
 
@@ -172,19 +172,16 @@ def test_differencing_two_secure_sums_reveals_no_exact_record_count(
     assert len(set(learned_dp)) > 1
 
 
-class _NamesOtherSites:
+class _NamesOtherSites(LinkWrapper):
     """A coordinator that tells one site, with each task, another list of the round's
     sites than it tells the rest (``sites``), or none."""
 
     def __init__(self, inner: object, sites: tuple[str, ...]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.sites = sites
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
     def task(self, study_hash: str) -> TaskReply:
-        reply: TaskReply = self.inner.task(study_hash)  # type: ignore[attr-defined]
+        reply: TaskReply = self.inner.task(study_hash)
         if reply.state is TaskState.READY:
             return dataclasses.replace(reply, sites=self.sites)
         return reply
@@ -210,18 +207,15 @@ def test_a_site_shown_other_participants_is_left_out_and_reveals_nothing(
     assert all(o.participants == ("alpha", "gamma") for o in outcomes)
 
 
-class _Recording:
+class _Recording(LinkWrapper):
     """A site's link that notes, in order, the calls that matter here."""
 
     def __init__(self, inner: object, calls: list[str]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.calls = calls
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
     def task(self, study_hash: str) -> TaskReply:
-        reply: TaskReply = self.inner.task(study_hash)  # type: ignore[attr-defined]
+        reply: TaskReply = self.inner.task(study_hash)
         if reply.state is TaskState.READY:
             self.calls.append("task")
         return reply
@@ -230,11 +224,15 @@ class _Recording:
         self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
     ) -> bytes | None:
         self.calls.append(stage)
-        return self.inner.secure_post(study_hash, round_number, stage, body, content_type)  # type: ignore[attr-defined, no-any-return]
+        reply: bytes | None = self.inner.secure_post(
+            study_hash, round_number, stage, body, content_type
+        )
+        return reply
 
     def validation_task(self, study_hash: str) -> tuple[int, bytes] | None:
         self.calls.append("validation")
-        return self.inner.validation_task(study_hash)  # type: ignore[attr-defined, no-any-return]
+        task: tuple[int, bytes] | None = self.inner.validation_task(study_hash)
+        return task
 
 
 def test_a_site_asks_for_validation_work_only_between_rounds(

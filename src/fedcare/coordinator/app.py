@@ -169,17 +169,13 @@ STOP_CHECK_S = 1.0
 ticker's notifications usually wake it sooner)."""
 
 
-_UNKNOWN = object()
-"""No version is known at which a long-poll's ``fetch`` had nothing."""
-
-
 async def _long_poll(
     fetch: Callable[[], T | None],
     wait_s: float,
     stopping: threading.Event,
     changes: Changes,
     version: Callable[[], Hashable] | None = None,
-    since: object = _UNKNOWN,
+    since: Hashable | None = None,
 ) -> T | None:
     """Call ``fetch`` (in a worker thread) until it has something, ``wait_s`` has passed,
     or the server is stopping (the site is told to come back, and shutdown waits for
@@ -192,7 +188,7 @@ async def _long_poll(
     follows left its stage collecting); while it holds, the first call is skipped too. A
     wait that times out asks again whatever the version says."""
     until = time.monotonic() + wait_s
-    known_empty = version is not None and since is not _UNKNOWN and version() == since
+    known_empty = version is not None and since is not None and version() == since
     while True:
         seen = changes.generation
         # Read before asking: a change that lands while ``fetch`` runs shows as a new version.
@@ -584,7 +580,7 @@ def create_app(
             stopping,
             changes,
             coordinator.secure_version,
-            since=_UNKNOWN if collecting is None else collecting,
+            since=collecting,
         )
         if data is None:
             return Response(status_code=204)

@@ -104,7 +104,8 @@ class InProcessLink:
         del content_type
 
         def post() -> bytes | None:
-            self.service.secure_post(self.site, round_number, stage, body)
+            if self.service.secure_post(self.site, round_number, stage, body) is not None:
+                return None  # the stage still collects: nothing follows yet
             return self.service.secure_next(self.site, round_number, stage)
 
         return self._call(study_hash, post)
