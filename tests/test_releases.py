@@ -302,6 +302,22 @@ def test_the_registry_survives_reopening(simulated: Path) -> None:
         again.close()
 
 
+def test_the_states_a_site_polls_are_the_releases_states(simulated: Path, study: Study) -> None:
+    registry = ReleaseRegistry.open(f"sqlite:///{simulated / 'registry.db'}", simulated)
+    try:
+        last = registry.releases(study.content_hash)[-1]
+        flipped = (
+            ReleaseState.REJECTED if last.state is ReleaseState.PROMOTED else ReleaseState.PROMOTED
+        )
+        registry.override(last.id, flipped, "Dr Lead", "reviewed by hand")
+        full = {r.id: r.state for r in registry.releases(study.content_hash)}
+        assert registry.states(study.content_hash) == full
+        assert full[last.id] is flipped
+        assert registry.states("0" * 64) == {}
+    finally:
+        registry.close()
+
+
 def test_a_tampered_model_file_is_detected(simulated: Path) -> None:
     registry = ReleaseRegistry.open(f"sqlite:///{simulated / 'registry.db'}", simulated)
     try:

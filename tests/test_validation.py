@@ -105,6 +105,26 @@ def test_bootstrap_metrics_agree_with_scikit_learn_on_resamples_with_ties() -> N
         assert batch[Metric.CALIBRATION_INTERCEPT][row] == pytest.approx(intercept, abs=1e-5)
 
 
+def test_each_resample_gets_its_own_calibration_fit_whichever_rows_finish_first() -> None:
+    # Rows leave the Newton iteration as they converge or fail; the fits of the rows
+    # that stay must not be mixed up with theirs. Row 0 has one class (undefined); the
+    # others are resamples whose fits need few steps from the full sample's fit, or
+    # many from the default start for an over-confident model's scores.
+    y, p, _ = _cohort(400, seed=5)
+    rng = np.random.default_rng(1)
+    index = rng.integers(0, y.size, size=(8, y.size))
+    index[0] = np.flatnonzero(y == 0)[rng.integers(0, int((y == 0).sum()), size=y.size)]
+    over_confident = expit(6.0 * logit(p))
+    for scores, start in ((p, calibration_fit(y, p)), (over_confident, None)):
+        batch = batch_metrics(y, scores, index, 0.5, start)
+        assert np.isnan(batch[Metric.CALIBRATION_SLOPE][0])
+        for row in range(1, index.shape[0]):
+            fit = calibration_fit(y[index[row]], scores[index[row]])
+            assert fit is not None
+            got = (batch[Metric.CALIBRATION_INTERCEPT][row], batch[Metric.CALIBRATION_SLOPE][row])
+            assert got == pytest.approx(fit, abs=1e-5), row
+
+
 def test_intervals_contain_the_estimate_and_narrow_with_more_data() -> None:
     def widths(n: int) -> dict[Metric, float]:
         y, p, attributes = _cohort(n, seed=1)

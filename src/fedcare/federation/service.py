@@ -1080,7 +1080,7 @@ class StudyService:
         self._check_member(identity)
         if self.releases is None:
             return {}
-        return {r.id: r.state.value for r in self.releases.registry.releases(self.hash)}
+        return {i: s.value for i, s in self.releases.registry.states(self.hash).items()}
 
     def status(self, site: str | None = None) -> StudyStatus:
         """The study's progress; for a ``site``, with its own standing only."""

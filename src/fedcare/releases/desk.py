@@ -112,7 +112,7 @@ class ReleaseDesk:
 
     def open_candidate(self, round_number: int, params: NDArray[np.float32], now: float) -> Release:
         """Record the model after ``round_number`` as a candidate (idempotent per round)."""
-        before = {r.id for r in self.registry.releases(self.hash)}
+        before = self.registry.states(self.hash)
         release = self.registry.add_candidate(
             self.study,
             round_number,

@@ -369,6 +369,17 @@ class ReleaseRegistry:
                 query = query.where(ReleaseRow.study_hash == study_hash)
             return [self._full(session, row) for row in session.scalars(query)]
 
+    def states(self, study_hash: str) -> dict[int, ReleaseState]:
+        """Each release of the study and its state, without their verdicts: what a site
+        polls every round (loading every release whole grows with the rounds)."""
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(ReleaseRow.id, ReleaseRow.state)
+                .where(ReleaseRow.study_hash == study_hash)
+                .order_by(ReleaseRow.id)
+            )
+            return {int(i): ReleaseState(state) for i, state in rows}
+
     def candidates(self, study_hash: str) -> list[Release]:
         """Releases of the study still waiting for their decision, oldest first."""
         with Session(self.engine) as session:

@@ -173,7 +173,7 @@ def batch_metrics(
         tp = np.sum(predicted & (ys == 1), axis=1).astype(np.float64)
         fp = np.sum(predicted & (ys == 0), axis=1).astype(np.float64)
         tn = negatives - fp
-        intercept, slope = _batch_calibration(ys, ps, calibration_start)
+        intercept, slope = _batch_calibration(ys, _logit(p)[index], calibration_start)
         pos, neg = _tied_counts(y, p, index)
         return {
             Metric.AUROC: _counted_auroc(pos, neg),
@@ -262,84 +262,106 @@ def _logit(p: NDArray[np.float64]) -> NDArray[np.float64]:
     return clipped
 
 
-def _log_likelihood(
+def _likelihood_and_mean(
     y: NDArray[np.float64],
     x: NDArray[np.float64],
     intercept: NDArray[np.float64],
     slope: NDArray[np.float64],
     penalty: float,
-) -> NDArray[np.float64]:
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Each row's penalised log-likelihood at (intercept, slope), and the fitted
+    probabilities there, which the next Newton step needs: both from one exponential."""
     eta = intercept[:, None] + slope[:, None] * x
-    # log(1 + e^eta) without overflow; the same objective scikit-learn maximises.
-    ll: NDArray[np.float64] = np.sum(y * eta - np.logaddexp(0.0, eta), axis=1)
-    return ll - 0.5 * penalty * slope**2
+    # e^-|eta| never overflows; log(1 + e^eta) = max(eta, 0) + log1p(e^-|eta|), the
+    # objective scikit-learn maximises, and the logistic function from the same term.
+    tail = np.exp(-np.abs(eta))
+    softplus = np.maximum(eta, 0.0) + np.log1p(tail)
+    mean: NDArray[np.float64] = np.where(eta >= 0.0, 1.0, tail) / (1.0 + tail)
+    ll: NDArray[np.float64] = np.sum(y * eta - softplus, axis=1) - 0.5 * penalty * slope**2
+    return ll, mean
 
 
 def _batch_calibration(
     y: NDArray[np.int64],
-    p: NDArray[np.float64],
+    x: NDArray[np.float64],
     start: tuple[float, float] | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Damped Newton-Raphson for (intercept, slope) in every row at once.
+    """Damped Newton-Raphson for (intercept, slope) in every row at once, of the labels
+    ``y`` on the logits of the scores ``x`` (rows: resamples).
 
     It maximises the same objective as :func:`calibration_fit` (log-likelihood
     minus slope^2 / 2C; scikit-learn leaves the intercept unpenalised). Each row
     starts from ``start`` (the full sample's fit, which a resample is close to)
     and halves a step until the likelihood does not fall, so an over-confident
     model's extreme logits cannot make it diverge. Rows with one class, or that
-    still do not converge, are NaN and left out of the interval.
+    do not converge, are NaN and left out of the interval.
+
+    A row leaves the iteration once it converges or fails: most converge in three
+    or four steps, and the last steps are computed for the few still moving.
     """
-    x = _logit(p)
     yf = y.astype(np.float64)
     rows = y.shape[0]
     a0, b0 = start if start is not None else (0.0, 1.0)
     intercept = np.full(rows, a0)
     slope = np.full(rows, b0)
     converged = np.zeros(rows, dtype=bool)
-    failed = np.zeros(rows, dtype=bool)
     penalty = 1.0 / CALIBRATION_C
     with np.errstate(all="ignore"):
-        current = _log_likelihood(yf, x, intercept, slope, penalty)
+        # The rows still iterating (as indices into the full arrays), their data,
+        # parameters, likelihood and fitted probabilities.
+        live = np.arange(rows)
+        ya, xa, a, b = yf, x, intercept.copy(), slope.copy()
+        current, mean = _likelihood_and_mean(ya, xa, a, b, penalty)
         for _ in range(_NEWTON_MAX_ITER):
-            mu = 1.0 / (1.0 + np.exp(-(intercept[:, None] + slope[:, None] * x)))
-            w = mu * (1.0 - mu)
-            residual = yf - mu
+            if live.size == 0:
+                break
+            w = mean * (1.0 - mean)
+            residual = ya - mean
+            wx = w * xa
             g_a = residual.sum(axis=1)
-            g_b = (residual * x).sum(axis=1) - penalty * slope
+            g_b = (residual * xa).sum(axis=1) - penalty * b
             h_aa = w.sum(axis=1)
-            h_ab = (w * x).sum(axis=1)
-            h_bb = (w * x * x).sum(axis=1) + penalty
+            h_ab = wx.sum(axis=1)
+            h_bb = (wx * xa).sum(axis=1) + penalty
             det = h_aa * h_bb - h_ab**2
-            step_a = np.where(converged, 0.0, (h_bb * g_a - h_ab * g_b) / det)
-            step_b = np.where(converged, 0.0, (h_aa * g_b - h_ab * g_a) / det)
-            scale = np.ones(rows)
-            pending = ~converged & np.isfinite(step_a) & np.isfinite(step_b)
+            step_a = (h_bb * g_a - h_ab * g_b) / det
+            step_b = (h_aa * g_b - h_ab * g_a) / det
+            # A row without a finite step cannot move, so it never converges.
+            stuck = ~(np.isfinite(step_a) & np.isfinite(step_b))
+            scale = np.ones(live.size)
+            pending = ~stuck
             for _ in range(_HALVINGS):
                 if not pending.any():
                     break
-                trial = _log_likelihood(
-                    yf[pending],
-                    x[pending],
-                    intercept[pending] + scale[pending] * step_a[pending],
-                    slope[pending] + scale[pending] * step_b[pending],
+                trying = np.flatnonzero(pending)
+                trial, trial_mean = _likelihood_and_mean(
+                    ya[trying],
+                    xa[trying],
+                    a[trying] + scale[trying] * step_a[trying],
+                    b[trying] + scale[trying] * step_b[trying],
                     penalty,
                 )
-                accepted = trial >= current[pending] - 1e-12
-                rows_done = np.flatnonzero(pending)[accepted]
-                current[rows_done] = trial[accepted]
-                pending[rows_done] = False
+                accepted = trial >= current[trying] - 1e-12
+                taken = trying[accepted]
+                current[taken] = trial[accepted]
+                mean[taken] = trial_mean[accepted]
+                pending[taken] = False
                 scale = np.where(pending, scale / 2.0, scale)
-            # A row no halving could improve is not converged, however small its step.
-            failed |= pending
-            scale = np.where(failed, 0.0, scale)
-            step_a, step_b = scale * step_a, scale * step_b
-            intercept = intercept + np.nan_to_num(step_a)
-            slope = slope + np.nan_to_num(step_b)
-            converged |= np.maximum(np.abs(step_a), np.abs(step_b)) < _NEWTON_TOL
-            if converged.all():
-                break
+            # A row no halving could improve has failed, however small its step.
+            moved = ~stuck & ~pending
+            a = np.where(moved, a + scale * step_a, a)
+            b = np.where(moved, b + scale * step_b, b)
+            done = moved & (
+                np.maximum(np.abs(scale * step_a), np.abs(scale * step_b)) < _NEWTON_TOL
+            )
+            intercept[live], slope[live] = a, b
+            converged[live[done]] = True
+            keep = moved & ~done
+            if not keep.all():
+                live, ya, xa, a, b = live[keep], ya[keep], xa[keep], a[keep], b[keep]
+                current, mean = current[keep], mean[keep]
     positives = yf.sum(axis=1)
-    valid = converged & ~failed & (positives > 0) & (positives < y.shape[1])
+    valid = converged & (positives > 0) & (positives < y.shape[1])
     valid &= np.isfinite(intercept) & np.isfinite(slope)
     return np.where(valid, intercept, np.nan), np.where(valid, slope, np.nan)
 
