@@ -305,3 +305,43 @@ def test_the_post_that_closes_a_stage_brings_back_the_next_relay_and_repeats_are
     with pytest.raises(RoundError, match="posts to stage advertise"):
         coord.secure_post("gamma", number, "advertise", keys["alpha"])
     assert coord.secure_next("alpha", number, "unmask") is None  # nothing after the last
+
+
+def test_a_post_retried_after_its_round_closed_is_a_repeat_not_a_refusal(
+    study: Study, toy_sites: list[SiteDataset], tmp_path: Path
+) -> None:
+    """The reply to the post that completes a round can be lost: the site's retry then
+    reaches a coordinator that has closed the round (and opened the next). It is answered
+    as the repeat it is, not as a round the site missed; a site that did not post that
+    stage still cannot post it, and nothing changes the closed round."""
+    clock = Clock()
+    coord = _coordinator(study, tmp_path, clock)
+    sites = _sites(study, toy_sites)
+    number, parties = _advertise(coord, sites, ["alpha", "beta", "gamma"])
+    last: dict[str, bytes] = {}
+    for stage in STAGES[1:]:
+        for name, party in parties.items():
+            if name == "gamma" and stage is Stage.UNMASK:
+                continue  # gamma never answers the unmask request; its deadline passes
+            relayed = coord.secure_fetch(name, number, stage.value)
+            assert relayed is not None
+            last[name] = party.respond(stage, relayed)
+            coord.secure_post(name, number, stage.value, last[name])
+    clock.now += 61
+    coord.tick()
+    assert coord.round is not None
+    assert coord.round.number == number + 1
+    params = coord.federation.params.copy()
+    version = coord.secure_version()
+    history = coord.state.rounds(coord.hash)
+    assert history[0].status == "closed"
+
+    assert coord.secure_post("beta", number, "unmask", last["beta"]) is None
+    assert coord.secure_post("alpha", number, "confirm", b"{}") is None  # its first counted
+    with pytest.raises(RoundError, match="posts to stage unmask"):
+        coord.secure_post("gamma", number, "unmask", last["alpha"])
+    with pytest.raises(RoundError, match="no secure aggregation for round 7"):
+        coord.secure_post("alpha", 7, "unmask", last["alpha"])
+    np.testing.assert_array_equal(coord.federation.params, params)
+    assert coord.secure_version() == version
+    assert coord.state.rounds(coord.hash) == history

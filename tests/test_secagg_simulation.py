@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from fedcare.federation.engine import Federation
+from fedcare.federation.engine import Federation, RoundOutcome
 from fedcare.federation.messages import TaskReply, TaskState
 from fedcare.federation.rounds import RoundError, SummedUpdate
 from fedcare.releases.registry import ReleaseRegistry
 from fedcare.simulation.inprocess import run_in_process
 from fedcare.simulation.runner import SimulationOptions, run_federation, run_simulation
 from fedcare.site.dataset import SiteDataset
+from fedcare.site.link import CoordinatorError
 from fedcare.site.worker import SiteWorker
 from fedcare.study import Study, StudyError
 
@@ -81,6 +83,52 @@ def test_secure_round_survives_an_offline_site_and_fails_below_threshold(
     assert "secure aggregation failed" in records[0].reason
     assert "threshold" in records[0].reason
     assert not params.any()
+
+
+class _PostsTwice(LinkWrapper):
+    """A site's link on which every reply to a secure post is lost once: the site's
+    retry posts the same message again, after the coordinator has acted on the first
+    (for the last unmask post of a round, after the round has closed). It keeps what
+    the coordinator said to each retry it refused."""
+
+    def __init__(self, inner: Any, refused: list[str]) -> None:
+        super().__init__(inner)
+        self.refused = refused
+
+    def secure_post(
+        self, study_hash: str, round_number: int, stage: str, body: bytes, content_type: str
+    ) -> bytes | None:
+        self.inner.secure_post(study_hash, round_number, stage, body, content_type)
+        try:
+            reply: bytes | None = self.inner.secure_post(
+                study_hash, round_number, stage, body, content_type
+            )
+        except CoordinatorError as exc:
+            self.refused.append(f"round {round_number} {stage}: {exc.status} {exc.detail}")
+            raise
+        return reply
+
+
+def test_secure_posts_whose_replies_are_lost_count_once_and_complete_the_round(
+    toy_study: Study, toy_sites: list[SiteDataset]
+) -> None:
+    study = _secure(toy_study)
+    n_params = study.feature_schema.n_inputs + 1
+    records: list[RoundOutcome] = []
+    refused: list[str] = []
+    workers = {s.name: SiteWorker(study, s, n_params) for s in toy_sites}
+    service = run_in_process(
+        study,
+        workers,
+        on_round=lambda report: records.append(report.outcome),
+        wrap=lambda name, link: _PostsTwice(link, refused),
+    )
+    assert refused == []
+    assert service.finished
+    assert [r.status.value for r in records] == ["closed"] * study.rounds.count
+    assert all(tuple(r.participants) == ("alpha", "beta", "gamma") for r in records)
+    expected, _ = _run(study, toy_sites)
+    np.testing.assert_array_equal(service.federation.params, expected)
 
 
 def test_secure_simulation_end_to_end(toy_study: Study, toy_sites: list[SiteDataset]) -> None:

@@ -15,6 +15,7 @@ import logging
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -22,7 +23,7 @@ from numpy.typing import NDArray
 from fedcare.federation.rounds import Round, RoundError, SummedUpdate
 from fedcare.fixed_point import QuantizationError
 from fedcare.privacy.secagg.keys import IdentityVerifier, SecAggError
-from fedcare.privacy.secagg.protocol import ServerSession, Stage, stage_named
+from fedcare.privacy.secagg.protocol import STAGES, ServerSession, Stage, stage_named
 from fedcare.privacy.secagg.quantize import check_sum_bound, decode_sum
 from fedcare.privacy.secagg.study import quantization_for, setup_for
 from fedcare.study import Study
@@ -32,6 +33,29 @@ log = logging.getLogger("fedcare.coordinator.secure")
 
 class SecureRelayError(RoundError):
     """A secure-aggregation message the relay refuses (maps to 409)."""
+
+
+@dataclass(frozen=True)
+class ClosedSession:
+    """Who posted each stage of a secure session that succeeded: enough to answer a post
+    retried after its round closed (the reply to it was lost) as the repeat it is. The
+    session itself, masked inputs and all, is not kept."""
+
+    round_number: int
+    posted: Mapping[Stage, frozenset[str]]
+
+    def repeat(self, site: str, stage: str) -> None:
+        """Nothing if ``site`` posted ``stage`` in this session (its first post counted,
+        a repeat changes nothing); else :class:`SecureRelayError`."""
+        try:
+            named = stage_named(stage)
+        except SecAggError as exc:
+            raise SecureRelayError(str(exc)) from exc
+        if site not in self.posted[named]:
+            raise SecureRelayError(
+                f"'{site}' posts to stage {stage} of secure round {self.round_number}, "
+                "but the session is over"
+            )
 
 
 class SecureRelay:
@@ -60,6 +84,14 @@ class SecureRelay:
         self.stage_deadline = max(first, now)
         self.round_number = round_.number
         self.stage_opened = now
+
+    def closed(self) -> ClosedSession | None:
+        """Who posted what, once the session has succeeded; else None."""
+        session = self.session
+        if not session.succeeded:
+            return None
+        posted = {stage: frozenset(session.posted(stage)) for stage in STAGES}
+        return ClosedSession(self.round_number, posted)
 
     @property
     def deadline(self) -> float:

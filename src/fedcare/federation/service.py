@@ -56,7 +56,7 @@ from fedcare.federation.messages import (
     encode_task,
 )
 from fedcare.federation.rounds import Round, RoundError, RoundStatus
-from fedcare.federation.secure_relay import SecureRelay
+from fedcare.federation.secure_relay import ClosedSession, SecureRelay
 from fedcare.federation.state import (
     FinishedRound,
     OpenedRound,
@@ -235,6 +235,8 @@ class StudyService:
             self.releases.rebase(self.clock())
         self.round: Round | None = None
         self.secure: SecureRelay | None = None
+        self._closed_secure: ClosedSession | None = None
+        """The last round's secure session, if it succeeded: who posted what in it."""
         self.asynchronous = study.participation.is_async
         self._ready: dict[str, int] = {}
         """Asynchronous secure aggregation: sites holding an update, in the order they said
@@ -804,6 +806,15 @@ class StudyService:
         Returns :meth:`secure_version` as it was after the post if the stage still
         collects (so no next relay is ready while the version stays), else None."""
         with self._lock:
+            closed = self._closed_secure
+            if (
+                closed is not None
+                and closed.round_number == round_number
+                and (self.round is None or self.round.number != round_number)
+            ):
+                self._check_member(identity)
+                closed.repeat(identity, stage)
+                return None
             relay = self._secure_round(identity, round_number)
             self._seen(identity)
             relay.post(identity, stage, body)
@@ -930,6 +941,7 @@ class StudyService:
             self.releases.open_candidate(round_.number, self.federation.params, now)
         if self.federation.done:
             self._audit("study.finished", rounds=self.federation.round_number)
+        self._closed_secure = None if self.secure is None else self.secure.closed()
         self.round = None
         self.secure = None
         if self.on_round is not None:

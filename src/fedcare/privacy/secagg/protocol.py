@@ -190,6 +190,11 @@ class ServerSession:
                 return stage
         return None
 
+    @property
+    def succeeded(self) -> bool:
+        """True once every stage has closed and the session did not fail."""
+        return self.stage is None and self.server.stage is not ServerStage.FAILED
+
     def posted(self, stage: Stage) -> tuple[str, ...]:
         """Who has posted in ``stage`` so far."""
         server = self.server
