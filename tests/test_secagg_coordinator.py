@@ -345,3 +345,8 @@ def test_a_post_retried_after_its_round_closed_is_a_repeat_not_a_refusal(
     np.testing.assert_array_equal(coord.federation.params, params)
     assert coord.secure_version() == version
     assert coord.state.rounds(coord.hash) == history
+
+    restarted = _coordinator(study, tmp_path, clock)  # who posted what is not persisted
+    with pytest.raises(RoundError, match=f"no secure aggregation for round {number}"):
+        restarted.secure_post("beta", number, "unmask", last["beta"])
+    assert restarted.state.rounds(restarted.hash) == history

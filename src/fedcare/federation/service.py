@@ -801,7 +801,9 @@ class StudyService:
     def secure_post(
         self, identity: str, round_number: int, stage: str, body: bytes
     ) -> Hashable | None:
-        """A SecAgg+ message from ``identity`` (its certificate's site) for the open round.
+        """A SecAgg+ message from ``identity`` (its certificate's site) for the open round,
+        or a retry of one it posted in the last round, which has closed since (the reply
+        was lost): a repeat, which changes nothing.
 
         Returns :meth:`secure_version` as it was after the post if the stage still
         collects (so no next relay is ready while the version stays), else None."""
