@@ -214,6 +214,8 @@ def test_coordinator_never_holds_an_individual_update(
 def test_a_site_joins_a_running_secure_study_at_a_round_boundary(tmp_path: Path) -> None:
     import time
 
+    count = 20
+
     from fedcare.audit import AuditLog
     from fedcare.config import CoordinatorConfig, StudyMembership, write_config
     from fedcare.federation.service import add_site
@@ -221,7 +223,7 @@ def test_a_site_joins_a_running_secure_study_at_a_round_boundary(tmp_path: Path)
     from fedcare.simulation.loopback import start_site
 
     study = secure_study().replace(
-        rounds={"count": 10, "min_sites": 2, "deadline_s": 120, "open_enrolment": True}
+        rounds={"count": count, "min_sites": 2, "deadline_s": 120, "open_enrolment": True}
     )
     deployment = deploy(tmp_path, study)
     config = load_config(deployment.coordinator_config, CoordinatorConfig)
@@ -250,14 +252,17 @@ def test_a_site_joins_a_running_secure_study_at_a_round_boundary(tmp_path: Path)
             stop(proc)
     (joined,) = [e for e in read_entries(tmp_path / "audit.jsonl") if e.event == "site.joined"]
     start = int(str(joined.details["from_round"]))
-    # Added once round 2 had closed; under load the pair may have run a round or two more.
-    assert 3 <= start <= 9
+    # Added once round 2 had closed. The coordinator takes it up on its next tick (every
+    # 0.25 s), and the pair keeps closing rounds meanwhile: several of them when a
+    # two-site secure round takes a tenth of a second. Whichever round it is, gamma must
+    # have joined before the study ended, and take part in every round from it on.
+    assert 3 <= start <= count
     state = SqlState(database, tmp_path / "models")
     try:
         rounds = state.rounds(study.content_hash)
     finally:
         state.close()
-    assert [r.status for r in rounds] == ["closed"] * 10
+    assert [r.status for r in rounds] == ["closed"] * count
     for r in rounds:
         expected = ("alpha", "beta", "gamma") if r.number >= start else ("alpha", "beta")
         assert r.participants == expected, (r.number, r.participants)
@@ -265,7 +270,7 @@ def test_a_site_joins_a_running_secure_study_at_a_round_boundary(tmp_path: Path)
     # sessions computed for three sites, and received the final model.
     trail = read_entries(tmp_path / "sites" / "gamma" / "audit.jsonl")
     sent = sorted(int(str(e.details["round"])) for e in trail if e.event == "update.sent")
-    assert sent == list(range(start, 11))
+    assert sent == list(range(start, count + 1))
     assert trail[-1].event == "model.received"
 
 
