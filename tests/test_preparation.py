@@ -112,3 +112,36 @@ def test_a_preparing_worker_never_loads_pytorch(tmp_path: Path) -> None:
     results = run_cells(_prepared_without_torch, _study(), files, processes=2)
     assert [loaded for _, loaded in results] == [False, False]
     assert [f for f, _ in results] == [prepare_files(_study(), s).fingerprint for s in files]
+
+
+_PREPARE_ALONE = """
+import sys
+from pathlib import Path
+from fedcare.simulation.preparation import SiteFiles, prepare_files
+from fedcare.sources.spec import TableSource
+from fedcare.study import parse_study
+folder = Path(sys.argv[1])
+study = parse_study(folder.joinpath("study.yaml").read_text())
+site = SiteFiles("h0", TableSource(path=folder / "h0.csv"), folder / "h0.mapping.yaml")
+print(prepare_files(study, site).n_train, sorted({"torch", "sqlalchemy"} & set(sys.modules)))
+"""
+
+
+def test_preparing_a_table_site_loads_neither_pytorch_nor_sqlalchemy(tmp_path: Path) -> None:
+    """What a preparing worker imports, in a process of its own (this test package's
+    fixtures import SQLAlchemy, so a worker running a function of it would too): OMOP
+    sources alone need SQLAlchemy, a tenth of a second a worker would pay for nothing."""
+    import subprocess
+
+    write_toy_sites(tmp_path, NAMES[:1], 120)
+    (tmp_path / "study.yaml").write_text(STUDY)
+    done = subprocess.run(
+        [sys.executable, "-c", _PREPARE_ALONE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    n_train, loaded = done.stdout.split(maxsplit=1)
+    assert int(n_train) > 50
+    assert loaded.strip() == "[]"

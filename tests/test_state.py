@@ -81,9 +81,15 @@ def test_an_open_round_keeps_its_submissions_until_it_finishes(state: StudyState
     assert (stored.number, stored.status, stored.selected) == (1, "collecting", ("alpha", "beta"))
     assert (stored.deadline, stored.extensions_left, stored.min_sites) == (250.0, 0, 2)
     assert stored.submissions == {"alpha": b"update-a"}
+    # What was read is a snapshot: a later submission does not change it.
+    state.save_submission(H, 1, "beta", 30, b"update-b", 12.0, 1)
+    assert stored.submissions == {"alpha": b"update-a"}
+    again = state.open_round(H)
+    assert again is not None
+    assert again.submissions == {"alpha": b"update-a", "beta": b"update-b"}
     # The round the update was trained for is kept with the site: a replay check.
     assert state.sites(H)["alpha"].trained_for == 1
-    assert state.sites(H)["beta"].trained_for == 0
+    assert state.sites(H)["beta"].trained_for == 1
     with pytest.raises(StateError, match="never opened"):
         state.save_submission(H, 7, "alpha", 40, b"x", 12.0, 7)
 
@@ -218,5 +224,9 @@ def test_a_site_added_to_a_running_study_is_a_member_with_a_standing(state: Stud
     assert state.study(H).sites == ("alpha", "beta", "delta", "gamma")
     record = state.sites(H)["delta"]
     assert (record.state, record.reason, record.changed_at) == (SiteState.ACTIVE, "joined", 5.0)
+    state.save_seen(H, "delta", 7.0)  # a member now, to every call that checks membership
+    assert state.sites(H)["delta"].last_seen == 7.0
+    with pytest.raises(StateError, match="not a member"):
+        state.save_seen(H, "epsilon", 7.0)
     with pytest.raises(StateError, match="unknown study"):
         state.add_site(OTHER, "delta", "joined", 5.0)

@@ -328,7 +328,7 @@ def create_app(
 
     def study_for(study_hash: str, site: str) -> StudyService:
         coordinator = coordinators.get(study_hash)
-        if coordinator is None or site not in coordinator.federation.sites:
+        if coordinator is None or not coordinator.federation.is_member(site):
             # The same answer for "no such study" and "not yours": no probing.
             raise HTTPException(404, f"no study {study_hash[:12]} for site '{site}'")
         return coordinator
@@ -382,7 +382,7 @@ def create_app(
         return [
             await run_in_threadpool(c.status, site)
             for c in coordinators.values()
-            if site in c.federation.sites
+            if c.federation.is_member(site)
         ]
 
     @app.get("/v1/studies/{study_hash}")

@@ -303,7 +303,7 @@ def study_row(service: StudyService, peer: Peer) -> StudyRow:
 
 def visible(services: Mapping[str, StudyService], peer: Peer) -> list[StudyService]:
     """The studies ``peer`` may see: all for an operator, its own for a site."""
-    return [s for s in services.values() if not peer.is_site or peer.name in s.federation.sites]
+    return [s for s in services.values() if not peer.is_site or s.federation.is_member(peer.name)]
 
 
 @dataclass

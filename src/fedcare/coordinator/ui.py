@@ -108,7 +108,7 @@ def add_dashboard(
     async def ui_plot(request: Request, study_hash: StudyHash, name: PlotName) -> Response:
         peer = viewer(request)
         service = coordinators.get(study_hash)
-        if service is None or (peer.is_site and peer.name not in service.federation.sites):
+        if service is None or (peer.is_site and not service.federation.is_member(peer.name)):
             raise HTTPException(404, f"no study {study_hash[:12]} for '{peer.name}'")
 
         def draw() -> str | None:

@@ -55,6 +55,7 @@ class Federation:
             )
         self.study = study
         self.sites = sorted(sites)
+        self._members = frozenset(sites)
         self.params = initial.astype(np.float32)
         self.round_number = round_number
         self.optimizer = make_server_optimizer(study.aggregation)
@@ -70,8 +71,14 @@ class Federation:
             raise ValueError(
                 f"a site more would exceed secure_aggregation.max_sites {secure.max_sites}"
             )
-        if site not in self.sites:
+        if site not in self._members:
             self.sites = sorted([*self.sites, site])
+            self._members = frozenset(self.sites)
+
+    def is_member(self, site: str) -> bool:
+        """Whether ``site`` is one of the study's sites (in constant time: a thousand sites
+        each ask several times a round)."""
+        return site in self._members
 
     def select(self, number: int, eligible: Sequence[str] | None = None) -> tuple[str, ...]:
         """Sites for round ``number`` among ``eligible`` (default: every member): all of

@@ -615,7 +615,7 @@ class StudyService:
             )
 
     def _check_member(self, site: str) -> None:
-        if site not in self.federation.sites:
+        if not self.federation.is_member(site):
             raise ForbiddenError(f"site '{site}' is not a member of study {self.hash[:12]}")
 
     def submit(self, identity: str, round_number: int, body: bytes) -> bool:
@@ -719,7 +719,7 @@ class StudyService:
     def _join(self, site: str) -> None:
         """Take up a site the operator added (``add_site``): selectable from the next
         round that opens; the open one was selected without it."""
-        if self.study.rounds.open_enrolment and site not in self.federation.sites:
+        if self.study.rounds.open_enrolment and not self.federation.is_member(site):
             self.federation.add_site(site)
             if self.releases is not None:
                 self.releases.add_site(site)
@@ -730,7 +730,7 @@ class StudyService:
         """Pick up standings another process recorded (the operator's drop or admit)."""
         stored = self.state.sites(self.hash)
         for site, record in stored.items():
-            if site not in self.federation.sites:
+            if not self.federation.is_member(site):
                 self._join(site)
             mine = self._sites.get(site)
             seen = max((t for t in (record.last_seen, mine and mine.last_seen) if t), default=None)
@@ -1071,7 +1071,7 @@ class StudyService:
         """Drop a member site whose certificate the consortium CA revoked, as an operator
         would (``site drop``); True when it was dropped now."""
         with self._lock:
-            if site not in self.federation.sites:
+            if not self.federation.is_member(site):
                 return False
             if self.standing(site).state is SiteState.DROPPED:
                 return False

@@ -12,7 +12,6 @@ from fedcare.schema.mapping import SiteMapping, Violation, load_mapping
 from fedcare.schema.readers import read_table
 from fedcare.sources.fhir import MANIFEST, read_fhir
 from fedcare.sources.mapping import load_extract_mapping
-from fedcare.sources.omop import read_omop
 from fedcare.sources.spec import FhirSource, OmopSource, Source, TableSource
 
 
@@ -40,6 +39,10 @@ def read_source(source: Source, mapping_path: Path, schema: FeatureSchema) -> So
     if isinstance(source, FhirSource):
         extract = read_fhir(source.path, mapping, schema)
     else:
+        # Imported here: SQLAlchemy is a tenth of a second that each process preparing
+        # table sites (a thousand of them over the cores) would otherwise pay for nothing.
+        from fedcare.sources.omop import read_omop
+
         extract = read_omop(source.url, source.schema_name, mapping, schema)
     checked = extract.checked(schema)
     return SourceTable(checked.frame, checked.mapping, checked.notices)

@@ -27,6 +27,18 @@ class _Study:
     sites: dict[str, SiteRecord] = field(default_factory=dict)
     reports: list[StoredReport] = field(default_factory=list)
 
+    @property
+    def members(self) -> frozenset[str]:
+        # Kept beside the record's sorted tuple: a thousand sites each look themselves up
+        # several times a round.
+        if self._members_of is not self.record.sites:
+            self._members = frozenset(self.record.sites)
+            self._members_of = self.record.sites
+        return self._members
+
+    _members: frozenset[str] = frozenset()
+    _members_of: tuple[str, ...] | None = None
+
 
 class MemoryState:
     """:class:`~fedcare.federation.state.base.StudyState` in dictionaries."""
@@ -76,7 +88,8 @@ class MemoryState:
     def open_round(self, study_hash: str) -> StoredRound | None:
         for stored in self._get(study_hash).rounds.values():
             if stored.status in ("open", "collecting"):
-                return stored
+                # A snapshot, as the SQL store gives: later submissions do not change it.
+                return replace(stored, submissions=dict(stored.submissions))
         return None
 
     def save_opened_round(self, study_hash: str, opened: OpenedRound) -> None:
@@ -117,9 +130,11 @@ class MemoryState:
             raise StateError(f"round {number} already holds an update from {site}")
         record = self._site(study_hash, site)
         study = self._get(study_hash)
-        study.rounds[number] = replace(
-            stored, status="collecting", submissions={**stored.submissions, site: payload}
-        )
+        # The round's submissions are this store's own (every reader gets a copy without
+        # them): added in place, not copied per site, which at a thousand sites was quadratic.
+        stored.submissions[site] = payload
+        if stored.status != "collecting":
+            study.rounds[number] = replace(stored, status="collecting")
         study.sites[site] = replace(record, trained_for=max(record.trained_for, trained_for))
 
     def save_extended(self, study_hash: str, number: int, deadline: float, left: int) -> None:
@@ -158,7 +173,7 @@ class MemoryState:
 
     def _site(self, study_hash: str, site: str) -> SiteRecord:
         study = self._get(study_hash)
-        if site not in study.record.sites:
+        if site not in study.members:
             raise StateError(f"site '{site}' is not a member of study {study_hash[:12]}")
         return study.sites.get(site, SiteRecord(site))
 
@@ -184,7 +199,7 @@ class MemoryState:
 
     def add_site(self, study_hash: str, site: str, reason: str, now: float) -> bool:
         study = self._get(study_hash)
-        if site in study.record.sites:
+        if site in study.members:
             return False
         study.record = replace(study.record, sites=tuple(sorted((*study.record.sites, site))))
         study.sites[site] = SiteRecord(site, SiteState.ACTIVE, reason, now)
