@@ -26,6 +26,8 @@ class _Study:
     models: dict[int, bytes] = field(default_factory=dict)
     sites: dict[str, SiteRecord] = field(default_factory=dict)
     reports: list[StoredReport] = field(default_factory=list)
+    _members: frozenset[str] = field(default=frozenset(), init=False, repr=False)
+    _members_of: tuple[str, ...] | None = field(default=None, init=False, repr=False)
 
     @property
     def members(self) -> frozenset[str]:
@@ -35,9 +37,6 @@ class _Study:
             self._members = frozenset(self.record.sites)
             self._members_of = self.record.sites
         return self._members
-
-    _members: frozenset[str] = frozenset()
-    _members_of: tuple[str, ...] | None = None
 
 
 class MemoryState:
