@@ -129,8 +129,9 @@ class MemoryState:
             raise StateError(f"round {number} already holds an update from {site}")
         record = self._site(study_hash, site)
         study = self._get(study_hash)
-        # The round's submissions are this store's own (every reader gets a copy without
-        # them): added in place, not copied per site, which at a thousand sites was quadratic.
+        # The round's submissions are this store's own (readers get copies: rounds() without
+        # them, open_round() a snapshot): added in place, not copied per site, which at a
+        # thousand sites was quadratic.
         stored.submissions[site] = payload
         if stored.status != "collecting":
             study.rounds[number] = replace(stored, status="collecting")
